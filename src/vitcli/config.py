@@ -1,0 +1,313 @@
+"""Typed configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+Precedence: dataclass defaults < YAML file < command-line flags and `--set key=value`.
+Unknown keys and wrong types are errors that name the key and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcli.errors import VitcliError
+
+
+@dataclass
+class DataConfig:
+    img_size: int = 224  # side of the square network input, pixels
+    batch_size: int = 64  # images per optimisation step (per process under torchrun)
+    val_fraction: float = 0.2  # share of each class held out for validation when DATA has no val/ folder
+    num_workers: int = -1  # decoding processes when images are not cached; -1 = auto
+    cache: str = "auto"  # keep decoded uint8 images in memory: auto (when they fit) | on | off
+    cache_max_gb: float = 4.0  # memory budget for `cache: auto`, GiB
+    crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, then center crop img_size
+    interpolation: str = "bicubic"  # resize filter: bicubic | bilinear | nearest
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # per-channel normalisation mean
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per-channel normalisation std
+    scale_min: float = 0.08  # random-resized-crop: smallest crop area, as a fraction of the image
+    ratio_max: float = 4 / 3  # random-resized-crop: largest aspect ratio (smallest is its inverse)
+    hflip: float = 0.5  # probability of a horizontal flip while training
+    randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"; "" = off
+    mixup: float = 0.0  # mixup alpha; 0 = off
+    cutmix: float = 0.0  # cutmix alpha; 0 = off
+    reprob: float = 0.0  # random-erasing probability; 0 = off
+    max_bad_fraction: float = 0.1  # stop when more than this share of images cannot be read
+    class_weights: str = "none"  # loss weights per class: none | auto (inverse frequency)
+    balanced_sampler: bool = False  # draw training batches with equal probability per class
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit-tiny/16"  # vit-tiny/16, vit-small/16, vit-base/16 (any /patch), or timm/<timm model name>
+    pretrained: bool = False  # timm backend: download pretrained weights through timm (needs internet)
+    pretrained_file: str = ""  # local .safetensors/.pth/.pt weights to start from; head adapted if needed
+    embed_dim: int = 0  # token width; 0 = from the preset
+    depth: int = 0  # number of encoder blocks; 0 = from the preset
+    num_heads: int = 0  # attention heads per block; 0 = from the preset
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim
+    global_pool: str = "token"  # classifier input: token (class token) | avg (mean of patch tokens)
+    pos_embed: str = "learn"  # position embedding: learn | sincos (fixed 2-D sine-cosine)
+    drop_rate: float = 0.0  # dropout after the MLP and projection layers, probability
+    drop_path_rate: float = 0.0  # stochastic depth rate of the last block (linear from 0), probability
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate after warmup
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not applied to biases, norms, tokens)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_epochs: float = 2.0  # linear warmup from lr * warmup_lr_ratio to lr, epochs
+    warmup_lr_ratio: float = 0.01  # warmup start as a fraction of lr
+    min_lr_ratio: float = 0.01  # cosine floor as a fraction of lr
+    clip_grad: float = 1.0  # max gradient L2 norm; 0 = off
+    layer_decay: float = 0.0  # layer-wise lr decay for fine-tuning (e.g. 0.75); 0 = off
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30  # passes over the training set
+    seed: int = 0  # seeds every random number generator
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    ema_decay: float = 0.0  # exponential moving average of weights per step, e.g. 0.999; 0 = off
+    patience: int = 0  # stop after this many epochs without a better val accuracy; 0 = off
+    accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
+    compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
+    channels_last: bool = False  # channels-last memory format for the patch embedding input
+    output: str = "runs"  # folder that holds run folders
+    name: str = "train"  # run folder name; -2, -3, ... is appended when it exists
+    save_every_steps: int = 0  # also write last.pt every N steps inside an epoch; 0 = end of epoch only
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.cache": ("auto", "on", "off"),
+    "data.interpolation": ("bicubic", "bilinear", "nearest"),
+    "data.class_weights": ("none", "auto"),
+    "model.global_pool": ("token", "avg"),
+    "model.pos_embed": ("learn", "sincos"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict (for YAML and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return "valid keys: " + ", ".join(valid)
+
+
+def _all_keys(cfg: Config) -> list[str]:
+    return [f"{s}.{k}" for s in _fields(cfg) for k in _fields(getattr(cfg, s))]
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Check `value` against the annotated type `tp`; convert where it is lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise VitcliError(f"{source}: '{key}' must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(key, v, inner, source) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {tp}")  # not used by the dataclasses above
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(tp, "__name__", str(tp))
+    raise VitcliError(f"{source}: '{key}' must be {name}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _fields(cfg):
+        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+    section = getattr(cfg, parts[0])
+    fields = _fields(section)
+    if parts[1] not in fields:
+        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+    hints = typing.get_type_hints(type(section))
+    setattr(section, parts[1], _coerce(key, value, hints[parts[1]], source))
+
+
+def apply_dict(cfg: Config, data: Any, source: str) -> None:
+    """Apply a nested mapping such as a parsed YAML file."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise VitcliError(f"{source}: expected a mapping of sections (data, model, optim, train)")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            if str(section) in _fields(cfg):
+                raise VitcliError(f"{source}: section '{section}' must be a mapping of keys")
+            raise VitcliError(f"{source}: unknown config key '{section}'; {_suggest(str(section), _all_keys(cfg))}")
+        for k, v in values.items():
+            _set(cfg, f"{section}.{k}", v, source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, YAML-parsed value)."""
+    import yaml
+
+    if "=" not in text:
+        raise VitcliError(f"--set '{text}': expected KEY=VALUE, e.g. --set optim.lr=5e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(raw):
+        value = float(raw)  # YAML 1.1 reads "5e-4" as a string
+    return key.strip(), value
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def read_yaml(path: str | Path) -> Any:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise VitcliError(f"config file '{p}' does not exist")
+    try:
+        with open(p, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise VitcliError(f"config file '{p}': YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise VitcliError(f"config file '{p}' is not UTF-8 text") from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, flags: dict[str, Any] | None = None
+) -> Config:
+    """Build the config: defaults, then the YAML file, then flags, then `--set` overrides."""
+    cfg = Config()
+    if path:
+        apply_dict(cfg, read_yaml(path), f"config file '{path}'")
+    for key, value in (flags or {}).items():
+        if value is not None:
+            _set(cfg, key, value, f"flag for '{key}'")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set(cfg, key, value, f"--set {text}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from a checkpoint's plain dict (unknown keys from newer versions are ignored)."""
+    cfg = Config()
+    for section, values in (data or {}).items():
+        if section in _fields(cfg) and isinstance(values, dict):
+            for k, v in values.items():
+                if k in _fields(getattr(cfg, section)):
+                    _set(cfg, f"{section}.{k}", v, "checkpoint config")
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; each error names the key, the value and what is valid."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise VitcliError(f"'{key}' must be {what}, got {value!r}")
+
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) in choices, key, "one of " + ", ".join(choices))
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    need(d.img_size >= 1, "data.img_size", "a positive number of pixels")
+    need(d.batch_size >= 1, "data.batch_size", "at least 1")
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "in [0, 1)")
+    need(d.num_workers >= -1, "data.num_workers", "-1 (auto) or a count >= 0")
+    need(d.cache_max_gb >= 0, "data.cache_max_gb", ">= 0")
+    need(0.0 < d.crop_pct <= 1.0, "data.crop_pct", "in (0, 1]")
+    need(len(d.mean) == 3, "data.mean", "a list of 3 numbers")
+    need(len(d.std) == 3 and all(s > 0 for s in d.std), "data.std", "a list of 3 positive numbers")
+    need(0.0 < d.scale_min <= 1.0, "data.scale_min", "in (0, 1]")
+    need(d.ratio_max >= 1.0, "data.ratio_max", ">= 1")
+    need(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]")
+    need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup" if d.mixup < 0 else "data.cutmix", ">= 0")
+    need(0.0 <= d.reprob <= 1.0, "data.reprob", "a probability in [0, 1]")
+    need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]")
+    need(bool(m.name.strip()), "model.name", "a preset like vit-tiny/16 or timm/<name>")
+    need(m.embed_dim >= 0, "model.embed_dim", ">= 0")
+    need(m.depth >= 0, "model.depth", ">= 0")
+    need(m.num_heads >= 0, "model.num_heads", ">= 0")
+    need(m.mlp_ratio > 0, "model.mlp_ratio", "> 0")
+    need(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "in [0, 1)")
+    need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)")
+    need(o.lr > 0, "optim.lr", "> 0")
+    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
+    need(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0")
+    need(0 <= o.warmup_lr_ratio <= 1, "optim.warmup_lr_ratio", "in [0, 1]")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
+    need(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 = off)")
+    need(0 <= o.layer_decay <= 1, "optim.layer_decay", "in [0, 1] (0 = off)")
+    need(t.epochs >= 1, "train.epochs", "at least 1")
+    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)")
+    need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = off)")
+    need(t.patience >= 0, "train.patience", ">= 0 (0 = off)")
+    need(t.accum_steps >= 1, "train.accum_steps", "at least 1")
+    need(t.save_every_steps >= 0, "train.save_every_steps", ">= 0")
+    need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", ".."),
+         "train.name", "a plain folder name")
+    dev = t.device
+    ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
+    need(ok_dev, "train.device", "one of auto, cpu, cuda, cuda:N, mps")
+    if not m.name.startswith("timm/"):
+        from vitcli.models import resolve_preset  # light: no torch import
+
+        resolve_preset(cfg.model, cfg.data.img_size)

@@ -1,0 +1,493 @@
+"""Folder scanning, splits, safe image decoding, the uint8 image store and batched tensor augmentation.
+
+Every image is decoded once to a square uint8 tensor of side `resize_size` (shorter side resized, center
+crop). Evaluation center-crops `img_size` from it; training draws random-resized crops from it on the
+compute device. The dataset folder is only ever read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcli.errors import VitcliError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+PIL_FORMATS = ["JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decoders vitcli opens files with
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class BadImage(VitcliError):
+    """One file that cannot be used as an image; the message starts with its path."""
+
+
+# ----------------------------------------------------------------------------------------------- scanning
+@dataclass
+class Split:
+    paths: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, idx: list[int]) -> Split:
+        return Split([self.paths[i] for i in idx], [self.labels[i] for i in idx])
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split | None = None
+    split_made: bool = False  # True when val was carved out of the class folders by a seeded split
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; hidden entries skipped, symlink loops not followed."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to a folder already read
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in sorted(filenames):
+            if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTS:
+                out.append(Path(dirpath) / name)
+    return out
+
+
+def class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
+
+
+def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[str], Split]:
+    """Images of a folder of class subfolders; `classes` fixes the label order (e.g. the train split's)."""
+    found = class_folders(folder)
+    if classes is None:
+        if len(found) < 2:
+            raise VitcliError(f"'{folder}' needs at least two class subfolders with images, found "
+                              f"{len(found)}" + (f" ({found[0]})" if found else ""))
+        classes = found
+    else:
+        extra = [c for c in found if c not in classes]
+        if extra:
+            raise VitcliError(f"'{folder}' has class folder(s) {extra[:5]} that are not among the classes "
+                              f"{classes[:10]}")
+    split = Split()
+    for label, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = list_images(folder / name)
+        if not files:
+            raise VitcliError(f"class folder '{folder / name}' holds no images (extensions: "
+                              f"{', '.join(sorted(IMAGE_EXTS))})")
+        split.paths += files
+        split.labels += [label] * len(files)
+    return classes, split
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded per-class split: round(n * val_fraction) of each class (at least 1 when n >= 2) go to val."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        n_val = round(len(idx) * val_fraction)
+        if val_fraction > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val += idx[:n_val]
+        train += idx[n_val:]
+    return sorted(train), sorted(val)
+
+
+def scan_dataset(root: str | Path, val_fraction: float, seed: int) -> Dataset:
+    """DATA is train/ + val/ (+ test/), or class folders split in memory into train and val."""
+    root = Path(root)
+    if not root.exists():
+        raise VitcliError(f"dataset folder '{root}' does not exist")
+    if not root.is_dir():
+        raise VitcliError(f"dataset '{root}' is not a folder; give a folder of class subfolders or of "
+                          "train/ and val/")
+    if (root / "train").is_dir():
+        classes, train = scan_classes(root / "train")
+        val = scan_classes(root / "val", classes)[1] if (root / "val").is_dir() else None
+        test = scan_classes(root / "test", classes)[1] if (root / "test").is_dir() else None
+        if val is None:
+            tr, va = stratified_split(train.labels, val_fraction, seed)
+            return Dataset(root, classes, train.subset(tr), train.subset(va), test, split_made=True)
+        return Dataset(root, classes, train, val, test)
+    classes, everything = scan_classes(root)
+    tr, va = stratified_split(everything.labels, val_fraction, seed)
+    return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
+
+
+def scan_eval_folder(root: str | Path, classes: list[str]) -> Split:
+    """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VitcliError(f"dataset folder '{root}' does not exist" if not root.exists()
+                          else f"dataset '{root}' is not a folder")
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            root = root / name
+            break
+    return scan_classes(root, classes)[1]
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def allowed_formats() -> list[str]:
+    """PIL_FORMATS as registered decoders (Image.init loads the plugins, MPO among them)."""
+    from PIL import Image
+
+    Image.init()
+    return [f for f in PIL_FORMATS if f in Image.OPEN]
+
+
+def load_rgb(path: str | Path):
+    """Open an image as RGB: format allowlist, decompression-bomb limit as an error, EXIF orientation,
+    16-bit scaled to 8-bit, transparency composited on white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=allowed_formats())
+            img.load()
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # broken EXIF: keep the pixels as stored
+                pass
+            return to_rgb(img)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadImage(f"{path}: image too large (decompression-bomb limit "
+                       f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{path}: not an image in an allowed format ({', '.join(PIL_FORMATS)})") from None
+    except FileNotFoundError:
+        raise BadImage(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BadImage(f"{path}: is a folder, not an image") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise BadImage(f"{path}: unreadable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                       ) from None
+
+
+def to_rgb(img):
+    """Any PIL mode -> RGB; 16/32-bit grey is scaled by its bit depth, not clipped."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if arr.max(initial=0) > 65535:
+            top = float(arr.max())
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resample_filter(name: str) -> int:
+    from PIL import Image
+
+    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[name]
+
+
+def decode_square(path: str | Path, size: int, interpolation: str = "bicubic"):
+    """File -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
+    import numpy as np
+    import torch
+
+    img = load_rgb_draft(path, size)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample_filter(interpolation), reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)  # (size, size, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, size, size)
+
+
+def load_rgb_draft(path: str | Path, size: int):
+    """load_rgb, but let the JPEG decoder downscale by a power of two while staying >= size (much faster)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path, formats=allowed_formats()) as probe:
+                    if probe.format == "JPEG" and not _has_rotation(probe):
+                        probe.draft("RGB", (size, size))
+                        probe.load()
+                        return to_rgb(probe.copy())
+        except Exception:
+            pass  # let load_rgb produce the precise error
+    return load_rgb(path)
+
+
+def _has_rotation(img) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:
+        return True
+
+
+def resize_size_for(img_size: int, crop_pct: float) -> int:
+    return int(math.floor(img_size / crop_pct))
+
+
+def preprocess_info(img_size: int, crop_pct: float, interpolation: str, mean, std) -> dict[str, Any]:
+    """What prediction must repeat exactly; stored in every checkpoint."""
+    return {"img_size": img_size, "resize_size": resize_size_for(img_size, crop_pct), "crop_pct": crop_pct,
+            "interpolation": interpolation, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+# ----------------------------------------------------------------------------------------------- image store
+def _decode_or_none(args):
+    path, size, interpolation = args
+    try:
+        return decode_square(path, size, interpolation), None
+    except BadImage as e:
+        return None, str(e)
+
+
+def decode_many(paths: list[Path], size: int, interpolation: str, threads: int, progress=None):
+    """Decode in a thread pool (PIL releases the GIL); yields (index, tensor or None, error or None)."""
+    jobs = [(p, size, interpolation) for p in paths]
+    if threads <= 1:
+        for i, job in enumerate(jobs):
+            yield (i, *_decode_or_none(job))
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for i, res in enumerate(pool.map(_decode_or_none, jobs, chunksize=16)):
+            yield (i, *res)
+
+
+class ImageStore:
+    """The images of one split as uint8 (3, S, S) tensors: all decoded up front (cache) or on demand."""
+
+    def __init__(self, split: Split, size: int, interpolation: str, cache: bool, num_workers: int,
+                 on_bad=None, progress_label: str = "decoding"):
+        import torch
+
+        self.size, self.interpolation, self.num_workers = size, interpolation, num_workers
+        self.bad: list[str] = []
+        self.images = None
+        if cache:
+            from vitcli.console import progress_bar
+
+            images = torch.empty((len(split), 3, size, size), dtype=torch.uint8)
+            keep = []
+            with progress_bar(transient=True) as bar:
+                task = bar.add_task(progress_label, total=len(split))
+                for i, img, err in decode_many(split.paths, size, interpolation, threads=os.cpu_count() or 1):
+                    if img is None:
+                        self._report(err, on_bad)
+                    else:
+                        images[i] = img
+                        keep.append(i)
+                    bar.advance(task)
+            self.images = images[keep] if len(keep) < len(split) else images  # (N, 3, S, S)
+            split = split.subset(keep)
+        self.paths, self.labels = split.paths, torch.tensor(split.labels, dtype=torch.long)
+        self._on_bad = on_bad
+
+    def _report(self, err: str, on_bad) -> None:
+        self.bad.append(err)
+        if on_bad:
+            on_bad(err)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to(self, device) -> ImageStore:
+        if self.images is not None:
+            self.images = self.images.to(device)
+        self.labels = self.labels.to(device)
+        return self
+
+    def batches(self, batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
+        """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""
+        import torch
+
+        if self.images is not None:
+            for idx in batches:
+                t = torch.as_tensor(idx, device=self.labels.device)
+                yield self.images[t], self.labels[t]
+            return
+        loader = torch.utils.data.DataLoader(
+            _DecodeDataset(self.paths, self.size, self.interpolation), batch_sampler=batches,
+            num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False,
+            multiprocessing_context="spawn" if self.num_workers > 0 and os.name != "posix" else None,
+        )
+        for images, keep, errors in loader:
+            for err in errors:
+                self._report(err, self._on_bad)
+            if images is None:
+                continue
+            idx = torch.as_tensor(keep)
+            yield images, self.labels[idx]
+
+
+class _DecodeDataset:
+    def __init__(self, paths, size, interpolation):
+        self.paths, self.size, self.interpolation = paths, size, interpolation
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img, err = _decode_or_none((self.paths[i], self.size, self.interpolation))
+        return i, img, err
+
+
+def _collate(items):
+    import torch
+
+    good = [(i, img) for i, img, _ in items if img is not None]
+    errors = [err for _, img, err in items if img is None]
+    if not good:
+        return None, [], errors
+    return torch.stack([img for _, img in good]), [i for i, _ in good], errors
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1,
+                  weights: list[float] | None = None, drop_last: bool = True) -> list[list[int]]:
+    """Seeded shuffled batches for one epoch, sharded across ranks; `weights` draws a balanced sample."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    if weights is not None:
+        order = torch.multinomial(torch.tensor(weights, dtype=torch.double), n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
+    per_rank = n // world
+    order = order[: per_rank * world][rank::world].tolist()  # equal length on every rank
+    if drop_last and len(order) >= batch_size:
+        nb = len(order) // batch_size
+    else:
+        nb = math.ceil(len(order) / batch_size)
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(nb)]
+
+
+def sequential_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    idx = list(range(rank, n, world))
+    return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+def normalize(x, mean, std):
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) normalised."""
+    import torch
+
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def center_crop(x, size: int):
+    """(B, C, S, S) -> (B, C, size, size)."""
+    s = x.shape[-1]
+    top = (s - size) // 2
+    return x[..., top:top + size, top:top + size]
+
+
+class TrainAugment:
+    """Batched augmentation on the compute device: random-resized crop + flip in one affine resample,
+    optional RandAugment (timm, per image), normalisation, and random erasing (timm)."""
+
+    def __init__(self, cfg, generator):
+        self.cfg, self.g = cfg, generator
+        self.randaug = None
+        if cfg.randaugment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                self.randaug = rand_augment_transform(cfg.randaugment, {"translate_const": 10})
+            except Exception as e:
+                raise VitcliError(f"'data.randaugment' {cfg.randaugment!r} is not a valid timm RandAugment "
+                                  f"spec (e.g. rand-m9-mstd0.5): {e}") from None
+        self.erase = None
+        if cfg.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(probability=cfg.reprob, mode="pixel", device="cpu")
+
+    def __call__(self, x):
+        """uint8 (B, 3, S, S) -> float (B, 3, img_size, img_size), normalised."""
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        if self.randaug is not None:
+            x = self._randaugment(x)
+        B, dev = x.shape[0], x.device
+        g = self.g
+        area = torch.empty(B).uniform_(cfg.scale_min, 1.0, generator=g)
+        logr = torch.empty(B).uniform_(-math.log(cfg.ratio_max), math.log(cfg.ratio_max), generator=g)
+        ratio = logr.exp()
+        w = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the side
+        h = (area / ratio).sqrt().clamp(max=1.0)
+        cx = (torch.rand(B, generator=g) * (1 - w) + w / 2) * 2 - 1  # crop centre in [-1, 1]
+        cy = (torch.rand(B, generator=g) * (1 - h) + h / 2) * 2 - 1
+        flip = torch.where(torch.rand(B, generator=g) < cfg.hflip, -1.0, 1.0)
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
+        theta[:, 1, 1], theta[:, 1, 2] = h, cy
+        size = cfg.img_size
+        xf = normalize(x, cfg.mean, cfg.std)  # (B, 3, S, S)
+        grid = F.affine_grid(theta.to(dev), [B, 3, size, size], align_corners=False)
+        out = F.grid_sample(xf, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        if self.erase is not None:
+            self.erase.device = out.device
+            out = self.erase(out)
+        return out  # (B, 3, img_size, img_size)
+
+    def _randaugment(self, x):
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        out = []
+        for img in x.cpu():
+            pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+            out.append(torch.from_numpy(np.asarray(self.randaug(pil)).copy()).permute(2, 0, 1))
+        return torch.stack(out).to(x.device)
+
+
+def eval_transform(x, pre: dict[str, Any]):
+    """uint8 (B, 3, resize_size, resize_size) -> normalised float (B, 3, img_size, img_size)."""
+    return normalize(center_crop(x, pre["img_size"]), pre["mean"], pre["std"])

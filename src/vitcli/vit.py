@@ -1,0 +1,243 @@
+"""A Vision Transformer written from scratch (Dosovitskiy et al., 2021).
+
+Parameter names match timm's `VisionTransformer`, so a timm state dict loads with `strict=True` and gives the
+same logits. Attention has two paths: the fused `F.scaled_dot_product_attention` (default) and an explicit
+softmax whose probabilities pass through the named submodule `attn_probs`, so a hook can read them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Split the image into P x P patches and project each to D dims (a strided conv is that linear map)."""
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} must be divisible by the patch size {self.patch_size}")
+        x = self.proj(x)  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `fused_attn` picks SDPA, else the explicit softmax path."""
+
+    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = True
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_probs = nn.Identity()  # explicit path only: hook here to read (B, heads, N, N)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = self.attn_probs(attn.softmax(dim=-1))
+            x = attn @ v  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, D)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, *, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))  # (B, N, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability p while training."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(
+        self, *, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, drop_path: float
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim=dim, hidden=int(dim * mlp_ratio), drop=drop)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # (B, N, D)
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, N, D)
+
+
+def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / big_vision), shape (gh*gw, dim)."""
+    if dim % 4:
+        raise ValueError(f"embed_dim {dim} must be divisible by 4 for sincos position embeddings")
+    gh, gw = grid
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32),
+                          indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    y = y.flatten()[:, None] * omega[None]  # (N, D/4)
+    x = x.flatten()[:, None] * omega[None]  # (N, D/4)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (N, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier with timm-compatible parameter names.
+
+    Args:
+        img_size: side of the square training input in pixels; other sizes work by interpolating positions.
+        patch_size: side of each square patch in pixels.
+        in_chans: input channels.
+        num_classes: classes of the linear head (0 = no head, features only).
+        embed_dim: token width D.
+        depth: number of encoder blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / D.
+        qkv_bias: bias on the query/key/value projection.
+        drop_rate: dropout probability in MLPs, projections and before the head.
+        drop_path_rate: stochastic-depth rate of the last block, rising linearly from 0 over the blocks.
+        global_pool: "token" classifies the class token; "avg" the mean of patch tokens (timm's fc_norm).
+        pos_embed: "learn" (trainable) or "sincos" (fixed 2-D sine-cosine).
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "token",
+        pos_embed: str = "learn",
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} must be divisible by patch size {patch_size}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_classes, self.embed_dim, self.global_pool = num_classes, embed_dim, global_pool
+        num_patches = self.grid_size[0] * self.grid_size[1]
+
+        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.Sequential(*[
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                  drop=drop_rate, drop_path=rates[i])
+            for i in range(depth)
+        ])
+        # timm: final norm before a class-token head, or fc_norm after pooling for "avg"
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "token" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(pos_embed)
+
+    def _init_weights(self, pos_embed: str) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if pos_embed == "sincos":
+            with torch.no_grad():
+                self.pos_embed[0, 1:] = sincos_pos_embed(self.embed_dim, self.grid_size)
+                self.pos_embed[0, :1] = 0.0
+            self.pos_embed.requires_grad_(False)
+
+    def set_fused_attn(self, fused: bool) -> None:
+        """Pick the fused SDPA path (True) or the explicit softmax path (False) in every block."""
+        for blk in self.blocks:
+            blk.attn.fused_attn = fused
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        pos = self.pos_embed  # (1, 1 + gh*gw, D)
+        if grid != self.grid_size:  # another resolution: resample the patch positions bicubically
+            gh, gw = self.grid_size
+            patch_pos = pos[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], patch_pos.flatten(2).transpose(1, 2)], dim=1)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + pos  # (B, 1 + N, D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.patch_embed(x)  # (B, N, D)
+        x = self.pos_drop(self._pos_embed(x, grid))  # (B, 1 + N, D)
+        x = self.blocks(x)  # (B, 1 + N, D)
+        return self.norm(x)  # (B, 1 + N, D)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]  # (B, D)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)  # (B, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def group_matcher(self) -> list[str]:
+        """Parameter-name prefixes from input to output, for layer-wise lr decay."""
+        return ["patch_embed", "cls_token", "pos_embed"] + [f"blocks.{i}." for i in range(len(self.blocks))]
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+

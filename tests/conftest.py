@@ -1,0 +1,52 @@
+"""Shared fixtures: generated image datasets in tmp_path, and every output folder inside tmp_path."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+
+
+def shape_image(kind: str, size: int, rng: random.Random) -> Image.Image:
+    """A noisy background with one coloured shape; the class is the colour."""
+    bg = tuple(rng.randint(0, 60) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    jitter = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[kind])
+    if rng.random() < 0.5:
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=jitter)
+    else:
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=jitter)
+    return img
+
+
+def make_dataset(root: Path, classes=("red", "green", "blue"), per_class: int = 30, size: int = 32,
+                 seed: int = 0, splits: tuple[str, ...] = (), ext: str = ".png") -> Path:
+    """Class folders under root (or under root/<split>/ for each split) filled with shape images."""
+    rng = random.Random(seed)
+    for split in splits or ("",):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                shape_image(c, size, rng).save(folder / f"{c}_{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture
+def shapes(tmp_path) -> Path:
+    """A 3-class folder of class subfolders (30 images each, 32 px)."""
+    return make_dataset(tmp_path / "shapes")
+
+
+@pytest.fixture(autouse=True)
+def _outputs_in_tmp(tmp_path, monkeypatch):
+    """Run every test from tmp_path so default output folders (runs/) land there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
