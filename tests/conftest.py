@@ -50,3 +50,19 @@ def _outputs_in_tmp(tmp_path, monkeypatch):
     """Run every test from tmp_path so default output folders (runs/) land there."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")
+
+
+# A tiny from-scratch ViT that trains in seconds on the generated 32 px images.
+TINY = ["--model", "vit-tiny/8", "--img-size", "32", "--device", "cpu", "--batch-size", "16",
+        "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+        "--set", "data.crop_pct=1.0", "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=1",
+        "--set", "data.scale_min=0.5"]
+
+
+def run_cli(*args: str):
+    """Invoke the Typer app in-process; returns the click Result."""
+    from typer.testing import CliRunner
+
+    from vitcli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
