@@ -108,10 +108,33 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Config) -> str:
+def field_comments(section_cls: type) -> dict[str, str]:
+    """The `# comment` written after each field in this file: the one place each key is documented."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(section_cls).splitlines():
+        name, sep, rest = line.strip().partition(":")
+        if sep and "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip()
+    return out
+
+
+def to_yaml(cfg: Config, comments: bool = True) -> str:
+    """YAML text of the config, each key followed by its comment; loads back with load_config."""
     import yaml
 
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    lines = []
+    for section in _fields(cfg):
+        obj = getattr(cfg, section)
+        notes = field_comments(type(obj)) if comments else {}
+        lines.append(f"{section}:")
+        for key, value in to_dict(obj).items():
+            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+            text = text.removesuffix("\n...").strip()
+            note = f"  # {notes[key]}" if key in notes else ""
+            lines.append(f"  {key}: {text}{note}")
+    return "\n".join(lines) + "\n"
 
 
 def _fields(obj: Any) -> dict[str, dataclasses.Field]:

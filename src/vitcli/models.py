@@ -53,6 +53,9 @@ def model_spec(m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any
     """The plain, self-describing recipe of the model (stored in checkpoints)."""
     if m.name.startswith("timm/"):
         kwargs = dict(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+        for key in ("embed_dim", "depth", "num_heads"):  # ViT-family size overrides (0 = timm's own)
+            if getattr(m, key):
+                kwargs[key] = getattr(m, key)
         return {"backend": "timm", "name": m.name[5:], "kwargs": kwargs, "img_size": img_size}
     kwargs = resolve_preset(m, img_size)
     kwargs["num_classes"] = num_classes
@@ -168,9 +171,8 @@ def resample_pos_embed(pos, num_tokens: int, num_prefix: int):
     """(1, prefix + g*g, D) -> (1, num_tokens, D) by bicubic interpolation of the square patch grid."""
     import math
 
-    import torch.nn.functional as F
-
     import torch
+    import torch.nn.functional as F
 
     prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
     old, new = int(math.isqrt(patches.shape[1])), int(math.isqrt(num_tokens - num_prefix))
