@@ -102,6 +102,72 @@ def config_cmd(
         out.print(to_yaml(cfg), end="", markup=False)
 
 
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Checkpoint file or run folder (its best.pt); default: the newest run under runs/.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16.")]
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[str] | None, typer.Argument(
+        help="Image files, folders (searched recursively) and glob patterns, in any mix.", show_default=False)
+    ] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes to show per image.")] = 1,
+    format_: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl or csv.")] = "table",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write results to this file instead of stdout.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Classify images; unreadable files are reported one by one and make the exit code 2."""
+    with guard():
+        from vitcli.predict import run_predict
+
+        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision)
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Argument(
+        help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration and worst mistakes on labelled data."""
+    with guard():
+        from vitcli.evaluate import evaluate
+
+        evaluate(data, model, batch_size, device, precision, output, json_path)
+
+
+@app.command()
+def export(
+    model: ModelOpt = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="File to write (default: model.onnx / model.torchscript.pt beside the model).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+) -> None:
+    """Export to ONNX (dynamic batch) or TorchScript with class names and preprocessing; verified by running it."""
+    with guard():
+        from vitcli.export import export_model
+
+        export_model(model, format_, output, opset)
+
+
 def main() -> None:
     app()
 

@@ -41,3 +41,70 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)
+
+
+def plot_confusion(cm, classes: list[str], path: str | Path, normalize: bool = False) -> None:
+    """Confusion matrix heat map, counts or row-normalised (each true class sums to 1)."""
+    import numpy as np
+
+    plt = pyplot()
+    cm = np.asarray(cm, dtype=np.float64)
+    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1) if normalize else cm
+    n = len(classes)
+    side = min(24.0, max(4.0, 0.45 * n + 2))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, shown.max()))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
+           title="confusion matrix" + (" (row-normalised)" if normalize else ""))
+    ax.set_xticklabels(classes, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticklabels(classes, fontsize=8)
+    if n <= 30:
+        top = shown.max() or 1.0
+        for i in range(n):
+            for j in range(n):
+                text = f"{shown[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                        color="white" if shown[i, j] > 0.5 * top else "black")
+    save_figure(fig, path)
+
+
+def plot_reliability(bins: list[dict], ece: float, path: str | Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, with the diagonal of perfect calibration."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centers = [(x["lo"] + x["hi"]) / 2 for x in bins]
+    width = bins[0]["hi"] - bins[0]["lo"] if bins else 0.1
+    a.bar(centers, [x["accuracy"] for x in bins], width=width, edgecolor="black", label="accuracy")
+    a.bar(centers, [x["confidence"] - x["accuracy"] if x["count"] else 0 for x in bins], width=width,
+          bottom=[x["accuracy"] for x in bins], color="red", alpha=0.3, label="gap to confidence")
+    a.plot([0, 1], [0, 1], "k--", lw=1)
+    a.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {ece:.4f})")
+    a.legend(loc="upper left", fontsize=8)
+    b.bar(centers, [x["count"] for x in bins], width=width, edgecolor="black")
+    b.set(xlabel="confidence (top-1 probability)", ylabel="images")
+    save_figure(fig, path)
+
+
+def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
+    """Gallery of mistakes (file, true, predicted, prob_predicted, loss), as the model sees them."""
+    import math
+
+    from vitcli.data import BadImage, center_crop, decode_square
+
+    plt = pyplot()
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, it in zip(axes.flat, items, strict=False):
+        try:
+            img = center_crop(decode_square(it["file"], pre["resize_size"], pre["interpolation"]), pre["img_size"])
+            ax.imshow(img.permute(1, 2, 0).numpy())
+        except BadImage:
+            pass
+        ax.set_title(f"true {it['true']}\npred {it['predicted']} ({it['prob_predicted']:.2f})\n"
+                     f"loss {it['loss']:.2f}", fontsize=8)
+    fig.suptitle("highest-loss mistakes")
+    save_figure(fig, path)

@@ -1,0 +1,264 @@
+"""`vitcli eval`: how good a model is on a labelled folder and where it fails.
+
+Metrics are plain functions of (probabilities, labels) so they can be checked by hand: confusion matrix,
+per-class precision / recall / F1 with macro and weighted averages, top-k accuracy, expected calibration
+error, most-confused class pairs and the highest-loss mistakes. `evaluate` runs the model, prints rich
+tables, writes figures to a new folder and, with `json_path`, everything machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitcli.errors import VitcliError
+
+CHUNK = 2048  # images decoded and held in memory at a time
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
+    """(C, C) int64; rows are true classes, columns predicted classes."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    return cm
+
+
+def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """precision, recall, f1, support per class; 0 where a ratio is 0/0 (as scikit-learn's zero_division=0)."""
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1)}
+
+
+def averages(pc: dict[str, np.ndarray], cm: np.ndarray) -> dict[str, dict[str, float]]:
+    """Macro and support-weighted averages over the classes that occur in the labels or the predictions."""
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    support = pc["support"][present].astype(np.float64)
+    out = {}
+    for name, weights in (("macro", np.ones_like(support)), ("weighted", support)):
+        total = weights.sum()
+        out[name] = {m: float((pc[m][present] * weights).sum() / total) if total > 0 else 0.0
+                     for m in ("precision", "recall", "f1")}
+        out[name]["support"] = int(pc["support"].sum())
+    return out
+
+
+def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the k highest probabilities."""
+    topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+    return float((topk == labels[:, None]).any(1).mean()) if len(labels) else 0.0
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict[str, Any]]]:
+    """Expected calibration error over equal-width confidence bins, and the per-bin table (for the diagram).
+
+    ECE = sum_b |accuracy_b - confidence_b| * n_b / N, with confidence the top-1 probability.
+    """
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # bin b holds (lo, hi]
+    ece, table = 0.0, []
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else 0.0
+        c = float(conf[m].mean()) if n else 0.0
+        ece += abs(acc - c) * n / max(1, len(labels))
+        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "accuracy": acc,
+                      "confidence": c})
+    return float(ece), table
+
+
+def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
+    """The off-diagonal cells with the most images: (true, predicted, count), largest first."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), cm.shape[1])
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
+                      "share_of_true": float(off[t, p] / max(1, cm[t].sum()))})
+    return pairs
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict[str, Any]:
+    """Everything `vitcli eval` reports, from probabilities (N, C) and integer labels (N,)."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    n_cls = len(classes)
+    preds = probs.argmax(1)
+    cm = confusion_matrix(labels, preds, n_cls)
+    pc = per_class_metrics(cm)
+    ece, table = calibration(probs, labels, bins)
+    eps = 1e-12
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None))  # (N,) cross-entropy
+    out: dict[str, Any] = {
+        "images": len(labels),
+        "loss": float(losses.mean()) if len(labels) else 0.0,
+        "top1": float((preds == labels).mean()) if len(labels) else 0.0,
+        "top5": topk_accuracy(probs, labels, 5) if n_cls >= 5 else None,
+        "per_class": [{"class": c, "precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
+                       "f1": float(pc["f1"][i]), "support": int(pc["support"][i])} for i, c in enumerate(classes)],
+        **averages(pc, cm),
+        "classes": list(classes),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused(cm, classes),
+        "ece": ece,
+        "calibration_bins": table,
+    }
+    return out | {"_losses": losses, "_preds": preds}
+
+
+def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                   paths: list[Path], classes: list[str], n: int = 16) -> list[dict[str, Any]]:
+    """The wrong predictions with the highest loss, highest first."""
+    wrong = np.flatnonzero(preds != labels)
+    wrong = wrong[np.argsort(-losses[wrong], kind="stable")][:n]
+    return [{"file": str(paths[i]), "true": classes[labels[i]], "predicted": classes[preds[i]],
+             "prob_predicted": float(probs[i, preds[i]]), "prob_true": float(probs[i, labels[i]]),
+             "loss": float(losses[i])} for i in wrong]
+
+
+# ----------------------------------------------------------------------------------------------- running
+def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
+             precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
+             figures: bool = True) -> dict[str, Any]:
+    """Run the model on DATA (class folders, or its test/ else val/ split); print, plot and return the report."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.checkpoint import load_model
+    from vitcli.console import esc, info, warn
+    from vitcli.device import pick_device, pick_precision
+    from vitcli.engine import new_run_dir, run_eval
+
+    if batch_size < 1:
+        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    net, ckpt, path = load_model(model)
+    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    info(f"[bold]model[/] {esc(str(path))} ({ckpt['model_spec']['backend']}, {len(classes)} classes)")
+    split = D.scan_eval_folder(data_dir, classes)
+    if len(split) == 0:
+        raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
+                          f"{classes[:10]}")
+    dev = pick_device(device)
+    prec, why = pick_precision(precision, dev)
+    net.to(dev)
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec} ({why})")
+
+    bad: list[str] = []
+    logits, labels, paths = [], [], []
+    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
+        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+                             on_bad=bad.append, progress_label="decoding")
+        res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
+        logits.append(res.logits)
+        labels.append(res.labels)
+        paths += store.paths
+    for msg in bad:
+        warn(f"skipped {msg}")
+    if not paths:
+        raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
+    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
+    y = torch.cat(labels).numpy()  # (N,)
+
+    report = compute_metrics(probs, y, classes)
+    losses, preds = report.pop("_losses"), report.pop("_preds")
+    report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
+    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
+              "skipped": bad} | report
+    if figures:
+        out_dir = Path(output) if output else new_run_dir("runs", "eval")
+        report["figures"] = write_figures(report, out_dir, pre)
+    print_report(report)
+    if json_path:
+        from vitcli.checkpoint import atomic_write
+
+        text = json.dumps(report, indent=1)
+        atomic_write(json_path, lambda f: f.write(text.encode()))
+        info(f"wrote {esc(str(json_path))}")
+    return report
+
+
+def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
+    from vitcli.report import plot_confusion, plot_mistakes, plot_reliability
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cm, classes = np.asarray(report["confusion_matrix"]), report["classes"]
+    figs = {"confusion": out_dir / "confusion.png", "confusion_normalized": out_dir / "confusion_normalized.png",
+            "reliability": out_dir / "reliability.png"}
+    plot_confusion(cm, classes, figs["confusion"], normalize=False)
+    plot_confusion(cm, classes, figs["confusion_normalized"], normalize=True)
+    plot_reliability(report["calibration_bins"], report["ece"], figs["reliability"])
+    if report["worst"]:
+        figs["worst"] = out_dir / "worst.png"
+        plot_mistakes(report["worst"], figs["worst"], pre)
+    return {k: str(v) for k, v in figs.items()}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """Summary, per-class table, confusion matrix and most-confused pairs on stdout."""
+    from rich.table import Table
+
+    from vitcli.console import esc, out
+
+    classes = r["classes"]
+    summary = Table(title="evaluation", show_header=False, title_justify="left")
+    rows = [("images", str(r["images"]) + (f" ({len(r['skipped'])} unreadable skipped)" if r["skipped"] else "")),
+            ("loss", f"{r['loss']:.4f}"), ("top-1 accuracy", _pct(r["top1"]))]
+    if r["top5"] is not None:
+        rows.append(("top-5 accuracy", _pct(r["top5"])))
+    rows += [("macro F1", f"{r['macro']['f1']:.4f}"), ("weighted F1", f"{r['weighted']['f1']:.4f}"),
+             ("ECE (15 bins)", f"{r['ece']:.4f}")]
+    for k, v in rows:
+        summary.add_row(k, v)
+    out.print(summary)
+
+    tab = Table(title="per class", title_justify="left")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        tab.add_column(col, justify="left" if col == "class" else "right")
+    for c in r["per_class"]:
+        tab.add_row(esc(c["class"]), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}",
+                    str(c["support"]))
+    tab.add_section()
+    for name in ("macro", "weighted"):
+        a = r[name]
+        tab.add_row(f"[bold]{name} avg[/]", f"{a['precision']:.3f}", f"{a['recall']:.3f}", f"{a['f1']:.3f}",
+                    str(a["support"]))
+    out.print(tab)
+
+    if len(classes) <= 30:
+        cm = Table(title="confusion matrix (rows: true, columns: predicted)", title_justify="left")
+        cm.add_column("")
+        for c in classes:
+            cm.add_column(esc(c), justify="right")
+        for c, row in zip(classes, r["confusion_matrix"], strict=True):
+            cells = [f"[bold green]{v}[/]" if j == i else (f"[red]{v}[/]" if v else "[dim]0[/]")
+                     for j, v in enumerate(row) for i in [classes.index(c)]]
+            cm.add_row(esc(c), *cells)
+        out.print(cm)
+    if r["most_confused"]:
+        mc = Table(title="most confused", title_justify="left")
+        for col in ("true", "predicted as", "images", "share of true"):
+            mc.add_column(col, justify="right" if col in ("images", "share of true") else "left")
+        for p in r["most_confused"]:
+            mc.add_row(esc(p["true"]), esc(p["predicted"]), str(p["count"]), _pct(p["share_of_true"]))
+        out.print(mc)
+    if r.get("figures"):
+        out.print("figures: " + ", ".join(esc(v) for v in r["figures"].values()))

@@ -1,0 +1,437 @@
+"""Classify images: collect files / folders / globs, decode in threads while the model runs, write results.
+
+The model is a vitcli checkpoint, an exported ONNX file (run by onnxruntime) or an exported TorchScript file;
+class names and preprocessing always come from the model file, so prediction repeats training's eval
+transform exactly. Only torch, PIL and numpy are imported for a from-scratch checkpoint: no timm, no
+torchvision (they cost seconds of start-up).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import itertools
+import json
+import os
+import sys
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitcli.errors import VitcliError
+
+FORMATS = ("table", "json", "jsonl", "csv")
+EXIT_SOME_FAILED = 2  # exit code when at least one input could not be predicted
+EXPORT_FORMAT = "vitcli-export-v1"
+EXPORT_META_KEY = "vitcli"  # ONNX metadata_props key / TorchScript extra file stem holding the metadata json
+
+
+@dataclass
+class Prediction:
+    file: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"file": self.file, "error": self.error}
+        return {"file": self.file, "class": self.top[0][0], "prob": self.top[0][1],
+                "top": [{"class": c, "prob": p} for c, p in self.top]}
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
+    """Files, folders (recursive) and glob patterns, in the order given and without duplicates.
+
+    Returns (image paths, error entries for arguments that matched nothing). A file named explicitly is
+    kept whatever its extension (decoding says whether it is an image); folders and globs keep image
+    extensions only.
+    """
+    from vitcli.data import IMAGE_EXTS, list_images
+
+    paths: list[Path] = []
+    errors: list[Prediction] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            paths.append(p)
+
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                errors.append(Prediction(arg, error=f"{arg}: folder holds no images "
+                                                    f"({', '.join(sorted(IMAGE_EXTS))})"))
+            for f in found:
+                add(f)
+        elif p.exists():
+            add(p)
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            files: list[Path] = []
+            for m in map(Path, matches):
+                if m.is_dir():
+                    files += list_images(m)
+                elif m.suffix.lower() in IMAGE_EXTS:
+                    files.append(m)
+            if not files:
+                errors.append(Prediction(arg, error=f"{arg}: no image matches this pattern"))
+            for f in files:
+                add(f)
+        else:
+            errors.append(Prediction(arg, error=f"{arg}: no such file or folder"))
+    return paths, errors
+
+
+# ----------------------------------------------------------------------------------------------- models
+class Predictor:
+    """A classifier with its class names and preprocessing; `logits` maps uint8 images to float logits."""
+
+    classes: list[str]
+    preprocess: dict[str, Any]
+    path: Path
+    kind: str
+
+    def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
+        self.path, self.kind = path, kind
+        self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
+
+    def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
+        raise NotImplementedError
+
+    def probs(self, x, tta: bool = False):
+        """uint8 (B, 3, S, S) -> probabilities (B, C); with `tta` the mean over the image and its mirror."""
+        p = self.logits(x).float().softmax(-1)  # (B, C)
+        if tta:
+            p = (p + self.logits(x.flip(-1)).float().softmax(-1)) / 2
+        return p
+
+
+class TorchPredictor(Predictor):
+    """A vitcli checkpoint (scratch or timm model) on the chosen device and precision."""
+
+    def __init__(self, path: Path, device: str, precision: str):
+        import torch
+
+        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.device import pick_device, pick_precision
+
+        ckpt = load_checkpoint(path)
+        self.path, self.kind = path, f"checkpoint ({ckpt['model_spec']['backend']})"
+        self.classes, self.preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+        self.device = pick_device(device)
+        self.precision, _ = pick_precision(precision, self.device)
+        self.model = model_from_checkpoint(ckpt, path).to(self.device)
+        self._torch = torch
+
+    def logits(self, x):
+        from vitcli.data import eval_transform
+        from vitcli.device import autocast
+
+        with self._torch.inference_mode(), autocast(self.device, self.precision):
+            x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
+            return self.model(x).float().cpu()  # (B, C)
+
+
+class OnnxPredictor(Predictor):
+    """An exported .onnx file run by onnxruntime (CPU, or CUDA when asked for and available)."""
+
+    def __init__(self, path: Path, device: str):
+        ort = import_optional("onnxruntime", "running an ONNX model")
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:
+            raise VitcliError(f"--model '{path}' is not a loadable ONNX model: {first_line(e)}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map.get(EXPORT_META_KEY)
+        self._init_meta(path, "onnx", json.loads(meta) if meta else read_sidecar(path))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, x):
+        import torch
+
+        from vitcli.data import eval_transform
+
+        xf = eval_transform(x, self.preprocess).contiguous().numpy()  # (B, 3, H, W) float32
+        return torch.from_numpy(self.session.run(None, {self.input_name: xf})[0])  # (B, C)
+
+
+class ScriptPredictor(Predictor):
+    """An exported TorchScript file (metadata embedded as an extra file, or in the sidecar json)."""
+
+    def __init__(self, path: Path, device: str):
+        import torch
+
+        from vitcli.device import pick_device
+
+        extra = {f"{EXPORT_META_KEY}.json": ""}
+        self.device = pick_device(device)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
+        except Exception as e:
+            raise VitcliError(f"--model '{path}' is not a loadable TorchScript file: {first_line(e)}") from None
+        text = extra[f"{EXPORT_META_KEY}.json"]
+        self._init_meta(path, "torchscript", json.loads(text) if text else read_sidecar(path))
+
+    def logits(self, x):
+        import torch
+
+        from vitcli.data import eval_transform
+
+        with torch.inference_mode():
+            return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)
+
+
+def first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def import_optional(name: str, purpose: str):
+    """Import an optional dependency of the `export` extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise VitcliError(f"{purpose} needs the '{name}' package: pip install 'vitcli[export]'") from None
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise VitcliError(f"--model '{path}' carries no vitcli metadata and '{side}' does not exist; "
+                          "export models with 'vitcli export'")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise VitcliError(f"'{side}' is not readable JSON: {first_line(e)}") from None
+    if not isinstance(meta, dict) or "classes" not in meta or "preprocess" not in meta:
+        raise VitcliError(f"'{side}' lacks 'classes' or 'preprocess'; it was not written by 'vitcli export'")
+    return meta
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold a code/ folder; torch.save checkpoints do not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
+                   runs_dir: str = "runs") -> Predictor:
+    """--model as a checkpoint, run folder, .onnx or TorchScript file; None -> the newest run."""
+    from vitcli.checkpoint import resolve_model_path
+    from vitcli.console import esc, info
+
+    path = resolve_model_path(model, runs_dir)
+    if path.suffix.lower() == ".onnx":
+        pred: Predictor = OnnxPredictor(path, device)
+    elif is_torchscript(path):
+        pred = ScriptPredictor(path, device)
+    else:
+        pred = TorchPredictor(path, device, precision)
+    info(f"[bold]model[/] {esc(str(path))} ({pred.kind}, {len(pred.classes)} classes)")
+    return pred
+
+
+# ----------------------------------------------------------------------------------------------- inference
+def _decode(path: Path, size: int, interpolation: str):
+    from vitcli.data import BadImage, decode_square
+
+    try:
+        return decode_square(path, size, interpolation), None  # uint8 (3, S, S)
+    except BadImage as e:
+        return None, str(e)
+
+
+def decoded(paths: list[Path], size: int, interpolation: str, threads: int, window: int) -> Iterator:
+    """(path, uint8 image or None, error or None) in input order; at most `window` images decoded ahead,
+    in a thread pool (PIL releases the GIL) so decoding overlaps with the model."""
+    if threads <= 1 or len(paths) <= 1:
+        for p in paths:
+            yield (p, *_decode(p, size, interpolation))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        todo = iter(paths)
+        pending: deque = deque()
+        for p in todo:
+            pending.append((p, pool.submit(_decode, p, size, interpolation)))
+            if len(pending) >= window:
+                break
+        while pending:
+            p, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_decode, nxt, size, interpolation)))
+            yield (p, *fut.result())
+
+
+def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
+                   threads: int = 0, progress: bool = True) -> Iterator[Prediction]:
+    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on."""
+    import torch
+
+    from vitcli.console import progress_bar
+
+    pre = pred.preprocess
+    k = max(1, min(top_k, len(pred.classes)))
+    threads = threads or min(4, os.cpu_count() or 1)
+    bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
+    task = bar.add_task("predicting", total=len(paths)) if bar else None
+
+    def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
+        x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
+        p, idx = pred.probs(x, tta).topk(k, dim=-1)  # (B, k), (B, k)
+        for (path, _), probs, ids in zip(batch, p.tolist(), idx.tolist(), strict=True):
+            yield Prediction(str(path), [(pred.classes[i], round(q, 6)) for i, q in zip(ids, probs, strict=True)])
+
+    if bar:
+        bar.start()
+    try:
+        batch: list[tuple[Path, Any]] = []
+        for path, img, err in decoded(paths, pre["resize_size"], pre["interpolation"], threads,
+                                      window=2 * batch_size):
+            if err is not None:
+                yield Prediction(str(path), error=err)
+            else:
+                batch.append((path, img))
+            if len(batch) == batch_size:
+                yield from flush(batch)
+                batch = []
+            if bar:
+                bar.advance(task)
+        if batch:
+            yield from flush(batch)
+    finally:
+        if bar:
+            bar.stop()
+
+
+# ----------------------------------------------------------------------------------------------- output
+def csv_header(k: int) -> list[str]:
+    return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+
+
+def csv_row(p: Prediction, k: int) -> list[Any]:
+    cells: list[Any] = [p.file]
+    for i in range(k):
+        cells += list(p.top[i]) if i < len(p.top) else ["", ""]
+    return cells + [p.error or ""]
+
+
+def write_results(results: Iterable[Prediction], fmt: str, k: int, stream) -> list[Prediction]:
+    """Write predictions to a text stream as they come (json and table at the end); returns them all."""
+    kept: list[Prediction] = []
+    writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+    if writer:
+        writer.writerow(csv_header(k))
+    for r in results:
+        kept.append(r)
+        if fmt == "jsonl":
+            stream.write(json.dumps(r.as_dict()) + "\n")
+        elif writer:
+            writer.writerow(csv_row(r, k))
+    if fmt == "json":
+        json.dump([r.as_dict() for r in kept], stream, indent=1)
+        stream.write("\n")
+    return kept
+
+
+def print_table(results: list[Prediction], k: int) -> None:
+    from rich.table import Table
+
+    from vitcli.console import esc, out
+
+    tab = Table(box=None, header_style="bold", pad_edge=False)
+    tab.add_column("file", overflow="fold")
+    tab.add_column("class")
+    tab.add_column("prob", justify="right")
+    if k > 1:
+        tab.add_column(f"next {k - 1}")
+    for r in results:
+        if r.error is not None:
+            continue
+        (c, p), rest = r.top[0], r.top[1:]
+        row = [esc(r.file), esc(c), f"{p:.3f}"]
+        if k > 1:
+            row.append(", ".join(f"{esc(c2)} {p2:.3f}" for c2, p2 in rest))
+        tab.add_row(*row)
+    out.print(tab)
+
+
+def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt: str = "table",
+                output: str | Path | None = None, batch_size: int = 64, tta: bool = False, device: str = "auto",
+                precision: str = "auto", threads: int = 0) -> int:
+    """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
+    from vitcli.console import console, esc, info
+
+    if not inputs:
+        raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
+    if fmt not in FORMATS:
+        raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
+    if top_k < 1:
+        raise VitcliError(f"--top-k {top_k} must be at least 1")
+    if batch_size < 1:
+        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    if output is not None and fmt == "table":
+        fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
+        if not fmt:
+            raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
+                              "one of those)")
+    paths, missing = collect_inputs(inputs)
+    for m in missing:
+        console.print(f"[red]error[/]: {esc(m.error or '')}", soft_wrap=True)
+    if not paths:
+        raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
+    pred = load_predictor(model, device, precision)
+    k = max(1, min(top_k, len(pred.classes)))
+
+    def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
+        for r in results:
+            if r.error is not None:
+                console.print(f"[red]error[/]: {esc(r.error)}", soft_wrap=True)
+            yield r
+
+    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads))
+    if fmt == "table":
+        done = list(results)
+        print_table(done, k)
+    elif output is None:
+        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout)
+        sys.stdout.flush()
+    else:
+        from vitcli.checkpoint import atomic_write
+
+        buf = io.StringIO()
+        done = write_results(itertools.chain(missing, results), fmt, k, buf)
+        atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
+        info(f"wrote {len(done)} predictions to {esc(str(output))}")
+    failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
+    if failed:
+        console.print(f"[yellow]{failed} of {len(paths) + len(missing)} inputs could not be predicted[/] "
+                      f"(exit code {EXIT_SOME_FAILED})")
+        return EXIT_SOME_FAILED
+    return 0
