@@ -14,14 +14,15 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
-    """Write a figure atomically (a crash never leaves half a PNG) and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 120, tight: bool = True) -> None:
+    """Write a figure atomically (a crash never leaves half a PNG) and close it; tight=False keeps the
+    exact figsize * dpi pixel size."""
     import io
 
     from vitcli.checkpoint import atomic_write
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     pyplot().close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
