@@ -174,6 +174,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and "on" in CHOICES.get(key, ()):  # YAML 1.1 reads on / off as booleans
+            return "on" if value else "off"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     name = getattr(tp, "__name__", str(tp))

@@ -27,7 +27,7 @@ def info(msg: str) -> None:
 def warn(msg: str) -> None:
     """One warning line; `msg` is plain text (escaped here)."""
     if not quiet():
-        console.print(f"[yellow]warning[/]: {esc(msg)}")
+        console.print(f"[yellow]warning[/]: {esc(msg)}", soft_wrap=True)  # one line, however long the path
 
 
 def error(msg: str) -> None:

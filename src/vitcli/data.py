@@ -65,15 +65,25 @@ def list_images(folder: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        # a link back to this folder or one above it would pull in other classes' images: never follow it
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d)
+                             and not _is_ancestor(os.path.realpath(os.path.join(dirpath, d)), real))
         for name in sorted(filenames):
             if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTS:
                 out.append(Path(dirpath) / name)
     return out
 
 
+def _is_ancestor(target: str, real: str) -> bool:
+    """True when the resolved folder `target` is `real` itself or one of its parents (a symlink loop)."""
+    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
+
+
 def class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
+    """Class subfolders: hidden ones and links back to `folder` (or above it) are not classes."""
+    real = os.path.realpath(folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
+                  and not _is_ancestor(os.path.realpath(p), real))
 
 
 def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[str], Split]:
@@ -160,7 +170,18 @@ def allowed_formats() -> list[str]:
     from PIL import Image
 
     Image.init()
+    pil_warning_filters()
     return [f for f in PIL_FORMATS if f in Image.OPEN]
+
+
+def pil_warning_filters() -> None:
+    """Process-wide filters (catch_warnings is not thread-safe and images decode in threads): Pillow's
+    decompression-bomb warning is an error, its EXIF / palette UserWarnings are silent (each file is either
+    used or reported on one line)."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def load_rgb(path: str | Path):
@@ -170,9 +191,7 @@ def load_rgb(path: str | Path):
 
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=allowed_formats())
+        with Image.open(path, formats=allowed_formats()) as img:
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -183,6 +202,8 @@ def load_rgb(path: str | Path):
         raise BadImage(f"{path}: image too large (decompression-bomb limit "
                        f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
     except UnidentifiedImageError:
+        if path.is_file() and path.stat().st_size == 0:
+            raise BadImage(f"{path}: empty file (0 bytes)") from None
         raise BadImage(f"{path}: not an image in an allowed format ({', '.join(PIL_FORMATS)})") from None
     except FileNotFoundError:
         raise BadImage(f"{path}: file not found") from None
@@ -246,13 +267,11 @@ def load_rgb_draft(path: str | Path, size: int):
     path = Path(path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(path, formats=allowed_formats()) as probe:
-                    if probe.format == "JPEG" and not _has_rotation(probe):
-                        probe.draft("RGB", (size, size))
-                        probe.load()
-                        return to_rgb(probe.copy())
+            with Image.open(path, formats=allowed_formats()) as probe:
+                if probe.format == "JPEG" and not _has_rotation(probe):
+                    probe.draft("RGB", (size, size))
+                    probe.load()
+                    return to_rgb(probe.copy())
         except Exception:
             pass  # let load_rgb produce the precise error
     return load_rgb(path)
@@ -296,6 +315,56 @@ def decode_many(paths: list[Path], size: int, interpolation: str, threads: int, 
             yield (i, *res)
 
 
+def probe_image(path: str | Path) -> str | None:
+    """Cheap header check (format allowlist, size limit) without decoding: None, or load_rgb's message."""
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=allowed_formats()):
+            return None
+    except Exception:
+        try:
+            load_rgb(path)  # the precise message; a full decode only for a file that already failed
+        except BadImage as e:
+            return str(e)
+        return None
+
+
+def probe_many(paths: list[Path]) -> list[str | None]:
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return list(pool.map(probe_image, paths, chunksize=64))
+
+
+class BadImageLog:
+    """Unreadable files: one warning line each (repeats across epochs dropped), a count for the summary, and
+    a VitcliError once more than `max_fraction` of `total` are bad (checked live after `check()`)."""
+
+    def __init__(self, *, total: int, max_fraction: float, data_dir: str | Path):
+        self.total, self.max_fraction, self.data_dir = total, max_fraction, data_dir
+        self.messages: dict[str, None] = {}  # insertion-ordered set
+        self.live = False
+
+    def add(self, msg: str) -> None:
+        from vitcli.console import warn
+
+        if msg in self.messages:
+            return
+        self.messages[msg] = None
+        warn(f"skipped {msg}")
+        if self.live:
+            self.check()
+
+    def check(self) -> None:
+        """Raise above the allowed share; from now on every new bad file is checked as it is found."""
+        self.live = True
+        if self.total and len(self) / self.total > self.max_fraction:
+            raise VitcliError(f"{len(self)} of {self.total} images in '{self.data_dir}' cannot be read, more "
+                              f"than 'data.max_bad_fraction' {self.max_fraction}; fix the data or raise that key")
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
 class ImageStore:
     """The images of one split as uint8 (3, S, S) tensors: all decoded up front (cache) or on demand."""
 
@@ -322,6 +391,11 @@ class ImageStore:
                     bar.advance(task)
             self.images = images[keep] if len(keep) < len(split) else images  # (N, 3, S, S)
             split = split.subset(keep)
+        else:  # decoded on demand: drop files whose header already fails, so max_bad_fraction holds up front
+            errors = probe_many(split.paths)
+            for err in filter(None, errors):
+                self._report(err, on_bad)
+            split = split.subset([i for i, err in enumerate(errors) if err is None])
         self.paths, self.labels = split.paths, torch.tensor(split.labels, dtype=torch.long)
         self._on_bad = on_bad
 

@@ -19,7 +19,7 @@ from typing import Any
 from vitcli import __version__
 from vitcli.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from vitcli.config import Config, config_from_dict, to_dict, to_yaml
-from vitcli.console import console, esc, info, warn
+from vitcli.console import console, esc, info
 from vitcli.errors import VitcliError
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
@@ -234,7 +234,11 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
         raise VitcliError(f"--resume '{p}': no such run folder")
     last = p if p.is_file() else p / "last.pt"
     if last.is_file():
-        return run_dir, load_checkpoint(last)
+        ckpt = load_checkpoint(last)
+        if "train_state" not in ckpt:
+            raise VitcliError(f"--resume '{last}' holds weights only, not the training state; resume from the "
+                              "run folder (its last.pt)")
+        return run_dir, ckpt
     if (run_dir / "config.yaml").is_file():
         return run_dir, None  # killed before its first save: start that run again from the beginning
     raise VitcliError(f"--resume '{p}': the folder holds neither last.pt nor config.yaml of a vitcli run")
@@ -291,8 +295,10 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
         if world > 1:
             run_dir = Path(_broadcast_str(str(run_dir), device))
     if main:
-        (run_dir / "config.yaml").write_text(f"# vitcli {__version__}; data: {Path(data_dir).resolve()}\n"
-                                             + to_yaml(cfg))
+        from vitcli.checkpoint import atomic_write  # a kill mid-write must not leave a half config to resume
+
+        text = f"# vitcli {__version__}; data: {Path(data_dir).resolve()}\n" + to_yaml(cfg)
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
         if ds.split_made:
             write_split(run_dir / "split.csv", ds)
 
@@ -311,17 +317,13 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, _cpus() - 1)))
     info(f"[bold]images[/] decoded once to {size}x{size} uint8"
          + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
-    bad: list[str] = []
-    train_store = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.append, "decoding train")
-    val_store = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.append, "decoding val")
-    if cache:
-        for msg in bad:
-            warn(f"skipped {msg}")
-        if total_imgs and len(bad) / total_imgs > d.max_bad_fraction:
-            raise VitcliError(f"{len(bad)} of {total_imgs} images in '{data_dir}' cannot be read, more than "
-                              f"'data.max_bad_fraction' {d.max_bad_fraction}; fix the data or raise that key")
-        if len(train_store) == 0 or len(val_store) == 0:
-            raise VitcliError(f"'{data_dir}': no readable images left in the {'train' if not len(train_store) else 'val'} split")
+    bad = D.BadImageLog(total=total_imgs, max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    train_store = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.add, "decoding train")
+    val_store = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.add, "decoding val")
+    bad.check()  # uncached: files that only fail while decoding are checked again as they turn up
+    if len(train_store) == 0 or len(val_store) == 0:
+        empty = "train" if not len(train_store) else "val"
+        raise VitcliError(f"'{data_dir}': no readable images left in the {empty} split")
     if cache and device.type != "cpu":
         train_store.to(device)
         val_store.to(device)
