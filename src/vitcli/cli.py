@@ -168,6 +168,118 @@ def export(
         export_model(model, format_, output, opset)
 
 
+inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
+                          no_args_is_help=True)
+app.add_typer(inspect_app, name="inspect")
+InspectOutOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Folder for the PNGs (default: inspect/ in the model's run folder).")]
+ImgSizeOpt = Annotated[int | None, typer.Option(
+    help="Run the model at this input side in pixels (default: the side it was trained at).")]
+
+
+def _print_paths(paths) -> None:
+    from vitcli.console import esc, out
+
+    for p in paths:
+        out.print(f"wrote {esc(str(p))}")
+
+
+@inspect_app.command("attention")
+def inspect_attention_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    method: Annotated[str, typer.Option(
+        help="all (rollout + last block per head + block x head grid), rollout, or raw (attention of "
+             "--layer/--head).")] = "all",
+    layer: Annotated[str | None, typer.Option(
+        help="Blocks, 0-based: all, last, N or N,M. rollout: blocks 0..N (default all); raw: default last.")
+    ] = None,
+    head: Annotated[str | None, typer.Option(
+        help="Heads, 0-based: all, N or N,M (default all; rollout fuses all heads or uses the one given).")
+    ] = None,
+    fusion: Annotated[str, typer.Option(help="Rollout head fusion: mean, max or min.")] = "mean",
+    discard: Annotated[float, typer.Option(
+        help="Rollout: share of the weakest attention weights per row set to 0, in [0, 1).")] = 0.9,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Attention overlays on each image, with the predicted class and its probability in the title."""
+    with guard():
+        from vitcli.inspect import inspect_attention
+
+        _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
+                                       head=head, fusion=fusion, discard=discard, img_size=img_size,
+                                       device=device))
+
+
+@inspect_app.command("model")
+def inspect_model_cmd(
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint, run folder, or a model name (vit-small/16, timm/<name> or a timm "
+                              "name; random weights); default: the newest run.")] = None,
+    config: ConfigOpt = None,
+    img_size: Annotated[int | None, typer.Option(
+        help="Input side in pixels (default: the checkpoint's or config's; 224 for a model name).")] = None,
+    num_classes: Annotated[int, typer.Option(help="Classes of the head for --config or a model name.")] = 1000,
+) -> None:
+    """Architecture summary: parameters per part, FLOPs per image, tokens, patch grid, per-block table."""
+    with guard():
+        from vitcli.inspect import inspect_model
+
+        inspect_model(model=model, config=config, img_size=img_size, num_classes=num_classes)
+
+
+@inspect_app.command("posembed")
+def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -> None:
+    """Cosine similarity of each patch's position embedding with every other (ViT paper, figure 7 centre)."""
+    with guard():
+        from vitcli.inspect import inspect_posembed
+
+        _print_paths(inspect_posembed(model=model, output=output))
+
+
+@inspect_app.command("distance")
+def inspect_distance_cmd(
+    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Mean attention distance per head and block (ViT paper, figure 7 right): scatter PNG, CSV and table."""
+    with guard():
+        from vitcli.inspect import inspect_distance
+
+        _print_paths(inspect_distance(data, model=model, output=output, max_images=max_images,
+                                      img_size=img_size, device=device))
+
+
+@inspect_app.command("filters")
+def inspect_filters_cmd(
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    components: Annotated[int, typer.Option(help="Principal components to show.")] = 28,
+) -> None:
+    """Principal components of the patch-embedding filters as RGB tiles (ViT paper, figure 7 left)."""
+    with guard():
+        from vitcli.inspect import inspect_filters
+
+        _print_paths(inspect_filters(model=model, output=output, components=components))
+
+
+@inspect_app.command("data")
+def inspect_data_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
+) -> None:
+    """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
+    with guard():
+        from vitcli.inspect import inspect_data
+
+        inspect_data(data)
+
+
 def main() -> None:
     app()
 

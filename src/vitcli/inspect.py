@@ -1,0 +1,624 @@
+"""`vitcli inspect`: attention maps and the ViT paper's analyses, plus a dataset check before training.
+
+Every drawing analysis writes PNGs into `--output` (default `<run folder>/inspect/`) and returns their paths.
+Both model backends go through the same code: `vitcli.attention` reads any supported ViT's attention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcli.console import esc, out, warn
+from vitcli.errors import VitcliError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+METHODS = ("all", "rollout", "raw")
+PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
+
+
+# ----------------------------------------------------------------------------------------------- loading
+@dataclass
+class Loaded:
+    model: nn.Module
+    classes: list[str]
+    pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
+    run_dir: Path
+    device: torch.device
+
+
+def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
+    """The checkpoint's model (newest run when `model_arg` is None) in fp32 eval mode, at `img_size`."""
+    from vitcli.checkpoint import load_model
+    from vitcli.device import pick_device
+
+    model, ckpt, path = load_model(model_arg)
+    dev = pick_device(device)
+    model = model.float().eval().to(dev)
+    pre = dict(ckpt["preprocess"])
+    if img_size is not None and img_size != pre["img_size"]:
+        pre = set_resolution(model, pre, img_size)
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev)
+
+
+def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
+    """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
+    switched with `set_input_size`. Returns the preprocessing for that side."""
+    from vitcli.attention import patch_size_of
+    from vitcli.data import resize_size_for
+    from vitcli.vit import VisionTransformer
+
+    ph, pw = patch_size_of(model)
+    if img_size < 1 or img_size % ph or img_size % pw:
+        raise VitcliError(f"--img-size {img_size} must be a positive multiple of the patch size {ph}")
+    if not isinstance(model, VisionTransformer):
+        if not hasattr(model, "set_input_size"):
+            raise VitcliError(f"--img-size {img_size}: model {type(model).__name__} only runs at "
+                              f"{pre['img_size']} px")
+        model.set_input_size(img_size=(img_size, img_size))
+    return dict(pre, img_size=img_size, resize_size=resize_size_for(img_size, pre["crop_pct"]))
+
+
+def output_dir(output: str | Path | None, run_dir: Path) -> Path:
+    out_dir = Path(output) if output else run_dir / "inspect"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitcliError(f"--output '{out_dir}' is a file; give a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def collect_images(items: list[Path]) -> list[Path]:
+    """Image files named directly, plus every image under named folders."""
+    from vitcli.data import IMAGE_EXTS, list_images
+
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files = list_images(p)
+            if not files:
+                raise VitcliError(f"folder '{p}' holds no images (extensions: {', '.join(sorted(IMAGE_EXTS))})")
+            found += files
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise VitcliError(f"image '{p}' does not exist")
+    if not found:
+        raise VitcliError("no images given; name image files or folders")
+    return found
+
+
+def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """(readable paths, uint8 crops (B, 3, S, S) exactly as the model sees them, normalised (B, 3, S, S));
+    unreadable files are skipped with a warning."""
+    import torch
+
+    from vitcli.data import BadImage, center_crop, decode_square, eval_transform
+
+    keep, imgs = [], []
+    for p in paths:
+        try:
+            imgs.append(decode_square(p, pre["resize_size"], pre.get("interpolation", "bicubic")))
+            keep.append(p)
+        except BadImage as e:
+            warn(f"skipped {e}")
+    if not imgs:
+        raise VitcliError("none of the images could be read")
+    raw = torch.stack(imgs)  # (B, 3, R, R) uint8
+    return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def parse_indices(text: str | None, n: int, flag: str, default: str) -> list[int]:
+    """'all' | 'last' | 'N' | 'N,M,...' (0-based, negative counts from the end) -> sorted indices < n."""
+    text = (text or default).strip().lower()
+    if text == "all":
+        return list(range(n))
+    if text == "last":
+        return [n - 1]
+    idx = []
+    for part in text.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise VitcliError(f"{flag} {text!r}: use all, last, or 0-based numbers like 0,3,-1") from None
+        if not -n <= i < n:
+            raise VitcliError(f"{flag} {i} is out of range: the model has {n} (0..{n - 1})")
+        idx.append(i % n)
+    return sorted(set(idx))
+
+
+def overlay(photo: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5):
+    """uint8 photo (3, H, W) + heat map (gh, gw) -> float RGB (H, W, 3): the map upsampled bilinearly,
+    scaled to [0, 1], coloured with 'jet' and blended over the photo."""
+    import matplotlib
+    import torch.nn.functional as F
+
+    H, W = photo.shape[-2:]
+    h = F.interpolate(heat[None, None].float().cpu(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)  # (H, W)
+    colour = matplotlib.colormaps["jet"](h.numpy())[..., :3]  # (H, W, 3)
+    img = photo.permute(1, 2, 0).float().cpu().numpy() / 255.0  # (H, W, 3)
+    return (1 - alpha) * img + alpha * colour
+
+
+def panel_figure(rows: int, cols: int, title: str):
+    """A figure of rows x cols image panels of exactly (cols * 200) x (rows * 225 + 50) pixels."""
+    from vitcli.report import pyplot
+
+    plt = pyplot()
+    w, h = cols * PANEL_IN, rows * (PANEL_IN + TITLE_IN) + SUPTITLE_IN
+    fig = plt.figure(figsize=(w, h), dpi=DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - SUPTITLE_IN / h, wspace=0.04,
+                        hspace=TITLE_IN / PANEL_IN * 1.2)
+    fig.suptitle(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 2
+    while stem in used:
+        stem, n = f"{path.stem}-{n}", n + 1
+    used.add(stem)
+    return stem
+
+
+def inspect_attention(images: list[Path], *, model: str | None = None, output: str | Path | None = None,
+                      method: str = "all", layer: str | None = None, head: str | None = None,
+                      fusion: str = "mean", discard: float = 0.9, img_size: int | None = None,
+                      device: str = "cpu", batch_size: int = 16) -> list[Path]:
+    """Attention overlays for each image: rollout, the source token's attention per head of the chosen
+    layer(s), and the full layer x head grid (`method` picks). Returns the PNG paths written."""
+    from vitcli.attention import FUSIONS, capture_attention, head_maps, rollout_map
+    from vitcli.report import save_figure
+
+    if method not in METHODS:
+        raise VitcliError(f"--method {method!r} is not valid; use one of {', '.join(METHODS)}")
+    if fusion not in FUSIONS:
+        raise VitcliError(f"--fusion {fusion!r} is not valid; use one of {', '.join(FUSIONS)}")
+    if not 0.0 <= discard < 1.0:
+        raise VitcliError(f"--discard {discard} must be in [0, 1)")
+    paths = collect_images(images)
+    ld = load(model, img_size, device)
+    out_dir = output_dir(output, ld.run_dir)
+    written: list[Path] = []
+    used: set[str] = set()
+    for start in range(0, len(paths), batch_size):
+        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+        cap = capture_attention(ld.model, x.to(ld.device))
+        depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
+        layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
+        head_idx = parse_indices(head, heads, "--head", "all")
+        probs = cap.logits.float().softmax(dim=-1)
+        for b, path in enumerate(keep):
+            p, c = probs[b].max(dim=0)
+            name = f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})"
+            stem = _unique_stem(path, used)
+            if method in ("all", "rollout"):
+                if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
+                    raise VitcliError("rollout takes one --layer (roll out blocks 0..N; default all) and one "
+                                      "--head (default all: fuse the heads)")
+                upto = layers[-1] + 1
+                one_head = head_idx[0] if len(head_idx) == 1 and heads > 1 else None
+                how = f"head {one_head}" if one_head is not None else f"{fusion} fusion"
+                heat = rollout_map(cap, fusion=fusion, discard_ratio=discard, layers=upto, head=one_head)[b]
+                fig, axes = panel_figure(1, 2, f"{name}\nrollout of blocks 0-{upto - 1}, {how}, discard {discard}")
+                axes[0, 0].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
+                axes[0, 0].set_title("input", fontsize=8)
+                axes[0, 1].imshow(overlay(photos[b], heat))
+                axes[0, 1].set_title("rollout", fontsize=8)
+                written.append(out_dir / f"{stem}_rollout.png")
+                save_figure(fig, written[-1], dpi=DPI, tight=False)
+            if method in ("all", "raw"):
+                raw_layers = layers if method == "raw" or layer else [depth - 1]
+                written.append(_draw_heads(cap, b, photos[b], raw_layers, head_idx, name,
+                                           out_dir / f"{stem}_attention.png", head_maps))
+            if method == "all":
+                written.append(_draw_heads(cap, b, photos[b], list(range(depth)), list(range(heads)), name,
+                                           out_dir / f"{stem}_grid.png", head_maps))
+    return written
+
+
+def _draw_heads(cap, b: int, photo, layers: list[int], heads: list[int], name: str, path: Path,
+                head_maps) -> Path:
+    from vitcli.report import save_figure
+
+    src = "patch tokens" if cap.source is None else "class token"
+    fig, axes = panel_figure(len(layers), len(heads), f"{name}\nattention of the {src} per block and head")
+    for r, layer in enumerate(layers):
+        maps = head_maps(cap, layer)[b]  # (heads, gh, gw)
+        for c, h in enumerate(heads):
+            axes[r, c].imshow(overlay(photo, maps[h]))
+            axes[r, c].set_title(f"block {layer} head {h}", fontsize=8)
+    save_figure(fig, path, dpi=DPI, tight=False)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- model
+def model_for_summary(model: str | None, config: Path | None, img_size: int | None,
+                      num_classes: int) -> tuple[nn.Module, int, str]:
+    """(model, input side, description) from a checkpoint/run, a config file, or a model name."""
+    from vitcli.config import ModelConfig, load_config
+    from vitcli.models import model_from_spec, model_spec
+
+    if config is not None:
+        if model is not None:
+            raise VitcliError("give --model or --config, not both")
+        cfg = load_config(config)
+        size = img_size or cfg.data.img_size
+        spec = model_spec(cfg.model, num_classes, size)
+        return model_from_spec(spec, pretrained=False).eval(), size, f"config '{config}' ({cfg.model.name})"
+    if model is None or Path(model).exists():
+        ld = load(model, img_size)
+        return ld.model, ld.pre["img_size"], f"checkpoint in '{ld.run_dir}'"
+    name = model
+    if not name.startswith("timm/") and "/" not in name.rstrip("0123456789"):
+        import timm
+
+        if timm.is_model(name):
+            name = f"timm/{name}"
+    size = img_size or 224
+    spec = model_spec(ModelConfig(name=name), num_classes, size)  # raises for unknown names
+    return model_from_spec(spec, pretrained=False).eval(), size, f"{name} (random weights)"
+
+
+def count_flops(model: nn.Module, img_size: int) -> tuple[int, dict[str, int]]:
+    """FLOPs for one image (torch's flop counter, a multiply-add = 2) and per module name."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitcli.attention import explicit_attention
+
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
+    # the explicit path, because the flop counter has no formula for every fused attention kernel
+    with torch.no_grad(), explicit_attention(model), FlopCounterMode(display=False) as fc:
+        model(x)
+    prefix = type(model).__name__ + "."
+    per = {k.removeprefix(prefix): int(sum(v.values())) for k, v in fc.get_flop_counts().items()}
+    return int(fc.get_total_flops()), per
+
+
+def human(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def summarize_model(model: nn.Module, img_size: int) -> dict[str, Any]:
+    """Parameters per part, FLOPs per image, tokens, patch grid and a per-block table."""
+    from vitcli.attention import model_grid, patch_size_of
+
+    parts: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        parts[name.split(".")[0]] += p.numel()
+    ph, pw = patch_size_of(model)
+    grid = (img_size // ph, img_size // pw)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    total, per = count_flops(model, img_size)
+    blocks = []
+    for i, blk in enumerate(getattr(model, "blocks", [])):
+        attn = blk.attn
+        blocks.append({"block": i, "params": sum(p.numel() for p in blk.parameters()),
+                       "flops": per.get(f"blocks.{i}", 0), "heads": attn.num_heads, "head_dim": attn.head_dim,
+                       "mlp_hidden": blk.mlp.fc1.out_features})
+    return {"type": type(model).__name__, "params": sum(parts.values()), "parts": dict(parts), "flops": total,
+            "img_size": img_size, "patch": (ph, pw), "grid": grid, "trained_grid": model_grid(model),
+            "prefix_tokens": prefix, "tokens": prefix + grid[0] * grid[1],
+            "embed_dim": getattr(model, "embed_dim", None), "blocks": blocks}
+
+
+def inspect_model(*, model: str | None = None, config: Path | None = None, img_size: int | None = None,
+                  num_classes: int = 1000) -> dict[str, Any]:
+    """Print the architecture summary of a run, a config or a model name; returns it as a dict."""
+    from rich.table import Table
+
+    net, size, what = model_for_summary(model, config, img_size, num_classes)
+    s = summarize_model(net, size)
+    out.print(f"[bold]{esc(s['type'])}[/] from {esc(what)}")
+    out.print(f"input {size}x{size} px, patch {s['patch'][0]}x{s['patch'][1]}, grid {s['grid'][0]}x{s['grid'][1]}"
+              f", tokens {s['tokens']} ({s['prefix_tokens']} prefix + {s['grid'][0] * s['grid'][1]} patches), "
+              f"width {s['embed_dim']}, {len(s['blocks'])} blocks")
+    out.print(f"parameters {s['params']:,} ({human(s['params'])}), FLOPs per image {human(s['flops'])} "
+              "(torch.utils.flop_counter; a multiply-add counts 2)")
+    t = Table("part", "parameters", "share", title="parameters per part")
+    for k, v in s["parts"].items():
+        t.add_row(esc(k), f"{v:,}", f"{v / max(s['params'], 1):.1%}")
+    out.print(t)
+    t = Table("block", "parameters", "FLOPs", "heads", "head dim", "MLP hidden", title="blocks")
+    for b in s["blocks"]:
+        t.add_row(str(b["block"]), f"{b['params']:,}", human(b["flops"]), str(b["heads"]), str(b["head_dim"]),
+                  str(b["mlp_hidden"]))
+    out.print(t)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------- posembed
+def posembed_similarity(model: nn.Module) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Cosine similarity of every patch's position embedding with every other: (gh, gw, gh, gw)."""
+    import torch.nn.functional as F
+
+    from vitcli.attention import model_grid
+
+    pos = getattr(model, "pos_embed", None)
+    if pos is None:
+        raise VitcliError(f"model {type(model).__name__} has no learned absolute position embedding")
+    gh, gw = model_grid(model)
+    patch = pos.detach().float().cpu()[0, -gh * gw:]  # (N, D): prefix-token entries, if any, come first
+    patch = F.normalize(patch, dim=-1)
+    return (patch @ patch.T).reshape(gh, gw, gh, gw), (gh, gw)
+
+
+def inspect_posembed(*, model: str | None = None, output: str | Path | None = None) -> list[Path]:
+    """One PNG: for each patch position, a tile of its position embedding's similarity with all others."""
+    from vitcli.report import pyplot, save_figure
+
+    ld = load(model)
+    sim, (gh, gw) = posembed_similarity(ld.model)
+    plt = pyplot()
+    tile = max(0.25, min(1.0, 10 / max(gh, gw)))
+    fig, axes = plt.subplots(gh, gw, figsize=(gw * tile + 1.2, gh * tile + 0.6), squeeze=False)
+    for r in range(gh):
+        for c in range(gw):
+            im = axes[r, c].imshow(sim[r, c].numpy(), vmin=-1, vmax=1, cmap="viridis")
+            axes[r, c].set_axis_off()
+    fig.suptitle("position embedding similarity (cosine), one tile per patch position", fontsize=9)
+    fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02)
+    path = output_dir(output, ld.run_dir) / "posembed.png"
+    save_figure(fig, path)
+    return [path]
+
+
+# ----------------------------------------------------------------------------------------------- distance
+def attention_distances(ld: Loaded, paths: list[Path], batch_size: int = 16) -> torch.Tensor:
+    """Mean attention distance in pixels, (layers, heads), averaged over the images."""
+    import torch
+
+    from vitcli.attention import capture_attention, mean_attention_distance, patch_size_of
+
+    total, n = None, 0
+    patch = patch_size_of(ld.model)
+    for start in range(0, len(paths), batch_size):
+        keep, _, x = decode_batch(paths[start:start + batch_size], ld.pre)
+        cap = capture_attention(ld.model, x.to(ld.device))
+        d = torch.stack([mean_attention_distance(a, cap.num_prefix, cap.grid, patch).sum(0).cpu()
+                         for a in cap.attentions])  # (layers, heads)
+        total = d if total is None else total + d
+        n += len(keep)
+    return total / n
+
+
+def inspect_distance(data: list[Path], *, model: str | None = None, output: str | Path | None = None,
+                     max_images: int = 64, img_size: int | None = None, device: str = "cpu") -> list[Path]:
+    """Scatter PNG + CSV of mean attention distance per head and block over up to `max_images` images
+    (evenly spread over the sorted list); prints the table."""
+    from rich.table import Table
+
+    from vitcli.report import pyplot, save_figure
+
+    if max_images < 1:
+        raise VitcliError(f"--max-images {max_images} must be at least 1")
+    paths = collect_images(data)
+    if len(paths) > max_images:
+        paths = [paths[int(i * len(paths) / max_images)] for i in range(max_images)]
+    ld = load(model, img_size, device)
+    dist = attention_distances(ld, paths)  # (L, H)
+    L, H = dist.shape
+    out_dir = output_dir(output, ld.run_dir)
+    csv = out_dir / "attention_distance.csv"
+    lines = ["block,head,mean_distance_px"] + [f"{i},{h},{float(dist[i, h]):.3f}" for i in range(L) for h in range(H)]
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for h in range(H):
+        ax.scatter(range(L), dist[:, h].numpy(), s=18, label=f"head {h}")
+    side = ld.pre["img_size"]
+    ax.set(xlabel="block (network depth)", ylabel="mean attention distance (pixels)",
+           title=f"mean attention distance over {len(paths)} images at {side} px", ylim=(0, None))
+    ax.grid(alpha=0.3)
+    if H <= 16:
+        ax.legend(fontsize=6, ncol=2)
+    png = out_dir / "attention_distance.png"
+    save_figure(fig, png)
+    t = Table("block", *[f"head {h}" for h in range(H)], "mean", title="mean attention distance (pixels)")
+    for i in range(L):
+        t.add_row(str(i), *[f"{float(v):.1f}" for v in dist[i]], f"{float(dist[i].mean()):.1f}")
+    out.print(t)
+    return [png, csv]
+
+
+# ----------------------------------------------------------------------------------------------- filters
+def filter_components(model: nn.Module, k: int) -> torch.Tensor:
+    """The top-k principal components of the patch-embedding filters as RGB tiles (k, ph, pw, 3) in [0, 1]."""
+    import torch
+
+    proj = getattr(model.patch_embed, "proj", None)
+    w = getattr(proj, "weight", None)
+    if w is None or w.ndim != 4 or w.shape[1] != 3:
+        raise VitcliError(f"model {type(model).__name__} has no RGB convolutional patch embedding to show")
+    D, C, ph, pw = w.shape
+    flat = w.detach().float().cpu().reshape(D, C * ph * pw)  # (D, 3*ph*pw)
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)  # rows of vh: principal directions
+    comps = vh[:min(k, vh.shape[0])].reshape(-1, C, ph, pw)  # (k, 3, ph, pw)
+    lo = comps.amin(dim=(1, 2, 3), keepdim=True)
+    hi = comps.amax(dim=(1, 2, 3), keepdim=True)
+    return ((comps - lo) / (hi - lo).clamp_min(1e-12)).permute(0, 2, 3, 1)  # (k, ph, pw, 3)
+
+
+def inspect_filters(*, model: str | None = None, output: str | Path | None = None,
+                    components: int = 28) -> list[Path]:
+    """One PNG of the principal components of the patch-embedding filters (the ViT paper's figure 7, left)."""
+    from vitcli.report import pyplot, save_figure
+
+    if components < 1:
+        raise VitcliError(f"--components {components} must be at least 1")
+    ld = load(model)
+    tiles = filter_components(ld.model, components)
+    n = tiles.shape[0]
+    cols = min(7, n)
+    rows = math.ceil(n / cols)
+    plt = pyplot()
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9 + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i < n:
+            ax.imshow(tiles[i].numpy(), interpolation="nearest")
+    fig.suptitle(f"patch-embedding filters: first {n} principal components", fontsize=9)
+    path = output_dir(output, ld.run_dir) / "filters.png"
+    save_figure(fig, path)
+    return [path]
+
+
+# ----------------------------------------------------------------------------------------------- data
+FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".bmp": {"BMP"},
+                 ".gif": {"GIF"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
+
+
+@dataclass
+class FileInfo:
+    path: Path
+    split: str
+    label: int
+    sha256: str
+    format: str | None = None
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+    error: str | None = None  # why the file cannot be used as an image
+
+
+@dataclass
+class DataReport:
+    root: Path
+    classes: list[str]
+    counts: dict[str, list[int]]  # split -> images per class
+    imbalance: dict[str, float]  # split -> largest / smallest class count (inf when a class is empty)
+    sizes: Counter  # (width, height) -> files
+    modes: Counter  # PIL mode -> files
+    formats: Counter  # PIL format -> files
+    unreadable: list[str] = field(default_factory=list)  # one message per file
+    disguised: list[str] = field(default_factory=list)  # readable, but the extension names another format
+    dup_within: list[list[FileInfo]] = field(default_factory=list)  # identical files inside one split
+    dup_across: list[list[FileInfo]] = field(default_factory=list)  # identical files in several splits
+    ignored: int = 0  # files without an image extension
+
+
+def _probe(job: tuple[Path, str, int]) -> FileInfo:
+    from PIL import Image
+
+    from vitcli.data import BadImage, allowed_formats, load_rgb
+
+    path, split, label = job
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    info = FileInfo(path, split, label, h.hexdigest())
+    try:
+        with Image.open(path, formats=allowed_formats()) as im:
+            info.format, info.mode, info.size = im.format, im.mode, im.size
+    except Exception:  # load_rgb below explains why
+        pass
+    try:
+        load_rgb(path)
+    except BadImage as e:
+        info.error = str(e)
+    return info
+
+
+def check_data(root: str | Path) -> DataReport:
+    """Read (never write) a dataset folder and collect what could go wrong in training."""
+    from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
+
+    root = Path(root)
+    ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
+    if (root / "train").is_dir():
+        splits = {"train": ds.train, "val": ds.val, "test": ds.test}
+    else:
+        splits = {"all": ds.train}
+    splits = {k: v for k, v in splits.items() if v is not None and len(v)}
+    jobs = [(p, name, y) for name, s in splits.items() for p, y in zip(s.paths, s.labels, strict=True)]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        infos = list(pool.map(_probe, jobs, chunksize=16))
+    n = len(ds.classes)
+    counts = {k: [0] * n for k in splits}
+    for i in infos:
+        counts[i.split][i.label] += 1
+    imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
+    good = [i for i in infos if i.error is None]
+    rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
+                     Counter(i.mode for i in good if i.mode), Counter(i.format for i in good if i.format))
+    rep.unreadable = [i.error for i in infos if i.error]
+    for i in good:
+        if i.format and i.format not in FORMAT_OF_EXT.get(i.path.suffix.lower(), {i.format}):
+            rep.disguised.append(f"{i.path}: named {i.path.suffix} but is {i.format}")
+    groups: dict[str, list[FileInfo]] = defaultdict(list)
+    for i in infos:
+        groups[i.sha256].append(i)
+    for g in groups.values():
+        if len(g) < 2:
+            continue
+        if len({i.split for i in g}) > 1:
+            rep.dup_across.append(g)
+        else:
+            rep.dup_within.append(g)
+    for _dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        rep.ignored += sum(1 for f in filenames if not is_hidden(f) and Path(f).suffix.lower() not in IMAGE_EXTS)
+    return rep
+
+
+def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
+    labels = {i.label for i in g}
+    where = ", ".join(f"{i.split}/{classes[i.label]}/{i.path.name}" for i in g[:4]) + (" ..." if len(g) > 4 else "")
+    return where + ("  [different classes]" if len(labels) > 1 else "")
+
+
+def inspect_data(root: str | Path, show: int = 10) -> DataReport:
+    """Print the dataset check; returns the report."""
+    from rich.table import Table
+
+    rep = check_data(root)
+    t = Table("class", *rep.counts, title=f"images per class in '{esc(str(rep.root))}'")
+    for c, name in enumerate(rep.classes):
+        t.add_row(esc(name), *[str(v[c]) for v in rep.counts.values()])
+    t.add_row("[bold]total[/]", *[str(sum(v)) for v in rep.counts.values()])
+    t.add_row("[bold]imbalance (max/min)[/]", *[f"{r:.2f}" if math.isfinite(r) else "a class is empty"
+                                               for r in rep.imbalance.values()])
+    out.print(t)
+    if rep.sizes:
+        ws = sorted(w for (w, _), k in rep.sizes.items() for _ in range(k))
+        hs = sorted(h for (_, h), k in rep.sizes.items() for _ in range(k))
+        common = ", ".join(f"{w}x{h} ({k})" for (w, h), k in rep.sizes.most_common(3))
+        out.print(f"sizes: width {ws[0]}-{ws[-1]} (median {ws[len(ws) // 2]}), height {hs[0]}-{hs[-1]} "
+                  f"(median {hs[len(hs) // 2]}); {len(rep.sizes)} distinct, most common {common}")
+    out.print("modes: " + ", ".join(f"{esc(str(m))} ({k})" for m, k in rep.modes.most_common()))
+    out.print("formats: " + ", ".join(f"{esc(str(m))} ({k})" for m, k in rep.formats.most_common()))
+    sections = [("unreadable files", rep.unreadable),
+                ("disguised files (extension does not match the content)", rep.disguised),
+                ("exact duplicates within a split", [_dup_line(g, rep.classes) for g in rep.dup_within]),
+                ("exact duplicates across splits (leak between train and evaluation)",
+                 [_dup_line(g, rep.classes) for g in rep.dup_across])]
+    for title, items in sections:
+        colour = "green" if not items else "yellow"
+        out.print(f"[{colour}]{title}: {len(items)}[/]")
+        for line in items[:show]:
+            out.print(f"  {esc(line)}")
+        if len(items) > show:
+            out.print(f"  ... and {len(items) - show} more")
+    if rep.ignored:
+        out.print(f"ignored {rep.ignored} file(s) without an image extension")
+    return rep
