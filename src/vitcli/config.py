@@ -246,6 +246,9 @@ def read_yaml(path: str | Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and cmark and mark and cmark.line != mark.line:  # where the unclosed thing was opened
+            problem += f" ({context} started at line {cmark.line + 1})"
         raise VitcliError(f"config file '{p}': YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise VitcliError(f"config file '{p}' is not UTF-8 text") from None
