@@ -8,7 +8,9 @@ and, in last.pt, what resuming needs: optimizer, scaler, ema, rng, progress.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +61,19 @@ def safe_torch_load(path: str | Path) -> Any:
     # The environment variable would silently turn weights_only off: refuse to honour it here.
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notice: the error says it all
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "Unsupported operand" in str(e):
-            raise VitcliError(f"'{p}' is not a plain weights file: it asks to run code while loading, which "
-                              "vitcli refuses (weights_only=True)") from None
-        raise VitcliError(f"'{p}' is not a readable checkpoint: {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        wants = re.search(r"GLOBAL ([\w.]+)", str(e))  # the weights-only unpickler met an import of code
+        if wants:
+            raise VitcliError(f"'{p}' is not a plain weights file: loading it would import {wants[1]}, which "
+                              "vitcli refuses (weights_only=True); nothing from the file was run") from None
+        raise VitcliError(f"'{p}' is not a readable checkpoint (not written by torch.save, or damaged)") from None
+    except Exception as e:  # zip, EOF, storage errors of a truncated or foreign file
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if p.stat().st_size == 0:
+            first = "the file is empty"
         raise VitcliError(f"'{p}' is not a readable checkpoint (truncated or not made by torch): {first}") from None
 
 

@@ -363,12 +363,14 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     fwd_model = model
     if t.channels_last:
         fwd_model = model.to(memory_format=torch.channels_last)
-    if t.compile:
-        fwd_model = torch.compile(fwd_model)
-    if world > 1:
+    if world > 1:  # DDP broadcasts rank 0's weights; the EMA copy starts from them too
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ema is not None:
+            pass
+    if t.compile:  # after DDP, as torch recommends
+        fwd_model = torch.compile(fwd_model)
 
     aug_gen = torch.Generator().manual_seed(t.seed * 7919 + rank)
     augment = D.TrainAugment(cfg.data, aug_gen)
@@ -458,7 +460,11 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                     raise VitcliError(f"loss became {loss.item()} at epoch {epoch + 1}, step {bi + 1}; lower "
                                       f"'optim.lr' (now {o.lr:g}) or use 'train.precision: fp32'. best.pt "
                                       "holds the last good weights")
-                scaler.scale(loss / t.accum_steps).backward()
+                if world > 1 and (bi + 1) % t.accum_steps:  # accumulate locally, all-reduce on the last one
+                    with fwd_model.no_sync():
+                        scaler.scale(loss / t.accum_steps).backward()
+                else:
+                    scaler.scale(loss / t.accum_steps).backward()
                 if (bi + 1) % t.accum_steps == 0:
                     if o.clip_grad > 0:
                         scaler.unscale_(optimizer)
@@ -487,10 +493,11 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                                         checkpoint(eval_model, epoch, {}, progress_state(epoch, bi + 1)))
                     if stopping:
                         bar.stop()
-                        code = stop.code or 130
+                        code = stop.code or (stopping if stopping > 0 else 130)  # another rank's signal
                         if stopping != -1:
                             info(f"[yellow]stopped[/] at epoch {epoch + 1}, step {bi + 1}; last.pt saved. Resume "
                                  f"with: vitcli train {esc(str(data_dir))} --resume {esc(str(run_dir))}")
+                            _barrier(world)  # no rank exits (and gets torchrun to kill the rest) before the save
                             raise Interrupted(code, run_dir)
                         return result
             bar.remove_task(batch_task)
@@ -516,7 +523,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                                                                 progress_state(epoch + 1, 0)))
                 write_metrics(run_dir / "metrics.csv", history)
                 _curves(run_dir, history)
-            bar.console.print(
+            info(
                 f"epoch {epoch + 1:>3}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
                 f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {seconds:.1f}s")
@@ -526,6 +533,8 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                      f"at epoch {best_epoch})")
                 break
     result = TrainResult(run_dir, best_acc, best_epoch, len(history), history, time.time() - t_start)
+    if world > 1:
+        _check_replicas(eval_model, world)
     if main:
         _summary(result, ds.classes, bad)
     return result
@@ -553,6 +562,27 @@ def _any_rank(flag: int, device, world: int) -> int:
     t = torch.tensor([flag], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
+def _check_replicas(model, world: int) -> None:
+    """Every process must end with the same weights; rank 0 prints the shared digest."""
+    import torch.distributed as dist
+
+    from vitcli.device import weights_digest
+
+    digests: list = [None] * world
+    dist.all_gather_object(digests, weights_digest(unwrap(model).state_dict()))
+    if len(set(digests)) != 1:
+        raise VitcliError(f"the {world} processes ended with different weights (sha256 per rank: "
+                          f"{', '.join(d[:12] for d in digests)}); please report this")
+    info(f"[bold]distributed[/] all {world} processes hold identical weights (sha256 {digests[0][:16]})")
 
 
 def _broadcast_str(s: str, device) -> str:

@@ -1,0 +1,144 @@
+"""Resume: a run stopped mid-epoch and resumed ends with the very weights of an uninterrupted run (CPU);
+--epochs extends a finished run; broken checkpoints are clear errors; crashes never cost the previous last.pt."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, make_dataset, run_cli
+from vitcli.checkpoint import atomic_write, safe_torch_load
+from vitcli.config import load_config
+from vitcli.engine import train
+
+# everything random at once: dropout, stochastic depth, EMA, mixup / cutmix, RandAugment, random erasing
+RANDOM_SETS = ["model.drop_rate=0.1", "model.drop_path_rate=0.1", "train.ema_decay=0.9", "data.mixup=0.2",
+               "data.cutmix=0.2", "data.randaugment=rand-m5-n1", "data.reprob=0.25"]
+
+
+def tiny_cfg(tmp_path, name: str, epochs: int = 3, extra: list[str] = ()):
+    sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + RANDOM_SETS + list(extra)
+    flags = {"model.name": "vit-tiny/8", "data.img_size": 32, "train.device": "cpu", "data.batch_size": 4,
+             "train.epochs": epochs, "train.output": str(tmp_path / "runs"), "train.name": name}
+    return load_config(None, sets, flags)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 18 train / 6 val images, 4 per batch: 4 steps per epoch
+    return make_dataset(tmp_path_factory.mktemp("resume") / "d", per_class=8)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    res = train(tiny_cfg(out, "ref"), data)
+    return safe_torch_load(res.run_dir / "last.pt"), safe_torch_load(res.run_dir / "best.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 6])  # mid epoch 1, its last step, mid epoch 2
+def test_resume_matches_uninterrupted_run(tmp_path, data, uninterrupted, stop_at):
+    ref_last, ref_best = uninterrupted
+    cut = train(tiny_cfg(tmp_path, "cut"), data, stop_after_steps=stop_at)
+    saved = safe_torch_load(cut.run_dir / "last.pt")
+    assert saved["train_state"]["progress"]["step"] == stop_at
+    res = train(None, None, resume=cut.run_dir)  # dataset folder and config come from last.pt
+    assert res.run_dir == cut.run_dir and res.epochs_run == 3
+    last = safe_torch_load(cut.run_dir / "last.pt")
+    assert_same_weights(last["model"], ref_last["model"])  # the EMA weights
+    assert_same_weights(last["train_state"]["model"], ref_last["train_state"]["model"])  # the raw weights
+    assert_same_weights(safe_torch_load(cut.run_dir / "best.pt")["model"], ref_best["model"])
+    strip = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+             for row in last["train_state"]["progress"]["history"]]
+    assert strip == [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+                     for row in ref_last["train_state"]["progress"]["history"]]
+    assert torch.equal(last["train_state"]["aug_rng"], ref_last["train_state"]["aug_rng"])
+
+
+def test_resume_with_epochs_extends_a_finished_run(tmp_path, data):
+    res = run_cli("train", data, *TINY, "--batch-size", "4", "--epochs", "1", "--name", "short")
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "runs" / "short"
+    res = run_cli("train", "--resume", run)  # finished: nothing to do, and it says how to extend
+    assert res.exit_code == 0, res.output
+    assert "--epochs" in res.output and "epoch   2/" not in res.output
+    res = run_cli("train", "--resume", run, "--epochs", "2")
+    assert res.exit_code == 0, res.output
+    assert "resumed" in res.output and "epoch   2/2" in res.output
+    last = safe_torch_load(run / "last.pt")
+    assert last["epoch"] == 2 and last["config"]["train"]["epochs"] == 2
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert not list(run.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("done")
+    return train(tiny_cfg(out, "done", epochs=1, extra=["train.ema_decay=0"]), data).run_dir
+
+
+@pytest.fixture
+def finished_run(tmp_path, one_epoch_run):
+    """A private copy of a finished one-epoch run, free to damage."""
+    return Path(shutil.copytree(one_epoch_run, tmp_path / "done"))
+
+
+@pytest.mark.parametrize("damage, phrase", [
+    ("truncate", "is not a readable checkpoint"),
+    ("text", "is not a readable checkpoint"),
+    ("empty", "is not a readable checkpoint"),
+    ("foreign", "is not a vitcli checkpoint"),
+    ("weights_only", "holds weights only"),
+])
+def test_truncated_or_foreign_checkpoint_is_a_clear_error_naming_the_file(finished_run, damage, phrase):
+    last = finished_run / "last.pt"
+    if damage == "truncate":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "text":
+        last.write_text("not a checkpoint\n")
+    elif damage == "empty":
+        last.write_bytes(b"")
+    elif damage == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, last)
+    else:
+        last.write_bytes((finished_run / "best.pt").read_bytes())
+    res = run_cli("train", "--resume", finished_run, "--epochs", "2")
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and str(last) in lines[0] and phrase in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_truncated_model_checkpoint_is_a_clear_error_in_eval_and_predict(finished_run, data, command):
+    best = finished_run / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    target = data if command == "eval" else data / "red" / "red_000.png"
+    res = run_cli(command, target, "--model", best, "--device", "cpu")
+    assert res.exit_code != 0, res.output
+    assert str(best) in res.output and "not a readable checkpoint" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path):
+    target = tmp_path / "last.pt"
+    torch.save({"step": 1}, target)
+    before = target.read_bytes()
+
+    def crash(f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C while torch.save is writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
