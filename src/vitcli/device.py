@@ -130,6 +130,20 @@ def dist_info() -> DistInfo:
                     world_size=int(os.environ.get("WORLD_SIZE", 1)))
 
 
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict: equal digests = equal weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def init_distributed(device) -> DistInfo:
     """Join the process group when started by torchrun: nccl on CUDA, gloo otherwise."""
     import torch.distributed as dist

@@ -368,7 +368,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
 
         fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
         if ema is not None:
-            pass
+            ema.module.load_state_dict(unwrap(model).state_dict())
     if t.compile:  # after DDP, as torch recommends
         fwd_model = torch.compile(fwd_model)
 
