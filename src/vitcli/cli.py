@@ -66,6 +66,9 @@ def train(
         help="Run folder name; -2, -3... is appended if it exists (default train). [train.name]")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the run in this folder (or its last.pt); with --epochs, extend a finished run.")] = None,
+    find_lr: Annotated[bool, typer.Option(
+        "--find-lr", help="Instead of training, sweep the learning rate, plot loss vs lr and suggest optim.lr.")
+    ] = False,
 ) -> None:
     """Train a ViT on a folder of images; everything lands in a new run folder."""
     from vitcli.config import load_config
@@ -76,13 +79,18 @@ def train(
         flags = {"model.name": model, "train.epochs": epochs, "data.batch_size": batch_size,
                  "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
         if resume is not None:
-            if config or set_ or any(v is not None for k, v in flags.items() if k != "train.epochs"):
+            if config or set_ or find_lr or any(v is not None for k, v in flags.items() if k != "train.epochs"):
                 raise VitcliError("--resume continues a run with its saved config; only --epochs may change")
             from vitcli.engine import train as run_train
 
             run_train(None, data, resume=resume, epochs_override=epochs)
             return
         cfg = load_config(config, set_, flags)
+        if find_lr:
+            from vitcli.lr_finder import find_lr as run_find_lr
+
+            run_find_lr(cfg, data)
+            return
         from vitcli.engine import train as run_train
 
         run_train(cfg, data)

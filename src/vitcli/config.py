@@ -83,6 +83,8 @@ class TrainConfig:
     output: str = "runs"  # folder that holds run folders
     name: str = "train"  # run folder name; -2, -3, ... is appended when it exists
     save_every_steps: int = 0  # also write last.pt every N steps inside an epoch; 0 = end of epoch only
+    recipe: str = "auto"  # auto | scratch-small | scratch | finetune | none: fills the keys you did not set
+    freeze_epochs: int = 0  # train only the classifier head for the first N epochs, then everything
 
 
 @dataclass
@@ -100,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
 }
 
 
@@ -192,6 +195,12 @@ def _set(cfg: Config, key: str, value: Any, source: str) -> None:
         raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
     hints = typing.get_type_hints(type(section))
     setattr(section, parts[1], _coerce(key, value, hints[parts[1]], source))
+    user_keys(cfg).add(key)
+
+
+def user_keys(cfg: Config) -> set[str]:
+    """Keys set by a YAML file, a flag or --set (not defaults); training recipes leave these alone."""
+    return cfg.__dict__.setdefault("_user_keys", set())
 
 
 def apply_dict(cfg: Config, data: Any, source: str) -> None:
@@ -330,6 +339,7 @@ def validate(cfg: Config) -> None:
     need(t.patience >= 0, "train.patience", ">= 0 (0 = off)")
     need(t.accum_steps >= 1, "train.accum_steps", "at least 1")
     need(t.save_every_steps >= 0, "train.save_every_steps", ">= 0")
+    need(t.freeze_epochs >= 0, "train.freeze_epochs", ">= 0 (0 = off)")
     need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", ".."),
          "train.name", "a plain folder name")
     dev = t.device

@@ -232,6 +232,8 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
     run_dir = p.parent if p.is_file() else p
     if not run_dir.is_dir():
         raise VitcliError(f"--resume '{p}': no such run folder")
+    for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a kill -9 during an atomic save; never the real file
+        tmp.unlink(missing_ok=True)
     last = p if p.is_file() else p / "last.pt"
     if last.is_file():
         ckpt = load_checkpoint(last)
@@ -261,6 +263,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
         set_rng_state,
     )
     from vitcli.models import build_model
+    from vitcli.recipes import apply_recipe, freeze_backbone
 
     t_start = time.time()
     ckpt = None
@@ -291,6 +294,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
         raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
     n_cls = len(ds.classes)
     if resume is None:
+        apply_recipe(cfg, n_train=len(ds.train), world=world, quiet=not main)  # fills keys the user did not set
         run_dir = new_run_dir(t.output, t.name) if main else Path(t.output) / t.name
         if world > 1:
             run_dir = Path(_broadcast_str(str(run_dir), device))
@@ -434,6 +438,8 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
             first = skip_batches if epoch == start_epoch else 0
             batch_task = bar.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(batches), completed=first,
                                       stats="")
+            if t.freeze_epochs:
+                freeze_backbone(model, frozen=epoch < t.freeze_epochs)  # head-only warm-up, then everything
             model.train()
             t0 = time.time() - partial["seconds"]
             for bi, (x, y) in enumerate(train_store.batches(batches[first:]), start=first):

@@ -1,0 +1,172 @@
+"""Training recipes by situation: the regularisation and schedule that suit the data and the model.
+
+A recipe is a set of config values chosen from the number of training images and whether the model starts
+from pretrained weights. It fills only the keys the user did not set (YAML file, flags, `--set`), so an
+explicit setting always wins; `train.recipe: none` turns recipes off. The choice and the reason are printed.
+
+- scratch-small: from scratch on fewer than SMALL_DATA images. The DeiT regime (RandAugment, mixup/cutmix,
+  random erasing, label smoothing, stochastic depth, EMA, long warmup), as strong as the run is long, plus
+  small-data ViT choices: patches small enough for an 8x8 token grid, global average pooling and fixed 2-D
+  sine-cosine position embeddings.
+- scratch: from scratch on more data: the DeiT regime, as strong as the run is long.
+- finetune: pretrained weights: lower learning rate, layer-wise lr decay, short warmup, light augmentation
+  (no mixup/cutmix), a little stochastic depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vitcli.config import user_keys, validate
+from vitcli.errors import VitcliError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vitcli.config import Config
+
+SMALL_DATA = 20_000  # training images below which from-scratch training uses scratch-small
+LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
+HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
+MIN_GRID = 8  # scratch-small: smallest token grid side the patch size is chosen for (preset name not set)
+
+
+@dataclass
+class Recipe:
+    name: str  # scratch-small | scratch | finetune | none
+    why: str  # one sentence: what about the data / model chose it
+    applied: dict[str, Any] = field(default_factory=dict)  # key -> value the recipe set
+    kept: list[str] = field(default_factory=list)  # recipe keys left as the user set them
+
+
+def choose(cfg: Config, n_train: int) -> tuple[str, str]:
+    """(recipe name, why) for this config and training-set size."""
+    m = cfg.model
+    if cfg.train.recipe != "auto":
+        return cfg.train.recipe, f"'train.recipe' is {cfg.train.recipe}"
+    if m.pretrained or m.pretrained_file:
+        source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
+        return "finetune", f"the model starts from {source}"
+    length = f"{cfg.train.epochs} epochs: {strength(cfg.train.epochs)} augmentation"
+    if n_train < SMALL_DATA:
+        return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
+                                 f"{length}")
+    return "scratch", f"from scratch on {n_train:,} training images, {length}"
+
+
+def ema_decay_for(total_steps: int) -> float:
+    """EMA whose horizon 1 / (1 - decay) is a tenth of the run, within [0.98, 0.9999]."""
+    return round(min(0.9999, max(0.98, 1.0 - 10.0 / max(1, total_steps))), 5)
+
+
+def strength(epochs: int) -> str:
+    """How much augmentation a from-scratch run of this length can use: minimal | light | heavy.
+
+    Heavy mixing and erasing pay off only when the model trains long enough to fit the harder task; in short
+    runs they cost accuracy (Steiner et al., "How to train your ViT?", 2021).
+    """
+    return "heavy" if epochs >= HEAVY_EPOCHS else "light" if epochs >= LIGHT_EPOCHS else "minimal"
+
+
+def patch_for(img_size: int, current: int) -> int:
+    """Largest patch size <= `current` that divides img_size and leaves a grid of at least MIN_GRID."""
+    for p in (32, 16, 14, 8, 4, 2, 1):
+        if p <= current and img_size % p == 0 and img_size // p >= MIN_GRID:
+            return p
+    return current
+
+
+def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[str, Any]:
+    """The config values a recipe wants (before the user's own settings are honoured)."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if name == "none":
+        return {}
+    scratch_backend = not m.name.startswith("timm/")
+    images_per_step = d.batch_size * world * t.accum_steps
+    total_steps = max(1, n_train // images_per_step) * t.epochs
+    if name == "finetune":
+        return {
+            # lower lr than from scratch (1e-3): 5e-4 per 512 images per step, kept within [5e-5, 5e-4]
+            "optim.lr": round(min(5e-4, max(5e-5, 5e-4 * images_per_step / 512)), 7),
+            "optim.layer_decay": 0.75,  # blocks near the input keep more of what they learnt
+            "optim.warmup_epochs": min(1.0, 0.1 * t.epochs),
+            "optim.weight_decay": 0.05,
+            "data.randaugment": "",
+            "data.mixup": 0.0,  # no heavy mixing: the features are already good
+            "data.cutmix": 0.0,
+            "data.reprob": 0.0,
+            "train.label_smoothing": 0.1,
+            "model.drop_path_rate": 0.1,
+        }
+    small = name == "scratch-small"
+    level = strength(t.epochs)
+    big_images = d.img_size >= 32  # RandAugment's and cutmix's geometry is sized for images of 32 px and up
+    values: dict[str, Any] = {
+        "train.label_smoothing": 0.1,
+        "optim.weight_decay": 0.05,
+        "optim.warmup_epochs": float(min(10, max(1, round(0.1 * t.epochs)))),  # long warmup: a tenth of the run
+        "model.drop_path_rate": 0.0 if level == "minimal" else 0.1,
+        "data.randaugment": "rand-m9-mstd0.5-inc1" if level == "heavy" and big_images else "",
+        "data.mixup": {"minimal": 0.0, "light": 0.2, "heavy": 0.8}[level],
+        "data.cutmix": 1.0 if level == "heavy" and big_images else 0.0,
+        "data.reprob": {"minimal": 0.0, "light": 0.1, "heavy": 0.25}[level],
+        # an average of the weights helps once the run is long enough for one
+        "train.ema_decay": ema_decay_for(total_steps) if level != "minimal" and total_steps >= 500 else 0.0,
+    }
+    if small and scratch_backend:
+        values["model.global_pool"] = "avg"
+        values["model.pos_embed"] = "sincos"
+        base, _, patch = m.name.partition("/")
+        values["model.name"] = f"{base}/{patch_for(d.img_size, int(patch) if patch.isdigit() else 16)}"
+    return values
+
+
+def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = False) -> Recipe:
+    """Fill the keys the user did not set with the chosen recipe's values; print the choice and why."""
+    name, why = choose(cfg, n_train)
+    mine = user_keys(cfg)
+    recipe = Recipe(name, why)
+    for key, value in recipe_values(name, cfg, n_train, world).items():
+        section, attr = key.split(".")
+        if key in mine:
+            recipe.kept.append(key)
+        elif getattr(getattr(cfg, section), attr) != value:
+            setattr(getattr(cfg, section), attr, value)
+            recipe.applied[key] = value
+    cfg.train.recipe = name  # config.yaml records the recipe that was used
+    validate(cfg)
+    if cfg.train.freeze_epochs and world > 1:
+        raise VitcliError(f"'train.freeze_epochs' {cfg.train.freeze_epochs} is not supported with several "
+                          "processes (torchrun); set it to 0")
+    if not quiet:
+        _print(recipe)
+    return recipe
+
+
+def _print(recipe: Recipe) -> None:
+    from vitcli.console import esc, info
+
+    if recipe.name == "none":
+        info("[bold]recipe[/] none ('train.recipe: none'): only your settings and the defaults")
+        return
+    info(f"[bold]recipe[/] {recipe.name}: {esc(recipe.why)}")
+    if recipe.applied:
+        info("  sets " + ", ".join(f"{k}={esc(_fmt(v))}" for k, v in recipe.applied.items()))
+    if recipe.kept:
+        info("  keeps your " + ", ".join(recipe.kept))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, str):
+        return repr(v) if v == "" else v
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Frozen: only the classifier head trains (the rest gets no gradients); else everything trains."""
+    from vitcli.models import head_keys
+
+    heads = set(head_keys(model))
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name in heads)
