@@ -288,6 +288,8 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     rank, world, main = dist_i.rank, dist_i.world_size, dist_i.is_main
     precision, why = pick_precision(t.precision, device)
     seed_everything(t.seed + rank)
+    if t.threads:
+        torch.set_num_threads(t.threads)
 
     ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
     if len(ds.val) == 0:
