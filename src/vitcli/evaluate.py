@@ -135,6 +135,9 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
              figures: bool = True) -> dict[str, Any]:
     """Run the model on DATA (class folders, or its test/ else val/ split); print, plot and return the report."""
+    from vitcli.predict import passive_omp_threads
+
+    passive_omp_threads()
     import torch
 
     from vitcli import data as D

@@ -109,6 +109,9 @@ def verify(path: Path, fmt: str, model, preprocess: dict[str, Any], device: str 
 def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path | None = None,
                  opset: int = 17) -> dict[str, Any]:
     """Export the checkpoint `model` resolves to; returns {"path", "sidecar", "max_abs_diff"}."""
+    from vitcli.predict import passive_omp_threads
+
+    passive_omp_threads()
     import torch
 
     from vitcli.checkpoint import atomic_write, load_model
