@@ -554,9 +554,9 @@ def check_data(root: str | Path) -> DataReport:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         infos = list(pool.map(_probe, jobs, chunksize=16))
     n = len(ds.classes)
-    counts = {k: [0] * n for k in splits}
+    counts = {k: [0] * n for k in splits}  # readable images only
     for i in infos:
-        counts[i.split][i.label] += 1
+        counts[i.split][i.label] += i.error is None
     imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
     good = [i for i in infos if i.error is None]
     rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
