@@ -32,6 +32,8 @@ class DataConfig:
     scale_min: float = 0.08  # random-resized-crop: smallest crop area, as a fraction of the image
     ratio_max: float = 4 / 3  # random-resized-crop: largest aspect ratio (smallest is its inverse)
     hflip: float = 0.5  # probability of a horizontal flip while training
+    translate: float = 0.0  # random shift of the training crop, up to this fraction of the side per axis
+    rotate: float = 0.0  # random rotation of the training crop, up to +- this many degrees
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"; "" = off
     mixup: float = 0.0  # mixup alpha; 0 = off
     cutmix: float = 0.0  # cutmix alpha; 0 = off
@@ -85,6 +87,7 @@ class TrainConfig:
     save_every_steps: int = 0  # also write last.pt every N steps inside an epoch; 0 = end of epoch only
     recipe: str = "auto"  # auto | scratch-small | scratch | finetune | none: fills the keys you did not set
     freeze_epochs: int = 0  # train only the classifier head for the first N epochs, then everything
+    threads: int = 0  # CPU threads for tensor ops; 0 = torch's default (one per core); 1 suits tiny models
 
 
 @dataclass
@@ -315,6 +318,8 @@ def validate(cfg: Config) -> None:
     need(0.0 < d.scale_min <= 1.0, "data.scale_min", "in (0, 1]")
     need(d.ratio_max >= 1.0, "data.ratio_max", ">= 1")
     need(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]")
+    need(0.0 <= d.translate <= 0.5, "data.translate", "a fraction of the side in [0, 0.5]")
+    need(0.0 <= d.rotate <= 180.0, "data.rotate", "degrees in [0, 180]")
     need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup" if d.mixup < 0 else "data.cutmix", ">= 0")
     need(0.0 <= d.reprob <= 1.0, "data.reprob", "a probability in [0, 1]")
     need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]")
@@ -340,6 +345,7 @@ def validate(cfg: Config) -> None:
     need(t.accum_steps >= 1, "train.accum_steps", "at least 1")
     need(t.save_every_steps >= 0, "train.save_every_steps", ">= 0")
     need(t.freeze_epochs >= 0, "train.freeze_epochs", ">= 0 (0 = off)")
+    need(t.threads >= 0, "train.threads", ">= 0 (0 = torch's default)")
     need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", ".."),
          "train.name", "a plain folder name")
     dev = t.device

@@ -1,0 +1,135 @@
+"""Training recipes: chosen by situation, printed with the reason, and never overriding the user's keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY, make_dataset, run_cli
+from vitcli.config import load_config
+from vitcli.errors import VitcliError
+from vitcli.recipes import SMALL_DATA, apply_recipe, choose, ema_decay_for, patch_for, strength
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """On a few shared cores OpenMP threads spin-wait on each other: one thread is much faster here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_auto_recipe_follows_data_size_and_pretrained_weights(tmp_path):
+    cfg = load_config()
+    assert choose(cfg, 1_000)[0] == "scratch-small"
+    assert choose(cfg, SMALL_DATA)[0] == "scratch"
+    weights = tmp_path / "w.safetensors"
+    cfg = load_config(overrides=[f"model.pretrained_file={weights}", "model.name=timm/test_vit"])
+    name, why = choose(cfg, 1_000)
+    assert name == "finetune" and str(weights) in why
+    cfg = load_config(overrides=["train.recipe=scratch"])
+    assert choose(cfg, 10) == ("scratch", "'train.recipe' is scratch")
+
+
+def test_recipe_fills_only_the_keys_the_user_did_not_set(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mixup": 0.0, "img_size": 32}, "train": {"epochs": 200}}))
+    cfg = load_config(path, ["model.drop_path_rate=0.0"], {"model.name": None})
+    recipe = apply_recipe(cfg, n_train=500, quiet=True)
+    assert recipe.name == "scratch-small"
+    # the user's values stand, even where they equal a default or the recipe would set something else
+    assert cfg.data.mixup == 0.0 and cfg.model.drop_path_rate == 0.0 and cfg.train.epochs == 200
+    assert {"data.mixup", "model.drop_path_rate"} <= set(recipe.kept)
+    # the rest is the 200-epoch (heavy) from-scratch regime with small-data ViT choices
+    assert cfg.data.cutmix == 1.0 and cfg.data.reprob == 0.25 and cfg.data.randaugment.startswith("rand-m9")
+    assert cfg.model.global_pool == "avg" and cfg.model.pos_embed == "sincos"
+    assert cfg.model.name == "vit-tiny/4"  # default patch 16 on 32 px would leave a 2x2 token grid
+    assert cfg.train.ema_decay > 0 and cfg.optim.warmup_epochs == 10
+    assert cfg.train.recipe == "scratch-small"
+    assert set(recipe.applied) & set(recipe.kept) == set()
+
+
+def test_flags_count_as_user_settings():
+    cfg = load_config(flags={"model.name": "vit-tiny/16", "data.img_size": 32})
+    apply_recipe(cfg, n_train=100, quiet=True)
+    assert cfg.model.name == "vit-tiny/16"
+
+
+def test_recipe_none_changes_nothing():
+    cfg = load_config(overrides=["train.recipe=none"])
+    sections = {s: dict(vars(getattr(cfg, s))) for s in ("data", "model", "optim", "train")}
+    assert apply_recipe(cfg, n_train=100, quiet=True).applied == {}
+    assert {s: dict(vars(getattr(cfg, s))) for s in sections} == sections
+
+
+def test_finetune_recipe_lowers_lr_decays_layers_and_drops_mixup():
+    cfg = load_config(overrides=["model.pretrained_file=x.safetensors", "model.name=timm/test_vit",
+                                 "data.mixup=0.5"])
+    recipe = apply_recipe(cfg, n_train=5_000, quiet=True)
+    assert recipe.name == "finetune"
+    assert cfg.optim.lr < 1e-3 and cfg.optim.layer_decay == 0.75
+    assert cfg.data.cutmix == 0.0 and cfg.data.randaugment == ""
+    assert cfg.data.mixup == 0.5  # set by the user: kept
+
+
+def test_augmentation_strength_grows_with_run_length():
+    assert [strength(e) for e in (5, 30, 300)] == ["minimal", "light", "heavy"]
+    short = load_config(overrides=["train.epochs=5"])
+    apply_recipe(short, n_train=1_000, quiet=True)
+    assert short.data.mixup == 0 and short.data.reprob == 0 and short.train.ema_decay == 0
+    long = load_config(overrides=["train.epochs=300", "data.img_size=64"])
+    apply_recipe(long, n_train=50_000, quiet=True)
+    assert long.train.recipe == "scratch" and long.data.mixup == 0.8 and long.data.cutmix == 1.0
+    assert long.model.global_pool == "token"  # small-data choices only for small data
+
+
+def test_helpers_pick_sensible_values():
+    assert patch_for(224, 16) == 16 and patch_for(32, 16) == 4 and patch_for(16, 16) == 2 and patch_for(8, 16) == 1
+    assert 0.98 <= ema_decay_for(100) < ema_decay_for(10_000) < ema_decay_for(10**8) <= 0.9999
+
+
+def test_freeze_epochs_with_torchrun_is_an_error():
+    cfg = load_config(overrides=["train.freeze_epochs=1"])
+    with pytest.raises(VitcliError, match="train.freeze_epochs"):
+        apply_recipe(cfg, n_train=100, world=2, quiet=True)
+
+
+def test_train_prints_recipe_and_records_it(shapes, tmp_path):
+    res = run_cli("train", shapes, *TINY, "--epochs", "1", "--set", "data.mixup=0.0")
+    assert res.exit_code == 0, res.output
+    assert "recipe scratch-small: from scratch on 72 training images" in res.output
+    assert "keeps your" in res.output and "data.mixup" in res.output
+    saved = yaml.safe_load((tmp_path / "runs" / "train" / "config.yaml").read_text())
+    assert saved["train"]["recipe"] == "scratch-small"
+    assert saved["model"]["global_pool"] == "avg" and saved["model"]["name"] == "vit-tiny/8"
+
+
+def test_frozen_backbone_warmup_trains_only_the_head_then_everything(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitcli.checkpoint import load_checkpoint
+    from vitcli.models import build_model
+
+    data = make_dataset(tmp_path / "d", per_class=12)
+    cfg = load_config(flags={"model.name": "vit-tiny/8", "data.img_size": 32},  # the TINY model
+                      overrides=["model.embed_dim=32", "model.depth=2", "model.num_heads=2"])
+    pretrained, _ = build_model(cfg.model, 3, 32)
+    weights = tmp_path / "pre.safetensors"
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(weights))
+    start = pretrained.state_dict()
+
+    def run(name: str, epochs: int) -> dict:
+        res = run_cli("train", data, *TINY, "--epochs", str(epochs), "--name", name,
+                      "--set", f"model.pretrained_file={weights}", "--set", "train.freeze_epochs=1",
+                      "--set", "optim.lr=1e-2", "--set", "optim.warmup_epochs=0")
+        assert res.exit_code == 0, res.output
+        assert "recipe finetune" in res.output
+        return load_checkpoint(tmp_path / "runs" / name / "last.pt")["model"]
+
+    frozen = run("frozen", 1)
+    assert all(torch.equal(frozen[k], start[k]) for k in start if not k.startswith("head."))
+    assert not torch.equal(frozen["head.weight"], start["head.weight"])
+    thawed = run("thawed", 2)
+    assert not torch.equal(thawed["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
