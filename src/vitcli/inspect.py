@@ -159,8 +159,8 @@ def panel_figure(rows: int, cols: int, title: str):
     w, h = cols * PANEL_IN, rows * (PANEL_IN + TITLE_IN) + SUPTITLE_IN
     fig = plt.figure(figsize=(w, h), dpi=DPI)
     axes = fig.subplots(rows, cols, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - SUPTITLE_IN / h, wspace=0.04,
-                        hspace=TITLE_IN / PANEL_IN * 1.2)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (SUPTITLE_IN + TITLE_IN) / h, wspace=0.04,
+                        hspace=TITLE_IN / PANEL_IN)  # the band above each row holds its panel titles
     fig.suptitle(title, fontsize=9)
     for ax in axes.flat:
         ax.set_axis_off()
