@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_dataset, run_cli
-from vitcli.checkpoint import atomic_write, safe_torch_load
+from vitcli.checkpoint import atomic_write, safe_torch_load, save_checkpoint
 from vitcli.config import load_config
 from vitcli.engine import train
 
@@ -151,3 +152,34 @@ def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path):
         atomic_write(target, crash)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
+
+
+def _all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.dtype.is_floating_point)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_best_stays_finite(tmp_path, data):
+    res = run_cli("train", data, *TINY, "--batch-size", "4", "--epochs", "3", "--set", "optim.lr=1e30",
+                  "--set", "optim.warmup_epochs=0", "--set", "optim.clip_grad=0")
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    assert re.search(r"error: loss became (nan|inf|-inf) at epoch \d+, step \d+", res.output), res.output
+    best = tmp_path / "runs" / "train" / "best.pt"
+    assert not best.exists() or _all_finite(safe_torch_load(best)["model"])
+    assert ("best.pt holds the last good weights" in res.output) == best.exists()
+
+
+def test_loss_turning_nan_mid_run_leaves_the_last_good_best_pt(finished_run):
+    best = finished_run / "best.pt"
+    before = best.read_bytes()
+    last = safe_torch_load(finished_run / "last.pt")
+    for state in (last["model"], last["train_state"].get("model", {})):
+        for k, v in state.items():
+            if k.startswith("head") and v.dtype.is_floating_point:
+                v.fill_(float("nan"))  # as if the previous step had blown up
+    save_checkpoint(finished_run / "last.pt", last)
+    res = run_cli("train", "--resume", finished_run, "--epochs", "2")
+    assert res.exit_code == 1, res.output
+    assert "loss became nan at epoch 2, step 1" in res.output and "Traceback" not in res.output, res.output
+    assert "best.pt holds the last good weights" in res.output
+    assert best.read_bytes() == before and _all_finite(safe_torch_load(best)["model"])

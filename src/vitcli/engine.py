@@ -256,10 +256,13 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     from vitcli.device import (
         autocast,
         init_distributed,
+        pick_attention,
         pick_device,
         pick_precision,
+        refine_auto_precision,
         rng_state,
         seed_everything,
+        set_fused_attention,
         set_rng_state,
     )
     from vitcli.models import build_model
@@ -312,7 +315,6 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     info(f"[bold]data[/] {esc(str(data_dir))}: {n_cls} classes, {len(ds.train)} train / {len(ds.val)} val images"
          + (" (seeded split of the class folders)" if ds.split_made else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
-    info(f"[bold]device[/] {device}, precision {precision} ({why})" + (f", {world} processes" if world > 1 else ""))
 
     # ---- data
     pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
@@ -341,6 +343,12 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}), {n_params / 1e6:.2f} M parameters")
+    if t.precision == "auto":
+        precision, why = refine_auto_precision(precision, why, model, device, d.img_size, d.batch_size)
+    fused_attn, attn_why = pick_attention(device, precision)
+    set_fused_attention(model, fused_attn)
+    info(f"[bold]device[/] {device}, precision {precision} ({why})" + (f", {world} processes" if world > 1 else "")
+         + ("" if fused_attn else f"; attention: {attn_why}"))
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), fused=fused or None)
@@ -466,8 +474,10 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                                       f"{t.accum_steps * 2} to keep the effective batch)") from None
                 if not torch.isfinite(loss):
                     raise VitcliError(f"loss became {loss.item()} at epoch {epoch + 1}, step {bi + 1}; lower "
-                                      f"'optim.lr' (now {o.lr:g}) or use 'train.precision: fp32'. best.pt "
-                                      "holds the last good weights")
+                                      f"'optim.lr' (now {o.lr:g})"
+                                      + (" or use 'train.precision: fp32'" if precision != "fp32" else "")
+                                      + ("; best.pt holds the last good weights"
+                                         if (run_dir / "best.pt").is_file() else ""))
                 if world > 1 and (bi + 1) % t.accum_steps:  # accumulate locally, all-reduce on the last one
                     with fwd_model.no_sync():
                         scaler.scale(loss / t.accum_steps).backward()
