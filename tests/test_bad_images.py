@@ -273,3 +273,39 @@ def test_symlink_loops_do_not_hang_or_duplicate_images(tmp_path):
     with pytest.raises(BadImage, match="a.png"):
         load_rgb(root / "red" / "a.png")
     assert tree_digest(root) == before
+
+
+# ----------------------------------------------------------------------------------------------- other commands
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    """A tiny trained model for the red / green / blue classes of the messy dataset."""
+    out = tmp_path_factory.mktemp("model")
+    data = make_dataset(out / "clean", per_class=6)
+    res = run_cli("train", data, *TINY, "--epochs", "1", "--batch-size", "4", "--output", out / "runs")
+    assert res.exit_code == 0, res.output
+    return out / "runs" / "train"
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "inspect data"])
+def test_other_commands_skip_and_name_each_bad_file_and_leave_the_dataset_untouched(tmp_path, bomb_limit,
+                                                                                    model_run, command):
+    root, reasons, odd = _messy_dataset(tmp_path)
+    before = tree_digest(root)
+    if command == "predict":
+        res = run_cli("predict", root / "red", root / "green", "--model", model_run, "--device", "cpu")
+        assert res.exit_code == 2, res.output  # some inputs could not be predicted
+        for name in odd:  # the readable odd-mode images got a prediction row
+            assert f"green/{name}" in res.output, name
+    elif command == "eval":
+        res = run_cli("eval", root, "--model", model_run, "--device", "cpu", "--output", tmp_path / "ev")
+        assert res.exit_code == 0, res.output
+        assert f"({len(reasons)} unreadable skipped)" in res.output
+    else:
+        res = run_cli("inspect", "data", root)
+        assert res.exit_code == 0, res.output
+        assert f"unreadable files: {len(reasons)}" in res.output
+    for name, phrase in reasons.items():
+        lines = [ln for ln in res.output.splitlines() if f"/red/{name}:" in ln]
+        assert len(lines) == 1 and phrase in lines[0], (name, lines, res.output)
+    assert "Traceback" not in res.output
+    assert tree_digest(root) == before
