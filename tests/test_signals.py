@@ -162,14 +162,15 @@ def test_sigterm_and_sigint_save_exit_143_130_and_resume_to_the_same_weights(tmp
     stopped_at = saved_step(run)
     assert 2 <= stopped_at < TOTAL_STEPS
 
-    second = Run(tmp_path, "--resume", str(run))
+    # the resumed runs are forks of this process (torch already imported): seconds instead of tens of seconds
+    second = Run(tmp_path, "--resume", str(run), fork=True)
     wait_for_step(second, run, stopped_at + 2)
     second.proc.send_signal(signal.SIGINT)
     assert second.wait() == 130, second.output()
     assert "stopped at epoch" in second.output() and "Traceback" not in second.output()
     assert saved_step(run) > stopped_at
 
-    third = Run(tmp_path, "--resume", str(run))
+    third = Run(tmp_path, "--resume", str(run), fork=True)
     assert third.wait() == 0, third.output()
     assert_finished_like_reference(run, reference)
 
