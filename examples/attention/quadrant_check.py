@@ -3,7 +3,8 @@
     python examples/attention/quadrant_check.py data/quadrant/val --model runs/quadrant
 
 Prints validation accuracy and, over correctly classified images, the mean rollout mass in the top-left
-quadrant for a few discard ratios (uniform attention would give 25%).
+quadrant for a few discard ratios, and the same share of the last block's class-token attention (uniform
+attention would give 25%).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vitcli.attention import capture_attention, rollout_map
+from vitcli.attention import capture_attention, head_maps, rollout_map
 from vitcli.data import scan_classes
 from vitcli.inspect import decode_batch, load
 
@@ -25,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     ld = load(args.model)
     _, split = scan_classes(args.val, ld.classes)
-    correct, masses = 0, {d: [] for d in (0.0, 0.5, 0.9)}
+    correct, masses, last = 0, {d: [] for d in (0.0, 0.5, 0.9)}, []
     for start in range(0, len(split), 64):
         paths, labels = split.paths[start:start + 64], torch.tensor(split.labels[start:start + 64])
         _, _, x = decode_batch(paths, ld.pre)
@@ -36,9 +37,12 @@ def main() -> None:
         for d in masses:
             heat = rollout_map(cap, fusion="mean", discard_ratio=d)[ok]  # (B, gh, gw)
             masses[d] += heat[:, : gh // 2, : gw // 2].sum(dim=(1, 2)).tolist()
+        heat = head_maps(cap, -1)[ok].mean(dim=1)  # (B, gh, gw): last block, mean over heads
+        last += heat[:, : gh // 2, : gw // 2].sum(dim=(1, 2)).tolist()
     print(f"val accuracy {correct / len(split):.1%} ({correct}/{len(split)})")
     for d, m in masses.items():
         print(f"rollout (mean fusion, discard {d}): {sum(m) / len(m):.1%} of the mass in the deciding quadrant")
+    print(f"last block, class-token attention (mean over heads): {sum(last) / len(last):.1%} in that quadrant")
 
 
 if __name__ == "__main__":
