@@ -83,12 +83,12 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     if name == "none":
         return {}
     scratch_backend = not m.name.startswith("timm/")
-    images_per_step = d.batch_size * world * t.accum_steps
-    total_steps = max(1, n_train // images_per_step) * t.epochs
+    total_steps = max(1, n_train // (d.batch_size * world * t.accum_steps)) * t.epochs
     if name == "finetune":
         return {
-            # lower lr than from scratch (1e-3): 5e-4 per 512 images per step, kept within [5e-5, 5e-4]
-            "optim.lr": round(min(5e-4, max(5e-5, 5e-4 * images_per_step / 512)), 7),
+            # half the from-scratch default (MAE/BEiT's fine-tuning lr), and lower still in early blocks:
+            # layer decay scales block i of D by 0.75 ** (D + 1 - i)
+            "optim.lr": 5e-4,
             "optim.layer_decay": 0.75,  # blocks near the input keep more of what they learnt
             "optim.warmup_epochs": min(1.0, 0.1 * t.epochs),
             "optim.weight_decay": 0.05,
