@@ -133,3 +133,30 @@ def test_frozen_backbone_warmup_trains_only_the_head_then_everything(tmp_path):
     assert not torch.equal(frozen["head.weight"], start["head.weight"])
     thawed = run("thawed", 2)
     assert not torch.equal(thawed["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+
+
+def test_finetuning_related_pretrained_weights_beats_training_from_scratch(tmp_path):
+    """timm ViT pretrained (here) on 4 colour classes; then 3 colour classes from 5 images each, same steps."""
+    from safetensors.torch import save_file
+
+    from vitcli.checkpoint import load_checkpoint
+
+    common = ["--model", "timm/test_vit", "--img-size", "32", "--device", "cpu", "--set", "data.crop_pct=1.0",
+              "--set", "train.precision=fp32", "--set", "data.scale_min=0.5"]
+    pre = make_dataset(tmp_path / "pre", classes=("red", "green", "blue", "yellow"), per_class=30, seed=1)
+    res = run_cli("train", pre, *common, "--epochs", "6", "--batch-size", "16", "--name", "pre")
+    assert res.exit_code == 0, res.output
+    weights = tmp_path / "pre.safetensors"
+    save_file({k: v.contiguous() for k, v in load_checkpoint(tmp_path / "runs" / "pre" / "best.pt")["model"].items()},
+              str(weights))
+    new = tmp_path / "new"
+    make_dataset(new / "train", per_class=5, seed=2)
+    make_dataset(new / "val", per_class=20, seed=3)
+    acc = {}
+    for name, extra in (("finetune", ["--set", f"model.pretrained_file={weights}"]), ("scratch", [])):
+        res = run_cli("train", new, *common, *extra, "--epochs", "2", "--batch-size", "5", "--name", name)
+        assert res.exit_code == 0, res.output
+        assert f"recipe {'finetune' if extra else 'scratch-small'}" in res.output
+        acc[name] = float(res.output.split("last epoch")[1].split("val acc")[1].split(",")[0])
+    print(f"same 6 steps: fine-tuned {acc['finetune']:.3f}, from scratch {acc['scratch']:.3f}")
+    assert acc["finetune"] >= acc["scratch"] + 0.2, acc
