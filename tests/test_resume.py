@@ -183,3 +183,12 @@ def test_loss_turning_nan_mid_run_leaves_the_last_good_best_pt(finished_run):
     assert "loss became nan at epoch 2, step 1" in res.output and "Traceback" not in res.output, res.output
     assert "best.pt holds the last good weights" in res.output
     assert best.read_bytes() == before and _all_finite(safe_torch_load(best)["model"])
+
+
+def test_resume_repairs_metrics_csv_when_killed_between_last_pt_and_metrics(finished_run):
+    metrics = finished_run / "metrics.csv"
+    full = metrics.read_text()
+    metrics.write_text(full.splitlines()[0] + "\n")  # as if killed right after last.pt was replaced
+    res = run_cli("train", "--resume", finished_run)
+    assert res.exit_code == 0, res.output
+    assert metrics.read_text() == full

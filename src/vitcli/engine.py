@@ -415,6 +415,11 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
         history, partial = list(pr["history"]), dict(pr["partial"])
         set_rng_state(ts["rng"])
         aug_gen.set_state(ts["aug_rng"])
+        metrics_csv = run_dir / "metrics.csv"  # a kill between last.pt and metrics.csv: bring it in line
+        if main and history and (not metrics_csv.is_file()
+                                 or metrics_csv.read_text().count("\n") != len(history) + 1):
+            write_metrics(metrics_csv, history)
+            _curves(run_dir, history)
         info(f"[bold]resumed[/] {esc(str(run_dir))} at epoch {start_epoch + 1}, step {step}")
         if start_epoch >= t.epochs:
             info(f"the run already trained {start_epoch} epochs; pass --epochs N (> {start_epoch}) to extend it")
