@@ -192,3 +192,13 @@ def test_resume_repairs_metrics_csv_when_killed_between_last_pt_and_metrics(fini
     res = run_cli("train", "--resume", finished_run)
     assert res.exit_code == 0, res.output
     assert metrics.read_text() == full
+
+
+def test_run_killed_before_its_first_save_starts_again_from_its_config(tmp_path, one_epoch_run):
+    early = tmp_path / "runs" / "early"
+    early.mkdir(parents=True)
+    (early / "config.yaml").write_bytes((one_epoch_run / "config.yaml").read_bytes())  # all a kill left
+    res = run_cli("train", "--resume", early)
+    assert res.exit_code == 0, res.output
+    assert_same_weights(safe_torch_load(early / "last.pt")["model"],
+                        safe_torch_load(one_epoch_run / "last.pt")["model"])
