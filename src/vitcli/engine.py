@@ -545,7 +545,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                 save_checkpoint(run_dir / "last.pt", checkpoint(eval_model, epoch + 1, metrics,
                                                                 progress_state(epoch + 1, 0)))
                 write_metrics(run_dir / "metrics.csv", history)
-                _curves(run_dir, history)
+                _curves(run_dir, history, force=epoch + 1 == t.epochs)
             info(
                 f"epoch {epoch + 1:>3}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                 f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
@@ -555,6 +555,8 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                 info(f"early stop: val accuracy did not improve for {t.patience} epochs (best {best_acc:.4f} "
                      f"at epoch {best_epoch})")
                 break
+    if main and history and t.patience and since_best >= t.patience:
+        _curves(run_dir, history)  # early stop: the skipped drawings, now
     result = TrainResult(run_dir, best_acc, best_epoch, len(history), history, time.time() - t_start)
     if world > 1:
         _check_replicas(eval_model, world)
@@ -625,14 +627,24 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _curves(run_dir: Path, history: list[dict]) -> None:
-    """curves.png: loss and accuracy per epoch, train and val."""
+_CURVES_DRAWN: dict[str, tuple[float, float]] = {}  # run folder -> (end of the last drawing, its seconds)
+
+
+def _curves(run_dir: Path, history: list[dict], force: bool = True) -> None:
+    """curves.png: loss and accuracy per epoch, train and val. Unless forced, an epoch's redraw is skipped
+    while the last one is more recent than 10x its cost (drawing takes ~0.3-0.8 s), so with epochs of a few
+    seconds the figure costs at most a tenth of the run; the last epoch is always drawn."""
     from vitcli.report import plot_curves
 
+    last, cost = _CURVES_DRAWN.get(str(run_dir), (0.0, 0.0))
+    if not force and time.time() - last < 10 * cost:
+        return
+    t0 = time.time()
     try:
         plot_curves(history, run_dir / "curves.png")
     except ImportError:
         pass
+    _CURVES_DRAWN[str(run_dir)] = (time.time(), time.time() - t0)
 
 
 def _summary(res: TrainResult, classes: list[str], bad: list[str]) -> None:
