@@ -62,6 +62,64 @@ def pick_precision(name: str, device) -> tuple[str, str]:
     return "fp32", f"no fast half precision on {device.type}"
 
 
+# Below this many multiply-adds per step in the linear layers, bf16 autocast on a CPU costs more in casts than
+# it saves (measured on AVX-512 BF16: 0.7-0.96x at 7-107 M, 1.2-1.9x from 200 M up, e.g. the 32 px ViT-Ti).
+CPU_BF16_MIN_MACS = 150e6
+
+
+def linear_macs_per_image(model, img_size: int) -> float:
+    """Multiply-adds of every nn.Linear in one forward pass of one image (hooks on a batch-1 eval forward)."""
+    import torch
+
+    total = [0.0]
+
+    def hook(mod, inputs, output):
+        total[0] += inputs[0].numel() / mod.in_features * mod.in_features * mod.out_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    was_training = model.training
+    p = next(model.parameters())
+    try:
+        model.eval()  # no dropout: the global RNG streams stay untouched
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total[0]
+
+
+def refine_auto_precision(precision: str, why: str, model, device, img_size: int, batch_size: int
+                          ) -> tuple[str, str]:
+    """`train.precision: auto` on a CPU: keep bf16 only when the model does enough matrix work per step."""
+    if precision != "bf16" or device.type != "cpu":
+        return precision, why
+    macs = linear_macs_per_image(model, img_size) * batch_size
+    if macs < CPU_BF16_MIN_MACS:
+        return "fp32", (f"auto: {macs / 1e6:.0f} M multiply-adds per step is too little work for bf16 to pay off "
+                        f"on a CPU (needs >= {CPU_BF16_MIN_MACS / 1e6:.0f} M)")
+    return precision, why
+
+
+def pick_attention(device, precision: str) -> tuple[bool, str]:
+    """(fused, why): fused SDPA, except for bf16 on a CPU, where PyTorch's flash-attention backward is slower
+    than the explicit softmax path (1.3x per step for ViT-Ti/16 at 224 px, 1.6x for a 32 px ViT-Ti/4)."""
+    if device.type == "cpu" and precision == "bf16":
+        return False, "explicit softmax (faster than the CPU flash-attention backward in bf16)"
+    return True, "fused scaled_dot_product_attention"
+
+
+def set_fused_attention(model, fused: bool) -> int:
+    """Set `fused_attn` on every attention module (vitcli's and timm's ViTs have it); returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = fused
+            n += 1
+    return n
+
+
 def autocast(device, precision: str):
     """The autocast context for the chosen precision (a no-op for fp32)."""
     import contextlib
