@@ -19,7 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
 )
 
 
@@ -48,7 +48,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override one config key, e.g. --set optim.lr=5e-4 (repeatable).")]
 
 
-@app.command()
+@app.command(short_help="Train a ViT on a folder of images.")
 def train(
     data: Annotated[Path | None, typer.Argument(
         help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
@@ -96,7 +96,7 @@ def train(
         run_train(cfg, data)
 
 
-@app.command("config")
+@app.command("config", short_help="Print the full config as YAML.")
 def config_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -116,7 +116,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16.")]
 
 
-@app.command()
+@app.command(short_help="Classify images, folders and globs.")
 def predict(
     inputs: Annotated[list[str] | None, typer.Argument(
         help="Image files, folders (searched recursively) and glob patterns, in any mix.", show_default=False)
@@ -141,7 +141,7 @@ def predict(
     raise typer.Exit(code)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
     data: Annotated[Path, typer.Argument(
         help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
@@ -160,7 +160,7 @@ def eval_cmd(
         evaluate(data, model, batch_size, device, precision, output, json_path)
 
 
-@app.command()
+@app.command(short_help="Export to ONNX or TorchScript.")
 def export(
     model: ModelOpt = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
@@ -178,7 +178,7 @@ def export(
 
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
                           no_args_is_help=True)
-app.add_typer(inspect_app, name="inspect")
+app.add_typer(inspect_app, name="inspect", short_help="Look inside a ViT: attention, embeddings, data.")
 InspectOutOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Folder for the PNGs (default: inspect/ in the model's run folder).")]
 ImgSizeOpt = Annotated[int | None, typer.Option(
@@ -192,7 +192,7 @@ def _print_paths(paths) -> None:
         out.print(f"wrote {esc(str(p))}")
 
 
-@inspect_app.command("attention")
+@inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
     images: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
@@ -221,7 +221,7 @@ def inspect_attention_cmd(
                                        device=device))
 
 
-@inspect_app.command("model")
+@inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")
 def inspect_model_cmd(
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Checkpoint, run folder, or a model name (vit-small/16, timm/<name> or a timm "
@@ -238,7 +238,7 @@ def inspect_model_cmd(
         inspect_model(model=model, config=config, img_size=img_size, num_classes=num_classes)
 
 
-@inspect_app.command("posembed")
+@inspect_app.command("posembed", short_help="Position-embedding similarity.")
 def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -> None:
     """Cosine similarity of each patch's position embedding with every other (ViT paper, figure 7 centre)."""
     with guard():
@@ -247,7 +247,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
         _print_paths(inspect_posembed(model=model, output=output))
 
 
-@inspect_app.command("distance")
+@inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
     data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
@@ -264,7 +264,7 @@ def inspect_distance_cmd(
                                       img_size=img_size, device=device))
 
 
-@inspect_app.command("filters")
+@inspect_app.command("filters", short_help="Patch-embedding filters (PCA).")
 def inspect_filters_cmd(
     model: ModelOpt = None,
     output: InspectOutOpt = None,
@@ -277,7 +277,7 @@ def inspect_filters_cmd(
         _print_paths(inspect_filters(model=model, output=output, components=components))
 
 
-@inspect_app.command("data")
+@inspect_app.command("data", short_help="Check a dataset before training.")
 def inspect_data_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
 ) -> None:
