@@ -45,6 +45,25 @@ def shapes(tmp_path) -> Path:
     return make_dataset(tmp_path / "shapes")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models: one thread is as fast, and on a few shared cores OpenMP threads spin-wait on each other
+    (~10x slower). Child processes inherit OMP_NUM_THREADS."""
+    import os
+
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
 @pytest.fixture(autouse=True)
 def _outputs_in_tmp(tmp_path, monkeypatch):
     """Run every test from tmp_path so default output folders (runs/) land there."""

@@ -20,15 +20,6 @@ from vitcli.data import BadImage, decode_square, load_rgb, scan_dataset
 BOMB_LIMIT = 40 * 40  # Image.MAX_IMAGE_PIXELS in these tests: the 32 px images pass, the bombs do not
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a few shared cores OpenMP threads spin-wait on each other: one thread is ~10x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tree_digest(root: Path) -> dict[str, str]:
     """Every entry under root (hidden ones and symlinks included): content hash, link target or 'dir'."""
     out = {}

@@ -5,20 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import TINY, run_cli
 from vitcli.config import load_config
 from vitcli.lr_finder import find_lr, suggest_lr
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_suggestion_is_the_steepest_fall_before_the_minimum():

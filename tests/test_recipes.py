@@ -12,15 +12,6 @@ from vitcli.errors import VitcliError
 from vitcli.recipes import SMALL_DATA, apply_recipe, choose, ema_decay_for, patch_for, strength
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a few shared cores OpenMP threads spin-wait on each other: one thread is much faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_auto_recipe_follows_data_size_and_pretrained_weights(tmp_path):
     cfg = load_config()
     assert choose(cfg, 1_000)[0] == "scratch-small"

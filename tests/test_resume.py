@@ -20,15 +20,6 @@ RANDOM_SETS = ["model.drop_rate=0.1", "model.drop_path_rate=0.1", "train.ema_dec
                "data.cutmix=0.2", "data.randaugment=rand-m5-n1", "data.reprob=0.25"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a few shared cores OpenMP threads spin-wait on each other: one thread is ~10x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cfg(tmp_path, name: str, epochs: int = 3, extra: list[str] = ()):
     sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + RANDOM_SETS + list(extra)
     flags = {"model.name": "vit-tiny/8", "data.img_size": 32, "train.device": "cpu", "data.batch_size": 4,

@@ -17,15 +17,6 @@ from vitcli.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 SRC = Path(__file__).resolve().parents[1] / "src" / "vitcli"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On a few shared cores OpenMP threads spin-wait on each other: one thread is ~10x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Trap:
     """Unpickling this runs `exec`, which would create the marker file."""
 

@@ -17,14 +17,6 @@ from vitcli.engine import class_counts
 QUIET = ["--set", "train.recipe=none"]  # these tests pin engine features, not recipe choices
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def metrics(run_dir) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
