@@ -10,7 +10,7 @@ import os
 from rich.console import Console
 from rich.markup import escape as esc  # noqa: F401  (re-exported)
 
-console = Console(stderr=True, highlight=False)  # progress, warnings, summaries
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warnings, summaries
 out = Console(highlight=False, soft_wrap=True)  # results meant for pipes
 
 

@@ -413,10 +413,10 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
             raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
                               "one of those)")
     paths, missing = collect_inputs(inputs)
-    for m in missing:
-        console.print(f"[red]error[/]: {esc(m.error or '')}", soft_wrap=True)
     if not paths:
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
+    for m in missing:
+        console.print(f"[red]error[/]: {esc(m.error or '')}", soft_wrap=True)
     pred = load_predictor(model, device, precision)
     k = max(1, min(top_k, len(pred.classes)))
 
