@@ -232,7 +232,7 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
     run_dir = p.parent if p.is_file() else p
     if not run_dir.is_dir():
         raise VitcliError(f"--resume '{p}': no such run folder")
-    for tmp in run_dir.glob(".*.pt.*.tmp"):  # left by a kill -9 during an atomic save; never the real file
+    for tmp in run_dir.glob(".*.tmp"):  # left by a kill -9 during an atomic write (checkpoint, csv, png)
         tmp.unlink(missing_ok=True)
     last = p if p.is_file() else p / "last.pt"
     if last.is_file():
