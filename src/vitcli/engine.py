@@ -499,7 +499,8 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                     if ema is not None:
                         ema.update(unwrap(model))
                 partial["loss"] += float(loss.detach()) * len(y)
-                partial["correct"] += float((logits.detach().argmax(1) == y).sum())
+                hard = target.argmax(1) if target.ndim == 2 else y  # mixup/cutmix: the dominant label
+                partial["correct"] += float((logits.detach().argmax(1) == hard).sum())
                 partial["count"] += len(y)
                 elapsed = time.time() - t0
                 bar.update(batch_task, advance=1, stats=(
