@@ -63,8 +63,9 @@ def pick_precision(name: str, device) -> tuple[str, str]:
 
 
 # Below this many multiply-adds per step in the linear layers, bf16 autocast on a CPU costs more in casts than
-# it saves (measured on AVX-512 BF16: 0.7-0.96x at 7-107 M, 1.2-1.9x from 200 M up, e.g. the 32 px ViT-Ti).
-CPU_BF16_MIN_MACS = 150e6
+# it saves. Measured on 2 AVX-512 BF16 cores, bf16 / fp32 step speed: 0.84x at 7 M, 0.74-0.93x at 27 M,
+# 1.05-1.09x at 53 M, 1.22-1.59x at 100-110 M, 1.2-1.9x from 200 M up (e.g. 1.9x for a 32 px ViT-Ti/4).
+CPU_BF16_MIN_MACS = 100e6
 
 
 def linear_macs_per_image(model, img_size: int) -> float:
