@@ -186,8 +186,9 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
             if keep_logits:
                 all_logits.append(logits.cpu())
                 all_labels.append(y.cpu())
-    cat = (lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape))
-    return EvalOutput(cat(all_logits, (0, 0)), cat(all_labels, (0,)).long(), loss_sum, correct, count)
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
+    return EvalOutput(logits, labels.long(), loss_sum, correct, count)
 
 
 def all_reduce_sums(values: list[float], device) -> list[float]:
@@ -503,9 +504,10 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
                 partial["correct"] += float((logits.detach().argmax(1) == hard).sum())
                 partial["count"] += len(y)
                 elapsed = time.time() - t0
+                n_seen = partial["count"]
                 bar.update(batch_task, advance=1, stats=(
-                    f"loss {partial['loss'] / partial['count']:.4f} acc {partial['correct'] / partial['count']:.3f}"
-                    f" lr {optimizer.param_groups[0]['lr']:.2e} {partial['count'] * world / max(elapsed, 1e-9):.0f} img/s"))
+                    f"loss {partial['loss'] / n_seen:.4f} acc {partial['correct'] / n_seen:.3f}"
+                    f" lr {optimizer.param_groups[0]['lr']:.2e} {n_seen * world / max(elapsed, 1e-9):.0f} img/s"))
                 stopping = _any_rank(stop.code, device, world) if world > 1 else stop.code
                 if stop_after_steps is not None and step >= stop_after_steps:
                     stopping = stopping or -1
