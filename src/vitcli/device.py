@@ -215,4 +215,9 @@ def init_distributed(device) -> DistInfo:
 
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        import atexit
+
+        # leave the group before interpreter teardown: exiting with live gloo threads aborts the process
+        # ("terminate called without an active exception", SIGABRT) and torchrun reports the run as failed
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return info
