@@ -78,6 +78,16 @@ TINY = ["--model", "vit-tiny/8", "--img-size", "32", "--device", "cpu", "--batch
         "--set", "data.scale_min=0.5"]
 
 
+def tiny_config(output, name: str, *, epochs: int, batch_size: int, extra_sets=()):
+    """The TINY model as a Config (plus `extra_sets` overrides), for calling engine.train in-process."""
+    from vitcli.config import load_config
+
+    sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + list(extra_sets)
+    flags = {"model.name": "vit-tiny/8", "data.img_size": 32, "train.device": "cpu", "data.batch_size": batch_size,
+             "train.epochs": epochs, "train.output": str(output), "train.name": name}
+    return load_config(None, sets, flags)
+
+
 def run_cli(*args: str):
     """Invoke the Typer app in-process; returns the click Result."""
     from typer.testing import CliRunner

@@ -47,16 +47,11 @@ def fitted_checkpoint(tmp_path_factory, backend: str = "scratch") -> Path:
     cfg = ModelConfig(name=name, embed_dim=32, depth=2, num_heads=2)
     model, spec = build_model(cfg, len(classes), 32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3 if backend == "scratch" else 1e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster and immune to a busy shared machine
-    try:
-        for _ in range(40):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(40):  # one torch thread: the session fixture in conftest
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     ckpt = {"format": FORMAT, "vitcli_version": __version__, "model_spec": spec, "classes": classes,
             "preprocess": pre, "config": {}, "epoch": 1, "step": 40, "metrics": {"val_acc": 1.0},
             "model": {k: v.detach().clone() for k, v in model.eval().state_dict().items()}}

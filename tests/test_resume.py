@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import TINY, make_dataset, run_cli, tiny_config
 from vitcli.checkpoint import atomic_write, safe_torch_load, save_checkpoint
-from vitcli.config import load_config
 from vitcli.engine import train
 
 # everything random at once: dropout, stochastic depth, EMA, mixup / cutmix, RandAugment, random erasing
@@ -21,10 +20,7 @@ RANDOM_SETS = ["model.drop_rate=0.1", "model.drop_path_rate=0.1", "train.ema_dec
 
 
 def tiny_cfg(tmp_path, name: str, epochs: int = 3, extra: list[str] = ()):
-    sets = [TINY[i + 1] for i, a in enumerate(TINY) if a == "--set"] + RANDOM_SETS + list(extra)
-    flags = {"model.name": "vit-tiny/8", "data.img_size": 32, "train.device": "cpu", "data.batch_size": 4,
-             "train.epochs": epochs, "train.output": str(tmp_path / "runs"), "train.name": name}
-    return load_config(None, sets, flags)
+    return tiny_config(tmp_path / "runs", name, epochs=epochs, batch_size=4, extra_sets=RANDOM_SETS + list(extra))
 
 
 @pytest.fixture(scope="module")

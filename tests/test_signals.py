@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_dataset
+from conftest import TINY, make_dataset, tiny_config
 from vitcli.checkpoint import safe_torch_load
-from vitcli.config import load_config
 from vitcli.engine import train
 
 EPOCHS = 3
 # 18 train / 6 val images, 2 per step: 9 steps per epoch, 27 in all; last.pt after every step
-ARGS = [*TINY, "--batch-size", "2", "--epochs", str(EPOCHS), "--set", "train.save_every_steps=1",
-        "--set", "model.drop_rate=0.1", "--set", "data.mixup=0.2"]
+EXTRA_SETS = ["train.save_every_steps=1", "model.drop_rate=0.1", "data.mixup=0.2"]
+ARGS = [*TINY, "--batch-size", "2", "--epochs", str(EPOCHS), *(a for s in EXTRA_SETS for a in ("--set", s))]
 TOTAL_STEPS = 9 * EPOCHS
 
 
@@ -35,15 +34,7 @@ def data(tmp_path_factory):
 def reference(data, tmp_path_factory):
     """The same run, uninterrupted, in this process (one thread, like the subprocesses)."""
     out = tmp_path_factory.mktemp("ref")
-    sets = [ARGS[i + 1] for i, a in enumerate(ARGS) if a == "--set"]
-    flags = {"model.name": "vit-tiny/8", "data.img_size": 32, "train.device": "cpu", "data.batch_size": 2,
-             "train.epochs": EPOCHS, "train.output": str(out), "train.name": "ref"}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run = train(load_config(None, sets, flags), data).run_dir
-    finally:
-        torch.set_num_threads(threads)
+    run = train(tiny_config(out, "ref", epochs=EPOCHS, batch_size=2, extra_sets=EXTRA_SETS), data).run_dir
     return safe_torch_load(run / "last.pt")["model"]
 
 

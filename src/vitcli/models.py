@@ -132,8 +132,7 @@ def read_state_dict(path: str | Path) -> dict:
 
 def head_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the classifier, whose shape depends on the number of classes."""
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head") if hasattr(
-        model, "pretrained_cfg") else "head"
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     return [k for k in model.state_dict() if any(k == f"{n}.weight" or k == f"{n}.bias" for n in names)]
 
