@@ -54,6 +54,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim
     global_pool: str = "token"  # classifier input: token (class token) | avg (mean of patch tokens)
     pos_embed: str = "learn"  # position embedding: learn | sincos (fixed 2-D sine-cosine)
+    stem: str = "patch"  # scratch ViT tokeniser: patch (one strided conv) | conv (3x3 conv stack, stride = patch)
     drop_rate: float = 0.0  # dropout after the MLP and projection layers, probability
     drop_path_rate: float = 0.0  # stochastic depth rate of the last block (linear from 0), probability
 
@@ -104,6 +105,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.class_weights": ("none", "auto"),
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
+    "model.stem": ("patch", "conv"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
 }

@@ -267,6 +267,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
         set_rng_state,
     )
     from vitcli.models import build_model
+    from vitcli.defaults import DataFacts
     from vitcli.recipes import apply_recipe, freeze_backbone
 
     t_start = time.time()
@@ -292,18 +293,19 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     rank, world, main = dist_i.rank, dist_i.world_size, dist_i.is_main
     precision, why = pick_precision(t.precision, device)
     seed_everything(t.seed + rank)
-    if t.threads:
-        torch.set_num_threads(t.threads)
 
     ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
     if len(ds.val) == 0:
         raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
     n_cls = len(ds.classes)
     if resume is None:
-        apply_recipe(cfg, n_train=len(ds.train), world=world, quiet=not main)  # fills keys the user did not set
+        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), device.type, str(data_dir))
+        apply_recipe(cfg, n_train=len(ds.train), world=world, quiet=not main, facts=facts)  # keys the user did not set
         run_dir = new_run_dir(t.output, t.name) if main else Path(t.output) / t.name
         if world > 1:
             run_dir = Path(_broadcast_str(str(run_dir), device))
+    if t.threads:
+        torch.set_num_threads(t.threads)
     if main:
         from vitcli.checkpoint import atomic_write  # a kill mid-write must not leave a half config to resume
 
