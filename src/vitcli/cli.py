@@ -229,7 +229,7 @@ def report(
     """Evaluate the run's best.pt on its validation images and write figures and a self-contained report.html
     into the run folder (training does this at the end unless train.report is false)."""
     with guard():
-        from vitcli.html_report import run_report
+        from vitcli.runs import run_report
 
         _print_paths([run_report(run, device, precision)["report"]])
 

@@ -118,10 +118,9 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
 
 
 def write_page(path: Path, title: str, sections: list[tuple[str, str, str]]) -> Path:
-    from vitcli.checkpoint import atomic_write
+    from vitcli.files import atomic_write_text
 
-    text = render(title, sections)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, render(title, sections))
     return path
 
 
@@ -139,7 +138,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     """report.html beside `vitcli eval`'s figures; curves come from the model's run folder when it has them."""
     from vitcli.config import config_from_dict, to_yaml
     from vitcli.console import command_line
-    from vitcli.loggers import read_metrics
+    from vitcli.rundir import read_metrics
 
     figures = dict(r.get("figures", {}))
     curves = Path(model_path).parent / "curves.png"
@@ -155,45 +154,3 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
                             data_header=["class", "images"], history=history,
                             extra_metrics=[["model", str(model_path)], ["data", r["data"]]])
     return write_page(out_dir / "report.html", f"vitcli eval: {Path(r['data']).name}", sections)
-
-
-def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
-    """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
-    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
-    from vitcli.checkpoint import load_model
-    from vitcli.device import pick_device, pick_precision
-    from vitcli.evaluate import evaluate_split, write_figures
-    from vitcli.loggers import read_metrics, read_run_info
-    from vitcli.runs import val_split
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise VitcliError(f"run folder '{run_dir}' does not exist")
-    net, ckpt, path = load_model(run_dir)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    data_dir, split = val_split(run_dir, ckpt)
-    dev = pick_device(device)
-    prec, _ = pick_precision(precision, dev)
-    net.to(dev)
-    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
-    r["data"] = str(data_dir)
-    figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
-    if (run_dir / "curves.png").is_file():
-        figures["curves"] = run_dir / "curves.png"
-    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
-        figures["attention"] = run_dir / "attention.png"
-    info, history = read_run_info(run_dir), read_metrics(run_dir / "metrics.csv")
-    train_counts = info.get("train_counts") or [""] * len(classes)
-    rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
-    extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
-    if history:
-        best = max(history, key=lambda h: h["val_acc"])
-        extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
-    if info.get("wall_s"):
-        extra.append(["wall time", f"{info['wall_s']:.1f} s"])
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
-                            data_rows=rows, data_header=["class", "train images", "val images"],
-                            history=history, extra_metrics=extra)
-    figures["report"] = write_page(run_dir / "report.html", f"vitcli run: {run_dir.name}", sections)
-    return figures

@@ -1,14 +1,14 @@
-"""Where a training run's numbers go: metrics.csv and run.json always, TensorBoard and MLflow on request.
+"""Where a training run's numbers go besides metrics.csv: run.json always, TensorBoard and MLflow on request
+(`train.log`), and report.html at the end (`train.report`).
 
-The engine calls one `Loggers` object at the phase boundaries: `start` when the run folder exists, `step` after
-each optimiser step (forwarded every `train.log_every_steps`), `epoch` after validation, `end` with the final
-figures. Only rank 0 logs under torchrun. TensorBoard and MLflow are the optional extra `vitcli[track]`.
+`Tracking` is one engine callback (on_start / on_log / on_epoch / on_end / on_stop, called on rank 0 only) that
+fans out to small `Logger` sinks with the interface on_start(cfg, run_dir, meta), on_step(step, loss, lr),
+on_epoch(row), on_end(run_dir, figures, status). TensorBoard and MLflow are the optional extra `vitcli[track]`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import importlib.util
 import json
 import os
 import socket
@@ -18,13 +18,22 @@ from typing import Any
 
 from vitcli.errors import VitcliError
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # train.log entry -> the package it needs
+METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 TB_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",
            "lr": "lr/epoch", "seconds": "time/epoch_seconds", "images_per_s": "time/images_per_s"}
 
 
+def check_installed(log: list[str]) -> None:
+    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing)."""
+    for name in log:
+        package = TRACKERS.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise VitcliError(f"train.log: {name} needs the '{package}' package: pip install 'vitcli[track]'")
+
+
 class Logger:
-    """One sink. Every hook is optional; `meta` holds the command, data folder and class counts."""
+    """One sink; every hook is optional. `meta` holds the command, data folder and class counts."""
 
     def on_start(self, cfg, run_dir: Path, meta: dict[str, Any]) -> None: ...
 
@@ -35,50 +44,18 @@ class Logger:
     def on_end(self, run_dir: Path, figures: dict[str, Path], status: str) -> None: ...
 
 
-def write_metrics(path: Path, history: list[dict]) -> None:
-    """metrics.csv, one row per epoch, written atomically."""
-    from vitcli.checkpoint import atomic_write
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.csv back as numbers ([] when missing)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-class CsvLogger(Logger):
-    """metrics.csv in the run folder (the rows of a resumed run's earlier epochs are kept)."""
-
-    def __init__(self, history: list[dict]):
-        self.rows = list(history)
-
-    def on_start(self, cfg, run_dir, meta):
-        self.path = run_dir / "metrics.csv"
-
-    def on_epoch(self, row):
-        self.rows.append(dict(row))
-        write_metrics(self.path, self.rows)
-
-
 class RunInfoLogger(Logger):
-    """run.json: command, data summary, status (running / finished / interrupted), pid and host while running,
-    start time and wall time summed over resumed sessions; `vitcli runs` reads it."""
+    """run.json: command, data summary, status (running / finished / interrupted) with pid and host, start
+    time and wall time summed over resumed sessions. `vitcli runs` reads it."""
 
     def on_start(self, cfg, run_dir, meta):
+        from vitcli.rundir import read_json
+
         self.path, self.t0 = run_dir / "run.json", time.time()
-        self.info = read_run_info(run_dir)
+        self.info = read_json(self.path)
         self.before = float(self.info.get("wall_s", 0.0))  # earlier sessions of a resumed run
         self.info |= meta | {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                             "started": self.info.get("started", time.time()), "model": cfg.model.name,
+                             "started": self.info.get("started", self.t0), "model": cfg.model.name,
                              "epochs": cfg.train.epochs}
         self._write()
 
@@ -91,42 +68,22 @@ class RunInfoLogger(Logger):
         self._write()
 
     def _write(self) -> None:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import atomic_write_text
 
-        text = json.dumps(self.info, indent=1)
-        atomic_write(self.path, lambda f: f.write(text.encode()))
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-        return info if isinstance(info, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _need(module: str, sink: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise VitcliError(f"train.log: {sink} needs the '{module.split('.')[0]}' package: "
-                          "pip install 'vitcli[track]'") from None
+        atomic_write_text(self.path, json.dumps(self.info, indent=1))
 
 
 class TensorBoardLogger(Logger):
-    """Event files in the run folder (so `tensorboard --logdir runs` shows each run by name): scalars per
-    epoch, loss and lr per step, config as text, and the final figures as images."""
+    """Event files in the run folder (so `tensorboard --logdir runs` lists runs by name): scalars per epoch,
+    loss and lr every `train.log_every_steps`, the config as text, and the final figures as images."""
 
     def on_start(self, cfg, run_dir, meta):
-        _need("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         from vitcli.config import to_yaml
 
         self.w = SummaryWriter(log_dir=str(run_dir))
-        self.w.add_text("config", "    " + to_yaml(cfg).replace("\n", "\n    "), 0)
+        self.w.add_text("config", "    " + to_yaml(cfg).replace("\n", "\n    "), 0)  # markdown code block
 
     def on_step(self, step, loss, lr):
         self.w.add_scalar("step/loss", loss, step)
@@ -142,41 +99,45 @@ class TensorBoardLogger(Logger):
         from PIL import Image
 
         for name, path in figures.items():
-            with Image.open(path) as im:
-                self.w.add_image(f"figures/{name}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
+            if Path(path).suffix == ".png":
+                with Image.open(path) as im:
+                    self.w.add_image(f"figures/{name}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
         self.w.close()
 
 
 class MlflowLogger(Logger):
-    """An MLflow run at MLFLOW_TRACKING_URI, else the file store ./mlruns: params = the resolved config,
-    metrics per epoch (and per step), artefacts = the run folder at the end. A resumed run continues the
-    same MLflow run (its id is kept in the run folder's mlflow.json)."""
+    """An MLflow run at MLFLOW_TRACKING_URI, else in the file store ./mlruns: params = the resolved config,
+    metrics per epoch (and per step), artefacts = the run folder at the end. A resumed run continues its MLflow
+    run (the id is kept in the run folder's mlflow.json)."""
 
     def on_start(self, cfg, run_dir, meta):
-        _need("mlflow", "mlflow")
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
         from vitcli.config import to_dict
+        from vitcli.rundir import read_json
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         if not uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks to opt in to ./mlruns
             uri = Path("mlruns").resolve().as_uri()
-        self.client, self.id_file = MlflowClient(tracking_uri=uri), run_dir / "mlflow.json"
-        known = read_json(self.id_file)
-        if known.get("tracking_uri") == uri:
-            self.run_id = known["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "vitcli")
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
-        self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+        try:
+            self.client, id_file = MlflowClient(tracking_uri=uri), run_dir / "mlflow.json"
+            known = read_json(id_file)
+            if known.get("tracking_uri") == uri:
+                self.run_id = known["run_id"]
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "vitcli")
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+            self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+        except Exception as e:  # a bad URI, a server that does not answer
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise VitcliError(f"mlflow at '{uri}': {first}") from None
         params = [Param(f"{s}.{k}", str(v)) for s, sec in to_dict(cfg).items() for k, v in sec.items()]
-        params.append(Param("data", str(meta.get("data_dir", ""))))
-        self.client.log_batch(self.run_id, params=params)
-        self.id_file.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id}))
+        self.client.log_batch(self.run_id, params=[*params, Param("data", str(meta["data_dir"]))])
+        id_file.write_text(json.dumps({"tracking_uri": uri, "run_id": self.run_id}))
 
     def _log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -188,56 +149,67 @@ class MlflowLogger(Logger):
         self._log({"step_loss": loss, "step_lr": lr}, step)
 
     def on_epoch(self, row):
-        self._log({k: row[k] for k in METRIC_FIELDS if k != "epoch"}, int(row["epoch"]))
+        self._log({k: row[k] for k in METRICS}, int(row["epoch"]))
 
     def on_end(self, run_dir, figures, status):
         self.client.log_artifacts(self.run_id, str(run_dir))
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "KILLED")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 SINKS = {"tensorboard": TensorBoardLogger, "mlflow": MlflowLogger}
 
 
-class Loggers:
-    """All sinks of one run, called by the engine; every hook fans out in order."""
+class Tracking:
+    """The engine callback (rank 0 only): run.json, the trackers `train.log` names, and at the end report.html
+    (`train.report`) whose figures the trackers also receive."""
 
-    def __init__(self, items: list[Logger], every: int):
-        self.items, self.every = items, every
+    def __init__(self):
+        self.sinks: list[Logger] = []
+        self.window = (0.0, 0.0, 0)  # (loss sum, images, step) at the last step log
 
-    def start(self, cfg, run_dir: Path, meta: dict[str, Any]) -> None:
-        for lg in self.items:
-            lg.on_start(cfg, run_dir, meta)
+    def on_start(self, run, data) -> None:
+        from vitcli.console import command_line
+        from vitcli.data import class_counts
 
-    def step(self, step: int, loss: float, lr: float) -> None:
-        if self.every and step % self.every == 0:
-            for lg in self.items:
-                lg.on_step(step, loss, lr)
+        cfg = run.cfg
+        check_installed(cfg.train.log)
+        self.sinks = [RunInfoLogger(), *(SINKS[n]() for n in dict.fromkeys(cfg.train.log) if n in SINKS)]
+        meta = {"command": command_line(), "data_dir": str(Path(data.data_dir).resolve()),
+                "classes": list(data.classes), "train_counts": list(data.counts),
+                "val_counts": class_counts(data.ds.val.labels, len(data.classes))}
+        for s in self.sinks:
+            s.on_start(cfg, run.run_dir, meta)
 
-    def epoch(self, row: dict[str, float]) -> None:
-        for lg in self.items:
-            lg.on_epoch(row)
+    def on_log(self, run, stats: dict[str, float]) -> None:
+        """Mean training loss over the images since the previous step log (the epoch's sums are running)."""
+        every, step = run.cfg.train.log_every_steps, int(stats["step"])
+        loss, count = run.progress.partial["loss"], run.progress.partial["count"]
+        last_loss, last_count, last_step = self.window
+        if count < last_count:  # a new epoch restarted the sums
+            last_loss, last_count = 0.0, 0.0
+        if not every or step // every == last_step // every or count == last_count:
+            return  # log once each time the step count passes a multiple of `every`
+        self.window = (loss, count, step)
+        for s in self.sinks:
+            s.on_step(step, (loss - last_loss) / (count - last_count), stats["lr"])
 
-    def end(self, run_dir: Path, figures: dict[str, Path], status: str = "finished") -> None:
-        for lg in self.items:
-            lg.on_end(run_dir, figures, status)
+    def on_epoch(self, run, row: dict[str, float]) -> None:
+        for s in self.sinks:
+            s.on_epoch(row)
 
+    def on_end(self, run, result) -> None:
+        figures: dict[str, Path] = {}
+        if run.cfg.train.report and result.history:
+            from vitcli.console import info
+            from vitcli.runs import run_report
 
-def make_loggers(cfg, history: list[dict], main: bool) -> Loggers:
-    """The sinks `train.log` asks for (csv and run.json always); none on ranks other than 0. Missing optional
-    packages fail here, before any training."""
-    if not main:
-        return Loggers([], 0)
-    items: list[Logger] = [CsvLogger(history), RunInfoLogger()]
-    for name in dict.fromkeys(cfg.train.log):
-        if name in SINKS:
-            _need(name, name)
-            items.append(SINKS[name]())
-    return Loggers(items, cfg.train.log_every_steps)
+            figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
+            info(f"[bold]report[/] {figures['report']}")
+        for s in self.sinks:
+            s.on_end(run.run_dir, figures, "finished")
+
+    def on_stop(self, run) -> None:
+        """The run ended early (a signal, an error): mark it interrupted; last.pt holds what was saved."""
+        for s in self.sinks:
+            s.on_end(run.run_dir, {}, "interrupted")
+        self.sinks = []

@@ -63,8 +63,7 @@ def describe_run(run_dir: Path) -> dict[str, Any] | None:
     """One row of `vitcli runs`, or None when the folder is not a training run."""
     import yaml
 
-    from vitcli.engine import cfg_data_dir
-    from vitcli.loggers import read_metrics, read_run_info
+    from vitcli.rundir import cfg_data_dir, read_json, read_metrics
 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -74,7 +73,7 @@ def describe_run(run_dir: Path) -> dict[str, Any] | None:
         history = read_metrics(run_dir / "metrics.csv")
     except (yaml.YAMLError, ValueError, KeyError, OSError):
         raw, history = {}, []
-    info = read_run_info(run_dir)
+    info = read_json(run_dir / "run.json")
     epochs = int((raw.get("train") or {}).get("epochs", 0) or 0)
     best = max(history, key=lambda h: h["val_acc"]) if history else None
     wall = info.get("wall_s", sum(h["seconds"] for h in history))
@@ -115,6 +114,49 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
 def _duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------- report
+def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
+    """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
+    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
+    from vitcli.checkpoint import load_model
+    from vitcli.device import pick_device, pick_precision
+    from vitcli.evaluate import evaluate_split, write_figures
+    from vitcli.html_report import attention_figure, pick_examples, sections_for, write_page
+    from vitcli.rundir import read_json, read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitcliError(f"run folder '{run_dir}' does not exist")
+    net, ckpt, path = load_model(run_dir)
+    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    data_dir, split = val_split(run_dir, ckpt)
+    dev = pick_device(device)
+    prec, _ = pick_precision(precision, dev)
+    net.to(dev)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
+    r["data"] = str(data_dir)
+    figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
+    if (run_dir / "curves.png").is_file():
+        figures["curves"] = run_dir / "curves.png"
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
+        figures["attention"] = run_dir / "attention.png"
+    info, history = read_json(run_dir / "run.json"), read_metrics(run_dir / "metrics.csv")
+    train_counts = info.get("train_counts") or [""] * len(classes)
+    rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
+    extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
+    if history:
+        best = max(history, key=lambda h: h["val_acc"])
+        extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
+    if info.get("wall_s"):
+        extra.append(["wall time", f"{info['wall_s']:.1f} s"])
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
+                            data_rows=rows, data_header=["class", "train images", "val images"],
+                            history=history, extra_metrics=extra)
+    figures["report"] = write_page(run_dir / "report.html", f"vitcli run: {run_dir.name}", sections)
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------- compare
