@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
         for extra in sorted((data / "val" / c).iterdir())[n:]:
             extra.unlink()
     cfg = tiny_config(root / "runs", "run", epochs=2, batch_size=16, extra_sets=[
-        "train.log=[csv,tensorboard,mlflow]", "train.log_every_steps=1"])
+        "train.log=[csv,tensorboard,mlflow]", "train.log_every_steps=1", "train.report=true"])
     old = Path.cwd()
     os.chdir(root)  # MLflow's default store is ./mlruns
     try:

@@ -96,7 +96,12 @@ class PlainProgress:
     def __enter__(self) -> PlainProgress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # where each unfinished task was when the error or signal came
+            now = time.monotonic()
+            for t in self.tasks.values():
+                if t.total is None or t.completed < t.total:
+                    info(esc(self.line(t, now)))
         self.stop()
 
     def start(self) -> None:

@@ -676,6 +676,8 @@ def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
     from rich.table import Table
 
     tab = Table(title="training summary", show_header=False)
+    tab.add_column()
+    tab.add_column(overflow="fold")  # a long run folder wraps rather than losing its end in a log file
     last = res.history[-1] if res.history else {}
     tab.add_row("run folder", esc(str(res.run_dir)))
     tab.add_row("best val accuracy", f"{res.best_acc:.4f} (epoch {res.best_epoch})")

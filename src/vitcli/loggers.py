@@ -200,11 +200,11 @@ class Tracking:
     def on_end(self, run, result) -> None:
         figures: dict[str, Path] = {}
         if run.cfg.train.report and result.history:
-            from vitcli.console import info
+            from vitcli.console import esc, info
             from vitcli.runs import run_report
 
             figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
-            info(f"[bold]report[/] {figures['report']}")
+            info(f"[bold]report[/] {esc(str(figures['report']))}")
         for s in self.sinks:
             s.on_end(run.run_dir, figures, "finished")
 

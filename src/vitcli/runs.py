@@ -95,18 +95,21 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
 
 
 def print_runs(rows: list[dict[str, Any]]) -> None:
+    """The table; the data column shows the dataset folder's name (`--json` has the full path)."""
+    from rich import box
     from rich.table import Table
 
     from vitcli.console import esc, out
 
     colour = {"finished": "green", "interrupted": "yellow", "running": "cyan"}
-    tab = Table(title_justify="left")
-    for col in ("name", "date", "model", "data", "epochs", "best val acc", "wall time", "status"):
-        tab.add_column(col, justify="right" if col in ("epochs", "best val acc", "wall time") else "left")
+    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("name", "started", "model", "data", "epochs", "best acc", "wall", "status"):
+        tab.add_column(col, justify="right" if col in ("epochs", "best acc", "wall") else "left",
+                       no_wrap=col != "data")
     for r in rows:
-        best = f"{r['best_val_acc']:.4f} (ep {r['best_epoch']})" if r["best_val_acc"] is not None else "-"
-        tab.add_row(esc(r["name"]), time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started"])),
-                    esc(r["model"]), esc(str(r["data"])), f"{r['epochs']}/{r['epochs_planned']}", best,
+        best = f"{r['best_val_acc']:.4f} @{r['best_epoch']}" if r["best_val_acc"] is not None else "-"
+        tab.add_row(esc(r["name"]), time.strftime("%m-%d %H:%M", time.localtime(r["started"])),
+                    esc(r["model"]), esc(Path(r["data"]).name), f"{r['epochs']}/{r['epochs_planned']}", best,
                     _duration(r["wall_s"]), f"[{colour[r['status']]}]{r['status']}[/]")
     out.print(tab)
 
