@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,7 +187,9 @@ def test_compare_mcnemar_matches_reference(trained, tmp_path):
 
     text = run_cli("compare", a, b, trained["data"] / "val", "--device", "cpu")  # DATA given: the same images
     assert text.exit_code == 0, text.output
-    assert f"{ref:.6g}" in text.output and "only A right" in text.output
+    assert f"{ref:.6g}" in text.output
+    for row, n in (("both right", 0), ("only A right", 10), ("only B right", 4), ("both wrong", 10)):
+        assert re.search(rf"{row}\W+{n}\b", text.output), (row, text.output)
     assert "A is right on 10 of the 14 images where exactly one model is right" in text.output
     assert "not significant at the 0.05 level" in text.output and "optim.lr" in text.output
 
@@ -209,8 +212,6 @@ FIGURES = {"curves", "confusion", "attention"}  # sections that must show a draw
 
 
 def test_report_html_is_self_contained(trained):
-    import re
-
     page = (trained["run"] / "report.html").read_text()
     assert 'http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:' in page
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, re.I)
@@ -263,3 +264,11 @@ def test_report_html_in_headless_chromium(trained, tmp_path):
         assert any("example.com" in p for p in problems(events)), problems(events)
     finally:
         browser.close()
+
+
+def test_report_html_escapes_names_from_the_data():
+    from vitcli.html_report import render, table
+
+    page = render("run <b>", [("data", "Data", table(["class"], [["<img src=x onerror=alert(1)>"]]))])
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<title>run &lt;b&gt;</title>" in page

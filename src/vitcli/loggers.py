@@ -198,7 +198,8 @@ class Tracking:
             s.on_epoch(row)
 
     def on_end(self, run, result) -> None:
-        figures: dict[str, Path] = {}
+        curves = run.run_dir / "curves.png"
+        figures: dict[str, Path] = {"curves": curves} if curves.is_file() else {}
         if run.cfg.train.report and result.history:
             from vitcli.console import esc, info
             from vitcli.runs import run_report
