@@ -106,7 +106,7 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
         return None
     heat = rollout_map(cap, discard_ratio=0.9)  # (B, gh, gw)
     probs = cap.logits.float().softmax(-1)  # (B, C)
-    fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9) of validation images")
+    fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9): input above, rollout below")
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
         axes[0, b].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
