@@ -205,6 +205,16 @@ def test_compare_refuses_models_of_different_tasks(trained, tmp_path, shapes):
     assert res.exit_code == 1 and "do not have the same classes" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
+    data = shutil.copytree(trained["data"], tmp_path / "data2")  # same classes, one validation image fewer
+    next((data / "val" / "red").iterdir()).unlink()
+    moved = shutil.copytree(trained["run"], tmp_path / "moved")
+    ck = torch.load(moved / "best.pt", weights_only=True)
+    ck["data_dir"] = str(data)
+    torch.save(ck, moved / "best.pt")
+    res = run_cli("compare", trained["run"], moved)
+    assert res.exit_code == 1 and "were validated on different images" in res.output and "give DATA" in res.output
+    assert run_cli("compare", trained["run"], moved, data / "val", "--device", "cpu").exit_code == 0
+
 
 # ----------------------------------------------------------------------------------------------- report.html
 SECTIONS = ["command", "data", "curves", "metrics", "per-class", "confusion", "mistakes", "attention"]

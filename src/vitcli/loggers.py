@@ -210,7 +210,14 @@ class Tracking:
             s.on_end(run.run_dir, figures, "finished")
 
     def on_stop(self, run) -> None:
-        """The run ended early (a signal, an error): mark it interrupted; last.pt holds what was saved."""
+        """The run ended early (a signal, an error): mark it interrupted; last.pt holds what was saved. A sink
+        that fails now (a tracking server gone) must not hide why the run stopped."""
         for s in self.sinks:
-            s.on_end(run.run_dir, {}, "interrupted")
+            try:
+                s.on_end(run.run_dir, {}, "interrupted")
+            except Exception as e:
+                from vitcli.console import warn
+
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                warn(f"{type(s).__name__} could not record the stop: {first}")
         self.sinks = []
