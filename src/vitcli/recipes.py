@@ -85,7 +85,9 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     d, m, t = cfg.data, cfg.model, cfg.train
     if name == "none":
         return {}
-    scratch_backend = not m.name.startswith("timm/")
+    from vitcli.models import backend_for_name
+
+    scratch_backend = backend_for_name(m.name).from_scratch
     total_steps = max(1, n_train // (d.batch_size * world * t.accum_steps)) * t.epochs
     if name == "finetune":
         return {
@@ -132,11 +134,12 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
     With `facts` from the data scan, a from-scratch run first gets the data-aware defaults (defaults.py):
     input size, token grid, model size, stem, small-image augmentation and epochs; the recipe leaves those."""
     from vitcli.defaults import apply_defaults, photo_hint
+    from vitcli.models import backend_for_name
 
     name, why = choose(cfg, n_train)
     mine = user_keys(cfg)
     recipe = Recipe(name, why)
-    if facts is not None and name in ("scratch-small", "scratch") and not cfg.model.name.startswith("timm/"):
+    if facts is not None and name in ("scratch-small", "scratch") and backend_for_name(cfg.model.name).from_scratch:
         recipe.defaults = apply_defaults(cfg, name, facts, world)
         recipe.hint = photo_hint(cfg, facts)
         name, why = choose(cfg, n_train)  # the chosen epochs set the augmentation strength
