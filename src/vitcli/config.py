@@ -74,6 +74,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30  # passes over the training set
+    time: str = ""  # wall-clock budget for the whole command (e.g. 300s, 5m, 1h): fits the epochs; "" = off
     seed: int = 0  # seeds every random number generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
@@ -347,6 +348,10 @@ def validate(cfg: Config) -> None:
     need(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 = off)")
     need(0 <= o.layer_decay <= 1, "optim.layer_decay", "in [0, 1] (0 = off)")
     need(t.epochs >= 1, "train.epochs", "at least 1")
+    if t.time:
+        from vitcli.budget import parse_duration  # light: no torch import
+
+        parse_duration(t.time)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)")
     need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = off)")
     need(t.patience >= 0, "train.patience", ">= 0 (0 = off)")

@@ -136,6 +136,7 @@ class Progress:
     since_best: int = 0  # epochs without a better val accuracy
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
+    plan: dict[str, int] | None = None  # epochs and schedule a time budget fitted (budget.py), kept on resume
 
 
 EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
@@ -197,6 +198,7 @@ class RunState:
     lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
+    budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
 
     @property
     def eval_model(self):
@@ -247,8 +249,8 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
     `run_dir` is None)."""
     from vitcli import data as D
-    from vitcli.distributed import broadcast_str
     from vitcli.defaults import DataFacts
+    from vitcli.distributed import broadcast_str
     from vitcli.recipes import apply_recipe
     from vitcli.rundir import new_run_dir, write_config, write_split
 
@@ -375,7 +377,7 @@ def restore(run: RunState, ckpt: dict[str, Any]) -> None:
         run.scaler.load_state_dict(ts["scaler"])
     pr = ts["progress"]
     run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
-                            pr["since_best"], list(pr["history"]), dict(pr["partial"]))
+                            pr["since_best"], list(pr["history"]), dict(pr["partial"]), pr.get("plan"))
     set_rng_state(ts["rng"])
     run.aug_gen.set_state(ts["aug_rng"])
     info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
@@ -453,7 +455,8 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
     for bi, (x, y) in enumerate(data.train.batches(batches[first:]), start=first):
         train_step(run, x, y, bi)
         p.batch = bi + 1
-        end = bi + 1 == len(batches)
+        cut = run.budget is not None and run.budget.after_step(run)  # the time is up: end the epoch here
+        end = bi + 1 == len(batches) or cut
         if (bi + 1) % run.log_every == 0 or end:
             read_sums(run, t0, bar, task)
         bar.update(task, advance=1)
@@ -471,6 +474,8 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
                 bar.stop()
                 stop_run(run, data, stop.code or (stopping if stopping > 0 else 130), stopping == -1)
                 return True
+        if cut:
+            break
     bar.remove_task(task)
     p.partial["seconds"] = time.time() - t0
     return False
@@ -601,8 +606,10 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 # ----------------------------------------------------------------------------------------------- driver
 def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = None,
           epochs_override: int | None = None, stop_after_steps: int | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
-    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
+          callbacks: list[Callback] | None = None, time_override: str | None = None) -> TrainResult:
+    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder (with
+    `time_override`, fit its rest to a new time budget)."""
+    from vitcli.budget import budget_for
     from vitcli.console import progress_bar
     from vitcli.loggers import Tracking, check_installed
 
@@ -614,6 +621,7 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
     if cfg.train.log_every_steps and set(cfg.train.log) - {"csv"}:  # step logs need the sums that often
         run.log_every = min(LOG_EVERY, cfg.train.log_every_steps * cfg.train.accum_steps)
+    run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)
     if ckpt is not None:
         restore(run, ckpt)
     if env.main:
@@ -623,12 +631,16 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     try:
         with StopFlag() as stop, progress_bar(extra=True) as bar:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
+            if run.budget is not None:
+                run.budget.bar, run.budget.epoch_task = bar, epoch_task
             while run.progress.epoch < t.epochs:
                 if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
                     _stopped(run)
                     return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
                                        run.progress.history)
                 early = end_epoch(run, data, evaluate_epoch(run, data))
+                if run.budget is not None:
+                    run.budget.after_epoch(run)
                 bar.update(epoch_task, advance=1)
                 if early:
                     break

@@ -112,7 +112,8 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
         "optim.weight_decay": 0.05,
         "optim.warmup_epochs": float(min(10, max(1, round(0.1 * t.epochs)))),  # long warmup: a tenth of the run
         "model.drop_path_rate": 0.0 if level == "minimal" else 0.1,
-        "data.randaugment": "rand-m9-mstd0.5-inc1" if level == "heavy" and big_images else "",
+        # mmax9: at magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow refuses
+        "data.randaugment": "rand-m9-mstd0.5-inc1-mmax9" if level == "heavy" and big_images else "",
         "data.mixup": {"minimal": 0.0, "light": 0.2, "heavy": 0.8}[level],
         "data.cutmix": 1.0 if level == "heavy" and big_images else 0.0,
         "data.reprob": {"minimal": 0.0, "light": 0.1, "heavy": 0.25}[level],
