@@ -196,3 +196,137 @@ def make_textures(root: Path, scale: float = 1.0, seed: int = 0, per_class: int 
 
 
 DATASETS = {"digits": make_digits, "digits28": make_digits28, "clutter": make_clutter, "textures": make_textures}
+
+
+# ----------------------------------------------------------------------------------------------- methods
+def vitcli(data: Path, runs: Path, name: str, extra: list[str]) -> tuple[float, float, int]:
+    """`vitcli train DATA [extra]` as a user runs it, then `vitcli eval` on test/: (top-1, seconds, img_size)."""
+    import yaml
+
+    cmd = [sys.executable, "-m", "vitcli", "train", str(data), "--set", f"train.output={runs}", "--set",
+           f"train.name={name}", *extra]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=_env())
+    seconds = time.time() - t0
+    report = runs / f"{name}.json"
+    subprocess.run([sys.executable, "-m", "vitcli", "eval", str(data), "--model", str(runs / name / "best.pt"),
+                    "--json", str(report), "--output", str(runs / f"{name}-eval")], check=True,
+                   stdout=subprocess.DEVNULL, env=_env())
+    img_size = yaml.safe_load((runs / name / "config.yaml").read_text())["data"]["img_size"]
+    return json.loads(report.read_text())["top1"], seconds, img_size
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _arrays(data: Path, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images of a split as float32 (N, C, H, W) in [0, 1] (resized to `size`), labels and class names."""
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        for p in sorted((data / split / c).glob("*.png")):
+            img = Image.open(p).convert("RGB")
+            if size and img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+            ys.append(label)
+    return np.stack(xs), np.array(ys), classes
+
+
+def svm(data: Path, seed: int = 0) -> tuple[float, float]:
+    """RBF SVM on raw pixels; C and gamma tuned on a 20% validation split of train, refit on all of train."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    t0 = time.time()
+    Xtr, ytr, _ = _arrays(data, "train")
+    Xte, yte, _ = _arrays(data, "test")
+    Xtr, Xte = Xtr.reshape(len(Xtr), -1), Xte.reshape(len(Xte), -1)
+    a, b, ya, yb = train_test_split(Xtr, ytr, test_size=0.2, stratify=ytr, random_state=seed)
+    scale = 1.0 / (Xtr.shape[1] * Xtr.var())
+    grid = [(c, g * scale) for c in (1, 3, 10, 30) for g in (0.3, 1, 3)]
+    best = max(grid, key=lambda cg: SVC(C=cg[0], gamma=cg[1]).fit(a, ya).score(b, yb))
+    acc = SVC(C=best[0], gamma=best[1]).fit(Xtr, ytr).score(Xte, yte)
+    return float(acc), time.time() - t0
+
+
+def resnet(data: Path, img_size: int, seconds: float, seed: int = 0) -> tuple[float, float]:
+    """timm resnet18 from scratch (3x3 stem, no max-pool: small images), SGD + cosine fitted to `seconds` of
+    wall clock (the first epoch is timed), random shifts; one thread, like vitcli on a CPU."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    t0 = time.time()
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    Xtr, ytr, classes = _arrays(data, "train", img_size)
+    Xte, yte, _ = _arrays(data, "test", img_size)
+    Xtr, ytr, Xte, yte = (torch.from_numpy(v) for v in (Xtr, ytr, Xte, yte))
+    mean, std = Xtr.mean(dim=(0, 2, 3), keepdim=True), Xtr.std(dim=(0, 2, 3), keepdim=True) + 1e-6
+    Xtr, Xte = (Xtr - mean) / std, (Xte - mean) / std
+    model = timm.create_model("resnet18", num_classes=len(classes))
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    bs, pad, epochs, epoch = 64, max(1, img_size // 8), None, 0
+    steps = max(1, len(Xtr) // bs)
+    while epochs is None or epoch < epochs:
+        t_epoch = time.time()
+        model.train()
+        perm = torch.randperm(len(Xtr))
+        for i in range(steps):
+            total = steps * (epochs or 1000)
+            for g in opt.param_groups:
+                g["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch * steps + i) / total)))
+            idx = perm[i * bs:(i + 1) * bs]
+            x = F.pad(Xtr[idx], (pad,) * 4, mode="replicate")
+            dx, dy = np.random.randint(0, 2 * pad + 1, 2)
+            x = x[..., dy:dy + img_size, dx:dx + img_size]
+            loss = F.cross_entropy(model(x), ytr[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        epoch += 1
+        if epochs is None:  # the first epoch sets how many fit in the wall clock
+            epochs = max(1, int((seconds - (time.time() - t0)) / (time.time() - t_epoch)) + 1)
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(Xte[i:i + 256]).argmax(1) for i in range(0, len(Xte), 256)])
+    return float((pred == yte).float().mean()), time.time() - t0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="share of each set's training images (default all)")
+    ap.add_argument("--only", nargs="*", choices=list(DATASETS), help="datasets to run (default all)")
+    ap.add_argument("--time", default="3m", help="budget for the `vitcli --time` run (default 3m)")
+    ap.add_argument("--out", type=Path, default=OUT, help="where data and runs go (default examples/generated/)")
+    args = ap.parse_args()
+    rows = []
+    for name in args.only or list(DATASETS):
+        data = args.out / f"{name}-{args.scale:g}"
+        if not (data / "test").is_dir():
+            DATASETS[name](data, scale=args.scale)
+        n_train = sum(1 for _ in (data / "train").glob("*/*.png"))
+        runs = args.out / "runs" / f"{name}-{args.scale:g}-{time.strftime('%H%M%S')}"
+        acc, sec, size = vitcli(data, runs, "noflags", [])
+        rows.append((name, n_train, "vitcli train DATA (no flags)", acc, sec))
+        acc_t, sec_t, _ = vitcli(data, runs, "time", ["--time", args.time])
+        rows.append((name, n_train, f"vitcli train DATA --time {args.time}", acc_t, sec_t))
+        rows.append((name, n_train, "RBF SVM (C, gamma tuned on val)", *svm(data)))
+        rows.append((name, n_train, f"ResNet-18 from scratch, {sec:.0f} s", *resnet(data, size, sec)))
+        for r in rows[-4:]:
+            print(f"{r[0]:<9} {r[1]:>6,} train  {r[2]:<40} top-1 {r[3]:.2%}  {r[4]:6.0f} s", flush=True)
+    print("\n| dataset | train images | method | test top-1 | seconds |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:,} | {r[2]} | {r[3]:.2%} | {r[4]:.0f} |")
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
