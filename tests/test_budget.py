@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import TINY, make_dataset, run_cli, tiny_config
-from vitcli.budget import parse_duration
+from vitcli.config import parse_duration
 from vitcli.engine import train
 from vitcli.errors import VitcliError
 from vitcli.files import safe_torch_load
@@ -30,7 +30,7 @@ def test_bad_time_flag_is_a_one_line_error(shapes):
 def test_time_budget_ends_the_command_in_time_with_the_schedule_fitted(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=16)
     t0 = time.time()
-    res = run_cli("train", data, *TINY, "--time", "8s")
+    res = run_cli("train", data, *TINY, "--time", "8s", "--set", "train.report=false")
     wall = time.time() - t0
     assert res.exit_code == 0, res.output
     assert wall <= 8.0, wall
@@ -43,7 +43,7 @@ def test_time_budget_ends_the_command_in_time_with_the_schedule_fitted(tmp_path)
 
 def test_a_resumed_run_keeps_its_plan_and_time_fits_the_rest_anew(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=16)  # 36 train images, 9 steps an epoch at batch 4
-    cfg = tiny_config(tmp_path / "runs", "cut", epochs=30, batch_size=4, extra_sets=["train.time=6s"])
+    cfg = tiny_config(tmp_path / "runs", "cut", epochs=30, batch_size=4, extra_sets=["train.time=6s", "train.report=false"])
     cut = train(cfg, data, stop_after_steps=14)  # planned after 10 steps, stopped at step 14
     plan = safe_torch_load(cut.run_dir / "last.pt")["train_state"]["progress"]["plan"]
     assert plan and plan["epochs"] < 30

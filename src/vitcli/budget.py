@@ -12,12 +12,11 @@ Under torchrun every process times its steps and all take the slowest figure, so
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import TYPE_CHECKING
 
+from vitcli.config import parse_duration
 from vitcli.console import info
-from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
     from vitcli.engine import RunState
@@ -25,20 +24,10 @@ if TYPE_CHECKING:
 WARM_STEPS = 2  # steps run before timing starts (first-step allocations, lazy init)
 TIMED_STEPS = 8  # steps timed to measure the seconds per step
 EPOCH_OVERHEAD_S = 0.25  # per epoch besides training and validation: checkpoints, metrics, the log line, seconds
-FINISH_S = 1.5  # kept free at the end: the summary, the final figures, interpreter exit, seconds
+FINISH_S = 1.5  # kept free at the end: the summary, curves.png, interpreter exit, seconds
+REPORT_S = 8.0  # kept free for `train.report` besides its validation pass: figures and report.html, seconds
 MARGIN = 0.03  # share of the budget kept free for timer noise and other processes
 MAX_EPOCHS = 10_000  # upper bound on the epochs a long budget may choose
-
-_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_duration(text: str, key: str = "train.time") -> float:
-    """'5m', '300s', '1.5h', '90' (seconds) -> seconds; a clear error otherwise."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
-        raise VitcliError(f"'{key}' {text!r} is not a duration; use a number with s, m or h, e.g. 300s, 5m, 1h")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
 
 class TimeBudget:
     """Fits `run`'s epochs and schedule to end by `started + seconds`; see the module docstring."""
@@ -68,7 +57,7 @@ class TimeBudget:
                 self.step_s = _slowest(self.timed / self.count * accum, run)
                 self.fit(run)
         return bool(self.step_s) and run.env.world == 1 and run.cfg.train.epochs == run.progress.epoch + 1 \
-            and time.time() + self._eval_s(run) + FINISH_S > self.deadline
+            and time.time() + self._eval_s(run) + self._finish_s(run) > self.deadline
 
     def fit(self, run: RunState, shrink_only: bool = False) -> None:
         """Set epochs, total and warmup steps so training, validation and the end fit before the deadline."""
@@ -77,7 +66,7 @@ class TimeBudget:
         t, o, p = run.cfg.train, run.cfg.optim, run.progress
         spe = run.steps_per_epoch
         self.epoch_s = max(self.epoch_s, spe * self.step_s + self._eval_s(run))
-        left = self.deadline - time.time() - FINISH_S
+        left = self.deadline - time.time() - self._finish_s(run)
         running = 1 if p.batch else 0  # an epoch under way finishes whatever the plan
         this_epoch = (spe - p.batch // t.accum_steps) * self.step_s + self._eval_s(run) if running else 0.0
         more = max(0, math.floor((left - this_epoch) / self.epoch_s))
@@ -93,7 +82,7 @@ class TimeBudget:
         p.plan = {"epochs": epochs, "total_steps": total, "warmup_steps": warmup}
         if self.bar is not None:
             self.bar.update(self.epoch_task, total=epochs)
-        ends = time.strftime("%H:%M:%S", time.localtime(self.deadline))
+        ends = time.strftime("%H:%M:%S", time.localtime(self.deadline + self.seconds * MARGIN))
         if shrink_only:
             info(f"[bold]time[/] an epoch takes {self.epoch_s:.1f} s now: {epochs} epochs fit (was {before}); the "
                  f"schedule ends with them, by {ends}")
@@ -109,6 +98,10 @@ class TimeBudget:
             self.epoch_s = _slowest(now - self.last_end, run)
             self.fit(run, shrink_only=True)
         self.last_end = now
+
+    def _finish_s(self, run: RunState) -> float:
+        """After the last epoch: the summary, and the report (a validation pass of best.pt and figures)."""
+        return FINISH_S + (REPORT_S + self._eval_s(run) if run.cfg.train.report else 0.0)
 
     def _eval_s(self, run: RunState) -> float:
         """Validation (a forward of twice the batch costs ~2/3 of a training step) plus the epoch's overhead."""

@@ -86,7 +86,7 @@ def train(
                 raise VitcliError("--resume continues a run with its saved config; only --epochs and --time may "
                                   "change")
             if time is not None:
-                from vitcli.budget import parse_duration
+                from vitcli.config import parse_duration
 
                 parse_duration(time, "--time")
             from vitcli.engine import train as run_train

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -254,6 +255,17 @@ def _looks_numeric(raw: str) -> bool:
         return False
 
 
+_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str, key: str = "train.time") -> float:
+    """'5m', '300s', '1.5h', '90' (seconds) -> seconds; a clear error otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise VitcliError(f"'{key}' {text!r} is not a duration; use a number with s, m or h, e.g. 300s, 5m, 1h")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
 def read_yaml(path: str | Path) -> Any:
     import yaml
 
@@ -349,8 +361,6 @@ def validate(cfg: Config) -> None:
     need(0 <= o.layer_decay <= 1, "optim.layer_decay", "in [0, 1] (0 = off)")
     need(t.epochs >= 1, "train.epochs", "at least 1")
     if t.time:
-        from vitcli.budget import parse_duration  # light: no torch import
-
         parse_duration(t.time)
     need(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)")
     need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = off)")

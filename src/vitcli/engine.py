@@ -319,7 +319,9 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     model, spec = build_model(cfg.model, len(data.classes), d.img_size)
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained or cfg.model.pretrained_file else ""
-    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}, "
+    k = spec["kwargs"]
+    shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
+    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "
          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     if t.precision == "auto":
         env.precision, env.why = refine_auto_precision(env.precision, env.why, model, env.device, d.img_size,
