@@ -111,9 +111,9 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     if "model.name" not in mine:
         out.append(Choice({"model.name": f"{base}/{patch}"},
                           f"patch {patch}: a {img // patch}x{img // patch} token grid on {img} px"))
-    small = recipe == "scratch-small"
-    stem = "conv" if small and patch & (patch - 1) == 0 else cfg.model.stem
-    if small:
+    stem = cfg.model.stem
+    if recipe == "scratch-small" and "model.stem" not in mine and patch & (patch - 1) == 0:
+        stem = "conv"
         out.append(Choice({"model.stem": stem}, "a convolutional stem learns from few images far better than "
                                                 "linear patches (Xiao et al. 2021)"))
     rung = next(i for i, r in enumerate(LADDER) if facts.n_train < r[0])
@@ -127,7 +127,10 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
                           f"width {dim}, {depth} blocks for {facts.n_train:,} training images"
                           + (" and a CPU" if cpu else "")))
     else:
-        dim, depth = cfg.model.embed_dim or 192, cfg.model.depth or 12  # the preset's size unless overridden
+        from vitcli.models import PRESETS
+
+        dim, depth, _ = PRESETS.get(base, PRESETS["vit-tiny"])
+        dim, depth = cfg.model.embed_dim or dim, cfg.model.depth or depth  # the preset's size unless overridden
     macs = forward_macs(img, patch, dim, depth, stem)
     out += _augment(img, side)
     out += _epochs(cfg, facts, world, macs if cpu else 0.0)
