@@ -103,6 +103,15 @@ def any_rank(flag: int, device) -> int:
     return int(t.item())
 
 
+def broadcast_buffers(module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics): each rank's last forward updated its own."""
+    import torch.distributed as dist
+
+    if _active():
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -527,10 +527,14 @@ def stop_run(run: RunState, data: TrainData, code: int, quietly: bool) -> None:
 
 def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
     """Validation of the weights that are kept (EMA when on), summed over ranks; the epoch's metrics row."""
-    from vitcli.distributed import all_reduce_sums
+    from vitcli.distributed import all_reduce_sums, broadcast_buffers
     from vitcli.evaluate import run_eval
 
     env, p, d = run.env, run.progress, run.cfg.data
+    if env.world > 1:  # replicas agree on weights (DDP) and, from here, on BatchNorm statistics too
+        broadcast_buffers(run.model)
+        if run.ema is not None:
+            broadcast_buffers(run.ema.module)
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
                   env.rank, env.world)
