@@ -97,6 +97,10 @@ class TimeBudget:
         if self.last_end and self.step_s:
             self.epoch_s = _slowest(now - self.last_end, run)
             self.fit(run, shrink_only=True)
+        elif self.last_end:  # epochs too short to time steps inside one: a whole epoch, in units of steps
+            batches = math.ceil(self.val_images / (run.cfg.data.batch_size * 2 * run.env.world))
+            self.step_s = _slowest(now - self.last_end, run) / (run.steps_per_epoch + batches * 2 / 3)
+            self.fit(run)
         self.last_end = now
 
     def _finish_s(self, run: RunState) -> float:
