@@ -259,8 +259,8 @@ def test_symlink_loops_do_not_hang_or_duplicate_images(tmp_path):
     ds = scan_dataset(root, 0.25, 0)
     assert ds.classes == ["green", "red"]
     paths = [p.name for p in ds.train.paths + ds.val.paths]
-    assert sorted(paths) == sorted([f"green_{i:03d}.png" for i in range(4)] + [f"red_{i:03d}.png" for i in range(4)]
-                                   + ["a.png", "b.png"])
+    # the looping file links are skipped at the scan (one line each), like every other non-regular file
+    assert sorted(paths) == sorted([f"green_{i:03d}.png" for i in range(4)] + [f"red_{i:03d}.png" for i in range(4)])
     with pytest.raises(BadImage, match="a.png"):
         load_rgb(root / "red" / "a.png")
     assert tree_digest(root) == before

@@ -519,13 +519,18 @@ class DataReport:
 def _probe(job: tuple[Path, str, int]) -> FileInfo:
     from PIL import Image
 
-    from vitcli.data import BadImage, allowed_formats, load_rgb
+    from vitcli.data import BadImage, allowed_formats, check_regular, load_rgb
 
     path, split, label = job
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        check_regular(path)  # a FIFO swapped in after the scan would block the read
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, BadImage) as e:  # unreadable (permissions, I/O error) or vanished since the scan
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return FileInfo(path, split, label, f"unreadable:{path}", error=f"{path}: cannot be read ({reason})")
     info = FileInfo(path, split, label, h.hexdigest())
     try:
         with Image.open(path, formats=allowed_formats()) as im:
