@@ -27,20 +27,35 @@ app = typer.Typer(
 def guard():
     """Turn project errors into one red line and exit code 1; interruptions into 130 / 143."""
     from vitcli.console import error
+    from vitcli.signals import Stopped, stop_handlers
 
     try:
-        yield
+        with stop_handlers():
+            yield
     except VitcliError as e:
         error(str(e))
         raise typer.Exit(1) from None
+    except Stopped as e:
+        error(f"stopped by {e.name}" if e.code != 130 else "interrupted")
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:  # a file system error no library function turned into a message (safety net)
+        error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or type(e).__name__}")
+        raise typer.Exit(1) from None
     except Exception as e:  # an Interrupted from the engine carries its own exit code
         code = getattr(e, "code", None)
         if type(e).__name__ == "Interrupted" and isinstance(code, int):
             raise typer.Exit(code) from None
         raise
+
+
+def data_path(data: str | None, name: str = "DATA") -> Path | None:
+    """A path argument; '' is an error (Path('') would silently mean the current folder)."""
+    if data is not None and not data.strip():
+        raise VitcliError(f"{name} is empty (''); give the dataset folder (use . for the current folder)")
+    return None if data is None else Path(data)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
@@ -50,7 +65,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
     ] = None,
     config: ConfigOpt = None,
@@ -74,6 +89,7 @@ def train(
     from vitcli.config import load_config
 
     with guard():
+        data = data_path(data)
         if data is None and resume is None:
             raise VitcliError("missing DATA: give the dataset folder, e.g. vitcli train examples/digits")
         flags = {"model.name": model, "train.epochs": epochs, "data.batch_size": batch_size,
@@ -143,7 +159,7 @@ def predict(
 
 @app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
-    data: Annotated[Path, typer.Argument(
+    data: Annotated[str, typer.Argument(
         help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
@@ -157,7 +173,7 @@ def eval_cmd(
     with guard():
         from vitcli.evaluate import evaluate
 
-        evaluate(data, model, batch_size, device, precision, output, json_path)
+        evaluate(data_path(data), model, batch_size, device, precision, output, json_path)
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -279,13 +295,13 @@ def inspect_filters_cmd(
 
 @inspect_app.command("data", short_help="Check a dataset before training.")
 def inspect_data_cmd(
-    data: Annotated[Path, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
     with guard():
         from vitcli.inspect import inspect_data
 
-        inspect_data(data)
+        inspect_data(data_path(data))
 
 
 def main() -> None:

@@ -553,6 +553,8 @@ class ImageStore:
         """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""
         import torch
 
+        from vitcli.signals import ignore_in_worker
+
         if self.images is not None:
             for idx in batches:
                 t = torch.as_tensor(idx, device=self.labels.device)
@@ -561,6 +563,7 @@ class ImageStore:
         loader = torch.utils.data.DataLoader(
             _DecodeDataset(self.paths, self.size, self.interpolation), batch_sampler=batches,
             num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False,
+            worker_init_fn=ignore_in_worker if self.num_workers > 0 else None,
             multiprocessing_context="spawn" if self.num_workers > 0 and os.name != "posix" else None,
         )
         for images, keep, errors in loader:

@@ -143,11 +143,21 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli import data as D
     from vitcli.checkpoint import load_model
     from vitcli.console import esc, info, warn
-    from vitcli.device import pick_device, pick_precision
+    from vitcli.device import check_device_args, pick_device, pick_precision
     from vitcli.engine import new_run_dir, run_eval
+    from vitcli.files import ensure_dir, refuse_inside
 
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    check_device_args(device, precision)
+    if figures:  # before any work: the dataset is never written to, and a bad --output fails at once
+        refuse_inside(output or "runs", data_dir, "--output" if output else "default")
+        if output:
+            ensure_dir(output, "--output")
+    if json_path is not None and Path(json_path).is_dir():
+        raise VitcliError(f"--json '{json_path}' is a folder; give a file name")
+    if json_path is not None:
+        refuse_inside(json_path, data_dir, "--json")
     net, ckpt, path = load_model(model)
     classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
     info(f"[bold]model[/] {esc(str(path))} ({ckpt['model_spec']['backend']}, {len(classes)} classes)")
@@ -187,10 +197,9 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"] = write_figures(report, out_dir, pre)
     print_report(report)
     if json_path:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import write_output
 
-        text = json.dumps(report, indent=1)
-        atomic_write(json_path, lambda f: f.write(text.encode()))
+        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
         info(f"wrote {esc(str(json_path))}")
     return report
 
@@ -198,7 +207,6 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
 def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
     from vitcli.report import plot_confusion, plot_mistakes, plot_reliability
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cm, classes = np.asarray(report["confusion_matrix"]), report["classes"]
     figs = {"confusion": out_dir / "confusion.png", "confusion_normalized": out_dir / "confusion_normalized.png",
             "reliability": out_dir / "reliability.png"}

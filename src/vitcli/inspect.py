@@ -69,11 +69,9 @@ def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict
 
 
 def output_dir(output: str | Path | None, run_dir: Path) -> Path:
-    out_dir = Path(output) if output else run_dir / "inspect"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VitcliError(f"--output '{out_dir}' is a file; give a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    from vitcli.files import ensure_dir
+
+    return ensure_dir(Path(output) if output else run_dir / "inspect", "--output")
 
 
 def collect_images(items: list[Path]) -> list[Path]:

@@ -65,7 +65,9 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
 
     for arg in args:
         p = Path(arg)
-        if p.is_dir():
+        if not arg.strip():
+            errors.append(Prediction(arg, error="'': an empty argument names no file (use . for this folder)"))
+        elif p.is_dir():
             found = list_images(p)
             if not found:
                 errors.append(Prediction(arg, error=f"{arg}: folder holds no images "
@@ -354,8 +356,11 @@ def csv_row(p: Prediction, k: int) -> list[Any]:
 
 def write_results(results: Iterable[Prediction], fmt: str, k: int, stream) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
+    from vitcli.console import visible
+
     kept: list[Prediction] = []
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+    tty = stream.isatty()  # json escapes control characters itself; csv cells shown on a terminal are escaped
     if writer:
         writer.writerow(csv_header(k))
     for r in results:
@@ -363,7 +368,7 @@ def write_results(results: Iterable[Prediction], fmt: str, k: int, stream) -> li
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
-            writer.writerow(csv_row(r, k))
+            writer.writerow([visible(c) if tty and isinstance(c, str) else c for c in csv_row(r, k)])
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
@@ -397,8 +402,10 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 precision: str = "auto", threads: int = 0) -> int:
     """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
     from vitcli.console import console, esc, info
+    from vitcli.device import check_device_args
 
     passive_omp_threads()
+    check_device_args(device, precision)
     if not inputs:
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
     if fmt not in FORMATS:
@@ -412,6 +419,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         if not fmt:
             raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
                               "one of those)")
+    if output is not None and Path(output).is_dir():
+        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     paths, missing = collect_inputs(inputs)
     if not paths:
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
@@ -434,11 +443,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout)
         sys.stdout.flush()
     else:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import write_output
 
         buf = io.StringIO()
         done = write_results(itertools.chain(missing, results), fmt, k, buf)
-        atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
+        write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
     if failed:
