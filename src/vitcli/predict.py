@@ -414,13 +414,13 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    if output is not None and Path(output).is_dir():
+        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     if output is not None and fmt == "table":
         fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
         if not fmt:
             raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
                               "one of those)")
-    if output is not None and Path(output).is_dir():
-        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     paths, missing = collect_inputs(inputs)
     if not paths:
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
