@@ -67,13 +67,16 @@ def is_run_folder(folder: str | Path) -> bool:
 
 
 def _holds_runs(folder: Path) -> bool:
-    """`folder` is a run folder or an output folder of run folders (runs/ with train/, train-2/ ...)."""
+    """`folder` is a run folder, or an output folder of run folders (runs/ with train/, train-2/ ...: run
+    folders and no images of its own)."""
     if is_run_folder(folder):
         return True
     try:
-        return any(e.is_dir() and is_run_folder(e.path) for e in os.scandir(folder))
+        entries = list(os.scandir(folder))
     except OSError:
         return False
+    return (any(e.is_dir() and is_run_folder(e.path) for e in entries)
+            and not any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries))
 
 
 def _inside(path: str, root: str) -> bool:
