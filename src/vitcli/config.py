@@ -457,9 +457,6 @@ def validate(cfg: Config) -> None:
     dev = t.device
     ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
     need(ok_dev, "train.device", "one of auto, cpu, cuda, cuda:N, mps")
-    if not m.name.startswith("timm/"):
-        from vitcli.models import resolve_preset  # light: no torch import
+    from vitcli.models import backend_for_name  # light: no torch import
 
-        kw = resolve_preset(cfg.model, cfg.data.img_size)
-        need(int(kw["embed_dim"] * m.mlp_ratio) >= 1, "model.mlp_ratio",
-             f"large enough for an MLP of at least 1 unit (embed_dim {kw['embed_dim']})")
+    backend_for_name(m.name).check_config(cfg.model, cfg.data.img_size)

@@ -1,17 +1,25 @@
-"""Writing files safely: outputs the user names, output folders, and the lock on a run folder.
+"""Files vitcli writes and reads: atomic writes, outputs the user names, output folders, the run-folder lock,
+and the safe torch loader.
 
-A file the user names (`predict -o`, `eval --json`, `export -o`) is written *through* what is there: a device
-or FIFO gets the bytes, a symlink keeps pointing where it did and its target gets the new content (atomically
-when that is a regular file). The run's own files are replaced atomically (`atomic_write`). Every OS error
-becomes one VitcliError line naming the flag, the path and the reason.
+Every file of a run (checkpoints, config.yaml, metrics.csv, figures) is written to a temp file in the same
+folder, fsynced and renamed onto its name, so a kill at any moment leaves the old file or the new one,
+never half of one. A file the user names (`predict -o`, `eval --json`, `export -o`) is written *through* what
+is there instead: a device or FIFO gets the bytes, a symlink keeps pointing where it did and its target gets
+the new content. Every OS error becomes one VitcliError line naming the path and the reason. Torch files are
+only ever loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
+import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 from vitcli.errors import VitcliError
 
@@ -25,8 +33,6 @@ def os_reason(e: OSError) -> str:
 
 def write_output(path: str | Path, data: bytes, flag: str = "--output") -> Path:
     """Write `data` to a file the user named; returns the path written (a symlink's target)."""
-    from vitcli.checkpoint import atomic_write
-
     p = Path(path)
     try:
         st = p.stat()  # follows a symlink: what the bytes will land in
@@ -42,7 +48,7 @@ def write_output(path: str | Path, data: bytes, flag: str = "--output") -> Path:
         if through:  # a device, FIFO, socket or /dev/stdout-like link: never replace it with a file
             _write_through(p, data, regular=stat.S_ISREG(st.st_mode))
         else:  # a regular file, new or existing, or a symlink to one: replace the target, keep the link
-            atomic_write(real, lambda f: f.write(data))
+            _atomic_write(real, lambda f: f.write(data))
     except OSError as e:
         raise VitcliError(f"{flag} '{p}': cannot write there: {os_reason(e)}") from None
     return real
@@ -123,3 +129,77 @@ def run_lock(run_dir: str | Path):
         yield path
     finally:
         os.close(fd)  # releases the lock
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call write(file_object) on a temp file in the same folder, fsync, then os.replace onto `path`; an OS
+    error (disk full, read-only, no such folder) is one line, and the previous file stays as it was."""
+    try:
+        _atomic_write(Path(path), write)
+    except OSError as e:
+        kept = " (the previous file is kept)" if Path(path).is_file() else ""
+        raise VitcliError(f"cannot write '{path}': {os_reason(e)}{kept}") from None
+    except RuntimeError as e:  # torch.save reports a failed write of its zip stream this way
+        if "write" not in str(e).lower():
+            raise
+        kept = " (the previous file is kept)" if Path(path).is_file() else ""
+        raise VitcliError(f"cannot write '{path}': {str(e).splitlines()[0][:200]}{kept}") from None
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """atomic_write for a string (UTF-8)."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load with weights_only=True; anything that needs arbitrary code is refused with a clear message."""
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise VitcliError(f"checkpoint '{p}' " + ("is not a regular file" if p.exists() else "does not exist"))
+    # The environment variable would silently turn weights_only off: refuse to honour it here.
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notice: the error says it all
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        wants = re.search(r"GLOBAL ([\w.]+)", str(e))  # the weights-only unpickler met an import of code
+        if wants:
+            raise VitcliError(f"'{p}' is not a plain weights file: loading it would import {wants[1]}, which "
+                              "vitcli refuses (weights_only=True); nothing from the file was run") from None
+        raise VitcliError(f"'{p}' is not a readable checkpoint (not written by torch.save, or damaged)") from None
+    except Exception as e:  # zip, EOF, storage errors of a truncated or foreign file
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        if p.stat().st_size == 0:
+            first = "the file is empty"
+        raise VitcliError(f"'{p}' is not a readable checkpoint (truncated or not made by torch): {first}") from None
