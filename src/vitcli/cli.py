@@ -36,7 +36,7 @@ def guard():
         error(str(e))
         raise typer.Exit(1) from None
     except Stopped as e:
-        error(f"stopped by {e.name}" if e.code != 130 else "interrupted")
+        error(("interrupted" if e.code == 130 else f"stopped by {e.name}") + e.detail)
         raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         error("interrupted")

@@ -288,6 +288,19 @@ def scan_dataset(root: str | Path, val_fraction: float, seed: int) -> Dataset:
         log.finish()
 
 
+def check_val_split(ds: Dataset, val_fraction: float) -> None:
+    """A dataset to train on needs validation images; say what would give it some."""
+    if len(ds.val):
+        return
+    if not ds.split_made:
+        raise VitcliError(f"'{ds.root}': the val/ folder holds no images")
+    if val_fraction == 0:
+        raise VitcliError(f"'{ds.root}': no validation images with 'data.val_fraction' 0; raise it (e.g. 0.2) or "
+                          "add a val/ folder")
+    raise VitcliError(f"'{ds.root}': every class has a single image, so none can be held out for validation; "
+                      "add images (2 or more in some class) or a val/ folder")
+
+
 def scan_eval_folder(root: str | Path, classes: list[str]) -> Split:
     """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split."""
     root = Path(root)

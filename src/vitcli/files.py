@@ -108,7 +108,8 @@ def refuse_inside(out_dir: str | Path, data_dir: str | Path | None, flag: str) -
 @contextlib.contextmanager
 def run_lock(run_dir: str | Path):
     """Hold an exclusive lock on a run folder while training in it; a second process gets an error naming
-    the PID that holds it. The lock (fcntl.flock) goes with the process, also on kill -9."""
+    the PID that holds it. The lock (fcntl.flock) goes with the process, also on kill -9 (which leaves the
+    file behind, unlocked: the next run takes it)."""
     import fcntl
 
     path = Path(run_dir) / LOCK_NAME
@@ -118,6 +119,8 @@ def run_lock(run_dir: str | Path):
         raise VitcliError(f"run folder '{run_dir}': cannot create {LOCK_NAME}: {os_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # the holder removed it as we opened it: still busy
+            raise BlockingIOError
     except OSError:
         pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
@@ -128,6 +131,7 @@ def run_lock(run_dir: str | Path):
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
     finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiter that opened it sees another inode
         os.close(fd)  # releases the lock
 
 

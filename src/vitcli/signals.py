@@ -22,6 +22,7 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.code, self.name = EXIT_CODES[signum], signal.Signals(signum).name
+        self.detail = ""  # where it stopped, added by the code it interrupted
 
 
 def exit_now(signum: int) -> None:
@@ -35,9 +36,14 @@ def exit_now(signum: int) -> None:
 _seen = {"count": 0}
 
 
-def _handler(signum, frame) -> None:
+def first_signal() -> bool:
+    """Count a signal; True for the first one of this command (the training loop's handler shares the count)."""
     _seen["count"] += 1
-    if _seen["count"] > 1:
+    return _seen["count"] == 1
+
+
+def _handler(signum, frame) -> None:
+    if not first_signal():
         exit_now(signum)
     raise Stopped(signum)
 
