@@ -54,6 +54,22 @@ def write_output(path: str | Path, data: bytes, flag: str = "--output") -> Path:
     return real
 
 
+def regular_target(path: str | Path, flag: str = "--output") -> Path:
+    """Where to write a file the user named that must be a regular file (it is read back): the target of a
+    symlink (so the link is kept), with its folder created; a folder, device or FIFO is an error."""
+    p = Path(path)
+    if p.is_dir():
+        raise VitcliError(f"{flag} '{p}' is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        raise VitcliError(f"{flag} '{p}' is not a regular file; this output is read back to check it")
+    real = Path(os.path.realpath(p))
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitcliError(f"{flag} '{p}': cannot create its folder: {os_reason(e)}") from None
+    return real
+
+
 def _via_dev_or_proc(p: Path) -> bool:
     """True when `p` is, or links through, a path under /dev or /proc (/dev/stdout redirected to a file)."""
     q = Path(os.path.abspath(p))
