@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import subprocess
 import threading
 from pathlib import Path
 
@@ -168,7 +167,7 @@ def test_enospc_while_writing_a_run_file_is_one_line_and_keeps_the_old_file(tmp_
     """Simulated: the OS-level write of the temp file fails with ENOSPC (no small full disk to use here)."""
     import errno
 
-    from vitcli import checkpoint
+    from vitcli import files
     from vitcli.errors import VitcliError
     from vitcli.files import write_output
 
@@ -192,16 +191,8 @@ def test_enospc_while_writing_a_run_file_is_one_line_and_keeps_the_old_file(tmp_
             self.f.close()
             super().close()
 
-    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: Full(fd))
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(fd))
     with pytest.raises(VitcliError, match=r"--json '.*keep.json': cannot write there: No space left on device"):
         write_output(tmp_path / "keep.json", b"new", "--json")
     assert (tmp_path / "keep.json").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]  # no temp file left
-
-
-def test_subprocess_sanity_no_traceback_for_unwritable_output(setup, tmp_path):
-    model, data = setup
-    proc = run_vitcli("predict", data / "red", "--model", model, "-o", "/proc/nope/x.csv", cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
-    assert one_error_line(proc.stderr).startswith("error: --output '/proc/nope/x.csv'")
-    assert isinstance(proc, subprocess.CompletedProcess)

@@ -8,8 +8,6 @@ import errno
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 from conftest import TINY, make_dataset, run_cli
 from test_outputs import one_error_line
-from test_signals import Run, wait_for_step
+from test_signals import Run, _forked_main, wait_for_step
 from vitcli.files import safe_torch_load
 
 NO_TRACE = ("Traceback", "Exception ignored", "DataLoader worker", "KeyboardInterrupt")
@@ -62,8 +60,6 @@ def test_resume_of_a_run_another_process_trains_is_refused_naming_its_pid(tmp_pa
     clean(child.output())
     assert safe_torch_load(run / "last.pt")["train_state"]["progress"]["step"] >= 1
     assert not (run / ".vitcli.lock").exists()  # released with the run
-    res = run_cli("train", "--resume", run, "--epochs", "1")  # now free: resumes (already done: 1 epoch)
-    assert "in use" not in res.output
 
 
 @pytest.mark.parametrize("change", ["renamed_class", "more_classes", "same_classes_other_files"])
@@ -197,44 +193,49 @@ def test_find_lr_reports_the_files_it_skips(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- signals
-def popen_train(cwd: Path, *args: str) -> subprocess.Popen:
-    """`python -m vitcli train` in its own process group (so the test can signal the whole group)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", PYTHONUNBUFFERED="1")
-    log = open(cwd / "log.txt", "w")  # noqa: SIM115
-    return subprocess.Popen([sys.executable, "-m", "vitcli", "train", *args], cwd=cwd, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+def _group_main(log: str, cwd: str, args: list[str]) -> None:
+    os.setsid()  # its own process group, so the test can signal the whole group
+    _forked_main(log, cwd, args)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"{path} never appeared:\n{(path.parents[2] / 'log.txt').read_text()}")
-        time.sleep(0.02)
+def forked_train(cwd: Path, *args: str, group: bool = False) -> Run:
+    """`vitcli train` in a forked child (a real process, without a second torch import); with `group`, the
+    leader of a new process group."""
+    if not group:
+        return Run(cwd, *args, fork=True)
+    import multiprocessing
+
+    from test_signals import _ForkedProc
+
+    child = Run.__new__(Run)
+    child.log = cwd / "log.txt"
+    process = multiprocessing.get_context("fork").Process(target=_group_main, args=(str(child.log), str(cwd),
+                                                                                   list(args)))
+    process.start()
+    child.proc = _ForkedProc(process)
+    return child
 
 
 def test_sigterm_to_the_process_group_with_dataloader_workers_is_clean(tmp_path, data):
-    proc = popen_train(tmp_path, str(data), *TINY, "--batch-size", "2", "--epochs", "30", "--set",
-                       "data.cache=off", "--set", "data.num_workers=2", "--set", "train.save_every_steps=1")
-    wait_for(tmp_path / "runs" / "train" / "last.pt", proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its DataLoader workers at once
-    assert proc.wait(60) == 143
-    out = (tmp_path / "log.txt").read_text()
-    clean(out)
-    assert "last.pt saved. Resume with" in out
+    child = forked_train(tmp_path, str(data), *TINY, "--batch-size", "2", "--epochs", "30", "--set",
+                         "data.cache=off", "--set", "data.num_workers=2", "--set", "train.save_every_steps=1",
+                         group=True)
+    wait_for_step(child, tmp_path / "runs" / "train", 2)
+    os.killpg(child.proc.process.pid, signal.SIGTERM)  # the trainer and its DataLoader workers at once
+    assert child.wait(60) == 143, child.output()
+    clean(child.output())
+    assert "last.pt saved. Resume with" in child.output()
     safe_torch_load(tmp_path / "runs" / "train" / "last.pt")
 
 
 def test_two_quick_sigints_stop_at_once_without_tracebacks(tmp_path, data):
-    proc = popen_train(tmp_path, str(data), *TINY, "--batch-size", "2", "--epochs", "30", "--set",
-                       "train.save_every_steps=1")
-    wait_for(tmp_path / "runs" / "train" / "last.pt", proc)
-    proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
-    out = (tmp_path / "log.txt").read_text()
-    clean(out)
+    child = forked_train(tmp_path, str(data), *TINY, "--batch-size", "2", "--epochs", "30", "--set",
+                         "train.save_every_steps=1")
+    wait_for_step(child, tmp_path / "runs" / "train", 2)
+    child.proc.send_signal(signal.SIGINT)
+    child.proc.send_signal(signal.SIGINT)
+    assert child.wait(60) == 130, child.output()
+    clean(child.output())
     safe_torch_load(tmp_path / "runs" / "train" / "last.pt")  # whole: atomic writes
 
 
@@ -243,15 +244,14 @@ def test_sigterm_while_caching_says_so(tmp_path):
 
     data = make_dataset(tmp_path / "d", classes=("red", "green"), per_class=1)
     for c in ("red", "green"):  # big images: decoding them takes a while
-        for i in range(40):
-            Image.new("RGB", (1200, 1200), (i * 5, 90, 40)).save(data / c / f"big_{i:02d}.png", compress_level=1)
-    proc = popen_train(tmp_path, str(data), *TINY, "--epochs", "1", "--set", "data.cache=on")
+        for i in range(30):
+            Image.new("RGB", (1000, 1000), (i * 5, 90, 40)).save(data / c / f"big_{i:02d}.png", compress_level=1)
+    child = forked_train(tmp_path, str(data), *TINY, "--epochs", "1", "--set", "data.cache=on")
     end = time.monotonic() + 90
-    while "decoded once" not in (tmp_path / "log.txt").read_text():
-        assert proc.poll() is None and time.monotonic() < end, (tmp_path / "log.txt").read_text()
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 143
-    out = (tmp_path / "log.txt").read_text()
-    clean(out)
-    assert "error: stopped by SIGTERM while preparing the run (scanning or decoding images)" in out
+    while "decoded once" not in (child.output() if child.log.exists() else ""):
+        assert child.proc.poll() is None and time.monotonic() < end, child.output()
+        time.sleep(0.005)
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.wait(60) == 143, child.output()
+    clean(child.output())
+    assert "error: stopped by SIGTERM while preparing the run (scanning or decoding images)" in child.output()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset, run_cli, run_vitcli
+from conftest import make_dataset, run_cli
 from test_outputs import one_error_line, tiny_checkpoint
 from vitcli.data import scan_dataset
 
@@ -61,12 +61,14 @@ def test_fifo_named_png_is_skipped_with_one_line_not_opened(tmp_path, model, com
 
 
 def test_fifo_in_data_does_not_hang_train(tmp_path):
-    from conftest import TINY
+    from conftest import TINY, DatasetsUntouched
+    from test_signals import Run
 
     data = fifo_data(tmp_path)
-    proc = run_vitcli("train", data, *TINY, "--epochs", "1", "--batch-size", "4", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "x.png: a FIFO, not an image file" in proc.stderr and "Traceback" not in proc.stderr
+    with DatasetsUntouched([data]):
+        child = Run(tmp_path, str(data), *TINY, "--epochs", "1", "--batch-size", "4", fork=True)  # a real process
+        assert child.wait(timeout=90) == 0, child.output()  # wait() kills it and fails when it hangs
+    assert "x.png: a FIFO, not an image file" in child.output() and "Traceback" not in child.output()
 
 
 def test_symlinked_class_folders_are_aliases_counted_once(tmp_path):
