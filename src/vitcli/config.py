@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli.console import CONTROL
-from vitcli.errors import VitcliError, shown
+from vitcli.errors import VitcliError, clip, shown
 
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config file
 MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laughs" file expands to 10^9)
@@ -200,11 +200,11 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
 def _set(cfg: Config, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in _fields(cfg):
-        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+        raise VitcliError(f"{source}: unknown config key '{clip(key)}'; {_suggest(key, _all_keys(cfg))}")
     section = getattr(cfg, parts[0])
     fields = _fields(section)
     if parts[1] not in fields:
-        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+        raise VitcliError(f"{source}: unknown config key '{clip(key)}'; {_suggest(key, _all_keys(cfg))}")
     hints = typing.get_type_hints(type(section))
     setattr(section, parts[1], _coerce(key, value, hints[parts[1]], source))
     user_keys(cfg).add(key)
@@ -225,7 +225,8 @@ def apply_dict(cfg: Config, data: Any, source: str) -> None:
         if not isinstance(values, dict):
             if str(section) in _fields(cfg):
                 raise VitcliError(f"{source}: section '{section}' must be a mapping of keys")
-            raise VitcliError(f"{source}: unknown config key '{section}'; {_suggest(str(section), _all_keys(cfg))}")
+            raise VitcliError(f"{source}: unknown config key '{clip(str(section))}'; "
+                              f"{_suggest(str(section), _all_keys(cfg))}")
         for k, v in values.items():
             _set(cfg, f"{section}.{k}", v, source)
 
@@ -235,7 +236,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise VitcliError(f"--set '{text}': expected KEY=VALUE, e.g. --set optim.lr=5e-4")
+        raise VitcliError(f"--set '{clip(text)}': expected KEY=VALUE, e.g. --set optim.lr=5e-4")
     key, raw = text.split("=", 1)
     try:
         value = safe_yaml(raw, f"--set {shown(text)}") if raw.strip() else ""
@@ -265,6 +266,8 @@ def safe_yaml(text: str, source: str) -> Any:
             raise VitcliError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through "
                               "aliases (&anchor / *alias); a config needs a few dozen")
         return loader.construct_document(node)
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise VitcliError(f"{source}: a value cannot be read: {clip(str(e))}") from None
     except RecursionError:
         raise VitcliError(f"{source}: the YAML is nested too deeply to be a config") from None
     finally:
@@ -329,7 +332,7 @@ def load_config(
             _set(cfg, key, value, f"flag for '{key}'")
     for text in overrides or []:
         key, value = parse_override(text)
-        _set(cfg, key, value, f"--set {text}")
+        _set(cfg, key, value, f"--set {clip(text)}")
     validate(cfg)
     return cfg
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.console import esc, out, warn
+from vitcli.console import esc, out, visible, warn
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         probs = cap.logits.float().softmax(dim=-1)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
-            name = f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})"
+            name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
             stem = _unique_stem(path, used)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
