@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_dataset
+from conftest import TINY, DatasetsUntouched, make_dataset
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "--redirects", "3"]
@@ -54,8 +54,9 @@ def finished(tmp_path_factory):
     """A torchrun run of 2 epochs that ends normally (with EMA weights and gradient accumulation)."""
     root = tmp_path_factory.mktemp("ddp")
     make_dataset(root / "shapes")
-    proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2")
-    out, _ = proc.communicate(timeout=240)
+    with DatasetsUntouched([root / "shapes"]):
+        proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2")
+        out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out + rank_logs(root, 0) + rank_logs(root, 1)
     return root
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import TINY, DatasetsUntouched, make_dataset, run_cli
 from test_outputs import one_error_line
 from test_signals import Run, _forked_main, wait_for_step
 from vitcli.files import safe_torch_load
@@ -108,6 +108,7 @@ def test_default_output_inside_the_dataset_is_refused_and_nothing_is_written(dat
 @pytest.mark.parametrize("output, phrase", [
     ("a_file", "--output '{tmp}/a_file' is a file; give a folder"),
     ("/proc/vitcli-test", "--output '/proc/vitcli-test': cannot create the folder: No such file or directory"),
+    ("/sys/vitcli-test", "--output '/sys/vitcli-test': cannot create the folder"),  # read-only, even for root
     ("{data}/out", "is inside the dataset"),
 ])
 def test_unwritable_train_output_is_one_line(tmp_path, data, output, phrase):
@@ -122,6 +123,7 @@ def test_unwritable_train_output_is_one_line(tmp_path, data, output, phrase):
 def test_export_into_an_unwritable_place_is_one_line(finished, tmp_path):
     (tmp_path / "a_file").write_text("x")
     for out, phrase in (("/proc/vitcli-test/m.pt", "cannot create its folder: No such file or directory"),
+                        ("/sys/vitcli-test/m.pt", "cannot create its folder"),
                         (tmp_path / "a_file" / "m.pt", "cannot create its folder: File exists"),
                         (tmp_path, "is a folder; give a file name")):
         res = run_cli("export", "--model", finished, "--format", "torchscript", "-o", out)
@@ -209,6 +211,7 @@ def forked_train(cwd: Path, *args: str, group: bool = False) -> Run:
 
     child = Run.__new__(Run)
     child.log = cwd / "log.txt"
+    child.untouched = DatasetsUntouched(args, cwd)
     process = multiprocessing.get_context("fork").Process(target=_group_main, args=(str(child.log), str(cwd),
                                                                                    list(args)))
     process.start()
