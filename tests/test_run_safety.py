@@ -97,9 +97,10 @@ def test_resume_with_epochs_below_one_is_refused(finished, epochs):
     assert folder_state(finished) == before
 
 
-def test_default_output_inside_the_dataset_is_refused_and_nothing_is_written(data, monkeypatch):
+@pytest.mark.parametrize("extra", [[], ["--find-lr"]])
+def test_default_output_inside_the_dataset_is_refused_and_nothing_is_written(data, monkeypatch, extra):
     monkeypatch.chdir(data)  # cd DATA && vitcli train .
-    res = run_cli("train", ".", *TINY, "--epochs", "1")
+    res = run_cli("train", ".", *TINY, "--epochs", "1", *extra)
     assert res.exit_code == 1, res.output
     assert "the default output folder 'runs' is inside the dataset '.'" in one_error_line(res.output)
     assert not (data / "runs").exists()

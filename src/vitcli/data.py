@@ -73,10 +73,10 @@ def _holds_runs(folder: Path) -> bool:
         return True
     try:
         entries = list(os.scandir(folder))
+        return (any(os.path.isdir(e.path) and is_run_folder(e.path) for e in entries)
+                and not any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries))
     except OSError:
         return False
-    return (any(e.is_dir() and is_run_folder(e.path) for e in entries)
-            and not any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries))
 
 
 def _inside(path: str, root: str) -> bool:
