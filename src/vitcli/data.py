@@ -467,9 +467,12 @@ def decode_many(paths: list[Path], size: int, interpolation: str, threads: int, 
         for i, job in enumerate(jobs):
             yield (i, *_decode_or_none(job))
         return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
         for i, res in enumerate(pool.map(_decode_or_none, jobs, chunksize=16)):
             yield (i, *res)
+    finally:  # stopped (a signal, an error): drop the queued images instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def probe_image(path: str | Path) -> str | None:
