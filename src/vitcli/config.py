@@ -93,6 +93,9 @@ class TrainConfig:
     recipe: str = "auto"  # auto | scratch-small | scratch | finetune | none: fills the keys you did not set
     freeze_epochs: int = 0  # train only the classifier head for the first N epochs, then everything
     threads: int = 0  # CPU threads for tensor ops; 0 = torch's default (one per core); 1 suits tiny models
+    log: list[str] = field(default_factory=lambda: ["csv"])  # metric sinks: csv (always) + tensorboard, mlflow
+    log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
+    report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
 
 
 @dataclass
@@ -103,6 +106,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+LOGGERS = ("csv", "tensorboard", "mlflow")  # train.log entries
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bicubic", "bilinear", "nearest"),
@@ -168,6 +172,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if inner is str and isinstance(value, str):  # --set train.log=csv,tensorboard
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise VitcliError(f"{source}: '{key}' must be a list of {inner.__name__}, got {shown(value)}")
         return [_coerce(key, v, inner, source) for v in value]
@@ -391,6 +397,7 @@ RANGES: dict[str, str] = {
     "train.save_every_steps": "[0, 1000000000] (0 = off)",
     "train.freeze_epochs": "[0, 1000000] (0 = off)",
     "train.threads": "[0, 1024] (0 = torch's default)",
+    "train.log_every_steps": "[0, 1000000000] (0 = off)",
 }
 LIST_LENGTHS = {"data.mean": 3, "data.std": 3, "optim.betas": 2}
 MAX_NAME = 100  # characters in train.name (a folder name; file systems allow 255 bytes)
@@ -457,6 +464,7 @@ def validate(cfg: Config) -> None:
          and len(t.name) <= MAX_NAME and not CONTROL.search(t.name), "train.name",
          f"a plain folder name of at most {MAX_NAME} characters")
     need(not CONTROL.search(t.output), "train.output", "a folder path without control characters")
+    need(all(x in LOGGERS for x in t.log), "train.log", "a list of " + ", ".join(LOGGERS))
     dev = t.device
     ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
     need(ok_dev, "train.device", "one of auto, cpu, cuda, cuda:N, mps")

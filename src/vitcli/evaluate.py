@@ -180,11 +180,9 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.predict import passive_omp_threads
 
     passive_omp_threads()
-    import torch
-
     from vitcli import data as D
     from vitcli.checkpoint import load_model
-    from vitcli.console import esc, info, warn
+    from vitcli.console import esc, info
     from vitcli.device import check_device_args, pick_device, pick_precision
     from vitcli.files import ensure_dir, refuse_inside
     from vitcli.rundir import new_run_dir
@@ -212,6 +210,34 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     net.to(dev)
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec} ({why})")
 
+    report, probs, y, paths, bad = evaluate_split(net, classes, pre, split, dev, prec, batch_size, where=data_dir)
+    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
+              "skipped": bad} | report
+    if figures:
+        out_dir = Path(output) if output else new_run_dir("runs", "eval")
+        report["figures"] = write_figures(report, out_dir, pre)
+        from vitcli.html_report import eval_report, pick_examples
+
+        examples = pick_examples(paths, y)
+        report["figures"]["report"] = str(eval_report(report, out_dir, net, pre, ckpt, path, examples))
+    print_report(report)
+    if json_path:
+        from vitcli.files import write_output
+
+        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
+        info(f"wrote {esc(str(json_path))}")
+    return report
+
+
+def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
+                   where: str | Path = "the data"):
+    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
+    the readable paths, skipped-file messages)."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.console import warn
+
     bad: list[str] = []
     logits, labels, paths = [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
@@ -225,25 +251,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     for msg in bad:
         warn(f"skipped {msg}")
     if not paths:
-        raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
+        raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
     probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
     y = torch.cat(labels).numpy()  # (N,)
-
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
-              "skipped": bad} | report
-    if figures:
-        out_dir = Path(output) if output else new_run_dir("runs", "eval")
-        report["figures"] = write_figures(report, out_dir, pre)
-    print_report(report)
-    if json_path:
-        from vitcli.files import write_output
-
-        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
-        info(f"wrote {esc(str(json_path))}")
-    return report
+    return report, probs, y, paths, bad
 
 
 def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
