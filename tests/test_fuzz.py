@@ -157,6 +157,8 @@ def test_random_bytes_in_a_run_folder_then_resume(tmp_path, data):
                 for p, content in pristine.items():
                     (run / p).write_bytes(content)
                 (run / name).write_bytes(blob)
+                assert_clean(run_cli("runs", tmp_path / "runs"))  # reads every run's config and metrics
+                assert_clean(run_cli("runs", tmp_path / "runs", "--json"))
                 if name == "config.yaml":
                     (run / "last.pt").unlink()  # the config is only read when there is no last.pt
                 assert_clean(run_cli("train", "--resume", run, "--epochs", "2"))
