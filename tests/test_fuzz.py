@@ -152,8 +152,9 @@ def test_random_bytes_in_a_run_folder_then_resume(tmp_path, data):
     rng = random.Random(SEED)
     pristine = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with no_hang(180):
+        odd = {"metrics.csv": [b"epoch\n1\n", b"a,b\n1,2,3\n"], "config.yaml": [b"hello\n", b"train: 3\n"]}
         for name in ("metrics.csv", "split.csv", "config.yaml", "last.pt"):
-            for blob in random_blobs(rng, 2):
+            for blob in random_blobs(rng, 2) + odd.get(name, []):
                 for p, content in pristine.items():
                     (run / p).write_bytes(content)
                 (run / name).write_bytes(blob)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli import __version__
-from vitcli.errors import VitcliError, shown
+from vitcli.errors import VitcliError, clip, shown
 from vitcli.files import atomic_write_text, ensure_dir, os_reason, refuse_inside, run_lock
 
 if TYPE_CHECKING:
@@ -179,8 +179,14 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv back as numbers ([] when missing)."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as e:  # not UTF-8, a short row, a word where a number belongs
+        raise VitcliError(f"'{path}' is not a metrics.csv written by vitcli ({clip(str(e))})") from None
+    if any(not set(METRIC_FIELDS) <= row.keys() for row in rows):
+        raise VitcliError(f"'{path}' lacks columns of a vitcli metrics.csv ({', '.join(METRIC_FIELDS)})")
+    return rows
 
 
 def read_json(path: Path) -> dict[str, Any]:
