@@ -45,13 +45,15 @@ def fifo_data(tmp_path: Path) -> Path:
     return data
 
 
-@pytest.mark.parametrize("command", ["eval", "predict", "predict-file", "inspect data"])
+@pytest.mark.parametrize("command", ["eval", "predict", "predict-file", "inspect data", "inspect attention"])
 def test_fifo_named_png_is_skipped_with_one_line_not_opened(tmp_path, model, command):
     data = fifo_data(tmp_path)
     args = {"eval": ["eval", data, "--model", model, "--device", "cpu", "--output", tmp_path / "ev"],
             "predict": ["predict", data / "red", "--model", model, "--device", "cpu"],
             "predict-file": ["predict", data / "red" / "x.png", data / "red" / "red_000.png", "--model", model],
-            "inspect data": ["inspect", "data", data]}[command]
+            "inspect data": ["inspect", "data", data],
+            "inspect attention": ["inspect", "attention", data / "red" / "x.png", data / "red" / "red_000.png",
+                                  "--model", model, "--method", "raw", "--output", tmp_path / "att"]}[command]
     with no_hang(60):
         res = run_cli(*args)
     assert res.exit_code == (2 if command == "predict-file" else 0), res.output
@@ -136,12 +138,13 @@ def test_inspect_data_reports_dangling_links_and_unreadable_files(tmp_path):
     locked.chmod(0o644)
 
 
-@pytest.mark.parametrize("args", [["train", ""], ["eval", ""], ["inspect", "data", ""]])
+@pytest.mark.parametrize("args", [["train", ""], ["eval", ""], ["inspect", "data", ""], ["inspect", "distance", ""],
+                                  ["inspect", "attention", ""], ["compare", "a", "b", ""]])
 def test_empty_data_argument_is_an_error_not_the_current_folder(tmp_path, args):
     make_dataset(tmp_path, classes=("blue", "red"), per_class=3)  # the current folder is a valid dataset
     res = run_cli(*args)
     assert res.exit_code == 1, res.output
-    assert "DATA is empty ('')" in one_error_line(res.output)
+    assert "is empty (''); give a path" in one_error_line(res.output)
 
 
 def test_empty_predict_argument_is_reported(tmp_path, model):

@@ -54,7 +54,7 @@ def guard():
 def data_path(data: str | None, name: str = "DATA") -> Path | None:
     """A path argument; '' is an error (Path('') would silently mean the current folder)."""
     if data is not None and not data.strip():
-        raise VitcliError(f"{name} is empty (''); give the dataset folder (use . for the current folder)")
+        raise VitcliError(f"{name} is empty (''); give a path (use . for the current folder)")
     return None if data is None else Path(data)
 
 
@@ -215,7 +215,7 @@ def runs_cmd(
 def compare(
     run_a: Annotated[str, typer.Argument(help="Run folder or checkpoint A.", show_default=False)],
     run_b: Annotated[str, typer.Argument(help="Run folder or checkpoint B.", show_default=False)],
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -227,7 +227,7 @@ def compare(
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        r = compare_runs(run_a, run_b, data, device, precision, batch_size)
+        r = compare_runs(run_a, run_b, data_path(data), device, precision, batch_size)
         if json_out:
             import json
 
@@ -268,7 +268,7 @@ def _print_paths(paths) -> None:
 
 @inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -290,7 +290,8 @@ def inspect_attention_cmd(
     with guard():
         from vitcli.inspect import inspect_attention
 
-        _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
+        paths = [data_path(i, "IMAGE") for i in images]
+        _print_paths(inspect_attention(paths, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
                                        device=device))
 
@@ -323,7 +324,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
 
 @inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
-    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,
@@ -334,7 +335,7 @@ def inspect_distance_cmd(
     with guard():
         from vitcli.inspect import inspect_distance
 
-        _print_paths(inspect_distance(data, model=model, output=output, max_images=max_images,
+        _print_paths(inspect_distance([data_path(d) for d in data], model=model, output=output, max_images=max_images,
                                       img_size=img_size, device=device))
 
 

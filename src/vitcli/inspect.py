@@ -82,7 +82,7 @@ def collect_images(items: list[Path]) -> list[Path]:
             if not files:
                 raise VitcliError(f"folder '{p}' holds no images (extensions: {', '.join(sorted(IMAGE_EXTS))})")
             found += files
-        elif p.is_file():
+        elif p.exists():  # a FIFO or device is reported (and skipped) when it is decoded, never opened
             found.append(p)
         else:
             raise VitcliError(f"image '{p}' does not exist")
