@@ -148,6 +148,9 @@ def to_yaml(cfg: Config, comments: bool = True) -> str:
             text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
             text = text.removesuffix("\n...").strip()
             note = f"  # {notes[key]}" if key in notes else ""
+            valid = RANGES.get(f"{section}.{key}", "").split(" (")[0]
+            if note and valid:
+                note += f"; valid {valid}"
             lines.append(f"  {key}: {text}{note}")
     return "\n".join(lines) + "\n"
 
