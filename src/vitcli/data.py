@@ -73,9 +73,17 @@ def _holds_runs(folder: Path) -> bool:
         return True
     try:
         entries = list(os.scandir(folder))
-        return (any(os.path.isdir(e.path) and is_run_folder(e.path) for e in entries)
-                and not any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries))
     except OSError:
+        return False
+    if any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries):  # names only: no stat per file
+        return False
+    return any(_is_dir(e) and is_run_folder(e.path) for e in entries)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # the type from the folder listing; a stat only for a symlink
+    except OSError:  # a symlink loop
         return False
 
 
@@ -171,11 +179,12 @@ def list_images(folder: Path, log: ScanLog | None = None) -> list[Path]:
             except BadImage as e:
                 log.skip(str(e))
                 continue
-            if os.path.islink(path) and log.alias(str(path)):
+            link = os.path.islink(path)
+            if link and log.alias(str(path)):
                 log.skip(f"{path}: a link to {os.path.realpath(path)}, inside the dataset (an alias; counted "
                          "once, where it is)")
                 continue
-            key = os.path.realpath(path)
+            key = os.path.realpath(path) if link else os.path.join(real, name)  # the folder is resolved once
             if key in log.files:
                 log.skip(f"{path}: the same file as {log.files[key]} (counted once)")
                 continue
