@@ -50,7 +50,7 @@ def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Modul
             [m for m in mods if TimmAttention and isinstance(m, TimmAttention)])
 
 
-def _explicit_timm_forward(store: list):
+def _explicit_timm_forward(store: list, keep_graph: bool = False):
     """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
@@ -63,7 +63,7 @@ def _explicit_timm_forward(store: list):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
-        store.append(attn.detach())
+        store.append(attn if keep_graph else attn.detach())
         x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
         if gate is not None:
@@ -74,18 +74,19 @@ def _explicit_timm_forward(store: list):
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list]:
+def explicit_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[list]:
     """Run every attention module on the explicit path while inside; yields the list that collects the
-    attention probabilities (B, heads, T, T), one entry per attention call, in call order."""
+    attention probabilities (B, heads, T, T), one entry per attention call, in call order (still in the
+    autograd graph with `keep_graph`, so gradients with respect to them can be taken)."""
     scratch, timm_mods = _attention_modules(model)
     if not scratch and not timm_mods:
         raise VitcliError(f"model {type(model).__name__} has no attention layers vitcli can read; inspect "
                           "supports the from-scratch ViT and timm ViT / DeiT / register-token models")
     store: list = []
     fused = [m.fused_attn for m in scratch]
-    hooks = [m.attn_probs.register_forward_hook(lambda _m, _i, out: store.append(out.detach()))
-             for m in scratch]
-    forward = _explicit_timm_forward(store) if timm_mods else None
+    hooks = [m.attn_probs.register_forward_hook(
+        lambda _m, _i, out: store.append(out if keep_graph else out.detach())) for m in scratch]
+    forward = _explicit_timm_forward(store, keep_graph) if timm_mods else None
     try:
         for m in scratch:
             m.fused_attn = False

@@ -198,8 +198,8 @@ def inspect_attention_cmd(
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
-        help="all (rollout + last block per head + block x head grid), rollout, or raw (attention of "
-             "--layer/--head).")] = "all",
+        help="all (rollout + last block per head + block x head grid), rollout, raw (attention of "
+             "--layer/--head), or a class-specific map: grad-rollout, gradcam, chefer.")] = "all",
     layer: Annotated[str | None, typer.Option(
         help="Blocks, 0-based: all, last, N or N,M. rollout: blocks 0..N (default all); raw: default last.")
     ] = None,
@@ -209,6 +209,9 @@ def inspect_attention_cmd(
     fusion: Annotated[str, typer.Option(help="Rollout head fusion: mean, max or min.")] = "mean",
     discard: Annotated[float, typer.Option(
         help="Rollout: share of the weakest attention weights per row set to 0, in [0, 1).")] = 0.9,
+    class_: Annotated[str | None, typer.Option(
+        "--class", help="Class to explain with grad-rollout, gradcam or chefer (default: the predicted one).")
+    ] = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -218,7 +221,30 @@ def inspect_attention_cmd(
 
         _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
-                                       device=device))
+                                       device=device, target=class_))
+
+
+@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
+def inspect_faithfulness_cmd(
+    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    method: Annotated[str, typer.Option(
+        help="all, or a comma list of rollout, grad-rollout, gradcam, chefer.")] = "all",
+    max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 100,
+    steps: Annotated[int, typer.Option(help="Points on each curve after the first (at most one per patch).")] = 16,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
+                         ] = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
+    with guard():
+        from vitcli.inspect import inspect_faithfulness
+
+        _, paths = inspect_faithfulness(data, model=model, output=output, method=method, max_images=max_images,
+                                        steps=steps, img_size=img_size, device=device, json_path=json_path)
+        _print_paths(paths)
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")
