@@ -100,3 +100,13 @@ def test_min_prob_takes_one_threshold_and_per_class_overrides():
         parse_min_prob(["1.5"], ["cat", "dog"])
     with pytest.raises(VitcliError, match="CLASS=PROB"):
         parse_min_prob(["high"], ["cat", "dog"])
+
+
+def test_temperature_is_clipped_when_the_validation_split_has_no_mistakes():
+    import torch
+
+    from vitcli.calibrate import T_BOUNDS
+
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == pytest.approx(T_BOUNDS[0])
+    assert fit_calibration(logits, torch.tensor([0, 1, 0]))["errors"] == 0

@@ -29,13 +29,15 @@ if TYPE_CHECKING:
     import torch
 
 UNKNOWN = "unknown"  # the answer when the top probability is below its --min-prob threshold
+T_BOUNDS = (0.05, 20.0)  # fitted temperatures are clipped to this range (no minimum exists without mistakes)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """The T > 0 that minimises mean cross-entropy of softmax(logits / T) against `labels` (N,).
 
     LBFGS with a strong-Wolfe line search on log T in float64; the NLL is convex in 1/T, so this finds the
-    global minimum."""
+    global minimum, clipped to T_BOUNDS. When no validation image is misclassified the NLL keeps falling as
+    T -> 0, and the lower bound is returned."""
     import torch
     import torch.nn.functional as F
 
@@ -43,6 +45,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     y = labels.detach().long().cpu()  # (N,)
     if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
         raise VitcliError(f"temperature fit needs logits (N, C) and N labels, got {tuple(z.shape)} and {len(y)}")
+    if bool((z.argmax(1) == y).all()):  # no mistakes: the NLL falls all the way to T -> 0
+        return T_BOUNDS[0]
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -55,9 +59,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    if not math.isfinite(t) or t <= 0:  # e.g. logits that are all equal: nothing to scale
+    if not math.isfinite(t):  # diverged (e.g. logits that are all equal): nothing to scale
         return 1.0
-    return t
+    return min(max(t, T_BOUNDS[0]), T_BOUNDS[1])
 
 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
@@ -116,7 +120,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
     after = (logits / t).softmax(-1).numpy()
     y = labels.numpy()
     scores = np.sort(lac_scores(after, y))
-    return {"temperature": t, "images": len(y), "score": "lac",
+    return {"temperature": t, "images": len(y), "errors": int((before.argmax(1) != y).sum()), "score": "lac",
             "conformal_scores": torch.from_numpy(scores),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, t),
             "ece_before": ece_of(before, y, bins)[0], "ece_after": ece_of(after, y, bins)[0]}

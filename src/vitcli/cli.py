@@ -130,6 +130,12 @@ def predict(
         "--output", "-o", help="Write results to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    min_prob: Annotated[list[str] | None, typer.Option(
+        "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
+                           "threshold (repeatable).")] = None,
+    coverage: Annotated[float | None, typer.Option(
+        help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
+             "(split conformal on the validation split).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -137,7 +143,8 @@ def predict(
     with guard():
         from vitcli.predict import run_predict
 
-        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision)
+        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
+                           min_prob=min_prob, coverage=coverage)
     raise typer.Exit(code)
 
 
@@ -145,19 +152,25 @@ def predict(
 def eval_cmd(
     data: Annotated[Path, typer.Argument(
         help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    coverage: Annotated[float, typer.Option(
+        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration and worst mistakes on labelled data."""
+    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration, prediction-set coverage and worst
+    mistakes on labelled data."""
     with guard():
         from vitcli.evaluate import evaluate
 
-        evaluate(data, model, batch_size, device, precision, output, json_path)
+        evaluate(data, model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
