@@ -12,6 +12,8 @@
 - Abstention: `--min-prob` thresholds (one for all classes and/or per class) turn a top-1 answer into
   `unknown`.
 
+Also the expected calibration error (ECE) over equal-width confidence bins, which eval reports.
+
 The numbers live in the checkpoint under "calibration" and in exported files' metadata; `calibration_of`
 reads them from either.
 """
@@ -108,11 +110,29 @@ def set_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict
             "mean_set_size": float(sets.sum() / n), "empty_share": float((sets.sum(1) == 0).sum() / n)}
 
 
+def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict[str, Any]]]:
+    """Expected calibration error over equal-width confidence bins, and the per-bin table (for the diagram).
+
+    ECE = sum_b |accuracy_b - confidence_b| * n_b / N, with confidence the top-1 probability.
+    """
+    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # bin b holds (lo, hi]
+    ece, table = 0.0, []
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else 0.0
+        c = float(conf[m].mean()) if n else 0.0
+        ece += abs(acc - c) * n / max(1, len(labels))
+        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "accuracy": acc,
+                      "confidence": c})
+    return float(ece), table
+
+
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict[str, Any]:
     """Everything stored in a checkpoint's "calibration" entry, from validation logits (N, C) and labels."""
     import torch
-
-    from vitcli.evaluate import calibration as ece_of
 
     logits, labels = logits.detach().double().cpu(), labels.detach().long().cpu()
     t = fit_temperature(logits, labels)
@@ -123,7 +143,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
     return {"temperature": t, "images": len(y), "errors": int((before.argmax(1) != y).sum()), "score": "lac",
             "conformal_scores": torch.from_numpy(scores),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, t),
-            "ece_before": ece_of(before, y, bins)[0], "ece_after": ece_of(after, y, bins)[0]}
+            "ece_before": calibration(before, y, bins)[0], "ece_after": calibration(after, y, bins)[0]}
 
 
 def calibration_of(meta: dict[str, Any]) -> tuple[float, np.ndarray | None]:

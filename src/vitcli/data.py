@@ -112,6 +112,14 @@ def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     return classes, split
 
 
+def class_counts(labels: list[int], n: int) -> list[int]:
+    """Images per class, for labels in range(n)."""
+    counts = [0] * n
+    for y in labels:
+        counts[y] += 1
+    return counts
+
+
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded per-class split: round(n * val_fraction) of each class (at least 1 when n >= 2) go to val."""
     rng = random.Random(seed)
@@ -369,10 +377,11 @@ class ImageStore:
     """The images of one split as uint8 (3, S, S) tensors: all decoded up front (cache) or on demand."""
 
     def __init__(self, split: Split, size: int, interpolation: str, cache: bool, num_workers: int,
-                 on_bad=None, progress_label: str = "decoding"):
+                 on_bad=None, progress_label: str = "decoding", pin_memory: bool = False):
         import torch
 
         self.size, self.interpolation, self.num_workers = size, interpolation, num_workers
+        self.pin_memory = pin_memory  # uncached batches in page-locked memory (non-blocking copies to CUDA)
         self.bad: list[str] = []
         self.images = None
         if cache:
@@ -424,7 +433,7 @@ class ImageStore:
             return
         loader = torch.utils.data.DataLoader(
             _DecodeDataset(self.paths, self.size, self.interpolation), batch_sampler=batches,
-            num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False,
+            num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False, pin_memory=self.pin_memory,
             multiprocessing_context="spawn" if self.num_workers > 0 and os.name != "posix" else None,
         )
         for images, keep, errors in loader:

@@ -1,4 +1,5 @@
-"""`vitcli eval`: how good a model is on a labelled folder and where it fails.
+"""Evaluation: the loop that runs a model over a labelled store (used by training too), and `vitcli eval`:
+how good a model is on a labelled folder and where it fails.
 
 Metrics are plain functions of (probabilities, labels) so they can be checked by hand: confusion matrix,
 per-class precision / recall / F1 with macro and weighted averages, top-k accuracy, expected calibration
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError
 
 CHUNK = 2048  # images decoded and held in memory at a time
@@ -56,26 +59,6 @@ def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the k highest probabilities."""
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
     return float((topk == labels[:, None]).any(1).mean()) if len(labels) else 0.0
-
-
-def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict[str, Any]]]:
-    """Expected calibration error over equal-width confidence bins, and the per-bin table (for the diagram).
-
-    ECE = sum_b |accuracy_b - confidence_b| * n_b / N, with confidence the top-1 probability.
-    """
-    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # bin b holds (lo, hi]
-    ece, table = 0.0, []
-    for b in range(bins):
-        m = which == b
-        n = int(m.sum())
-        acc = float(correct[m].mean()) if n else 0.0
-        c = float(conf[m].mean()) if n else 0.0
-        ece += abs(acc - c) * n / max(1, len(labels))
-        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "accuracy": acc,
-                      "confidence": c})
-    return float(ece), table
 
 
 def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
@@ -131,6 +114,46 @@ def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, pr
 
 
 # ----------------------------------------------------------------------------------------------- running
+@dataclass
+class EvalOutput:
+    logits: Any  # float (N, C) on CPU (empty unless keep_logits)
+    labels: Any  # long (N,) on CPU (empty unless keep_logits)
+    loss_sum: float
+    correct: int
+    count: int
+
+
+def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
+             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
+    """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
+    and are read once at the end."""
+    import torch
+
+    from vitcli.data import eval_transform, sequential_batches
+    from vitcli.device import autocast
+
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    all_logits, all_labels = [], []
+    with torch.inference_mode():
+        for x, y in store.batches(sequential_batches(len(store), batch_size, rank, world)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(eval_transform(x, pre)).float()  # (B, C)
+            if loss_fn is not None:
+                loss_sum += loss_fn(logits, y).double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+            if keep_logits:
+                all_logits.append(logits.cpu())
+                all_labels.append(y.cpu())
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
+    return EvalOutput(logits, labels.long(), float(loss_sum), int(correct), count)
+
+
 def collect_logits(pred, split, batch_size: int, tta: bool):
     """Run `pred` over a Split in bounded chunks: (logits (N, C), mirrored-image logits (N, C) or None,
     labels (N,), readable paths, unreadable-file messages)."""
@@ -217,13 +240,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
               "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
     if figures:
-        from vitcli.engine import new_run_dir
+        from vitcli.rundir import new_run_dir
 
         out_dir = Path(output) if output else new_run_dir("runs", "eval")
         report["figures"] = write_figures(report, out_dir, pre)
     print_report(report)
     if json_path:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import atomic_write
 
         text = json.dumps(report, indent=1)
         atomic_write(json_path, lambda f: f.write(text.encode()))
