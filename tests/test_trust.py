@@ -135,3 +135,66 @@ def test_eval_prints_ece_before_and_after_and_set_coverage(tmp_path, cal_run):
     assert res.exit_code == 0, res.output
     t = json.loads(Path("t.json").read_text())
     assert t["tta"] is True and t["loss"] != r["loss"] and t["images"] == r["images"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_models_carry_the_calibration_and_eval_runs_on_them(tmp_path, cal_run, fmt):
+    data = make_dataset(tmp_path / "ds", CLASSES, per_class=6, seed=21)
+    out = tmp_path / f"model.{fmt}"
+    res = run_cli("export", "--model", cal_run, "--format", fmt, "--output", out)
+    assert res.exit_code == 0, res.output
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["calibration"]["temperature"] != 1.0 and len(meta["calibration"]["conformal_scores"]) == 60
+    ref = run_cli("eval", data, "--model", cal_run, "--json", "ref.json", "-o", "f1", "--precision", "fp32",
+                  "--coverage", "0.8")
+    got = run_cli("eval", data, "--model", out, "--json", "got.json", "-o", "f2", "--coverage", "0.8")
+    assert ref.exit_code == 0 and got.exit_code == 0, got.output
+    r, g = json.loads(Path("ref.json").read_text()), json.loads(Path("got.json").read_text())
+    assert g["confusion_matrix"] == r["confusion_matrix"] and g["temperature"] == pytest.approx(r["temperature"])
+    assert g["loss"] == pytest.approx(r["loss"], abs=1e-4) and g["ece"] == pytest.approx(r["ece"], abs=1e-4)
+    assert g["conformal"]["coverage"] == r["conformal"]["coverage"]
+    preds = _json(run_cli("predict", data, "--model", out, "-f", "json", "--coverage", "0.8", "-k", "3"))
+    ref_preds = _json(run_cli("predict", data, "--model", cal_run, "-f", "json", "--coverage", "0.8", "-k", "3",
+                              "--precision", "fp32"))
+    assert [p["set"] for p in preds] == [p["set"] for p in ref_preds]
+
+
+def test_training_calibrates_both_checkpoints_and_best_metric_picks_best_pt(shapes, tmp_path):
+    from conftest import TINY
+    from vitcli.checkpoint import load_checkpoint
+    from vitcli.evaluate import evaluate
+
+    res = run_cli("train", shapes, *TINY, "--epochs", "3", "--set", "train.recipe=none",
+                  "--set", "train.best_metric=macro_f1", "--set", "optim.lr=3e-3")
+    assert res.exit_code == 0, res.output
+    assert "calibrated best.pt" in res.output and "calibrated last.pt" in res.output
+    run = tmp_path / "runs" / "train"
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    for ck in (best, last):
+        cal = ck["calibration"]
+        assert 0.05 <= cal["temperature"] <= 20 and cal["images"] == len(cal["conformal_scores"]) > 0
+        assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert "train_state" in last  # resuming still works from the recalibrated last.pt
+    f1s = [load_checkpoint(run / "last.pt")["train_state"]["progress"]["history"][i].get("val_macro_f1")
+           for i in range(3)]
+    assert best["metrics"]["val_macro_f1"] == pytest.approx(max(f1s)) and best["epoch"] == 1 + f1s.index(max(f1s))
+    # the stored macro F1 is the one eval computes on the same validation images
+    val = tmp_path / "val"
+    for row in csv.DictReader(io.StringIO((run / "split.csv").read_text())):
+        if row["split"] == "val":
+            dst = val / row["class"] / Path(row["path"]).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes((shapes / row["path"]).read_bytes())
+    rep = evaluate(val, str(run / "best.pt"), figures=False, device="cpu", precision="fp32")
+    assert rep["macro"]["f1"] == pytest.approx(best["metrics"]["val_macro_f1"], abs=1e-6)
+
+    res = run_cli("train", shapes, *TINY, "--epochs", "3", "--set", "train.recipe=none", "--set",
+                  "train.best_metric=loss", "--set", "train.calibrate=false", "--name", "byloss")
+    assert res.exit_code == 0, res.output
+    assert "calibrated" not in res.output
+    hist = load_checkpoint(tmp_path / "runs" / "byloss" / "last.pt")["train_state"]["progress"]["history"]
+    best = load_checkpoint(tmp_path / "runs" / "byloss" / "best.pt")
+    losses = [h["val_loss"] for h in hist]
+    assert best["epoch"] == 1 + losses.index(min(losses)) and "calibration" not in best
+    res = run_cli("train", shapes, *TINY, "--set", "train.best_metric=f1")
+    assert res.exit_code == 1 and "train.best_metric" in res.output and "macro_f1" in res.output

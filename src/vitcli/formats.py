@@ -150,15 +150,22 @@ def read_sidecar(path: Path) -> dict[str, Any]:
 
 
 def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
+    """What an exported file carries: classes, preprocessing, the model spec, the input/output contract and
+    the calibration (temperature, conformal scores) that predictors apply to the logits."""
+    from vitcli.calibrate import calibration_for_export
+
     pre = ckpt["preprocess"]
+    cal = calibration_for_export(ckpt.get("calibration"))
     return {
         "format": EXPORT_FORMAT, "vitcli_version": __version__, "source": str(source),
         "classes": list(ckpt["classes"]), "preprocess": dict(pre), "model_spec": ckpt["model_spec"],
         "input": {"name": "image", "shape": ["batch", 3, pre["img_size"], pre["img_size"]], "dtype": "float32",
                   "meaning": "RGB resized (shorter side to resize_size, interpolation), center-cropped to "
                              "img_size, scaled to [0, 1], then (x - mean) / std per channel"},
-        "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])], "meaning": "softmax -> probabilities"},
-    }
+        "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
+                   "meaning": "softmax(logits / calibration.temperature) -> calibrated probabilities"
+                   if cal else "softmax -> probabilities"},
+    } | ({"calibration": cal} if cal else {})
 
 
 def export_onnx(model, sample, path: Path, meta: dict[str, Any], opset: int) -> None:
