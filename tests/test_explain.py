@@ -174,3 +174,17 @@ def test_inspect_attention_class_and_faithfulness_commands(tmp_path, tmp_path_fa
     assert (out / "faithfulness.png").is_file() and "random" in res.output
     res = run_cli("inspect", "faithfulness", image.parent, "--model", run, "--method", "gradcam,lime")
     assert res.exit_code == 1 and "--method 'gradcam,lime'" in res.output
+    res = run_cli("inspect", "faithfulness", image.parent, "--model", run, "--baseline", "zero")
+    assert res.exit_code == 1 and "--baseline 'zero'" in res.output and "blur" in res.output
+
+
+def test_baselines_blur_keep_a_flat_image_and_noise_is_seeded():
+    from vitcli.explain import baseline_image
+
+    flat = torch.full((1, 3, 16, 16), 0.7)
+    assert torch.allclose(baseline_image(flat, "blur", (4, 4)), flat)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    blurred = baseline_image(x, "blur", (4, 4))
+    assert blurred.std() < 0.5 * x.std()  # fine detail is gone
+    assert torch.equal(baseline_image(x, "noise", (4, 4), seed=3), baseline_image(x, "noise", (4, 4), seed=3))
+    assert torch.equal(baseline_image(x, "mean", (4, 4)), torch.zeros_like(x))

@@ -246,6 +246,9 @@ def inspect_faithfulness_cmd(
         help="all, or a comma list of rollout, grad-rollout, gradcam, chefer.")] = "all",
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 100,
     steps: Annotated[int, typer.Option(help="Points on each curve after the first (at most one per patch).")] = 16,
+    baseline: Annotated[str, typer.Option(
+        help="What a removed patch shows: blur (the image blurred, sigma = one patch), noise (random pixels) "
+             "or mean (the dataset mean).")] = "blur",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
                          ] = None,
     img_size: ImgSizeOpt = None,
@@ -256,7 +259,8 @@ def inspect_faithfulness_cmd(
         from vitcli.inspect import inspect_faithfulness
 
         _, paths = inspect_faithfulness(data, model=model, output=output, method=method, max_images=max_images,
-                                        steps=steps, img_size=img_size, device=device, json_path=json_path)
+                                        steps=steps, img_size=img_size, device=device, json_path=json_path,
+                                        baseline=baseline)
         _print_paths(paths)
 
 

@@ -14,9 +14,12 @@ class-c logit:
   weighted sum of channels per patch.
 - `rollout`: plain attention rollout (vitcli.attention), the same map for every class, for comparison.
 
-Faithfulness (Petsiuk et al. 2018, RISE): deletion replaces patches, most important first, with the mean
-image (0 after normalisation) and records the target-class probability; insertion starts from the mean
-image and puts patches back in the same order. The area under each curve (x = share of patches) is the
+Faithfulness (Petsiuk et al. 2018, RISE): deletion replaces patches, most important first, with a baseline
+(by default the image blurred with a Gaussian of one patch side, RISE's insertion canvas; or random pixels,
+or the mean image) and records the target-class probability; insertion starts from the baseline and puts
+patches back in the same order. A flat mean patch is something many models never saw in training: on the
+quadrant example any such patch drops the probability to chance, whatever the order, which hides how good
+a map is. The area under each curve (x = share of patches) is the
 score: low for deletion and high for insertion mean the map found what the model uses. A random patch order
 gives the baseline. Gradients run on the explicit attention path inside `explicit_attention` only.
 """
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 CLASS_METHODS = ("grad-rollout", "gradcam", "chefer")  # maps that depend on the target class
 MAP_METHODS = ("rollout",) + CLASS_METHODS
+BASELINES = ("mean", "blur", "noise")  # what a removed patch shows in the faithfulness tests
 ROLLOUT_DISCARD = 0.9  # the plain rollout's discard ratio in faithfulness (inspect attention's default)
 
 
@@ -170,12 +174,35 @@ def random_ranking(batch: int, n: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=g) for _ in range(batch)])  # (B, N)
 
 
+def baseline_image(x: torch.Tensor, kind: str, grid: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """What a removed patch shows, (B, 3, H, W) for normalised x: "mean" the dataset mean (0), "blur" the
+    image blurred with a Gaussian of sigma = one patch side, "noise" per-pixel N(0, 1) noise (random pixels
+    with the dataset's mean and std, as random erasing draws them)."""
+    import torch
+    import torch.nn.functional as F
+
+    if kind == "mean":
+        return torch.zeros_like(x)
+    if kind == "noise":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+    if kind != "blur":
+        raise VitcliError(f"--baseline {kind!r} is not valid; use one of {', '.join(BASELINES)}")
+    sigma = x.shape[-1] / grid[1]
+    r = int(2 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()  # (2r+1,)
+    c = x.shape[1]
+    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def curves(model: nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torch.Tensor,
-           grid: tuple[int, int], steps: int, temperature: float = 1.0, chunk: int = 256
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           grid: tuple[int, int], steps: int, temperature: float = 1.0, chunk: int = 256,
+           base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion curves, each (B, steps + 1): the target-class probability after removing
     (deletion) or keeping only (insertion) the first round(k N / steps) patches of `order` (B, N), k = 0..steps.
-    Removed patches hold the mean image: 0 for normalised input x (B, 3, H, W)."""
+    Removed patches show `base` (B, 3, H, W), default the mean image (0 for normalised input x)."""
     import torch
 
     B, N = order.shape
@@ -189,7 +216,8 @@ def curves(model: nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torc
         mask = keep.reshape(B, steps + 1, 1, gh, gw).float().to(x.device)  # (B, S+1, 1, gh, gw)
         ph, pw = x.shape[-2] // gh, x.shape[-1] // gw
         mask = mask.repeat_interleave(ph, dim=-2).repeat_interleave(pw, dim=-1)  # (B, S+1, 1, H, W)
-        imgs = (x[:, None] * mask).flatten(0, 1)  # (B*(S+1), 3, H, W)
+        imgs = x[:, None] * mask if base is None else x[:, None] * mask + base[:, None] * (1 - mask)
+        imgs = imgs.flatten(0, 1)  # (B*(S+1), 3, H, W)
         tgt = targets.to(x.device).repeat_interleave(steps + 1)  # (B*(S+1),)
         probs = []
         with torch.no_grad():
@@ -207,7 +235,7 @@ def auc(curve: torch.Tensor) -> float:
 
 
 def faithfulness(model: nn.Module, batches, methods: list[str], steps: int, temperature: float = 1.0,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, baseline: str = "blur") -> dict[str, Any]:
     """Deletion and insertion curves and AUCs per method and for a random order, over normalised image
     batches (B, 3, H, W); the target is each image's predicted class."""
     import torch
@@ -215,16 +243,17 @@ def faithfulness(model: nn.Module, batches, methods: list[str], steps: int, temp
     sums: dict[str, list[torch.Tensor]] = {m: [] for m in [*methods, "random"]}
     images = 0
     for bi, x in enumerate(batches):
-        targets, grid = None, None
+        targets, grid, base = None, None, None
         for m in methods:
             maps, logits, targets = explain(model, x, m, targets)
             grid = tuple(maps.shape[-2:])
+            base = baseline_image(x, baseline, grid, seed + bi) if base is None else base
             sums[m].append(torch.stack(curves(model, x, ranking(maps, seed + bi), targets, grid, steps,
-                                              temperature)))  # (2, B, S+1)
+                                              temperature, base=base)))  # (2, B, S+1)
         order = random_ranking(len(x), grid[0] * grid[1], seed + 1000 + bi)
-        sums["random"].append(torch.stack(curves(model, x, order, targets, grid, steps, temperature)))
+        sums["random"].append(torch.stack(curves(model, x, order, targets, grid, steps, temperature, base=base)))
         images += len(x)
-    result: dict[str, Any] = {"images": images, "steps": steps, "methods": {}}
+    result: dict[str, Any] = {"images": images, "steps": steps, "baseline": baseline, "methods": {}}
     for m, parts in sums.items():
         c = torch.cat(parts, dim=1)  # (2, images, S+1)
         result["methods"][m] = {"deletion_auc": auc(c[0]), "insertion_auc": auc(c[1]),

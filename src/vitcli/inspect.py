@@ -302,16 +302,18 @@ def parse_methods(text: str) -> list[str]:
 
 def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: str | Path | None = None,
                          method: str = "all", max_images: int = 100, steps: int = 16, img_size: int | None = None,
-                         device: str = "cpu", json_path: str | Path | None = None,
+                         device: str = "cpu", json_path: str | Path | None = None, baseline: str = "blur",
                          batch_size: int = 16) -> tuple[dict[str, Any], list[Path]]:
     """Deletion / insertion AUC per method beside a random order (printed, drawn, optionally as JSON)."""
     import json
 
     from rich.table import Table
 
-    from vitcli.explain import faithfulness
+    from vitcli.explain import BASELINES, faithfulness
 
     methods = parse_methods(method)
+    if baseline not in BASELINES:
+        raise VitcliError(f"--baseline {baseline!r} is not valid; use one of {', '.join(BASELINES)}")
     if max_images < 1:
         raise VitcliError(f"--max-images {max_images} must be at least 1")
     if steps < 1:
@@ -329,10 +331,10 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
         for start in range(0, len(paths), batch_size):
             yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
 
-    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature)
+    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
     res = {"model": str(ld.run_dir), "target": "predicted class", **res}
-    tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; deletion: lower is "
-                      "better, insertion: higher is better)", title_justify="left")
+    tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
+                      f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
     for col in ("method", "deletion AUC", "insertion AUC"):
         tab.add_column(col, justify="left" if col == "method" else "right")
     rnd = res["methods"]["random"]
