@@ -510,15 +510,17 @@ def normalize_(x, mean, std):
     return x.mul_(scale).sub_(shift)
 
 
-def crop_grid(theta, size: int, device):
+def crop_grid(theta, size: int, device, rotated: bool | None = None):
     """F.affine_grid(theta, (B, 3, size, size)) for a CPU theta (B, 2, 3); built separably (x from the column,
-    y from the row, several times cheaper) when the window is not rotated."""
+    y from the row, several times cheaper) when the window is not rotated (`rotated` None: look at theta)."""
     import torch
     import torch.nn.functional as F
 
     B = theta.shape[0]
-    th = theta.to(device)
-    if theta[:, 0, 1].any() or theta[:, 1, 0].any():
+    th = theta.to(device, non_blocking=True)
+    if rotated is None:
+        rotated = bool(theta[:, 0, 1].any() or theta[:, 1, 0].any())
+    if rotated:
         return F.affine_grid(th, [B, 3, size, size], align_corners=False)
     base = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # (size,) pixel centres
     gx = th[:, 0, 0].view(B, 1, 1) * base.view(1, 1, size) + th[:, 0, 2].view(B, 1, 1)  # (B, 1, size)
@@ -584,7 +586,7 @@ class TrainAugment:
             theta[:, 0, 0], theta[:, 0, 1] = w * flip * cos, -h * sin
             theta[:, 1, 0], theta[:, 1, 1] = w * flip * sin, h * cos
         size = cfg.img_size
-        grid = crop_grid(theta, size, dev)  # (B, size, size, 2)
+        grid = crop_grid(theta, size, dev, rotated=cfg.rotate > 0)  # (B, size, size, 2)
         pad = "border" if cfg.translate > 0 or cfg.rotate > 0 else "reflection"
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=pad, align_corners=False)
         out = normalize_(out, cfg.mean, cfg.std)  # bilinear weights sum to 1: same as normalising first, cheaper
