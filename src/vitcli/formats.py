@@ -44,10 +44,10 @@ class Predictor:
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
 
-    def probs(self, x, tta: bool = False, temperature: float | None = None):
-        """uint8 (B, 3, S, S) -> probabilities (B, C) of logits / temperature (default: the stored one);
-        with `tta` the mean over the image and its mirror."""
-        t = self.temperature if temperature is None else temperature
+    def probs(self, x, tta: bool = False):
+        """uint8 (B, 3, S, S) -> probabilities (B, C) of logits / the stored temperature; with `tta` the mean
+        over the image and its mirror."""
+        t = self.temperature
         p = (self.logits(x).float() / t).softmax(-1)  # (B, C)
         if tta:
             p = (p + (self.logits(x.flip(-1)).float() / t).softmax(-1)) / 2
