@@ -240,18 +240,53 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
               "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
     if figures:
+        from vitcli.html_report import eval_report, pick_examples
         from vitcli.rundir import new_run_dir
 
         out_dir = Path(output) if output else new_run_dir("runs", "eval")
         report["figures"] = write_figures(report, out_dir, pre)
+        net = getattr(pred, "model", None)  # exported files: no attention figure
+        page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
+                           pick_examples(paths, y))
+        report["figures"]["report"] = str(page)
     print_report(report)
     if json_path:
-        from vitcli.files import atomic_write
+        from vitcli.files import atomic_write_text
 
-        text = json.dumps(report, indent=1)
-        atomic_write(json_path, lambda f: f.write(text.encode()))
+        atomic_write_text(json_path, json.dumps(report, indent=1))
         info(f"wrote {esc(str(json_path))}")
     return report
+
+
+def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
+                   where: str | Path = "the data"):
+    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
+    the readable paths, skipped-file messages)."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.console import warn
+
+    bad: list[str] = []
+    logits, labels, paths = [], [], []
+    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
+        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+                             on_bad=bad.append, progress_label="decoding")
+        res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
+        logits.append(res.logits)
+        labels.append(res.labels)
+        paths += store.paths
+    for msg in bad:
+        warn(f"skipped {msg}")
+    if not paths:
+        raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
+    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
+    y = torch.cat(labels).numpy()  # (N,)
+    report = compute_metrics(probs, y, classes)
+    losses, preds = report.pop("_losses"), report.pop("_preds")
+    report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
+    return report, probs, y, paths, bad
 
 
 def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:

@@ -120,6 +120,7 @@ class TorchPredictor(Predictor):
 
         ckpt = load_checkpoint(path)
         self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
+        self.config = ckpt.get("config", {})  # the training config (eval's report.html shows it)
         self.device = pick_device(device)
         self.precision, _ = pick_precision(precision, self.device)
         self.model = model_from_checkpoint(ckpt, path).to(self.device)
