@@ -604,7 +604,8 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
 
 
 def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
-    """Check the replicas agree (torchrun), tell the callbacks, print the summary."""
+    """Calibrate best.pt and last.pt (train.calibrate), check the replicas agree (torchrun), tell the callbacks,
+    print the summary."""
     from vitcli.distributed import check_replicas
 
     p = run.progress
