@@ -333,7 +333,8 @@ def inspect_faithfulness_cmd(
     with guard():
         from vitcli.inspect import inspect_faithfulness
 
-        _, paths = inspect_faithfulness([data_path(d) for d in data], model=model, output=output, method=method, max_images=max_images,
+        images = [data_path(d) for d in data]
+        _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
                                         steps=steps, img_size=img_size, device=device, json_path=json_path,
                                         baseline=baseline)
         _print_paths(paths)
