@@ -37,9 +37,10 @@ class Captured:
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list]:
+def explicit_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[list]:
     """Run every attention module on the explicit path while inside; yields the list that collects the
-    attention probabilities (B, heads, T, T), one entry per attention call, in call order."""
+    attention probabilities (B, heads, T, T), one entry per attention call, in call order (still in the
+    autograd graph with `keep_graph`, so gradients with respect to them can be taken)."""
     from vitcli.models import backend_of
 
     backend = backend_of(model)
@@ -47,7 +48,7 @@ def explicit_attention(model: nn.Module) -> Iterator[list]:
         raise VitcliError(f"model {type(model).__name__} has no attention layers vitcli can read; inspect "
                           "supports the from-scratch ViT and timm ViT / DeiT / register-token models")
     store: list = []
-    with backend.explicit_attention(model, store):
+    with backend.explicit_attention(model, store, keep_graph):
         yield store
 
 

@@ -27,20 +27,35 @@ app = typer.Typer(
 def guard():
     """Turn project errors into one red line and exit code 1; interruptions into 130 / 143."""
     from vitcli.console import error
+    from vitcli.signals import Stopped, stop_handlers
 
     try:
-        yield
+        with stop_handlers():
+            yield
     except VitcliError as e:
         error(str(e))
         raise typer.Exit(1) from None
+    except Stopped as e:
+        error(("interrupted" if e.code == 130 else f"stopped by {e.name}") + e.detail)
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:  # a file system error no library function turned into a message (safety net)
+        error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or type(e).__name__}")
+        raise typer.Exit(1) from None
     except Exception as e:  # an Interrupted from the engine carries its own exit code
         code = getattr(e, "code", None)
         if type(e).__name__ == "Interrupted" and isinstance(code, int):
             raise typer.Exit(code) from None
         raise
+
+
+def data_path(data: str | None, name: str = "DATA") -> Path | None:
+    """A path argument; '' is an error (Path('') would silently mean the current folder)."""
+    if data is not None and not data.strip():
+        raise VitcliError(f"{name} is empty (''); give a path (use . for the current folder)")
+    return None if data is None else Path(data)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
@@ -50,7 +65,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
     ] = None,
     config: ConfigOpt = None,
@@ -76,6 +91,7 @@ def train(
     from vitcli.config import load_config
 
     with guard():
+        data = data_path(data)
         if data is None and resume is None:
             raise VitcliError("missing DATA: give the dataset folder, e.g. vitcli train examples/digits")
         flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
@@ -138,6 +154,12 @@ def predict(
         "--output", "-o", help="Write results to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    min_prob: Annotated[list[str] | None, typer.Option(
+        "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
+                           "threshold (repeatable).")] = None,
+    coverage: Annotated[float | None, typer.Option(
+        help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
+             "(split conformal on the validation split).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -145,27 +167,34 @@ def predict(
     with guard():
         from vitcli.predict import run_predict
 
-        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision)
+        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
+                           min_prob=min_prob, coverage=coverage)
     raise typer.Exit(code)
 
 
 @app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
-    data: Annotated[Path, typer.Argument(
+    data: Annotated[str, typer.Argument(
         help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    coverage: Annotated[float, typer.Option(
+        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration and worst mistakes on labelled data."""
+    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration, prediction-set coverage and worst
+    mistakes on labelled data."""
     with guard():
         from vitcli.evaluate import evaluate
 
-        evaluate(data, model, batch_size, device, precision, output, json_path)
+        evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -207,7 +236,7 @@ def runs_cmd(
 def compare(
     run_a: Annotated[str, typer.Argument(help="Run folder or checkpoint A.", show_default=False)],
     run_b: Annotated[str, typer.Argument(help="Run folder or checkpoint B.", show_default=False)],
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -219,7 +248,7 @@ def compare(
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        r = compare_runs(run_a, run_b, data, device, precision, batch_size)
+        r = compare_runs(run_a, run_b, data_path(data), device, precision, batch_size)
         if json_out:
             import json
 
@@ -260,12 +289,12 @@ def _print_paths(paths) -> None:
 
 @inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
-        help="all (rollout + last block per head + block x head grid), rollout, or raw (attention of "
-             "--layer/--head).")] = "all",
+        help="all (rollout + last block per head + block x head grid), rollout, raw (attention of "
+             "--layer/--head), or a class-specific map: grad-rollout, gradcam, chefer.")] = "all",
     layer: Annotated[str | None, typer.Option(
         help="Blocks, 0-based: all, last, N or N,M. rollout: blocks 0..N (default all); raw: default last.")
     ] = None,
@@ -275,6 +304,9 @@ def inspect_attention_cmd(
     fusion: Annotated[str, typer.Option(help="Rollout head fusion: mean, max or min.")] = "mean",
     discard: Annotated[float, typer.Option(
         help="Rollout: share of the weakest attention weights per row set to 0, in [0, 1).")] = 0.9,
+    class_: Annotated[str | None, typer.Option(
+        "--class", help="Class to explain with grad-rollout, gradcam or chefer (default: the predicted one).")
+    ] = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -282,9 +314,38 @@ def inspect_attention_cmd(
     with guard():
         from vitcli.inspect import inspect_attention
 
-        _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
+        paths = [data_path(i, "IMAGE") for i in images]
+        _print_paths(inspect_attention(paths, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
-                                       device=device))
+                                       device=device, target=class_))
+
+
+@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
+def inspect_faithfulness_cmd(
+    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    method: Annotated[str, typer.Option(
+        help="all, or a comma list of rollout, grad-rollout, gradcam, chefer.")] = "all",
+    max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 100,
+    steps: Annotated[int, typer.Option(help="Points on each curve after the first (at most one per patch).")] = 16,
+    baseline: Annotated[str, typer.Option(
+        help="What a removed patch shows: blur (the image blurred, sigma = one patch), noise (random pixels) "
+             "or mean (the dataset mean).")] = "blur",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
+                         ] = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
+    with guard():
+        from vitcli.inspect import inspect_faithfulness
+
+        images = [data_path(d) for d in data]
+        _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
+                                        steps=steps, img_size=img_size, device=device, json_path=json_path,
+                                        baseline=baseline)
+        _print_paths(paths)
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")
@@ -315,7 +376,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
 
 @inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
-    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,
@@ -326,7 +387,7 @@ def inspect_distance_cmd(
     with guard():
         from vitcli.inspect import inspect_distance
 
-        _print_paths(inspect_distance(data, model=model, output=output, max_images=max_images,
+        _print_paths(inspect_distance([data_path(d) for d in data], model=model, output=output, max_images=max_images,
                                       img_size=img_size, device=device))
 
 
@@ -345,13 +406,13 @@ def inspect_filters_cmd(
 
 @inspect_app.command("data", short_help="Check a dataset before training.")
 def inspect_data_cmd(
-    data: Annotated[Path, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
     with guard():
         from vitcli.inspect import inspect_data
 
-        inspect_data(data)
+        inspect_data(data_path(data))
 
 
 def main() -> None:

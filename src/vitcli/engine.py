@@ -17,6 +17,8 @@ accuracy and loss finiteness are summed on it and read once every LOG_EVERY batc
 
 from __future__ import annotations
 
+import contextlib
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import Config
-from vitcli.console import console, esc, info
+from vitcli.console import console, esc, info, warn
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -133,9 +135,10 @@ class Progress:
     step: int = 0  # optimiser steps taken
     best_acc: float = -1.0
     best_epoch: int = 0
-    since_best: int = 0  # epochs without a better val accuracy
+    since_best: int = 0  # epochs without a better val best_metric
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
+    best_score: float = -math.inf  # train.best_metric of the best epoch, higher is better (loss negated)
     plan: dict[str, int] | None = None  # epochs and schedule a time budget fitted (budget.py), kept on resume
 
 
@@ -209,30 +212,34 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None):
-    """Resolve --resume (its config and dataset), then the device, processes, seeds and threads.
+def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
+             hold: contextlib.ExitStack | None = None):
+    """Resolve --resume (its config and dataset; the run folder locked into `hold`), check that no output lands
+    inside the dataset, then the device, processes, seeds and threads.
 
     Returns (cfg, data_dir, run_dir or None for a new run, last.pt contents or None, Env)."""
     import torch
 
-    from vitcli.config import config_from_dict, load_config
+    from vitcli.config import config_from_dict, load_config, validate
     from vitcli.device import pick_device, pick_precision, seed_everything
     from vitcli.distributed import init_distributed
-    from vitcli.rundir import cfg_data_dir, resolve_resume
+    from vitcli.rundir import cfg_data_dir, refuse_output_in_data, resolve_resume
 
     run_dir = ckpt = None
     if resume is not None:
-        run_dir, ckpt = resolve_resume(resume)
+        run_dir, ckpt = resolve_resume(resume, hold)
         if ckpt is not None:
             cfg = config_from_dict(ckpt["config"])
             data_dir = data_dir or ckpt.get("data_dir")
         else:
             cfg = load_config(run_dir / "config.yaml")
             data_dir = data_dir or cfg_data_dir(run_dir)
-        if epochs:
+        if epochs is not None:
             cfg.train.epochs = epochs
+        validate(cfg)  # --epochs, and a shared checkpoint's config, are checked like a config file
         if data_dir is None:
             raise VitcliError(f"--resume '{resume}': give the dataset folder too (vitcli train DATA --resume RUN)")
+    refuse_output_in_data(cfg, data_dir, run_dir)
     t = cfg.train
     device = pick_device(t.device)
     dist_i = init_distributed(device)
@@ -243,21 +250,26 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
     return cfg, data_dir, run_dir, ckpt, Env(device, precision, why, dist_i.rank, dist_i.world_size)
 
 
-def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None,
-                 recipe: bool) -> tuple[TrainData, Path]:
+def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
+                 hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
+                 ) -> tuple[TrainData, Path]:
     """Scan the dataset, fill the recipe (`recipe`: not for a resumed run, whose config is final), write
     config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
-    `run_dir` is None)."""
+    `run_dir` is None, and locked into `hold`). A resumed run's classes must match its checkpoint's
+    (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
     from vitcli import data as D
     from vitcli.defaults import DataFacts
     from vitcli.distributed import broadcast_str
+    from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
-    from vitcli.rundir import new_run_dir, write_config, write_split
+    from vitcli.rundir import check_resumed_data, new_run_dir, write_config, write_split
 
     d, t = cfg.data, cfg.train
     ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
-    if len(ds.val) == 0:
-        raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
+    D.check_val_split(ds, d.val_fraction)
+    resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
+    if resumed:
+        check_resumed_data(run_dir, ds, resumed_classes)
     if recipe:  # data-aware defaults and the recipe fill the keys the user left
         facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
         apply_recipe(cfg, n_train=len(ds.train), world=env.world, quiet=not env.main, facts=facts)
@@ -268,9 +280,11 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     if run_dir is None:
         run_dir = new_run_dir(t.output, t.name) if env.main else Path(t.output) / t.name
         run_dir = Path(broadcast_str(str(run_dir)))
+        if hold is not None and env.main:
+            hold.enter_context(run_lock(run_dir))
     if env.main:
         write_config(run_dir, cfg, data_dir)
-        if ds.split_made:
+        if ds.split_made and not resumed:
             write_split(run_dir / "split.csv", ds)
     counts = D.class_counts(ds.train.labels, len(ds.classes))
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
@@ -379,7 +393,9 @@ def restore(run: RunState, ckpt: dict[str, Any]) -> None:
         run.scaler.load_state_dict(ts["scaler"])
     pr = ts["progress"]
     run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
-                            pr["since_best"], list(pr["history"]), dict(pr["partial"]), pr.get("plan"))
+                            pr["since_best"], list(pr["history"]), dict(pr["partial"]),
+                            pr.get("best_score", pr["best_acc"]),  # runs from before best_metric used acc
+                            pr.get("plan"))
     set_rng_state(ts["rng"])
     run.aug_gen.set_state(ts["aug_rng"])
     info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
@@ -536,13 +552,34 @@ def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
         if run.ema is not None:
             broadcast_buffers(run.ema.module)
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
+    f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
-                  env.rank, env.world)
+                  env.rank, env.world, keep_logits=f1)
     vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
     seconds = p.partial["seconds"]
-    return {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
-            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
-            "images_per_s": tn / max(seconds, 1e-9)}
+    row = {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
+           "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
+           "images_per_s": tn / max(seconds, 1e-9)}
+    if f1:
+        row["val_macro_f1"] = _macro_f1(ev, len(data.classes), env.device)
+    return row
+
+
+def _macro_f1(ev, num_classes: int, device) -> float:
+    """Macro F1 of the validation predictions, from the confusion matrix summed over ranks."""
+    import numpy as np
+
+    from vitcli.distributed import all_reduce_sums
+    from vitcli.evaluate import averages, confusion_matrix, per_class_metrics
+
+    cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
+    cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
+    cm = cm.reshape(num_classes, num_classes)
+    return averages(per_class_metrics(cm), cm)["macro"]["f1"]
+
+
+BEST_SCORE = {"acc": lambda row: row["val_acc"], "loss": lambda row: -row["val_loss"],
+              "macro_f1": lambda row: row["val_macro_f1"]}  # train.best_metric -> higher is better
 
 
 def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
@@ -550,9 +587,10 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     t, p = run.cfg.train, run.progress
     p.history.append(row)
     p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
-    improved = row["val_acc"] > p.best_acc and _finite(run.eval_model)
+    score = BEST_SCORE[t.best_metric](row)
+    improved = score > p.best_score and _finite(run.eval_model)
     if improved:
-        p.best_acc, p.best_epoch, p.since_best = row["val_acc"], p.epoch, 0
+        p.best_score, p.best_acc, p.best_epoch, p.since_best = score, row["val_acc"], p.epoch, 0
     else:
         p.since_best += 1
     metrics = {k: float(v) for k, v in row.items()}
@@ -566,7 +604,9 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
          f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
     if t.patience and p.since_best >= t.patience:
-        info(f"early stop: val accuracy did not improve for {t.patience} epochs (best {p.best_acc:.4f} at epoch "
+        what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1"}[t.best_metric]
+        best = -p.best_score if t.best_metric == "loss" else p.best_score
+        info(f"early stop: val {what} did not improve for {t.patience} epochs (best {best:.4f} at epoch "
              f"{p.best_epoch})")
         return True
     return False
@@ -594,19 +634,49 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
 
 
 def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
-    """Check the replicas agree (torchrun), tell the callbacks, print the summary."""
+    """Calibrate best.pt and last.pt (train.calibrate), check the replicas agree (torchrun), tell the callbacks,
+    print the summary."""
     from vitcli.distributed import check_replicas
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
+    if run.env.main and run.cfg.train.calibrate and p.history:
+        calibrate_checkpoints(run, data)
     if run.env.world > 1:
         digest = check_replicas(run.eval_model.state_dict(), run.env.world)
         info(f"[bold]distributed[/] all {run.env.world} processes hold identical weights (sha256 {digest[:16]})")
     if run.env.main:
         for cb in run.callbacks:
             cb.on_end(run, result)
-        _summary(result, data.classes, data.bad)
+        _summary(result, data.classes, data.bad, run.cfg.train.best_metric)
     return result
+
+
+def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
+    """Fit the temperature and conformal scores of best.pt's and last.pt's weights on the validation split and
+    store them in each file (train.calibrate)."""
+    from vitcli.calibrate import fit_calibration
+    from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from vitcli.evaluate import run_eval
+
+    env = run.env
+    if len(data.val) == 0:
+        warn("calibration skipped: the validation split is empty")
+        return
+    for name in ("best.pt", "last.pt"):
+        path = run.run_dir / name
+        if not path.is_file():
+            continue
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path).to(env.device)
+        ev = run_eval(model, data.val, data.pre, env.device, env.precision, run.cfg.data.batch_size * 2,
+                      keep_logits=True)
+        ckpt["calibration"] = cal = fit_calibration(ev.logits, ev.labels)
+        save_checkpoint(path, ckpt)
+        note = " (no validation mistakes: temperature at its lower bound)" if cal["errors"] == 0 else ""
+        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.4f} -> "
+             f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} on {cal['images']} "
+             f"images{note}")
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -615,25 +685,49 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
           callbacks: list[Callback] | None = None, time_override: str | None = None) -> TrainResult:
     """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder (with
     `time_override`, fit its rest to a new time budget)."""
-    from vitcli.budget import budget_for
-    from vitcli.console import progress_bar
-    from vitcli.loggers import Tracking, check_installed
-
     t_start = time.time()
-    cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs_override)
-    check_installed(cfg.train.log)  # before any work
-    data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None)
-    run = build_state(cfg, data, env, run_dir)
+    with contextlib.ExitStack() as hold:  # the run-folder lock, held until the run ends
+        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override)
+        return run_epochs(run, data, t_start, stop_after_steps, callbacks)
+
+
+def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
+              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None
+              ) -> tuple[RunState, TrainData]:
+    """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
+    (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
+    from vitcli.budget import budget_for
+    from vitcli.loggers import check_installed
+    from vitcli.signals import Stopped
+
+    try:
+        cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
+        check_installed(cfg.train.log)  # before any work
+        data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
+                                     resumed_classes=None if ckpt is None else list(ckpt["classes"]))
+        run = build_state(cfg, data, env, run_dir)
+        run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
+        if ckpt is not None:
+            restore(run, ckpt)
+        return run, data
+    except Stopped as e:
+        e.detail = " while preparing the run (scanning or decoding images); no checkpoint was written"
+        raise
+
+
+def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps: int | None,
+               callbacks: list[Callback] | None) -> TrainResult:
+    """The epochs of a prepared run, then finish."""
+    from vitcli.console import progress_bar
+    from vitcli.loggers import Tracking
+
     run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
-    if cfg.train.log_every_steps and set(cfg.train.log) - {"csv"}:  # step logs need the sums that often
-        run.log_every = min(LOG_EVERY, cfg.train.log_every_steps * cfg.train.accum_steps)
-    run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)
-    if ckpt is not None:
-        restore(run, ckpt)
-    if env.main:
+    t = run.cfg.train
+    if t.log_every_steps and set(t.log) - {"csv"}:  # step logs need the sums that often
+        run.log_every = min(LOG_EVERY, t.log_every_steps * t.accum_steps)
+    if run.env.main:
         for cb in run.callbacks:
             cb.on_start(run, data)
-    t = cfg.train
     try:
         with StopFlag() as stop, progress_bar(extra=True) as bar:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
@@ -678,9 +772,11 @@ class StopFlag:
         return self
 
     def _make(self, code: int):
+        from vitcli.signals import exit_now, first_signal
+
         def handler(signum, frame):
-            if self.code:  # a second signal: stop now
-                raise KeyboardInterrupt
+            if not first_signal():  # a second signal (also one after a first outside this loop): stop now
+                exit_now(signum)
             self.code = code
 
         return handler
@@ -696,7 +792,7 @@ def _finite(model) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
+def _summary(res: TrainResult, classes: list[str], bad: BadImageLog, metric: str = "acc") -> None:
     from rich.table import Table
 
     tab = Table(title="training summary", show_header=False)
@@ -704,7 +800,9 @@ def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
     tab.add_column(overflow="fold")  # a long run folder wraps rather than losing its end in a log file
     last = res.history[-1] if res.history else {}
     tab.add_row("run folder", esc(str(res.run_dir)))
-    tab.add_row("best val accuracy", f"{res.best_acc:.4f} (epoch {res.best_epoch})")
+    by = "" if metric == "acc" else f", best val {metric}"
+    tab.add_row("best val accuracy" if metric == "acc" else "val accuracy of best.pt",
+                f"{res.best_acc:.4f} (epoch {res.best_epoch}{by})")
     if last:
         tab.add_row("last epoch", f"{last['epoch']}: val acc {last['val_acc']:.4f}, val loss {last['val_loss']:.4f}")
     tab.add_row("classes", str(len(classes)))

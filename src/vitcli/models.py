@@ -93,9 +93,9 @@ class Backend:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         """While inside, attention runs on the explicit softmax path and appends its probabilities
-        (B, heads, T, T) to `store`; the fused path is restored on exit."""
+        (B, heads, T, T) to `store` (detached, unless `keep_graph`); the fused path is restored on exit."""
         raise NotImplementedError
         yield
 
@@ -135,7 +135,10 @@ class ScratchBackend(Backend):
         return not model_name.startswith(TIMM_PREFIX)
 
     def check_config(self, m: ModelConfig, img_size: int) -> None:
-        resolve_preset(m, img_size)
+        kw = resolve_preset(m, img_size)
+        if int(kw["embed_dim"] * m.mlp_ratio) < 1:
+            raise VitcliError(f"'model.mlp_ratio' {m.mlp_ratio:g} gives an MLP of 0 units at embed_dim "
+                              f"{kw['embed_dim']}; raise it")
 
     def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
         kwargs = resolve_preset(m, img_size)
@@ -158,10 +161,11 @@ class ScratchBackend(Backend):
         return [m for m in model.modules() if isinstance(m, Attention)]
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         mods = self.attention_modules(model)
         fused = [m.fused_attn for m in mods]
-        hooks = [m.attn_probs.register_forward_hook(lambda _m, _i, out: store.append(out.detach())) for m in mods]
+        hooks = [m.attn_probs.register_forward_hook(
+            lambda _m, _i, out: store.append(out if keep_graph else out.detach())) for m in mods]
         try:
             for m in mods:
                 m.fused_attn = False
@@ -234,9 +238,9 @@ class TimmBackend(Backend):
         return [m for m in model.modules() if isinstance(m, Attention)]
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         mods = self.attention_modules(model)
-        forward = _explicit_timm_forward(store) if mods else None
+        forward = _explicit_timm_forward(store, keep_graph) if mods else None
         try:
             for m in mods:
                 m.forward = types.MethodType(forward, m)  # instance attribute shadows the class method
@@ -252,7 +256,7 @@ class TimmBackend(Backend):
         model.set_input_size(img_size=(img_size, img_size))
 
 
-def _explicit_timm_forward(store: list):
+def _explicit_timm_forward(store: list, keep_graph: bool = False):
     """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
@@ -265,7 +269,7 @@ def _explicit_timm_forward(store: list):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
-        store.append(attn.detach())
+        store.append(attn if keep_graph else attn.detach())
         x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
         if gate is not None:

@@ -33,12 +33,21 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
     error: str | None = None
+    abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
+    set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
+
+    @property
+    def answer(self) -> str:
+        from vitcli.calibrate import UNKNOWN
+
+        return UNKNOWN if self.abstained else self.top[0][0]
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "class": self.top[0][0], "prob": self.top[0][1],
-                "top": [{"class": c, "prob": p} for c, p in self.top]}
+        d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
+             "top": [{"class": c, "prob": p} for c, p in self.top]}
+        return d | ({"set": self.set} if self.set is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -63,7 +72,9 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
 
     for arg in args:
         p = Path(arg)
-        if p.is_dir():
+        if not arg.strip():
+            errors.append(Prediction(arg, error="'': an empty argument names no file (use . for this folder)"))
+        elif p.is_dir():
             found = list_images(p)
             if not found:
                 errors.append(Prediction(arg, error=f"{arg}: folder holds no images "
@@ -110,8 +121,8 @@ class TorchPredictor(Predictor):
         from vitcli.device import pick_device, pick_precision
 
         ckpt = load_checkpoint(path)
-        self.path, self.kind = path, f"checkpoint ({ckpt['model_spec']['backend']})"
-        self.classes, self.preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+        self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
+        self.config = ckpt.get("config", {})  # the training config (eval's report.html shows it)
         self.device = pick_device(device)
         self.precision, _ = pick_precision(precision, self.device)
         self.model = model_from_checkpoint(ckpt, path).to(self.device)
@@ -175,8 +186,11 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
 
 
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
-                   threads: int = 0, progress: bool = True) -> Iterator[Prediction]:
-    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on."""
+                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
+                   ) -> Iterator[Prediction]:
+    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
+    conformal threshold) adds the prediction set."""
     import torch
 
     from vitcli.console import progress_bar
@@ -189,9 +203,14 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        p, idx = pred.probs(x, tta).topk(k, dim=-1)  # (B, k), (B, k)
-        for (path, _), probs, ids in zip(batch, p.tolist(), idx.tolist(), strict=True):
-            yield Prediction(str(path), [(pred.classes[i], round(q, 6)) for i, q in zip(ids, probs, strict=True)])
+        full = pred.probs(x, tta).double()  # (B, C)
+        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
+        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
+            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
+            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
+            if threshold is not None:
+                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
+            yield r
 
     if bar:
         bar.start()
@@ -216,36 +235,47 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
 
 # ----------------------------------------------------------------------------------------------- output
-def csv_header(k: int) -> list[str]:
-    return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+def csv_header(k: int, answer: bool = False, with_set: bool = False) -> list[str]:
+    extra = ["answer"] * answer + ["set"] * with_set
+    return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + extra + ["error"]
 
 
-def csv_row(p: Prediction, k: int) -> list[Any]:
+def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False) -> list[Any]:
+    """One csv line; the set is its classes joined by '|' (empty: no class reached the threshold)."""
     cells: list[Any] = [p.file]
     for i in range(k):
         cells += list(p.top[i]) if i < len(p.top) else ["", ""]
+    if answer:
+        cells.append(p.answer if p.error is None else "")
+    if with_set:
+        cells.append("|".join(p.set or []))
     return cells + [p.error or ""]
 
 
-def write_results(results: Iterable[Prediction], fmt: str, k: int, stream) -> list[Prediction]:
+def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answer: bool = False,
+                  with_set: bool = False) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
+    from vitcli.console import visible
+
     kept: list[Prediction] = []
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+    tty = stream.isatty()  # json escapes control characters itself; csv cells shown on a terminal are escaped
     if writer:
-        writer.writerow(csv_header(k))
+        writer.writerow(csv_header(k, answer, with_set))
     for r in results:
         kept.append(r)
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
-            writer.writerow(csv_row(r, k))
+            writer.writerow([visible(c) if tty and isinstance(c, str) else c
+                             for c in csv_row(r, k, answer, with_set)])
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
     return kept
 
 
-def print_table(results: list[Prediction], k: int) -> None:
+def print_table(results: list[Prediction], k: int, with_set: bool = False) -> None:
     from rich.table import Table
 
     from vitcli.console import esc, out
@@ -256,24 +286,31 @@ def print_table(results: list[Prediction], k: int) -> None:
     tab.add_column("prob", justify="right")
     if k > 1:
         tab.add_column(f"next {k - 1}")
+    if with_set:
+        tab.add_column("set")
     for r in results:
         if r.error is not None:
             continue
         (c, p), rest = r.top[0], r.top[1:]
-        row = [esc(r.file), esc(c), f"{p:.3f}"]
+        row = [esc(r.file), f"[yellow]unknown[/] (top: {esc(c)})" if r.abstained else esc(c), f"{p:.3f}"]
         if k > 1:
             row.append(", ".join(f"{esc(c2)} {p2:.3f}" for c2, p2 in rest))
+        if with_set:
+            row.append("{" + ", ".join(esc(c2) for c2 in r.set or []) + "}")
         tab.add_row(*row)
     out.print(tab)
 
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt: str = "table",
                 output: str | Path | None = None, batch_size: int = 64, tta: bool = False, device: str = "auto",
-                precision: str = "auto", threads: int = 0) -> int:
+                precision: str = "auto", threads: int = 0, min_prob: list[str] | None = None,
+                coverage: float | None = None) -> int:
     """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
     from vitcli.console import console, esc, info
+    from vitcli.device import check_device_args
 
     passive_omp_threads()
+    check_device_args(device, precision)
     if not inputs:
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
     if fmt not in FORMATS:
@@ -282,6 +319,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    if output is not None and Path(output).is_dir():
+        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     if output is not None and fmt == "table":
         fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
         if not fmt:
@@ -292,8 +331,20 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
     for m in missing:
         console.print(f"[red]error[/]: {esc(m.error or '')}", soft_wrap=True)
+    if coverage is not None:
+        from vitcli.calibrate import check_coverage
+
+        check_coverage(coverage)
     pred = load_predictor(model, device, precision)
     k = max(1, min(top_k, len(pred.classes)))
+    from vitcli.calibrate import parse_min_prob
+
+    thresholds = parse_min_prob(min_prob, pred.classes)
+    threshold = pred.conformal_threshold(coverage) if coverage is not None else None
+    answer, with_set = thresholds is not None, threshold is not None
+    if with_set:
+        info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
+             f"(split conformal, {len(pred.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:
@@ -301,19 +352,20 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 console.print(f"[red]error[/]: {esc(r.error)}", soft_wrap=True)
             yield r
 
-    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads))
+    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads,
+                                      min_prob=thresholds, threshold=threshold))
     if fmt == "table":
         done = list(results)
-        print_table(done, k)
+        print_table(done, k, with_set)
     elif output is None:
-        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout)
+        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, answer, with_set)
         sys.stdout.flush()
     else:
-        from vitcli.files import atomic_write
+        from vitcli.files import write_output
 
         buf = io.StringIO()
-        done = write_results(itertools.chain(missing, results), fmt, k, buf)
-        atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
+        done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set)
+        write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
     if failed:
