@@ -115,3 +115,12 @@ def test_the_input_size_always_fits_the_chosen_patch(side):
     apply_recipe(cfg, n_train=500, quiet=True, facts=DataFacts(500, [(side, side + 5)]))
     patch = int(cfg.model.name.split("/")[1])
     assert cfg.data.img_size % patch == 0 and 4 <= cfg.data.img_size // patch <= 14
+
+
+def test_a_time_budget_guesses_fewer_epochs_so_the_recipe_fits_the_run_length():
+    facts = DataFacts(3_200, [(28, 28)] * 8, "cpu")
+    free, timed = load_config(), load_config(overrides=["train.time=3m"])
+    apply_recipe(free, n_train=3_200, quiet=True, facts=facts)
+    recipe = apply_recipe(timed, n_train=3_200, quiet=True, facts=facts)
+    assert 1 <= timed.train.epochs < free.train.epochs == 20
+    assert any("train.epochs" in c.applied and "3m" in c.why for c in recipe.defaults)

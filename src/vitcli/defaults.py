@@ -24,6 +24,7 @@ MAX_GRID = 12  # small images: largest token-grid side (attention cost grows wit
 TARGET_STEPS = 1000  # optimiser steps a from-scratch run aims for; epochs = TARGET_STEPS / steps per epoch
 MIN_EPOCHS, MAX_EPOCHS = 10, 100  # bounds on the chosen number of epochs
 CPU_RUN_MACS = 2e13  # CPU: multiply-adds a default run may spend (~3-4 min on 2 cores); caps the epochs
+CPU_MACS_PER_S = 5e10  # CPU: multiply-adds a second one thread trains at (bf16, AVX-512), for a first guess
 CPU_STEP_MACS = 3e8  # CPU: forward multiply-adds per image above which the next smaller model is taken
 FEW_PHOTOS = 20_000  # photos from scratch below this many training images get the fine-tuning hint
 # model ladder: (fewer than this many training images, width, depth, heads)
@@ -158,6 +159,13 @@ def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choi
     steps = max(1, facts.n_train // (cfg.data.batch_size * world * cfg.train.accum_steps))
     epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(TARGET_STEPS / steps)))
     why = f"~{TARGET_STEPS} steps of {steps} an epoch"
+    if cfg.train.time and macs:  # a first guess; the budget fixes the number once it has timed some steps
+        from vitcli.config import parse_duration
+
+        guess = int(parse_duration(cfg.train.time) * CPU_MACS_PER_S / (3 * macs * facts.n_train))
+        epochs = max(1, min(epochs, guess))
+        return [Choice({"train.epochs": epochs}, f"about what fits in {cfg.train.time} on a CPU (the time budget "
+                                                 "sets the number after timing the first steps)")]
     if macs:
         cap = int(CPU_RUN_MACS / (3 * macs * facts.n_train))
         if cap < epochs:
