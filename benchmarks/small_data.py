@@ -118,16 +118,17 @@ SHAPES = ("circle", "square", "triangle", "cross", "ring")
 def _clutter_image(kind: str, size: int, rng: random.Random) -> Image.Image:
     img = Image.new("RGB", (size, size), tuple(rng.randint(0, 255) for _ in range(3)))
     d = ImageDraw.Draw(img)
-    for _ in range(rng.randint(4, 9)):  # clutter: lines and small blobs in random colours
+    for _ in range(rng.randint(2, 5)):  # clutter: lines and small blobs in random colours
         col = tuple(rng.randint(0, 255) for _ in range(3))
         x0, y0, x1, y1 = (rng.randint(0, size) for _ in range(4))
         if rng.random() < 0.6:
-            d.line((x0, y0, x1, y1), fill=col, width=rng.randint(1, 2))
+            d.line((x0, y0, x1, y1), fill=col, width=1)
         else:
             r = rng.randint(1, 3)
             d.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=col)
-    col = tuple(rng.randint(0, 255) for _ in range(3))
-    r = rng.randint(size // 6, size // 3)
+    bg = img.getpixel((0, 0))
+    col = tuple((c + rng.randint(80, 176)) % 256 for c in bg)  # a colour that stands out from the background
+    r = rng.randint(size // 5, size // 3)
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     if kind == "circle":
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=col)
