@@ -49,6 +49,8 @@ class Dataset:
     val: Split
     test: Split | None = None
     split_made: bool = False  # True when val was carved out of the class folders by a seeded split
+    multilabel: bool = False  # labels are multi-hot tuples (several classes per image) instead of indices
+    source: Path | None = None  # the label file when DATA is a manifest (.csv / .tsv / .jsonl)
 
 
 def is_hidden(name: str) -> bool:
@@ -130,14 +132,20 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def scan_dataset(root: str | Path, val_fraction: float, seed: int) -> Dataset:
-    """DATA is train/ + val/ (+ test/), or class folders split in memory into train and val."""
+def scan_dataset(root: str | Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
+    """DATA is train/ + val/ (+ test/), class folders split in memory into train and val, or a label file."""
+    from vitcli.manifest import is_manifest, scan_manifest
+
     root = Path(root)
+    if is_manifest(root) or val_csv:
+        if not is_manifest(root):
+            raise VitcliError(f"'data.val_csv' needs DATA to be a .csv, .tsv or .jsonl label file, got '{root}'")
+        return scan_manifest(root, val_fraction, seed, val_csv)
     if not root.exists():
         raise VitcliError(f"dataset folder '{root}' does not exist")
     if not root.is_dir():
         raise VitcliError(f"dataset '{root}' is not a folder; give a folder of class subfolders or of "
-                          "train/ and val/")
+                          "train/ and val/, or a .csv / .tsv / .jsonl label file")
     if (root / "train").is_dir():
         classes, train = scan_classes(root / "train")
         val = scan_classes(root / "val", classes)[1] if (root / "val").is_dir() else None
@@ -151,9 +159,15 @@ def scan_dataset(root: str | Path, val_fraction: float, seed: int) -> Dataset:
     return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
 
 
-def scan_eval_folder(root: str | Path, classes: list[str]) -> Split:
-    """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split."""
+def scan_eval_folder(root: str | Path, classes: list[str], multilabel: bool = False) -> Split:
+    """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split, or a label file."""
+    from vitcli.manifest import eval_split, is_manifest
+
     root = Path(root)
+    if is_manifest(root):
+        return eval_split(root, classes, multilabel)
+    if multilabel:
+        raise VitcliError(f"'{root}': a multi-label model is evaluated on a .csv / .tsv / .jsonl label file")
     if not root.is_dir():
         raise VitcliError(f"dataset folder '{root}' does not exist" if not root.exists()
                           else f"dataset '{root}' is not a folder")
@@ -184,14 +198,17 @@ def pil_warning_filters() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def load_rgb(path: str | Path):
+def load_rgb(path: str | Path, data: bytes | None = None):
     """Open an image as RGB: format allowlist, decompression-bomb limit as an error, EXIF orientation,
-    16-bit scaled to 8-bit, transparency composited on white."""
+    16-bit scaled to 8-bit, transparency composited on white. With `data`, decode those bytes (a shard
+    member) and use `path` only in messages."""
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path, formats=allowed_formats()) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path, formats=allowed_formats()) as img:
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -202,7 +219,7 @@ def load_rgb(path: str | Path):
         raise BadImage(f"{path}: image too large (decompression-bomb limit "
                        f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
     except UnidentifiedImageError:
-        if path.is_file() and path.stat().st_size == 0:
+        if (data is not None and not data) or (data is None and path.is_file() and path.stat().st_size == 0):
             raise BadImage(f"{path}: empty file (0 bytes)") from None
         raise BadImage(f"{path}: not an image in an allowed format ({', '.join(PIL_FORMATS)})") from None
     except FileNotFoundError:
@@ -243,12 +260,12 @@ def resample_filter(name: str) -> int:
     return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[name]
 
 
-def decode_square(path: str | Path, size: int, interpolation: str = "bicubic"):
-    """File -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
+def decode_square(path: str | Path, size: int, interpolation: str = "bicubic", data: bytes | None = None):
+    """File (or its bytes) -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
     import numpy as np
     import torch
 
-    img = load_rgb_draft(path, size)
+    img = load_rgb_draft(path, size) if data is None else load_rgb(path, data)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -396,7 +413,7 @@ class ImageStore:
             for err in filter(None, errors):
                 self._report(err, on_bad)
             split = split.subset([i for i, err in enumerate(errors) if err is None])
-        self.paths, self.labels = split.paths, torch.tensor(split.labels, dtype=torch.long)
+        self.paths, self.labels = split.paths, label_tensor(split.labels)
         self._on_bad = on_bad
 
     def _report(self, err: str, on_bad) -> None:
@@ -434,6 +451,14 @@ class ImageStore:
                 continue
             idx = torch.as_tensor(keep)
             yield images, self.labels[idx]
+
+
+def label_tensor(labels: list):
+    """Class indices -> long (N,); multi-hot tuples -> float (N, C)."""
+    import torch
+
+    t = torch.tensor(labels, dtype=torch.long)
+    return t.float() if t.ndim == 2 else t
 
 
 class _DecodeDataset:

@@ -1,0 +1,141 @@
+"""Multi-label classification: several classes per image, each a yes/no decided by a sigmoid.
+
+Owns what differs from single-label training: the loss (binary cross-entropy, or the asymmetric loss of
+Ridnik et al. 2021), mixup / cutmix on multi-hot label vectors, the metrics (average precision per class and
+its mean, F1 at the thresholds, exact match) and per-class thresholds tuned on the validation set. Metrics are
+plain numpy functions of (probabilities (N, C), multi-hot targets (N, C)) so they can be checked by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.5  # for a class without positives in the validation set
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def make_loss(kind: str, label_smoothing: float = 0.0):
+    """loss(logits (B, C), multi-hot or mixed targets (B, C)) -> scalar mean over images and classes."""
+    import torch.nn.functional as F
+
+    def bce(logits, target):
+        if label_smoothing > 0:
+            target = target * (1 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    if kind == "bce":
+        return bce
+    return asymmetric_loss
+
+
+def asymmetric_loss(logits, target, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05):
+    """Asymmetric loss (Ridnik et al. 2021): easy negatives are down-weighted by (p_m)^gamma_neg, with the
+    negative probability shifted by `clip` (p_m = max(p - clip, 0)); positives keep plain BCE when gamma_pos=0.
+    Returned as a mean over images and classes, the same scale as BCE."""
+    import torch
+
+    p = torch.sigmoid(logits)  # (B, C)
+    p_m = (p - clip).clamp(min=0)
+    pos = target * torch.log(p.clamp(min=1e-8)) * (1 - p) ** gamma_pos
+    neg = (1 - target) * torch.log((1 - p_m).clamp(min=1e-8)) * p_m**gamma_neg
+    return -(pos + neg).mean()
+
+
+def mix(mixup, x, y):
+    """Mixup / cutmix with timm's Mixup (its batch mode) on images, the same mixture of label vectors.
+
+    x: float (B, 3, H, W), mixed in place; y: multi-hot (B, C) -> mixed (B, C)."""
+    lam = mixup._mix_batch(x)  # timm: mixes x with x.flip(0) in place and returns the (corrected) weight
+    return x, y * lam + y.flip(0) * (1.0 - lam)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one class: sum over distinct score thresholds of (R_n - R_{n-1}) * P_n (scikit-learn's
+    average_precision_score); NaN when the class has no positives."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets) > 0.5
+    n_pos = int(targets.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], targets[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(t)[last].astype(np.float64)
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def f1_counts(pred: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class true positives, false positives, false negatives of boolean predictions (N, C)."""
+    t = targets > 0.5
+    return (pred & t).sum(0), (pred & ~t).sum(0), (~pred & t).sum(0)
+
+
+def _f1(tp, fp, fn) -> np.ndarray:
+    tp, fp, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn))
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
+
+
+def tune_thresholds(probs: np.ndarray, targets: np.ndarray) -> list[float]:
+    """Per class, the probability cut-off that maximises that class's F1 on (probs, targets): the midpoint
+    between the lowest probability predicted positive and the next one down. DEFAULT_THRESHOLD for a class
+    without positives."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets) > 0.5
+    out = []
+    for c in range(probs.shape[1]):
+        s, t = probs[:, c], targets[:, c]
+        if not t.any():
+            out.append(DEFAULT_THRESHOLD)
+            continue
+        order = np.argsort(-s, kind="stable")
+        s, t = s[order], t[order]
+        last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # predict positive for rows 0..last[k]
+        tp = np.cumsum(t)[last]
+        fp = last + 1 - tp
+        fn = t.sum() - tp
+        k = int(np.argmax(_f1(tp, fp, fn)))
+        below = s[last[k] + 1] if last[k] + 1 < len(s) else 0.0
+        out.append(float((s[last[k]] + below) / 2))
+    return out
+
+
+def compute_metrics(probs: np.ndarray, targets: np.ndarray, classes: list[str],
+                    thresholds: list[float] | None = None) -> dict[str, Any]:
+    """mAP, per-class AP / precision / recall / F1 at the thresholds, micro and macro F1, exact match."""
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    th = np.asarray(thresholds if thresholds is not None else [DEFAULT_THRESHOLD] * len(classes))
+    pred = probs >= th[None, :]  # (N, C)
+    tp, fp, fn = f1_counts(pred, targets)
+    aps = np.array([average_precision(probs[:, c], targets[:, c]) for c in range(len(classes))])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+    f1 = _f1(tp, fp, fn)
+    eps = 1e-12
+    bce = -(targets * np.log(np.clip(probs, eps, 1)) + (1 - targets) * np.log(np.clip(1 - probs, eps, 1)))
+    present = ~np.isnan(aps)
+    return {
+        "task": "multilabel",
+        "images": len(probs),
+        "loss": float(bce.mean()) if len(probs) else 0.0,
+        "mAP": float(aps[present].mean()) if present.any() else float("nan"),
+        "micro_f1": float(_f1(tp.sum(), fp.sum(), fn.sum())),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "exact_match": float((pred == (targets > 0.5)).all(1).mean()) if len(probs) else 0.0,
+        "label_accuracy": float((pred == (targets > 0.5)).mean()) if len(probs) else 0.0,
+        "per_class": [{"class": c, "ap": None if np.isnan(aps[i]) else float(aps[i]), "threshold": float(th[i]),
+                       "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                       "support": int((targets[:, i] > 0.5).sum())} for i, c in enumerate(classes)],
+        "classes": list(classes),
+        "thresholds": [float(v) for v in th],
+    }
+
+
+def above_threshold(probs, classes: list[str], thresholds: list[float]) -> list[tuple[str, float]]:
+    """(class, probability) of every class at or above its threshold, most probable first."""
+    hits = [(c, float(p)) for c, p, t in zip(classes, probs, thresholds, strict=True) if p >= t]
+    return sorted(hits, key=lambda cp: -cp[1])
