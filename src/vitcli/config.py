@@ -41,6 +41,8 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # stop when more than this share of images cannot be read
     class_weights: str = "none"  # loss weights per class: none | auto (inverse frequency)
     balanced_sampler: bool = False  # draw training batches with equal probability per class
+    val_csv: str = ""  # label file (.csv/.tsv/.jsonl) of the validation images when DATA is a label file
+    shuffle_buffer: int = 1000  # shards: encoded images each DataLoader worker draws from at random
 
 
 @dataclass
@@ -76,7 +78,8 @@ class TrainConfig:
     seed: int = 0  # seeds every random number generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (multi-label: targets 0/1 -> e/2, 1-e/2)
+    loss: str = "auto"  # auto (ce for one label per image, bce for multi-label) | ce | bce | asl (asymmetric)
     ema_decay: float = 0.0  # exponential moving average of weights per step, e.g. 0.999; 0 = off
     patience: int = 0  # stop after this many epochs without a better val accuracy; 0 = off
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
@@ -105,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
 }
 
@@ -323,6 +327,7 @@ def validate(cfg: Config) -> None:
     need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup" if d.mixup < 0 else "data.cutmix", ">= 0")
     need(0.0 <= d.reprob <= 1.0, "data.reprob", "a probability in [0, 1]")
     need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]")
+    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = shard order only)")
     need(bool(m.name.strip()), "model.name", "a preset like vit-tiny/16 or timm/<name>")
     need(m.embed_dim >= 0, "model.embed_dim", ">= 0")
     need(m.depth >= 0, "model.depth", ">= 0")
