@@ -50,7 +50,7 @@ def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Modul
             [m for m in mods if TimmAttention and isinstance(m, TimmAttention)])
 
 
-def _explicit_timm_forward(store: list):
+def _explicit_timm_forward(store: list, keep_graph: bool = False):
     """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
@@ -63,7 +63,7 @@ def _explicit_timm_forward(store: list):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
-        store.append(attn.detach())
+        store.append(attn if keep_graph else attn.detach())
         x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
         if gate is not None:
@@ -74,18 +74,19 @@ def _explicit_timm_forward(store: list):
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list]:
+def explicit_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[list]:
     """Run every attention module on the explicit path while inside; yields the list that collects the
-    attention probabilities (B, heads, T, T), one entry per attention call, in call order."""
+    attention probabilities (B, heads, T, T), one entry per attention call, in call order (still attached
+    to the autograd graph with `keep_graph`)."""
     scratch, timm_mods = _attention_modules(model)
     if not scratch and not timm_mods:
         raise VitcliError(f"model {type(model).__name__} has no attention layers vitcli can read; inspect "
                           "supports the from-scratch ViT and timm ViT / DeiT / register-token models")
     store: list = []
     fused = [m.fused_attn for m in scratch]
-    hooks = [m.attn_probs.register_forward_hook(lambda _m, _i, out: store.append(out.detach()))
-             for m in scratch]
-    forward = _explicit_timm_forward(store) if timm_mods else None
+    hooks = [m.attn_probs.register_forward_hook(
+        lambda _m, _i, out: store.append(out if keep_graph else out.detach())) for m in scratch]
+    forward = _explicit_timm_forward(store, keep_graph) if timm_mods else None
     try:
         for m in scratch:
             m.fused_attn = False
@@ -144,6 +145,28 @@ def capture_attention(model: nn.Module, x: torch.Tensor) -> Captured:
         raise VitcliError(f"attention has {tokens} tokens but {prefix} prefix tokens + a {grid[0]}x{grid[1]} "
                           "patch grid were expected; this model's token layout is not supported")
     return Captured(logits, list(store), prefix, grid, source_rows(model))
+
+
+def class_relevance(model: nn.Module, x: torch.Tensor, class_idx: int) -> torch.Tensor:
+    """(B, gh, gw) relevance of each patch for one class, summing to 1 per image: gradient-weighted attention
+    (Chefer et al. 2021, "Generic attention-model explainability"): per block A_bar = mean over heads of
+    relu(dlogit_c/dA * A), accumulated R = R + A_bar @ R from the identity, read from the source token rows.
+    Unlike rollout it differs between classes, which a multi-label model needs."""
+    import torch
+
+    with torch.enable_grad(), explicit_attention(model, keep_graph=True) as store:
+        logits = model(x)
+        if isinstance(logits, (tuple, list)):
+            logits = (logits[0] + logits[1]) / 2
+        grads = torch.autograd.grad(logits[:, class_idx].sum(), store)  # per block (B, heads, T, T)
+    T = store[0].shape[-1]
+    rel = torch.eye(T, device=x.device).expand(x.shape[0], T, T)  # (B, T, T)
+    for attn, grad in zip(store, grads, strict=True):
+        a_bar = (grad * attn).clamp(min=0).mean(dim=1).detach()  # (B, T, T)
+        rel = rel + a_bar @ rel
+    ph, pw = patch_size_of(model)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return token_map(rel, source_rows(model), prefix, (x.shape[-2] // ph, x.shape[-1] // pw))
 
 
 def fuse_heads(attn: torch.Tensor, fusion: str) -> torch.Tensor:

@@ -235,6 +235,9 @@ def inspect_attention_cmd(
         help="Rollout: share of the weakest attention weights per row set to 0, in [0, 1).")] = 0.9,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
+    class_name: Annotated[str | None, typer.Option(
+        "--class", help="Also draw this class's relevance map (gradient-weighted attention; differs per class, "
+                        "e.g. for each label of a multi-label model).")] = None,
 ) -> None:
     """Attention overlays on each image, with the predicted class and its probability in the title."""
     with guard():
@@ -242,7 +245,7 @@ def inspect_attention_cmd(
 
         _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
-                                       device=device))
+                                       device=device, class_name=class_name))
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")

@@ -53,6 +53,11 @@ class Dataset:
     source: Path | None = None  # the label file when DATA is a manifest (.csv / .tsv / .jsonl)
 
 
+def label_text(classes: list[str], y) -> str:
+    """A label as text: the class name, or 'a|b' for a multi-hot tuple."""
+    return "|".join(c for c, v in zip(classes, y, strict=True) if v) if isinstance(y, tuple) else classes[y]
+
+
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
@@ -429,6 +434,19 @@ class ImageStore:
             self.images = self.images.to(device)
         self.labels = self.labels.to(device)
         return self
+
+    def steps(self, batch_size: int, epoch: int, seed: int, world: int, weights=None) -> int:
+        """Batches per rank in one epoch (the same on every rank)."""
+        return len(epoch_batches(len(self), batch_size, epoch, seed, 0, world, weights))
+
+    def train_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int, skip: int = 0,
+                      weights=None, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """This rank's seeded shuffled batches of `epoch` (the first `limit`), from batch `skip` on."""
+        yield from self.batches(epoch_batches(len(self), batch_size, epoch, seed, rank, world, weights)[skip:limit])
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Any, Any]]:
+        """This rank's share of the images, in order."""
+        yield from self.batches(sequential_batches(len(self), batch_size, rank, world))
 
     def batches(self, batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
         """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""

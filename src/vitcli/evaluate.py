@@ -151,7 +151,8 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     net, ckpt, path = load_model(model)
     classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
     info(f"[bold]model[/] {esc(str(path))} ({ckpt['model_spec']['backend']}, {len(classes)} classes)")
-    split = D.scan_eval_folder(data_dir, classes)
+    multilabel = ckpt.get("task") == "multilabel"
+    split = D.scan_eval_folder(data_dir, classes, multilabel)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -174,6 +175,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
+    if multilabel:
+        from vitcli.multilabel import report_multilabel
+
+        probs = torch.cat(logits).float().sigmoid().double().numpy()  # (N, C)
+        return report_multilabel(probs, torch.cat(labels).numpy(), ckpt, paths, bad,
+                                 {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec},
+                                 json_path)
     probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
     y = torch.cat(labels).numpy()  # (N,)
 

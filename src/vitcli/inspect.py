@@ -34,6 +34,7 @@ class Loaded:
     pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
     run_dir: Path
     device: torch.device
+    multilabel: bool = False  # one sigmoid per class
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -47,7 +48,7 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
     pre = dict(ckpt["preprocess"])
     if img_size is not None and img_size != pre["img_size"]:
         pre = set_resolution(model, pre, img_size)
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev)
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, ckpt.get("task") == "multilabel")
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
@@ -178,10 +179,11 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 def inspect_attention(images: list[Path], *, model: str | None = None, output: str | Path | None = None,
                       method: str = "all", layer: str | None = None, head: str | None = None,
                       fusion: str = "mean", discard: float = 0.9, img_size: int | None = None,
-                      device: str = "cpu", batch_size: int = 16) -> list[Path]:
+                      device: str = "cpu", batch_size: int = 16, class_name: str | None = None) -> list[Path]:
     """Attention overlays for each image: rollout, the source token's attention per head of the chosen
-    layer(s), and the full layer x head grid (`method` picks). Returns the PNG paths written."""
-    from vitcli.attention import FUSIONS, capture_attention, head_maps, rollout_map
+    layer(s), and the full layer x head grid (`method` picks); with `class_name`, also that class's
+    gradient-weighted relevance map. Returns the PNG paths written."""
+    from vitcli.attention import FUSIONS, capture_attention, class_relevance, head_maps, rollout_map
     from vitcli.report import save_figure
 
     if method not in METHODS:
@@ -192,6 +194,8 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         raise VitcliError(f"--discard {discard} must be in [0, 1)")
     paths = collect_images(images)
     ld = load(model, img_size, device)
+    if class_name is not None and class_name not in ld.classes:
+        raise VitcliError(f"--class {class_name!r} is not one of the model's classes: {', '.join(ld.classes[:20])}")
     out_dir = output_dir(output, ld.run_dir)
     written: list[Path] = []
     used: set[str] = set()
@@ -201,11 +205,22 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().softmax(dim=-1)
+        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
+        relevance = class_relevance(ld.model, x.to(ld.device), ld.classes.index(class_name)) if class_name else None
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})"
             stem = _unique_stem(path, used)
+            if relevance is not None:
+                k = ld.classes.index(class_name)
+                fig, axes = panel_figure(1, 2, f"{path.name}: {class_name} ({float(probs[b, k]):.1%})\n"
+                                               "relevance for this class (gradient-weighted attention)")
+                axes[0, 0].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
+                axes[0, 0].set_title("input", fontsize=8)
+                axes[0, 1].imshow(overlay(photos[b], relevance[b]))
+                axes[0, 1].set_title(class_name, fontsize=8)
+                written.append(out_dir / f"{stem}_class_{_safe(class_name)}.png")
+                save_figure(fig, written[-1], dpi=DPI, tight=False)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
                     raise VitcliError("rollout takes one --layer (roll out blocks 0..N; default all) and one "
@@ -229,6 +244,10 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
                 written.append(_draw_heads(cap, b, photos[b], list(range(depth)), list(range(heads)), name,
                                            out_dir / f"{stem}_grid.png", head_maps))
     return written
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
 def _draw_heads(cap, b: int, photo, layers: list[int], heads: list[int], name: str, path: Path,
@@ -492,7 +511,7 @@ FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PN
 class FileInfo:
     path: Path
     split: str
-    label: int
+    label: int | tuple[int, ...]  # class index, or multi-hot
     sha256: str
     format: str | None = None
     mode: str | None = None
@@ -545,7 +564,7 @@ def check_data(root: str | Path) -> DataReport:
 
     root = Path(root)
     ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:
         splits = {"all": ds.train}
@@ -556,7 +575,8 @@ def check_data(root: str | Path) -> DataReport:
     n = len(ds.classes)
     counts = {k: [0] * n for k in splits}  # readable images only
     for i in infos:
-        counts[i.split][i.label] += i.error is None
+        for c in ([k for k, v in enumerate(i.label) if v] if isinstance(i.label, tuple) else [i.label]):
+            counts[i.split][c] += i.error is None  # multi-label: images holding the class
     imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
     good = [i for i in infos if i.error is None]
     rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
@@ -582,8 +602,11 @@ def check_data(root: str | Path) -> DataReport:
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
+    from vitcli.data import label_text
+
     labels = {i.label for i in g}
-    where = ", ".join(f"{i.split}/{classes[i.label]}/{i.path.name}" for i in g[:4]) + (" ..." if len(g) > 4 else "")
+    where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])
+    where += " ..." if len(g) > 4 else ""
     return where + ("  [different classes]" if len(labels) > 1 else "")
 
 

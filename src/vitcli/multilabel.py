@@ -139,3 +139,39 @@ def above_threshold(probs, classes: list[str], thresholds: list[float]) -> list[
     """(class, probability) of every class at or above its threshold, most probable first."""
     hits = [(c, float(p)) for c, p, t in zip(classes, probs, thresholds, strict=True) if p >= t]
     return sorted(hits, key=lambda cp: -cp[1])
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+def report_multilabel(probs, targets, ckpt: dict[str, Any], paths, bad: list[str], head: dict[str, Any],
+                      json_path=None) -> dict[str, Any]:
+    """`vitcli eval` for a multi-label model: metrics at the checkpoint's thresholds, printed and as JSON."""
+    import json
+
+    from rich.table import Table
+
+    from vitcli.console import esc, info, out
+
+    classes = list(ckpt["classes"])
+    report = head | {"skipped": bad} | compute_metrics(probs, targets, classes, ckpt.get("thresholds"))
+    summary = Table(title="evaluation (multi-label)", show_header=False, title_justify="left")
+    for k, v in (("images", str(report["images"])), ("mAP", f"{report['mAP']:.4f}"),
+                 ("micro F1 at the thresholds", f"{report['micro_f1']:.4f}"),
+                 ("macro F1 at the thresholds", f"{report['macro_f1']:.4f}"),
+                 ("exact match", f"{report['exact_match']:.4f}"), ("label accuracy", f"{report['label_accuracy']:.4f}"),
+                 ("loss (binary cross-entropy)", f"{report['loss']:.4f}")):
+        summary.add_row(k, v)
+    out.print(summary)
+    tab = Table(title="per class", title_justify="left")
+    for col in ("class", "AP", "threshold", "precision", "recall", "F1", "support"):
+        tab.add_column(col, justify="left" if col == "class" else "right")
+    for c in report["per_class"]:
+        tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
+                    f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(tab)
+    if json_path:
+        from vitcli.checkpoint import atomic_write
+
+        text = json.dumps(report, indent=1)
+        atomic_write(json_path, lambda f: f.write(text.encode()))
+        info(f"wrote {esc(str(json_path))}")
+    return report

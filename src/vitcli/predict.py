@@ -35,12 +35,15 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
     error: str | None = None
+    labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
-        return {"file": self.file, "class": self.top[0][0], "prob": self.top[0][1],
-                "top": [{"class": c, "prob": p} for c, p in self.top]}
+        top = [{"class": c, "prob": p} for c, p in self.top]
+        if self.labels is not None:
+            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels], "top": top}
+        return {"file": self.file, "class": self.top[0][0], "prob": self.top[0][1], "top": top}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -109,19 +112,25 @@ class Predictor:
     preprocess: dict[str, Any]
     path: Path
     kind: str
+    multilabel: bool = False  # sigmoid per class instead of a softmax over classes
+    thresholds: list[float] | None = None  # multi-label: per-class cut-offs tuned on validation
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
         self.path, self.kind = path, kind
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
+        self.multilabel = meta.get("task") == "multilabel"
+        self.thresholds = meta.get("thresholds")
 
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
 
     def probs(self, x, tta: bool = False):
-        """uint8 (B, 3, S, S) -> probabilities (B, C); with `tta` the mean over the image and its mirror."""
-        p = self.logits(x).float().softmax(-1)  # (B, C)
+        """uint8 (B, 3, S, S) -> probabilities (B, C); with `tta` the mean over the image and its mirror.
+        Multi-label: one sigmoid per class."""
+        act = (lambda z: z.float().sigmoid()) if self.multilabel else (lambda z: z.float().softmax(-1))
+        p = act(self.logits(x))  # (B, C)
         if tta:
-            p = (p + self.logits(x.flip(-1)).float().softmax(-1)) / 2
+            p = (p + act(self.logits(x.flip(-1)))) / 2
         return p
 
 
@@ -135,8 +144,7 @@ class TorchPredictor(Predictor):
         from vitcli.device import pick_device, pick_precision
 
         ckpt = load_checkpoint(path)
-        self.path, self.kind = path, f"checkpoint ({ckpt['model_spec']['backend']})"
-        self.classes, self.preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+        self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
         self.device = pick_device(device)
         self.precision, _ = pick_precision(precision, self.device)
         self.model = model_from_checkpoint(ckpt, path).to(self.device)
@@ -314,9 +322,18 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        p, idx = pred.probs(x, tta).topk(k, dim=-1)  # (B, k), (B, k)
-        for (path, _), probs, ids in zip(batch, p.tolist(), idx.tolist(), strict=True):
-            yield Prediction(str(path), [(pred.classes[i], round(q, 6)) for i, q in zip(ids, probs, strict=True)])
+        probs_all = pred.probs(x, tta)  # (B, C)
+        p, idx = probs_all.topk(k, dim=-1)  # (B, k), (B, k)
+        full = probs_all.tolist() if pred.multilabel else None
+        for j, ((path, _), probs, ids) in enumerate(zip(batch, p.tolist(), idx.tolist(), strict=True)):
+            top = [(pred.classes[i], round(q, 6)) for i, q in zip(ids, probs, strict=True)]
+            labels = None
+            if full is not None:
+                from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
+
+                th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)
+                labels = [(c, round(q, 6)) for c, q in above_threshold(full[j], pred.classes, th)]
+            yield Prediction(str(path), top, labels=labels)
 
     if bar:
         bar.start()
@@ -341,29 +358,31 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
 
 # ----------------------------------------------------------------------------------------------- output
-def csv_header(k: int) -> list[str]:
-    return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+def csv_header(k: int, multilabel: bool = False) -> list[str]:
+    labels = ["labels"] if multilabel else []
+    return ["file", *labels] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
 
 
-def csv_row(p: Prediction, k: int) -> list[Any]:
-    cells: list[Any] = [p.file]
+def csv_row(p: Prediction, k: int, multilabel: bool = False) -> list[Any]:
+    cells: list[Any] = [p.file] + (["|".join(c for c, _ in p.labels or [])] if multilabel else [])
     for i in range(k):
         cells += list(p.top[i]) if i < len(p.top) else ["", ""]
     return cells + [p.error or ""]
 
 
-def write_results(results: Iterable[Prediction], fmt: str, k: int, stream) -> list[Prediction]:
+def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, multilabel: bool = False
+                  ) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
     kept: list[Prediction] = []
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
     if writer:
-        writer.writerow(csv_header(k))
+        writer.writerow(csv_header(k, multilabel))
     for r in results:
         kept.append(r)
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
-            writer.writerow(csv_row(r, k))
+            writer.writerow(csv_row(r, k, multilabel))
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
@@ -377,6 +396,13 @@ def print_table(results: list[Prediction], k: int) -> None:
 
     tab = Table(box=None, header_style="bold", pad_edge=False)
     tab.add_column("file", overflow="fold")
+    if any(r.labels is not None for r in results):  # multi-label: every label above its threshold
+        tab.add_column("labels (at or above threshold)")
+        for r in results:
+            if r.error is None:
+                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+        out.print(tab)
+        return
     tab.add_column("class")
     tab.add_column("prob", justify="right")
     if k > 1:
@@ -431,13 +457,13 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         done = list(results)
         print_table(done, k)
     elif output is None:
-        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout)
+        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, pred.multilabel)
         sys.stdout.flush()
     else:
         from vitcli.checkpoint import atomic_write
 
         buf = io.StringIO()
-        done = write_results(itertools.chain(missing, results), fmt, k, buf)
+        done = write_results(itertools.chain(missing, results), fmt, k, buf, pred.multilabel)
         atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)

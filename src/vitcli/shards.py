@@ -228,20 +228,25 @@ class ShardStore:
         w = max(1, self.num_workers)
         return [[part[i::w] for i in range(w)] for part in per_rank]
 
-    def steps(self, batch_size: int, epoch: int, seed: int, world: int) -> int:
+    def steps(self, batch_size: int, epoch: int, seed: int, world: int, weights=None) -> int:
         """Batches per rank per epoch: the most any rank has (the others pad with empty batches)."""
         parts = self._parts(epoch, seed, world, shuffle=True)
         return max(sum(math.ceil(sum(s["count"] for s in w) / batch_size) for w in r) for r in parts)
 
-    def train_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int, skip: int = 0):
-        """This rank's shuffled batches of `epoch`, padded with empty batches to `steps()` so that every
-        rank runs the same number of steps; the first `skip` are drawn but not yielded (resume)."""
+    def train_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int, skip: int = 0,
+                      weights=None, limit: int | None = None):
+        """This rank's shuffled batches of `epoch`, padded with empty batches to `steps()` (at most `limit`)
+        so that every rank runs the same number of steps; the first `skip` are drawn but not yielded (resume)."""
         import torch
 
+        if weights is not None:
+            raise VitcliError("'data.balanced_sampler' needs random access to the images; it does not work with "
+                              "streamed shards")
         if world > 1 and len(self.shards) < world:
             raise VitcliError(f"'{self.root}': {len(self.shards)} train shard(s) for {world} processes; write "
                               "at least one shard per process (a smaller vitcli shard --size)")
         n = self.steps(batch_size, epoch, seed, world)
+        n = n if limit is None else min(n, limit)
         self.seen = [0, 0, 0]
         done = 0
         for x, y, ids in self._stream(self._parts(epoch, seed, world, True)[rank], batch_size,
@@ -249,12 +254,14 @@ class ShardStore:
             done += 1
             if done <= skip:
                 continue
+            if done > n:
+                break
             self.seen[0] += len(ids)
             self.seen[1] = (self.seen[1] + int(ids.sum())) % ID_MOD
             self.seen[2] = (self.seen[2] + int((ids * ids % ID_MOD).sum())) % ID_MOD
             yield x, y
         empty = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
-        for _ in range(max(done, skip), n):
+        for _ in range(max(min(done, n), skip), n):
             yield empty, self._labels([])
 
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1):
@@ -264,8 +271,29 @@ class ShardStore:
 
     def expected(self) -> list[int]:
         """[count, sum of ids, sum of squared ids] over the whole split (mod ID_MOD)."""
-        ids = [i for sh in self.shards for i in range(sh["first"], sh["first"] + sh["count"])]
-        return [len(ids), sum(ids) % ID_MOD, sum(i * i % ID_MOD for i in ids) % ID_MOD]
+        def s1(n: int) -> int:  # 0 + 1 + ... + (n - 1)
+            return n * (n - 1) // 2
+
+        def s2(n: int) -> int:  # 0 + 1 + 4 + ... + (n - 1)^2
+            return (n - 1) * n * (2 * n - 1) // 6
+
+        ends = [(sh["first"], sh["first"] + sh["count"]) for sh in self.shards]
+        return [sum(b - a for a, b in ends), sum(s1(b) - s1(a) for a, b in ends) % ID_MOD,
+                sum(s2(b) - s2(a) for a, b in ends) % ID_MOD]
+
+    def check_seen(self, device, world: int) -> tuple[bool, str]:
+        """Sum every rank's [count, id sum, squared id sum] of the epoch and compare with the split's."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(self.seen, dtype=torch.int64, device=device)
+        if world > 1:
+            dist.all_reduce(t)
+        got = [int(t[0]), int(t[1]) % ID_MOD, int(t[2]) % ID_MOD]
+        exp = self.expected()
+        ok = got == exp
+        return ok, (f"{got[0]} of {exp[0]} images streamed from {len(self.shards)} shards"
+                    + (", each exactly once" if ok else "; NOT each exactly once (count or id sums differ)"))
 
     def _labels(self, ys: list):
         import torch
