@@ -87,8 +87,7 @@ def make_checkpoint(root: Path, classes: int) -> tuple[Path, Path]:
     dict for the timm baseline (the from-scratch ViT uses timm's parameter names)."""
     import torch
 
-    from vitcli import __version__
-    from vitcli.checkpoint import FORMAT, save_checkpoint
+    from vitcli.checkpoint import make_checkpoint, save_checkpoint
     from vitcli.config import Config, to_dict
     from vitcli.data import preprocess_info
     from vitcli.models import build_model
@@ -98,10 +97,9 @@ def make_checkpoint(root: Path, classes: int) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model, spec = build_model(cfg.model, classes, d.img_size)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = {"format": FORMAT, "vitcli_version": __version__, "model_spec": spec,
-            "classes": [f"class_{i}" for i in range(classes)],
-            "preprocess": preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std),
-            "config": to_dict(cfg), "epoch": 0, "step": 0, "metrics": {}, "model": state}
+    ckpt = make_checkpoint(model_spec=spec, classes=[f"class_{i}" for i in range(classes)],
+                           preprocess=preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std),
+                           config=to_dict(cfg), state_dict=state)
     path = root / "runs" / "bench" / "best.pt"
     save_checkpoint(path, ckpt)
     torch.save(state, root / "weights.pt")

@@ -64,7 +64,7 @@ def test_torchrun_ranks_end_with_identical_weights(finished):
     import torch
 
     from vitcli.checkpoint import load_checkpoint
-    from vitcli.device import weights_digest
+    from vitcli.distributed import weights_digest
 
     log = rank_logs(finished, 0)
     assert "all 2 processes hold identical weights" in log, log
@@ -94,7 +94,7 @@ def test_torchrun_checkpoint_loads_in_one_process_and_val_metric_matches_its_eva
 
     from vitcli.checkpoint import load_model
     from vitcli.data import ImageStore, scan_dataset
-    from vitcli.engine import run_eval
+    from vitcli.evaluate import run_eval
 
     model, ckpt, _ = load_model(finished / "runs" / "train" / "best.pt")
     cfg = ckpt["config"]

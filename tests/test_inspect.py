@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, make_dataset, run_cli, shape_image
-from vitcli.checkpoint import FORMAT, save_checkpoint
+from vitcli.checkpoint import make_checkpoint, save_checkpoint
 from vitcli.data import preprocess_info
 
 
@@ -40,9 +40,9 @@ def deit_checkpoint(tmp_path) -> Path:
             "kwargs": dict(num_classes=3, embed_dim=32, depth=2, num_heads=2, patch_size=8)}
     torch.manual_seed(0)
     model = model_from_spec(spec)
-    ckpt = {"format": FORMAT, "model_spec": spec, "classes": ["red", "green", "blue"],
-            "preprocess": preprocess_info(32, 1.0, "bicubic", [0.5] * 3, [0.25] * 3),
-            "model": model.state_dict(), "config": {}, "epoch": 1, "metrics": {}}
+    ckpt = make_checkpoint(model_spec=spec, classes=["red", "green", "blue"], epoch=1,
+                           preprocess=preprocess_info(32, 1.0, "bicubic", [0.5] * 3, [0.25] * 3),
+                           state_dict=model.state_dict())
     path = tmp_path / "deit" / "best.pt"
     save_checkpoint(path, ckpt)
     return path

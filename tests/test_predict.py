@@ -28,9 +28,8 @@ def fitted_checkpoint(tmp_path_factory, backend: str = "scratch") -> Path:
     """
     import torch
 
-    from vitcli import __version__
     from vitcli import data as D
-    from vitcli.checkpoint import FORMAT, save_checkpoint
+    from vitcli.checkpoint import make_checkpoint, save_checkpoint
     from vitcli.config import ModelConfig
     from vitcli.models import build_model
 
@@ -52,9 +51,8 @@ def fitted_checkpoint(tmp_path_factory, backend: str = "scratch") -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ckpt = {"format": FORMAT, "vitcli_version": __version__, "model_spec": spec, "classes": classes,
-            "preprocess": pre, "config": {}, "epoch": 1, "step": 40, "metrics": {"val_acc": 1.0},
-            "model": {k: v.detach().clone() for k, v in model.eval().state_dict().items()}}
+    ckpt = make_checkpoint(model_spec=spec, classes=classes, preprocess=pre, epoch=1, step=40,
+                           metrics={"val_acc": 1.0}, state_dict=model.eval().state_dict())
     save_checkpoint(root / "runs" / "fit" / "best.pt", ckpt)
     _FITTED[key] = root / "runs" / "fit"
     return _FITTED[key]
@@ -88,7 +86,7 @@ def test_predict_matches_the_validation_pipeline_of_training(tmp_path, run):
 
     from vitcli import data as D
     from vitcli.checkpoint import load_model
-    from vitcli.engine import run_eval
+    from vitcli.evaluate import run_eval
     from vitcli.predict import load_predictor, predict_images
 
     fresh = make_dataset(tmp_path / "fresh", CLASSES, per_class=3, size=57, seed=3)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import TINY, make_dataset, tiny_config
-from vitcli.checkpoint import safe_torch_load
 from vitcli.engine import train
+from vitcli.files import safe_torch_load
 
 EPOCHS = 3
 # 18 train / 6 val images, 2 per step: 9 steps per epoch, 27 in all; last.pt after every step

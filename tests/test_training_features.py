@@ -11,8 +11,7 @@ from PIL import Image
 from conftest import TINY, make_dataset, run_cli
 from vitcli.checkpoint import load_checkpoint
 from vitcli.config import load_config
-from vitcli.data import TrainAugment, epoch_batches
-from vitcli.engine import class_counts
+from vitcli.data import TrainAugment, class_counts, epoch_batches
 
 QUIET = ["--set", "train.recipe=none"]  # these tests pin engine features, not recipe choices
 

@@ -12,7 +12,6 @@ with any number of prefix tokens (`model.num_prefix_tokens`) and any patch grid,
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,85 +36,33 @@ class Captured:
     source: list[int] | None  # token rows the head reads (class / distillation); None = mean of patch tokens
 
 
-def _attention_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(scratch attention modules, timm attention modules) in block order."""
-    from vitcli.vit import Attention as ScratchAttention
-
-    try:
-        from timm.models.vision_transformer import Attention as TimmAttention
-    except ImportError:  # timm missing: only the scratch ViT can be read
-        TimmAttention = ()  # noqa: N806
-    mods = list(model.modules())
-    return ([m for m in mods if isinstance(m, ScratchAttention)],
-            [m for m in mods if TimmAttention and isinstance(m, TimmAttention)])
-
-
-def _explicit_timm_forward(store: list, keep_graph: bool = False):
-    """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
-    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = attn.softmax(dim=-1)
-        store.append(attn if keep_graph else attn.detach())
-        x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))  # (B, N, D)
-
-    return forward
-
-
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[list]:
+def explicit_attention(model: nn.Module) -> Iterator[list]:
     """Run every attention module on the explicit path while inside; yields the list that collects the
-    attention probabilities (B, heads, T, T), one entry per attention call, in call order (still attached
-    to the autograd graph with `keep_graph`)."""
-    scratch, timm_mods = _attention_modules(model)
-    if not scratch and not timm_mods:
+    attention probabilities (B, heads, T, T), one entry per attention call, in call order."""
+    from vitcli.models import backend_of
+
+    backend = backend_of(model)
+    if not backend.attention_modules(model):
         raise VitcliError(f"model {type(model).__name__} has no attention layers vitcli can read; inspect "
                           "supports the from-scratch ViT and timm ViT / DeiT / register-token models")
     store: list = []
-    fused = [m.fused_attn for m in scratch]
-    hooks = [m.attn_probs.register_forward_hook(
-        lambda _m, _i, out: store.append(out if keep_graph else out.detach())) for m in scratch]
-    forward = _explicit_timm_forward(store, keep_graph) if timm_mods else None
-    try:
-        for m in scratch:
-            m.fused_attn = False
-        for m in timm_mods:
-            m.forward = types.MethodType(forward, m)  # instance attribute shadows the class method
+    with backend.explicit_attention(model, store):
         yield store
-    finally:
-        for m, f in zip(scratch, fused, strict=True):
-            m.fused_attn = f
-        for h in hooks:
-            h.remove()
-        for m in timm_mods:
-            m.__dict__.pop("forward", None)
 
 
 def patch_size_of(model: nn.Module) -> tuple[int, int]:
-    """(ph, pw) of the patch embedding, for both backends."""
-    p = getattr(model.patch_embed, "patch_size", None)
-    if p is None:
-        raise VitcliError(f"model {type(model).__name__} has no patch embedding with a patch size")
-    return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+    """(ph, pw): input pixels per token, for any backend."""
+    from vitcli.models import backend_of
+
+    return backend_of(model).patch_size(model)
 
 
 def model_grid(model: nn.Module) -> tuple[int, int]:
-    """The patch grid the model was built for (its position embeddings)."""
-    g = getattr(model, "grid_size", None) or getattr(model.patch_embed, "grid_size", None)
-    if g is None:
-        raise VitcliError(f"model {type(model).__name__} has no fixed patch grid")
-    return int(g[0]), int(g[1])
+    """The token grid the model was built for (its position embeddings)."""
+    from vitcli.models import backend_of
+
+    return backend_of(model).grid(model)
 
 
 def source_rows(model: nn.Module) -> list[int] | None:
@@ -154,7 +101,7 @@ def class_relevance(model: nn.Module, x: torch.Tensor, class_idx: int) -> torch.
     Unlike rollout it differs between classes, which a multi-label model needs."""
     import torch
 
-    with torch.enable_grad(), explicit_attention(model, keep_graph=True) as store:
+    with torch.enable_grad(), explicit_attention(model) as store:  # the store keeps the autograd graph here
         logits = model(x)
         if isinstance(logits, (tuple, list)):
             logits = (logits[0] + logits[1]) / 2

@@ -1,83 +1,61 @@
-"""Checkpoints: atomic writes, safe loading (weights_only=True, never a pickle fallback), self-describing metadata.
+"""Checkpoints: the one schema (`make_checkpoint`), saving, safe loading, and finding the model a command means.
 
 A checkpoint is a dict of tensors and plain Python values:
-  format, vitcli_version, model_spec, classes, preprocess, config, epoch, step, metrics, model (state dict)
-and, in last.pt, what resuming needs: optimizer, scaler, ema, rng, progress.
+  format, vitcli_version, model_spec, classes, preprocess, config, data_dir, epoch, step, metrics, model
+and, in last.pt, what resuming needs under train_state: optimizer, scaler, rng, aug_rng, progress, model.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
+from vitcli import __version__
 from vitcli.errors import VitcliError
+from vitcli.files import atomic_write, safe_torch_load
 
 FORMAT = "vitcli-checkpoint-v1"
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(file_object) on a temp file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preprocess: dict[str, Any],
+                    state_dict: dict[str, Any], config: dict[str, Any] | None = None, data_dir: str = "",
+                    epoch: int = 0, step: int = 0, metrics: dict[str, float] | None = None,
+                    train_state: dict[str, Any] | None = None, task: str = "single",
+                    thresholds: list[float] | None = None) -> dict[str, Any]:
+    """The one checkpoint schema: everything needed to rebuild, run and describe the model.
+
+    Args:
+        model_spec: the backend's plain description of the model (`vitcli.models.model_spec`).
+        classes: class names in label order.
+        preprocess: eval preprocessing (`vitcli.data.preprocess_info`).
+        state_dict: the weights (EMA weights when the run keeps an average); copied to CPU.
+        config: the resolved training config as a dict.
+        data_dir: the dataset the model was trained on (absolute path).
+        epoch: epochs finished; step: optimiser steps taken.
+        metrics: the epoch's row of metrics.csv.
+        train_state: what resuming needs (optimizer, scaler, rng, progress, raw weights); last.pt only.
+        task: "single" (one label per image, softmax) or "multilabel" (a sigmoid per class).
+        thresholds: multi-label only: per-class probability cut-offs tuned on the validation set.
+    """
+    ckpt = {"format": FORMAT, "vitcli_version": __version__, "model_spec": model_spec, "classes": list(classes),
+            "preprocess": dict(preprocess), "config": config or {}, "data_dir": data_dir, "epoch": epoch,
+            "step": step, "metrics": metrics or {}, "model": cpu_state(state_dict)}
+    if train_state is not None:
+        ckpt["train_state"] = train_state
+    if task != "single":
+        ckpt["task"], ckpt["thresholds"] = task, [float(t) for t in thresholds or []]
+    return ckpt
+
+
+def cpu_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Detached CPU copies of a state dict's tensors."""
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(ckpt, f))
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load with weights_only=True; anything that needs arbitrary code is refused with a clear message."""
-    import pickle
-
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise VitcliError(f"checkpoint '{p}' does not exist")
-    # The environment variable would silently turn weights_only off: refuse to honour it here.
-    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's pickle-protocol notice: the error says it all
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        wants = re.search(r"GLOBAL ([\w.]+)", str(e))  # the weights-only unpickler met an import of code
-        if wants:
-            raise VitcliError(f"'{p}' is not a plain weights file: loading it would import {wants[1]}, which "
-                              "vitcli refuses (weights_only=True); nothing from the file was run") from None
-        raise VitcliError(f"'{p}' is not a readable checkpoint (not written by torch.save, or damaged)") from None
-    except Exception as e:  # zip, EOF, storage errors of a truncated or foreign file
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        if p.stat().st_size == 0:
-            first = "the file is empty"
-        raise VitcliError(f"'{p}' is not a readable checkpoint (truncated or not made by torch): {first}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -356,7 +356,6 @@ def validate(cfg: Config) -> None:
     dev = t.device
     ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
     need(ok_dev, "train.device", "one of auto, cpu, cuda, cuda:N, mps")
-    if not m.name.startswith("timm/"):
-        from vitcli.models import resolve_preset  # light: no torch import
+    from vitcli.models import backend_for_name  # light: no torch import
 
-        resolve_preset(cfg.model, cfg.data.img_size)
+    backend_for_name(m.name).check_config(cfg.model, cfg.data.img_size)

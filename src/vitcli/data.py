@@ -119,6 +119,14 @@ def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     return classes, split
 
 
+def class_counts(labels: list[int], n: int) -> list[int]:
+    """Images per class, for labels in range(n)."""
+    counts = [0] * n
+    for y in labels:
+        counts[y] += 1
+    return counts
+
+
 def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Seeded per-class split: round(n * val_fraction) of each class (at least 1 when n >= 2) go to val."""
     rng = random.Random(seed)
@@ -391,10 +399,11 @@ class ImageStore:
     """The images of one split as uint8 (3, S, S) tensors: all decoded up front (cache) or on demand."""
 
     def __init__(self, split: Split, size: int, interpolation: str, cache: bool, num_workers: int,
-                 on_bad=None, progress_label: str = "decoding"):
+                 on_bad=None, progress_label: str = "decoding", pin_memory: bool = False):
         import torch
 
         self.size, self.interpolation, self.num_workers = size, interpolation, num_workers
+        self.pin_memory = pin_memory  # uncached batches in page-locked memory (non-blocking copies to CUDA)
         self.bad: list[str] = []
         self.images = None
         if cache:
@@ -459,7 +468,7 @@ class ImageStore:
             return
         loader = torch.utils.data.DataLoader(
             _DecodeDataset(self.paths, self.size, self.interpolation), batch_sampler=batches,
-            num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False,
+            num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False, pin_memory=self.pin_memory,
             multiprocessing_context="spawn" if self.num_workers > 0 and os.name != "posix" else None,
         )
         for images, keep, errors in loader:
@@ -544,15 +553,17 @@ def normalize_(x, mean, std):
     return x.mul_(scale).sub_(shift)
 
 
-def crop_grid(theta, size: int, device):
+def crop_grid(theta, size: int, device, rotated: bool | None = None):
     """F.affine_grid(theta, (B, 3, size, size)) for a CPU theta (B, 2, 3); built separably (x from the column,
-    y from the row, several times cheaper) when the window is not rotated."""
+    y from the row, several times cheaper) when the window is not rotated (`rotated` None: look at theta)."""
     import torch
     import torch.nn.functional as F
 
     B = theta.shape[0]
-    th = theta.to(device)
-    if theta[:, 0, 1].any() or theta[:, 1, 0].any():
+    th = theta.to(device, non_blocking=True)
+    if rotated is None:
+        rotated = bool(theta[:, 0, 1].any() or theta[:, 1, 0].any())
+    if rotated:
         return F.affine_grid(th, [B, 3, size, size], align_corners=False)
     base = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # (size,) pixel centres
     gx = th[:, 0, 0].view(B, 1, 1) * base.view(1, 1, size) + th[:, 0, 2].view(B, 1, 1)  # (B, 1, size)
@@ -618,7 +629,7 @@ class TrainAugment:
             theta[:, 0, 0], theta[:, 0, 1] = w * flip * cos, -h * sin
             theta[:, 1, 0], theta[:, 1, 1] = w * flip * sin, h * cos
         size = cfg.img_size
-        grid = crop_grid(theta, size, dev)  # (B, size, size, 2)
+        grid = crop_grid(theta, size, dev, rotated=cfg.rotate > 0)  # (B, size, size, 2)
         pad = "border" if cfg.translate > 0 or cfg.rotate > 0 else "reflection"
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=pad, align_corners=False)
         out = normalize_(out, cfg.mean, cfg.std)  # bilinear weights sum to 1: same as normalising first, cheaper

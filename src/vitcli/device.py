@@ -1,10 +1,9 @@
-"""Device and precision selection, seeding, and the torchrun (distributed) glue."""
+"""Device and precision selection, attention path, seeding and RNG state (torchrun glue: distributed.py)."""
 
 from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from functools import lru_cache
 
 from vitcli.errors import VitcliError
@@ -13,6 +12,8 @@ from vitcli.errors import VitcliError
 def pick_device(name: str):
     """auto -> cuda, then mps, then cpu; an explicit device that is missing is an error."""
     import torch
+
+    from vitcli.distributed import dist_info
 
     if name == "auto":
         if torch.cuda.is_available():
@@ -172,52 +173,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank information from torchrun's environment variables."""
-    return DistInfo(rank=int(os.environ.get("RANK", 0)), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                    world_size=int(os.environ.get("WORLD_SIZE", 1)))
-
-
-def weights_digest(state_dict: dict) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict: equal digests = equal weights."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for name, t in state_dict.items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def init_distributed(device) -> DistInfo:
-    """Join the process group when started by torchrun: nccl on CUDA, gloo otherwise."""
-    import torch.distributed as dist
-
-    info = dist_info()
-    if info.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-        import atexit
-
-        # leave the group before interpreter teardown: exiting with live gloo threads aborts the process
-        # ("terminate called without an active exception", SIGABRT) and torchrun reports the run as failed
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    return info
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

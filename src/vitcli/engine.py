@@ -1,28 +1,38 @@
-"""Training and evaluation loops: AdamW + warmup-cosine, AMP, EMA, mixup, resume, signals, torchrun.
+"""Training: `train(cfg, data_dir)` is a short driver over named phases, each a function a reader (or the lr
+finder) can call alone:
 
-`train(cfg, data_dir)` reads top to bottom: set up -> epochs of (train steps, validation, checkpoints).
-All randomness lives in the main process (seeded batch order, a dedicated augmentation generator, the global
-RNGs for dropout and mixup) and is saved in last.pt, so a resumed run continues bit-for-bit on CPU.
+    open_run      resume lookup, device and processes, seeding
+    prepare_data  scan the dataset, choose the recipe, write the run folder, decode the images
+    build_state   model, optimiser, schedule, EMA, scaler, loss, augmentation  (-> RunState)
+    restore       a resumed run's weights, optimiser, RNGs and progress
+    per epoch:    train_epoch (train_step per batch) -> evaluate_epoch -> end_epoch (best, checkpoints, log)
+    finish        replica check, summary
+
+All mutable training state lives in one `RunState`; its `progress` is what last.pt saves. Callbacks (the
+metrics files, loggers) are called at the phase boundaries. All randomness lives in the main process (seeded
+batch order, a dedicated augmentation generator, the global RNGs for dropout and mixup) and is saved in
+last.pt, so a resumed run continues bit-for-bit on CPU. The step loop does not wait for the device: loss,
+accuracy and loss finiteness are summed on it and read once every LOG_EVERY batches.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vitcli import __version__
-from vitcli.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from vitcli.config import Config, config_from_dict, to_dict, to_yaml
+from vitcli.config import Config
 from vitcli.console import console, esc, info
 from vitcli.errors import VitcliError
 
-METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+if TYPE_CHECKING:
+    import torch
+
+    from vitcli.data import BadImageLog, Dataset, ImageStore
+
+LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
 
 
 class Interrupted(Exception):
@@ -43,74 +53,571 @@ class TrainResult:
     seconds: float = 0.0
 
 
-# ----------------------------------------------------------------------------------------------- helpers
-def new_run_dir(output: str | Path, name: str) -> Path:
-    """<output>/<name>, or <name>-2, -3, ... : an existing run is never overwritten."""
-    root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 10_000):
-        cand = root / (name if i == 1 else f"{name}-{i}")
-        try:
-            cand.mkdir()
-            return cand
-        except FileExistsError:
-            continue
-    raise VitcliError(f"too many runs named '{name}' under '{root}'")
+class Callback:
+    """Hooks at the phase boundaries of `train`; every method is optional. Only the main process calls them."""
+
+    def on_start(self, run: RunState, data: TrainData) -> None: ...
+
+    def on_log(self, run: RunState, stats: dict[str, float]) -> None: ...  # every LOG_EVERY batches
+
+    def on_epoch(self, run: RunState, row: dict[str, float]) -> None: ...  # after the epoch's checkpoints
+
+    def on_end(self, run: RunState, result: TrainResult) -> None: ...
 
 
-def lr_at(step: int, total: int, warmup: int, o) -> float:
-    """Linear warmup from lr * warmup_lr_ratio, then cosine down to lr * min_lr_ratio (per step)."""
-    if warmup > 0 and step < warmup:
-        return o.lr * (o.warmup_lr_ratio + (1 - o.warmup_lr_ratio) * step / warmup)
-    t = (step - warmup) / max(1, total - warmup)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+class MetricsFiles(Callback):
+    """metrics.csv after every epoch; curves.png when drawing is cheap enough, and always at the end."""
+
+    def on_start(self, run: RunState, data: TrainData) -> None:
+        from vitcli.rundir import draw_curves, metrics_in_line, write_metrics
+
+        history = run.progress.history  # a kill between last.pt and metrics.csv: bring them in line
+        if history and not metrics_in_line(run.run_dir, history):
+            write_metrics(run.run_dir / "metrics.csv", history)
+            draw_curves(run.run_dir, history)
+
+    def on_epoch(self, run: RunState, row: dict[str, float]) -> None:
+        from vitcli.rundir import draw_curves, write_metrics
+
+        write_metrics(run.run_dir / "metrics.csv", run.progress.history)
+        draw_curves(run.run_dir, run.progress.history, force=row["epoch"] == run.cfg.train.epochs)
+
+    def on_end(self, run: RunState, result: TrainResult) -> None:
+        from vitcli.rundir import draw_curves
+
+        if result.history and result.epochs_run < run.cfg.train.epochs:
+            draw_curves(run.run_dir, result.history)  # early stop: the skipped drawings, now
 
 
-def param_groups(model, o) -> list[dict]:
-    """No weight decay on biases, norms and tokens; layer-wise lr decay when o.layer_decay > 0."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    depth = len(getattr(model, "blocks", []))
+# ----------------------------------------------------------------------------------------------- state
+@dataclass
+class Env:
+    """Where the run executes."""
 
-    def layer_id(name: str) -> int:
-        if name.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token", "dist_token")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return depth + 1
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    why: str  # the reason for the precision, printed
+    rank: int = 0
+    world: int = 1
 
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_wd = p.ndim <= 1 or name in skip or name.endswith(".bias")
-        lid = layer_id(name) if o.layer_decay > 0 else 0
-        scale = o.layer_decay ** (depth + 1 - lid) if o.layer_decay > 0 else 1.0
-        g = groups.setdefault((lid, no_wd), {"params": [], "weight_decay": 0.0 if no_wd else o.weight_decay,
-                                             "lr_scale": scale})
-        g["params"].append(p)
-    return list(groups.values())
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
-class EMA:
-    """Exponential moving average of weights (fp32), updated every optimiser step."""
+@dataclass
+class TrainData:
+    """The dataset as training uses it: decoded stores, preprocessing and class counts."""
 
-    def __init__(self, model, decay: float):
-        import copy
+    data_dir: str | Path
+    ds: Dataset
+    train: ImageStore
+    val: ImageStore
+    pre: dict[str, Any]  # eval preprocessing, stored in checkpoints
+    counts: list[int]  # training images per class
+    bad: BadImageLog
 
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+    @property
+    def classes(self) -> list[str]:
+        return self.ds.classes
 
-    def update(self, model) -> None:
+
+@dataclass
+class Progress:
+    """Where the run is; saved in last.pt (as a plain dict) and restored on resume."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimiser steps taken
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    since_best: int = 0  # epochs without a better val accuracy
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
+    partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
+
+
+EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+
+
+class EpochSums:
+    """The running epoch's training loss and accuracy sums, kept on the device (float64) so a step never waits
+    for it; also remembers the first non-finite loss (its batch and value) without a sync."""
+
+    def __init__(self, partial: dict[str, float], device: torch.device):
         import torch
 
-        with torch.no_grad():
-            for e, m in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-                if e.dtype.is_floating_point:
-                    e.lerp_(m, 1.0 - self.decay)
-                else:
-                    e.copy_(m)
+        self.loss = torch.tensor(partial["loss"], dtype=torch.float64, device=device)
+        self.correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
+        self.count = partial["count"]  # known on the host
+        self.bad_batch = torch.tensor(-1, device=device)  # first batch whose loss was not finite
+        self.bad_loss = torch.tensor(0.0, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor, batch: int) -> None:
+        import torch
+
+        loss = loss.detach()
+        first_bad = ~torch.isfinite(loss) & (self.bad_batch < 0)
+        self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
+        self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
+        self.loss += loss.double() * len(hard)
+        self.correct += (logits.detach().argmax(1) == hard).sum()
+        self.count += len(hard)
+
+    def read(self) -> tuple[float, float, float, int, float]:
+        """(loss sum, correct, count, first bad batch or -1, its loss): the one sync."""
+        return float(self.loss), float(self.correct), float(self.count), int(self.bad_batch), float(self.bad_loss)
+
+
+@dataclass
+class RunState:
+    """Everything the epoch loop reads and changes."""
+
+    cfg: Config
+    env: Env
+    run_dir: Path
+    spec: dict[str, Any]  # the model's self-description, stored in checkpoints
+    model: Any  # the plain module (weights that train)
+    fwd_model: Any  # what the step calls: the model, or its DDP / compiled wrapper
+    ema: Any  # optim.EMA or None
+    optimizer: Any
+    scaler: Any
+    loss_fn: Any  # optim.TrainLoss
+    eval_loss: Any  # plain cross-entropy for validation
+    mixup: Any  # timm Mixup or None
+    augment: Any  # data.TrainAugment
+    aug_gen: Any  # torch.Generator of the augmentation (saved for resume)
+    sample_w: list[float] | None  # per-image sampling weights (balanced sampler) or None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    progress: Progress = field(default_factory=Progress)
+    sums: Any = None  # EpochSums of the running epoch
+    lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
+    callbacks: list[Callback] = field(default_factory=list)
+
+    @property
+    def eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+# ----------------------------------------------------------------------------------------------- phases
+def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None):
+    """Resolve --resume (its config and dataset), then the device, processes, seeds and threads.
+
+    Returns (cfg, data_dir, run_dir or None for a new run, last.pt contents or None, Env)."""
+    import torch
+
+    from vitcli.config import config_from_dict, load_config
+    from vitcli.device import pick_device, pick_precision, seed_everything
+    from vitcli.distributed import init_distributed
+    from vitcli.rundir import cfg_data_dir, resolve_resume
+
+    run_dir = ckpt = None
+    if resume is not None:
+        run_dir, ckpt = resolve_resume(resume)
+        if ckpt is not None:
+            cfg = config_from_dict(ckpt["config"])
+            data_dir = data_dir or ckpt.get("data_dir")
+        else:
+            cfg = load_config(run_dir / "config.yaml")
+            data_dir = data_dir or cfg_data_dir(run_dir)
+        if epochs:
+            cfg.train.epochs = epochs
+        if data_dir is None:
+            raise VitcliError(f"--resume '{resume}': give the dataset folder too (vitcli train DATA --resume RUN)")
+    t = cfg.train
+    device = pick_device(t.device)
+    dist_i = init_distributed(device)
+    precision, why = pick_precision(t.precision, device)
+    seed_everything(t.seed + dist_i.rank)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    return cfg, data_dir, run_dir, ckpt, Env(device, precision, why, dist_i.rank, dist_i.world_size)
+
+
+def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None,
+                 recipe: bool) -> tuple[TrainData, Path]:
+    """Scan the dataset, fill the recipe (`recipe`: not for a resumed run, whose config is final), write
+    config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
+    `run_dir` is None)."""
+    from vitcli import data as D
+    from vitcli.distributed import broadcast_str
+    from vitcli.recipes import apply_recipe
+    from vitcli.rundir import new_run_dir, write_config, write_split
+
+    d, t = cfg.data, cfg.train
+    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
+    if len(ds.val) == 0:
+        raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
+    if recipe:
+        apply_recipe(cfg, n_train=len(ds.train), world=env.world, quiet=not env.main)  # keys the user left
+    if run_dir is None:
+        run_dir = new_run_dir(t.output, t.name) if env.main else Path(t.output) / t.name
+        run_dir = Path(broadcast_str(str(run_dir)))
+    if env.main:
+        write_config(run_dir, cfg, data_dir)
+        if ds.split_made:
+            write_split(run_dir / "split.csv", ds)
+    counts = D.class_counts(ds.train.labels, len(ds.classes))
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
+         "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
+    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
+    return load_images(cfg, data_dir, ds, counts, env), run_dir
+
+
+def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int], env: Env) -> TrainData:
+    """Decode both splits once to uint8 at the resize side; cached in memory when they fit."""
+    from vitcli import data as D
+    from vitcli.device import cpu_count
+
+    d = cfg.data
+    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    size = pre["resize_size"]
+    total = len(ds.train) + len(ds.val)
+    est_gb = total * 3 * size * size / 2**30
+    cache = d.cache == "on" or (d.cache == "auto" and est_gb <= d.cache_max_gb)
+    workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, cpu_count() - 1)))
+    info(f"[bold]images[/] decoded once to {size}x{size} uint8"
+         + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
+    bad = D.BadImageLog(total=total, max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    pin = env.device.type == "cuda"
+    train = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.add, "decoding train", pin)
+    val = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.add, "decoding val", pin)
+    bad.check()  # uncached: files that only fail while decoding are checked again as they turn up
+    if len(train) == 0 or len(val) == 0:
+        raise VitcliError(f"'{data_dir}': no readable images left in the {'val' if len(train) else 'train'} split")
+    if cache and env.device.type != "cpu":
+        train.to(env.device)
+        val.to(env.device)
+    return TrainData(data_dir, ds, train, val, pre, counts, bad)
+
+
+def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: bool = True) -> RunState:
+    """Model, optimiser, schedule, EMA, scaler, loss and augmentation for a run (`wrap`: DDP / compile)."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
+    from vitcli.models import build_model
+    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer, lr_at
+
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size)
+    model.to(env.device)
+    source = " from pretrained weights" if cfg.model.pretrained or cfg.model.pretrained_file else ""
+    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}, "
+         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    if t.precision == "auto":
+        env.precision, env.why = refine_auto_precision(env.precision, env.why, model, env.device, d.img_size,
+                                                       d.batch_size)
+    fused_attn, attn_why = pick_attention(env.device, env.precision)
+    set_fused_attention(model, fused_attn)
+    info(f"[bold]device[/] {env.device}, precision {env.precision} ({env.why})"
+         + (f", {env.world} processes" if env.world > 1 else "") + ("" if fused_attn else f"; attention: {attn_why}"))
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    loss_fn = TrainLoss(cfg, data.counts, env.device)
+    if loss_fn.class_w is not None:
+        info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
+    fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
+    aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
+    sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
+    n_batches = len(D.epoch_batches(len(data.train), d.batch_size, 0, t.seed, env.rank, env.world, sample_w))
+    steps_per_epoch = max(1, n_batches // t.accum_steps)
+    total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
+    return RunState(
+        cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
+        optimizer=build_optimizer(model, o, env.device),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
+        loss_fn=loss_fn, eval_loss=torch.nn.CrossEntropyLoss(), mixup=build_mixup(cfg, len(data.classes)),
+        augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
+        total_steps=total, warmup_steps=warmup, lr_fn=lambda step: lr_at(step, total, warmup, o))
+
+
+def wrap_model(model, ema, cfg: Config, env: Env):
+    """channels-last, DDP (which broadcasts rank 0's weights; the EMA copy starts from them too), compile."""
+    import torch
+
+    t = cfg.train
+    fwd = model.to(memory_format=torch.channels_last) if t.channels_last else model
+    if env.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
+    if t.compile:  # after DDP, as torch recommends
+        fwd = torch.compile(fwd)
+    return fwd
+
+
+def restore(run: RunState, ckpt: dict[str, Any]) -> None:
+    """Load a resumed run's weights, EMA, optimiser, scaler, RNG states and progress from last.pt."""
+    from vitcli.device import set_rng_state
+
+    ts = ckpt["train_state"]
+    run.model.load_state_dict(ts.get("model", ckpt["model"]))
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ts["optimizer"])
+    if ts.get("scaler"):
+        run.scaler.load_state_dict(ts["scaler"])
+    pr = ts["progress"]
+    run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
+                            pr["since_best"], list(pr["history"]), dict(pr["partial"]))
+    set_rng_state(ts["rng"])
+    run.aug_gen.set_state(ts["aug_rng"])
+    info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
+    if run.progress.epoch >= run.cfg.train.epochs:
+        info(f"the run already trained {run.progress.epoch} epochs; pass --epochs N (> {run.progress.epoch}) to "
+             "extend it")
+
+
+def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """One batch: lr, augmentation, mixup, forward under autocast, backward (accumulating), and on the last
+    batch of an accumulation: clip, optimiser step, EMA. Returns the detached loss; never waits for the device."""
+    import torch
+
+    from vitcli.device import autocast
+    from vitcli.optim import set_lr
+
+    d, t, o, env = run.cfg.data, run.cfg.train, run.cfg.optim, run.env
+    x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+    if batch % t.accum_steps == 0:
+        set_lr(run.optimizer, run.lr_fn(run.progress.step))
+    xb = run.augment(x)  # (B, 3, img_size, img_size)
+    if t.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    target = y
+    if run.mixup is not None and len(y) % 2 == 0:
+        xb, target = run.mixup(xb, y)  # target (B, C) soft labels
+    try:
+        with autocast(env.device, env.precision):
+            logits = run.fwd_model(xb).float()  # (B, C)
+            loss = run.loss_fn(logits, target)
+    except torch.OutOfMemoryError:
+        raise VitcliError(f"out of memory at batch size {d.batch_size} on {env.device}; try --batch-size "
+                          f"{max(1, d.batch_size // 2)} (or train.accum_steps {t.accum_steps * 2} to keep the "
+                          "effective batch)") from None
+    last = (batch + 1) % t.accum_steps == 0
+    if env.world > 1 and not last:  # accumulate locally, all-reduce on the last one
+        with run.fwd_model.no_sync():
+            run.scaler.scale(loss / t.accum_steps).backward()
+    else:
+        run.scaler.scale(loss / t.accum_steps).backward()
+    if last:
+        if o.clip_grad > 0:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), o.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.progress.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model)
+    hard = target.argmax(1) if target.ndim == 2 else y  # mixup/cutmix: the dominant label
+    run.sums.add(loss, logits, hard, batch)
+    return loss.detach()
+
+
+def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_steps: int | None) -> bool:
+    """Train one epoch (the rest of it after a resume). Raises Interrupted after saving last.pt on a signal;
+    returns True, last.pt saved, when `stop_after_steps` is reached (tests)."""
+    from vitcli import data as D
+    from vitcli.distributed import any_rank
+    from vitcli.recipes import freeze_backbone
+
+    cfg, env, p = run.cfg, run.env, run.progress
+    d, t = cfg.data, cfg.train
+    epoch = p.epoch
+    batches = D.epoch_batches(len(data.train), d.batch_size, epoch, t.seed, env.rank, env.world, run.sample_w)
+    batches = batches[: run.steps_per_epoch * t.accum_steps]
+    first = p.batch
+    task = bar.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(batches), completed=first, stats="")
+    if t.freeze_epochs:
+        freeze_backbone(run.model, frozen=epoch < t.freeze_epochs)  # head-only warm-up, then everything
+    run.model.train()
+    run.sums = EpochSums(p.partial, env.device)
+    t0 = time.time() - p.partial["seconds"]
+    for bi, (x, y) in enumerate(data.train.batches(batches[first:]), start=first):
+        train_step(run, x, y, bi)
+        p.batch = bi + 1
+        end = bi + 1 == len(batches)
+        if (bi + 1) % LOG_EVERY == 0 or end:
+            read_sums(run, t0, bar, task)
+        bar.update(task, advance=1)
+        stopping = stop.code
+        if env.world > 1 and ((bi + 1) % LOG_EVERY == 0 or end):  # the ranks agree at the same batch
+            stopping = any_rank(stop.code, env.device)
+        elif env.world > 1:
+            stopping = 0
+        if stop_after_steps is not None and p.step >= stop_after_steps:
+            stopping = stopping or -1
+        saving = t.save_every_steps and p.step % t.save_every_steps == 0 and (bi + 1) % t.accum_steps == 0
+        if stopping or (saving and env.main):
+            save_last(run, data, t0)
+            if stopping:
+                bar.stop()
+                stop_run(run, data, stop.code or (stopping if stopping > 0 else 130), stopping == -1)
+                return True
+    bar.remove_task(task)
+    p.partial["seconds"] = time.time() - t0
+    return False
+
+
+def read_sums(run: RunState, t0: float, bar=None, task=None) -> dict[str, float]:
+    """Read the epoch's sums from the device (the one sync per LOG_EVERY batches): stop on a non-finite
+    loss, show the running figures, tell the callbacks."""
+    loss, correct, count, bad_batch, bad_loss = run.sums.read()
+    if bad_batch >= 0:
+        o, best = run.cfg.optim, run.run_dir / "best.pt"
+        raise VitcliError(f"loss became {bad_loss} at epoch {run.progress.epoch + 1}, step {bad_batch + 1}; lower "
+                          f"'optim.lr' (now {o.lr:g})"
+                          + (" or use 'train.precision: fp32'" if run.env.precision != "fp32" else "")
+                          + ("; best.pt holds the last good weights" if best.is_file() else ""))
+    seconds = time.time() - t0
+    run.progress.partial = {"loss": loss, "correct": correct, "count": count, "seconds": seconds}
+    stats = {"loss": loss / max(count, 1), "acc": correct / max(count, 1), "lr": run.lr(),
+             "images_per_s": count * run.env.world / max(seconds, 1e-9), "step": run.progress.step}
+    if bar is not None:
+        bar.update(task, stats=f"loss {stats['loss']:.4f} acc {stats['acc']:.3f} lr {stats['lr']:.2e} "
+                               f"{stats['images_per_s']:.0f} img/s")
+    if run.env.main:
+        for cb in run.callbacks:
+            cb.on_log(run, stats)
+    return stats
+
+
+def save_last(run: RunState, data: TrainData, t0: float) -> None:
+    """last.pt mid-epoch, with the epoch's sums read first (a non-finite loss is never saved as progress)."""
+    read_sums(run, t0)
+    if run.env.main:
+        write_checkpoint(run, data, "last.pt", {}, run.progress.epoch)
+
+
+def stop_run(run: RunState, data: TrainData, code: int, quietly: bool) -> None:
+    """After a signal: say how to resume and raise Interrupted (every rank after rank 0 has saved)."""
+    from vitcli.distributed import barrier
+
+    if quietly:
+        return
+    info(f"[yellow]stopped[/] at epoch {run.progress.epoch + 1}, step {run.progress.batch}; last.pt saved. "
+         f"Resume with: vitcli train {esc(str(data.data_dir))} --resume {esc(str(run.run_dir))}")
+    barrier()  # no rank exits (and gets torchrun to kill the rest) before the save
+    raise Interrupted(code, run.run_dir)
+
+
+def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
+    """Validation of the weights that are kept (EMA when on), summed over ranks; the epoch's metrics row."""
+    from vitcli.distributed import all_reduce_sums
+    from vitcli.evaluate import run_eval
+
+    env, p, d = run.env, run.progress, run.cfg.data
+    tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
+    ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
+                  env.rank, env.world)
+    vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
+    seconds = p.partial["seconds"]
+    return {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
+            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
+            "images_per_s": tn / max(seconds, 1e-9)}
+
+
+def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
+    """Record the epoch: best tracking, best.pt / last.pt, callbacks, the log line. True to stop early."""
+    t, p = run.cfg.train, run.progress
+    p.history.append(row)
+    p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
+    improved = row["val_acc"] > p.best_acc and _finite(run.eval_model)
+    if improved:
+        p.best_acc, p.best_epoch, p.since_best = row["val_acc"], p.epoch, 0
+    else:
+        p.since_best += 1
+    metrics = {k: float(v) for k, v in row.items()}
+    if run.env.main:
+        if improved:
+            write_checkpoint(run, data, "best.pt", metrics, p.epoch, with_state=False)
+        write_checkpoint(run, data, "last.pt", metrics, p.epoch)
+        for cb in run.callbacks:
+            cb.on_epoch(run, row)
+    info(f"epoch {p.epoch:>3}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
+         f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
+    if t.patience and p.since_best >= t.patience:
+        info(f"early stop: val accuracy did not improve for {t.patience} epochs (best {p.best_acc:.4f} at epoch "
+             f"{p.best_epoch})")
+        return True
+    return False
+
+
+def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[str, float], epoch: int,
+                     with_state: bool = True) -> None:
+    """best.pt (weights to use) or last.pt (also what resuming needs), in the one checkpoint schema."""
+    from vitcli.checkpoint import cpu_state, make_checkpoint, save_checkpoint
+    from vitcli.config import to_dict
+    from vitcli.device import rng_state
+
+    train_state = None
+    if with_state:
+        train_state = {"optimizer": run.optimizer.state_dict(),
+                       "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+                       "rng": rng_state(), "aug_rng": run.aug_gen.get_state(), "progress": asdict(run.progress)}
+        if run.ema is not None:
+            train_state["model"] = cpu_state(run.model.state_dict())
+    ckpt = make_checkpoint(model_spec=run.spec, classes=data.classes, preprocess=data.pre,
+                           state_dict=run.eval_model.state_dict(), config=to_dict(run.cfg),
+                           data_dir=str(Path(data.data_dir).resolve()), epoch=epoch, step=run.progress.step,
+                           metrics=metrics, train_state=train_state)
+    save_checkpoint(run.run_dir / name, ckpt)
+
+
+def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
+    """Check the replicas agree (torchrun), tell the callbacks, print the summary."""
+    from vitcli.distributed import check_replicas
+
+    p = run.progress
+    result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
+    if run.env.world > 1:
+        digest = check_replicas(run.eval_model.state_dict(), run.env.world)
+        info(f"[bold]distributed[/] all {run.env.world} processes hold identical weights (sha256 {digest[:16]})")
+    if run.env.main:
+        for cb in run.callbacks:
+            cb.on_end(run, result)
+        _summary(result, data.classes, data.bad)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = None,
+          epochs_override: int | None = None, stop_after_steps: int | None = None,
+          callbacks: list[Callback] | None = None) -> TrainResult:
+    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
+    from vitcli.console import progress_bar
+
+    t_start = time.time()
+    cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs_override)
+    data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None)
+    run = build_state(cfg, data, env, run_dir)
+    run.callbacks = [MetricsFiles(), *(callbacks or [])]
+    if ckpt is not None:
+        restore(run, ckpt)
+    if env.main:
+        for cb in run.callbacks:
+            cb.on_start(run, data)
+    t = cfg.train
+    with StopFlag() as stop, progress_bar(extra=True) as bar:
+        epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
+        while run.progress.epoch < t.epochs:
+            if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
+                return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
+                                   run.progress.history)
+            early = end_epoch(run, data, evaluate_epoch(run, data))
+            bar.update(epoch_task, advance=1)
+            if early:
+                break
+    return finish(run, data, t_start)
 
 
 class StopFlag:
@@ -141,516 +648,13 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def class_counts(labels: list[int], n: int) -> list[int]:
-    counts = [0] * n
-    for y in labels:
-        counts[y] += 1
-    return counts
-
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-@dataclass
-class EvalOutput:
-    logits: Any  # float (N, C) on CPU
-    labels: Any  # long (N,) on CPU
-    loss_sum: float
-    correct: int
-    count: int
-
-
-def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
-             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
-    """Forward every image of `store` (this rank's shard) with the eval transform."""
-    import torch
-
-    from vitcli.data import eval_transform, sequential_batches
-    from vitcli.device import autocast
-
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    all_logits, all_labels = [], []
-    with torch.inference_mode():
-        for x, y in store.batches(sequential_batches(len(store), batch_size, rank, world)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(eval_transform(x, pre)).float()  # (B, C)
-            if loss_fn is not None:
-                loss_sum += float(loss_fn(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
-            if keep_logits:
-                all_logits.append(logits.cpu())
-                all_labels.append(y.cpu())
-    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
-    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
-    return EvalOutput(logits, labels.long(), loss_sum, correct, count)
-
-
-def all_reduce_sums(values: list[float], device) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def write_metrics(path: Path, history: list[dict]) -> None:
-    from vitcli.checkpoint import atomic_write
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-def write_split(path: Path, ds) -> None:
-    """split.csv: which image went to train and which to val (relative to the dataset folder)."""
-    from vitcli.checkpoint import atomic_write
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["split", "class", "path"])
-    for name, split in (("train", ds.train), ("val", ds.val)):
-        for p, y in zip(split.paths, split.labels, strict=True):
-            w.writerow([name, ds.classes[y], p.relative_to(ds.root).as_posix()])
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-# ----------------------------------------------------------------------------------------------- training
-def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
-    """--resume RUN|last.pt -> (run folder, last.pt contents or None when the run never saved one)."""
-    p = Path(resume)
-    run_dir = p.parent if p.is_file() else p
-    if not run_dir.is_dir():
-        raise VitcliError(f"--resume '{p}': no such run folder")
-    for tmp in run_dir.glob(".*.tmp"):  # left by a kill -9 during an atomic write (checkpoint, csv, png)
-        tmp.unlink(missing_ok=True)
-    last = p if p.is_file() else p / "last.pt"
-    if last.is_file():
-        ckpt = load_checkpoint(last)
-        if "train_state" not in ckpt:
-            raise VitcliError(f"--resume '{last}' holds weights only, not the training state; resume from the "
-                              "run folder (its last.pt)")
-        return run_dir, ckpt
-    if (run_dir / "config.yaml").is_file():
-        return run_dir, None  # killed before its first save: start that run again from the beginning
-    raise VitcliError(f"--resume '{p}': the folder holds neither last.pt nor config.yaml of a vitcli run")
-
-
-def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = None,
-          epochs_override: int | None = None, stop_after_steps: int | None = None) -> TrainResult:
-    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
-    import torch
-
-    from vitcli import data as D
-    from vitcli.console import progress_bar
-    from vitcli.device import (
-        autocast,
-        init_distributed,
-        pick_attention,
-        pick_device,
-        pick_precision,
-        refine_auto_precision,
-        rng_state,
-        seed_everything,
-        set_fused_attention,
-        set_rng_state,
-    )
-    from vitcli.models import build_model
-    from vitcli.recipes import apply_recipe, freeze_backbone
-
-    t_start = time.time()
-    ckpt = None
-    if resume is not None:
-        run_dir, ckpt = resolve_resume(resume)
-        if ckpt is not None:
-            cfg = config_from_dict(ckpt["config"])
-            data_dir = data_dir or ckpt.get("data_dir")
-        else:
-            from vitcli.config import load_config
-
-            cfg = load_config(run_dir / "config.yaml")
-            data_dir = data_dir or (cfg_data_dir(run_dir))
-        if epochs_override:
-            cfg.train.epochs = epochs_override
-        if data_dir is None:
-            raise VitcliError(f"--resume '{resume}': give the dataset folder too (vitcli train DATA --resume RUN)")
-    d, t, o = cfg.data, cfg.train, cfg.optim
-
-    device = pick_device(t.device)
-    dist_i = init_distributed(device)
-    rank, world, main = dist_i.rank, dist_i.world_size, dist_i.is_main
-    precision, why = pick_precision(t.precision, device)
-    seed_everything(t.seed + rank)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-
-    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
-    if len(ds.val) == 0:
-        raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
-    n_cls = len(ds.classes)
-    if resume is None:
-        apply_recipe(cfg, n_train=len(ds.train), world=world, quiet=not main)  # fills keys the user did not set
-        run_dir = new_run_dir(t.output, t.name) if main else Path(t.output) / t.name
-        if world > 1:
-            run_dir = Path(_broadcast_str(str(run_dir), device))
-    if main:
-        from vitcli.checkpoint import atomic_write  # a kill mid-write must not leave a half config to resume
-
-        text = f"# vitcli {__version__}; data: {Path(data_dir).resolve()}\n" + to_yaml(cfg)
-        atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
-        if ds.split_made:
-            write_split(run_dir / "split.csv", ds)
-
-    counts = class_counts(ds.train.labels, n_cls)
-    info(f"[bold]data[/] {esc(str(data_dir))}: {n_cls} classes, {len(ds.train)} train / {len(ds.val)} val images"
-         + (" (seeded split of the class folders)" if ds.split_made else ""))
-    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
-
-    # ---- data
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    size = pre["resize_size"]
-    total_imgs = len(ds.train) + len(ds.val)
-    est_gb = total_imgs * 3 * size * size / 2**30
-    cache = d.cache == "on" or (d.cache == "auto" and est_gb <= d.cache_max_gb)
-    workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, _cpus() - 1)))
-    info(f"[bold]images[/] decoded once to {size}x{size} uint8"
-         + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
-    bad = D.BadImageLog(total=total_imgs, max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    train_store = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.add, "decoding train")
-    val_store = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.add, "decoding val")
-    bad.check()  # uncached: files that only fail while decoding are checked again as they turn up
-    if len(train_store) == 0 or len(val_store) == 0:
-        empty = "train" if not len(train_store) else "val"
-        raise VitcliError(f"'{data_dir}': no readable images left in the {empty} split")
-    if cache and device.type != "cpu":
-        train_store.to(device)
-        val_store.to(device)
-
-    # ---- model, optimiser, loss
-    model, spec = build_model(cfg.model, n_cls, d.img_size)
-    if cfg.model.name.startswith("timm/") and (cfg.model.pretrained or cfg.model.pretrained_file):
-        info(f"[bold]model[/] {esc(cfg.model.name)} from pretrained weights")
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}), {n_params / 1e6:.2f} M parameters")
-    if t.precision == "auto":
-        precision, why = refine_auto_precision(precision, why, model, device, d.img_size, d.batch_size)
-    fused_attn, attn_why = pick_attention(device, precision)
-    set_fused_attention(model, fused_attn)
-    info(f"[bold]device[/] {device}, precision {precision} ({why})" + (f", {world} processes" if world > 1 else "")
-         + ("" if fused_attn else f"; attention: {attn_why}"))
-    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-    fused = device.type in ("cuda", "cpu")  # one fused kernel: 3x faster than the per-tensor loop on a CPU
-    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), fused=fused or None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    class_w = None
-    if d.class_weights == "auto":
-        class_w = torch.tensor([sum(counts) / (n_cls * max(1, c)) for c in counts], device=device)
-        info("  class weights: " + ", ".join(f"{w:.2f}" for w in class_w.tolist()))
-    mixup = None
-    if d.mixup > 0 or d.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=t.label_smoothing,
-                      num_classes=n_cls)
-    ce = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=t.label_smoothing)
-    eval_ce = torch.nn.CrossEntropyLoss()
-
-    def loss_fn(logits, target):
-        if target.ndim == 2:  # soft targets from mixup / cutmix
-            logp = logits.log_softmax(-1)
-            if class_w is not None:
-                return -(target * logp * class_w).sum(-1).mean()
-            return -(target * logp).sum(-1).mean()
-        return ce(logits, target)
-
-    fwd_model = model
-    if t.channels_last:
-        fwd_model = model.to(memory_format=torch.channels_last)
-    if world > 1:  # DDP broadcasts rank 0's weights; the EMA copy starts from them too
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd_model = DDP(fwd_model, device_ids=[device.index] if device.type == "cuda" else None)
-        if ema is not None:
-            ema.module.load_state_dict(unwrap(model).state_dict())
-    if t.compile:  # after DDP, as torch recommends
-        fwd_model = torch.compile(fwd_model)
-
-    aug_gen = torch.Generator().manual_seed(t.seed * 7919 + rank)
-    augment = D.TrainAugment(cfg.data, aug_gen)
-    sample_w = None
-    if d.balanced_sampler:
-        sample_w = [1.0 / counts[y] for y in train_store.labels.tolist()]
-    n_batches = len(D.epoch_batches(len(train_store), d.batch_size, 0, t.seed, rank, world, sample_w))
-    steps_per_epoch = max(1, n_batches // t.accum_steps)
-    total_steps = steps_per_epoch * t.epochs
-    warmup_steps = round(o.warmup_epochs * steps_per_epoch)
-
-    # ---- resume
-    start_epoch, skip_batches, step = 0, 0, 0
-    best_acc, best_epoch, since_best = -1.0, 0, 0
-    history: list[dict] = []
-    partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-    if ckpt is not None:
-        ts = ckpt["train_state"]
-        unwrap(model).load_state_dict(ts.get("model", ckpt["model"]))
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ts["optimizer"])
-        if "scaler" in ts and ts["scaler"]:
-            scaler.load_state_dict(ts["scaler"])
-        pr = ts["progress"]
-        start_epoch, skip_batches, step = pr["epoch"], pr["batch"], pr["step"]
-        best_acc, best_epoch, since_best = pr["best_acc"], pr["best_epoch"], pr["since_best"]
-        history, partial = list(pr["history"]), dict(pr["partial"])
-        set_rng_state(ts["rng"])
-        aug_gen.set_state(ts["aug_rng"])
-        metrics_csv = run_dir / "metrics.csv"  # a kill between last.pt and metrics.csv: bring it in line
-        if main and history and (not metrics_csv.is_file()
-                                 or metrics_csv.read_text().count("\n") != len(history) + 1):
-            write_metrics(metrics_csv, history)
-            _curves(run_dir, history)
-        info(f"[bold]resumed[/] {esc(str(run_dir))} at epoch {start_epoch + 1}, step {step}")
-        if start_epoch >= t.epochs:
-            info(f"the run already trained {start_epoch} epochs; pass --epochs N (> {start_epoch}) to extend it")
-
-    def checkpoint(eval_model, epoch: int, metrics: dict, progress: dict | None) -> dict:
-        c = {"format": FORMAT, "vitcli_version": __version__, "model_spec": spec, "classes": ds.classes,
-             "preprocess": pre, "config": to_dict(cfg), "data_dir": str(Path(data_dir).resolve()),
-             "epoch": epoch, "step": step, "metrics": metrics,
-             "model": {k: v.detach().cpu() for k, v in unwrap(eval_model).state_dict().items()}}
-        if progress is not None:
-            c["train_state"] = {
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": rng_state(), "aug_rng": aug_gen.get_state(), "progress": progress}
-            if ema is not None:
-                c["train_state"]["model"] = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-        return c
-
-    def progress_state(epoch: int, batch: int) -> dict:
-        return {"epoch": epoch, "batch": batch, "step": step, "best_acc": best_acc, "best_epoch": best_epoch,
-                "since_best": since_best, "history": history, "partial": dict(partial)}
-
-    # ---- epochs
-    eval_model = ema.module if ema is not None else model
-    result = TrainResult(run_dir, best_acc, best_epoch, 0, history)
-    stop = StopFlag()
-    with stop, progress_bar(extra=True) as bar:
-        epoch_task = bar.add_task("epochs", total=t.epochs, completed=start_epoch, stats="")
-        for epoch in range(start_epoch, t.epochs):
-            batches = D.epoch_batches(len(train_store), d.batch_size, epoch, t.seed, rank, world, sample_w)
-            batches = batches[: steps_per_epoch * t.accum_steps]
-            first = skip_batches if epoch == start_epoch else 0
-            batch_task = bar.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(batches), completed=first,
-                                      stats="")
-            if t.freeze_epochs:
-                freeze_backbone(model, frozen=epoch < t.freeze_epochs)  # head-only warm-up, then everything
-            model.train()
-            t0 = time.time() - partial["seconds"]
-            for bi, (x, y) in enumerate(train_store.batches(batches[first:]), start=first):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if bi % t.accum_steps == 0:
-                    lr = lr_at(step, total_steps, warmup_steps, o)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * g["lr_scale"]
-                xb = augment(x)  # (B, 3, img_size, img_size)
-                if t.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                target = y
-                if mixup is not None and len(y) % 2 == 0:
-                    xb, target = mixup(xb, y)
-                try:
-                    with autocast(device, precision):
-                        logits = fwd_model(xb).float()  # (B, C)
-                        loss = loss_fn(logits, target)
-                except torch.OutOfMemoryError:
-                    raise VitcliError(f"out of memory at batch size {d.batch_size} on {device}; try "
-                                      f"--batch-size {max(1, d.batch_size // 2)} (or train.accum_steps "
-                                      f"{t.accum_steps * 2} to keep the effective batch)") from None
-                if not torch.isfinite(loss):
-                    raise VitcliError(f"loss became {loss.item()} at epoch {epoch + 1}, step {bi + 1}; lower "
-                                      f"'optim.lr' (now {o.lr:g})"
-                                      + (" or use 'train.precision: fp32'" if precision != "fp32" else "")
-                                      + ("; best.pt holds the last good weights"
-                                         if (run_dir / "best.pt").is_file() else ""))
-                if world > 1 and (bi + 1) % t.accum_steps:  # accumulate locally, all-reduce on the last one
-                    with fwd_model.no_sync():
-                        scaler.scale(loss / t.accum_steps).backward()
-                else:
-                    scaler.scale(loss / t.accum_steps).backward()
-                if (bi + 1) % t.accum_steps == 0:
-                    if o.clip_grad > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if ema is not None:
-                        ema.update(unwrap(model))
-                partial["loss"] += float(loss.detach()) * len(y)
-                hard = target.argmax(1) if target.ndim == 2 else y  # mixup/cutmix: the dominant label
-                partial["correct"] += float((logits.detach().argmax(1) == hard).sum())
-                partial["count"] += len(y)
-                elapsed = time.time() - t0
-                n_seen = partial["count"]
-                bar.update(batch_task, advance=1, stats=(
-                    f"loss {partial['loss'] / n_seen:.4f} acc {partial['correct'] / n_seen:.3f}"
-                    f" lr {optimizer.param_groups[0]['lr']:.2e} {n_seen * world / max(elapsed, 1e-9):.0f} img/s"))
-                stopping = _any_rank(stop.code, device, world) if world > 1 else stop.code
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    stopping = stopping or -1
-                if stopping or (t.save_every_steps and main and step % t.save_every_steps == 0
-                                and (bi + 1) % t.accum_steps == 0):
-                    partial["seconds"] = time.time() - t0
-                    if main:
-                        save_checkpoint(run_dir / "last.pt",
-                                        checkpoint(eval_model, epoch, {}, progress_state(epoch, bi + 1)))
-                    if stopping:
-                        bar.stop()
-                        code = stop.code or (stopping if stopping > 0 else 130)  # another rank's signal
-                        if stopping != -1:
-                            info(f"[yellow]stopped[/] at epoch {epoch + 1}, step {bi + 1}; last.pt saved. Resume "
-                                 f"with: vitcli train {esc(str(data_dir))} --resume {esc(str(run_dir))}")
-                            _barrier(world)  # no rank exits (and gets torchrun to kill the rest) before the save
-                            raise Interrupted(code, run_dir)
-                        return result
-            bar.remove_task(batch_task)
-            seconds = time.time() - t0
-            tr = all_reduce_sums([partial["loss"], partial["correct"], partial["count"]], device)
-            ev = run_eval(eval_model, val_store, pre, device, precision, d.batch_size * 2, eval_ce, rank, world)
-            vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], device)
-            row = {"epoch": epoch + 1, "train_loss": tr[0] / max(tr[2], 1), "train_acc": tr[1] / max(tr[2], 1),
-                   "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": seconds, "images_per_s": tr[2] / max(seconds, 1e-9)}
-            history.append(row)
-            partial = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-            improved = row["val_acc"] > best_acc and _finite(eval_model)
-            if improved:
-                best_acc, best_epoch, since_best = row["val_acc"], epoch + 1, 0
-            else:
-                since_best += 1
-            metrics = {k: float(v) for k, v in row.items()}
-            if main:
-                if improved:
-                    save_checkpoint(run_dir / "best.pt", checkpoint(eval_model, epoch + 1, metrics, None))
-                save_checkpoint(run_dir / "last.pt", checkpoint(eval_model, epoch + 1, metrics,
-                                                                progress_state(epoch + 1, 0)))
-                write_metrics(run_dir / "metrics.csv", history)
-                _curves(run_dir, history, force=epoch + 1 == t.epochs)
-            info(
-                f"epoch {epoch + 1:>3}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
-                f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {seconds:.1f}s")
-            bar.update(epoch_task, advance=1)
-            if t.patience and since_best >= t.patience:
-                info(f"early stop: val accuracy did not improve for {t.patience} epochs (best {best_acc:.4f} "
-                     f"at epoch {best_epoch})")
-                break
-    if main and history and t.patience and since_best >= t.patience:
-        _curves(run_dir, history)  # early stop: the skipped drawings, now
-    result = TrainResult(run_dir, best_acc, best_epoch, len(history), history, time.time() - t_start)
-    if world > 1:
-        _check_replicas(eval_model, world)
-    if main:
-        _summary(result, ds.classes, bad)
-    return result
-
-
-def cfg_data_dir(run_dir: Path) -> str | None:
-    """The dataset path recorded in the first line of config.yaml."""
-    try:
-        first = (run_dir / "config.yaml").read_text().splitlines()[0]
-        return first.split("data: ", 1)[1] if "data: " in first else None
-    except (OSError, IndexError):
-        return None
-
-
 def _finite(model) -> bool:
     import torch
 
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _any_rank(flag: int, device, world: int) -> int:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([flag], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _barrier(world: int) -> None:
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-
-
-def _check_replicas(model, world: int) -> None:
-    """Every process must end with the same weights; rank 0 prints the shared digest."""
-    import torch.distributed as dist
-
-    from vitcli.device import weights_digest
-
-    digests: list = [None] * world
-    dist.all_gather_object(digests, weights_digest(unwrap(model).state_dict()))
-    if len(set(digests)) != 1:
-        raise VitcliError(f"the {world} processes ended with different weights (sha256 per rank: "
-                          f"{', '.join(d[:12] for d in digests)}); please report this")
-    info(f"[bold]distributed[/] all {world} processes hold identical weights (sha256 {digests[0][:16]})")
-
-
-def _broadcast_str(s: str, device) -> str:
-    import torch.distributed as dist
-
-    obj = [s]
-    dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
-def _cpus() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-_CURVES_DRAWN: dict[str, tuple[float, float]] = {}  # run folder -> (end of the last drawing, its seconds)
-
-
-def _curves(run_dir: Path, history: list[dict], force: bool = True) -> None:
-    """curves.png: loss and accuracy per epoch, train and val. Unless forced, an epoch's redraw is skipped
-    while the last one is more recent than 10x its cost (drawing takes ~0.3-0.8 s), so with epochs of a few
-    seconds the figure costs at most a tenth of the run; the last epoch is always drawn."""
-    from vitcli.report import plot_curves
-
-    last, cost = _CURVES_DRAWN.get(str(run_dir), (0.0, 0.0))
-    if not force and time.time() - last < 10 * cost:
-        return
-    t0 = time.time()
-    try:
-        plot_curves(history, run_dir / "curves.png")
-    except ImportError:
-        pass
-    _CURVES_DRAWN[str(run_dir)] = (time.time(), time.time() - t0)
-
-
-def _summary(res: TrainResult, classes: list[str], bad: list[str]) -> None:
+def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
     from rich.table import Table
 
     tab = Table(title="training summary", show_header=False)
@@ -660,7 +664,7 @@ def _summary(res: TrainResult, classes: list[str], bad: list[str]) -> None:
     if last:
         tab.add_row("last epoch", f"{last['epoch']}: val acc {last['val_acc']:.4f}, val loss {last['val_loss']:.4f}")
     tab.add_row("classes", str(len(classes)))
-    if bad:
+    if len(bad):
         tab.add_row("unreadable images skipped", str(len(bad)))
     tab.add_row("wall time", f"{res.seconds:.1f} s")
     console.print(tab)

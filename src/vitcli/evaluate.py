@@ -1,4 +1,5 @@
-"""`vitcli eval`: how good a model is on a labelled folder and where it fails.
+"""Evaluation: the loop that runs a model over a labelled store (used by training too), and `vitcli eval`:
+how good a model is on a labelled folder and where it fails.
 
 Metrics are plain functions of (probabilities, labels) so they can be checked by hand: confusion matrix,
 per-class precision / recall / F1 with macro and weighted averages, top-k accuracy, expected calibration
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,46 @@ def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, pr
 
 
 # ----------------------------------------------------------------------------------------------- running
+@dataclass
+class EvalOutput:
+    logits: Any  # float (N, C) on CPU (empty unless keep_logits)
+    labels: Any  # long (N,) on CPU (empty unless keep_logits)
+    loss_sum: float
+    correct: int
+    count: int
+
+
+def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
+             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
+    """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
+    and are read once at the end."""
+    import torch
+
+    from vitcli.data import eval_transform, sequential_batches
+    from vitcli.device import autocast
+
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    all_logits, all_labels = [], []
+    with torch.inference_mode():
+        for x, y in store.batches(sequential_batches(len(store), batch_size, rank, world)):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(eval_transform(x, pre)).float()  # (B, C)
+            if loss_fn is not None:
+                loss_sum += loss_fn(logits, y).double() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+            if keep_logits:
+                all_logits.append(logits.cpu())
+                all_labels.append(y.cpu())
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
+    return EvalOutput(logits, labels.long(), float(loss_sum), int(correct), count)
+
+
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
              figures: bool = True) -> dict[str, Any]:
@@ -144,7 +186,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.checkpoint import load_model
     from vitcli.console import esc, info, warn
     from vitcli.device import pick_device, pick_precision
-    from vitcli.engine import new_run_dir, run_eval
+    from vitcli.rundir import new_run_dir
 
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
@@ -195,10 +237,9 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"] = write_figures(report, out_dir, pre)
     print_report(report)
     if json_path:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import atomic_write_text
 
-        text = json.dumps(report, indent=1)
-        atomic_write(json_path, lambda f: f.write(text.encode()))
+        atomic_write_text(json_path, json.dumps(report, indent=1))
         info(f"wrote {esc(str(json_path))}")
     return report
 

@@ -54,18 +54,14 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
     """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
     switched with `set_input_size`. Returns the preprocessing for that side."""
-    from vitcli.attention import patch_size_of
     from vitcli.data import resize_size_for
-    from vitcli.vit import VisionTransformer
+    from vitcli.models import backend_of
 
-    ph, pw = patch_size_of(model)
+    backend = backend_of(model)
+    ph, pw = backend.patch_size(model)
     if img_size < 1 or img_size % ph or img_size % pw:
         raise VitcliError(f"--img-size {img_size} must be a positive multiple of the patch size {ph}")
-    if not isinstance(model, VisionTransformer):
-        if not hasattr(model, "set_input_size"):
-            raise VitcliError(f"--img-size {img_size}: model {type(model).__name__} only runs at "
-                              f"{pre['img_size']} px")
-        model.set_input_size(img_size=(img_size, img_size))
+    backend.set_input_size(model, img_size)
     return dict(pre, img_size=img_size, resize_size=resize_size_for(img_size, pre["crop_pct"]))
 
 
@@ -270,7 +266,7 @@ def model_for_summary(model: str | None, config: Path | None, img_size: int | No
                       num_classes: int) -> tuple[nn.Module, int, str]:
     """(model, input side, description) from a checkpoint/run, a config file, or a model name."""
     from vitcli.config import ModelConfig, load_config
-    from vitcli.models import model_from_spec, model_spec
+    from vitcli.models import canonical_name, model_from_spec, model_spec
 
     if config is not None:
         if model is not None:
@@ -282,12 +278,7 @@ def model_for_summary(model: str | None, config: Path | None, img_size: int | No
     if model is None or Path(model).exists():
         ld = load(model, img_size)
         return ld.model, ld.pre["img_size"], f"checkpoint in '{ld.run_dir}'"
-    name = model
-    if not name.startswith("timm/") and "/" not in name.rstrip("0123456789"):
-        import timm
-
-        if timm.is_model(name):
-            name = f"timm/{name}"
+    name = canonical_name(model)
     size = img_size or 224
     spec = model_spec(ModelConfig(name=name), num_classes, size)  # raises for unknown names
     return model_from_spec(spec, pretrained=False).eval(), size, f"{name} (random weights)"

@@ -1,8 +1,9 @@
 """Learning-rate finder: a short exponential lr sweep (Smith, 2017), a loss-vs-lr plot and a suggested lr.
 
-The sweep trains a fresh model with the run's config (recipe, augmentation, parameter groups) and raises
-the learning rate every step from `lr_min` to `lr_max`, stopping early once the loss diverges. The
-suggestion is the lr where the smoothed loss falls fastest, which sits safely below the minimum.
+The sweep trains a fresh model through the training loop's own phases and `train_step` (recipe, augmentation,
+mixup, loss, parameter groups, accumulation) and raises the learning rate every optimiser step from `lr_min`
+to `lr_max`, stopping early once the loss diverges. The suggestion is the lr where the smoothed loss falls
+fastest, which sits safely below the minimum.
 """
 
 from __future__ import annotations
@@ -52,76 +53,49 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
         diverge: stop once the smoothed loss exceeds this multiple of its lowest value.
         beta: smoothing of the loss curve (exponential moving average factor).
     """
-    import torch
-
     from vitcli import data as D
     from vitcli.console import esc, info, progress_bar
-    from vitcli.device import autocast, pick_device, pick_precision, seed_everything
-    from vitcli.engine import class_counts, new_run_dir, param_groups
-    from vitcli.models import build_model
-    from vitcli.recipes import apply_recipe
+    from vitcli.engine import EMPTY_PARTIAL, EpochSums, build_state, open_run, prepare_data, train_step
+    from vitcli.rundir import new_run_dir
 
     if not (0 < lr_min < lr_max):
         raise VitcliError(f"lr finder: need 0 < lr_min < lr_max, got lr_min {lr_min:g}, lr_max {lr_max:g}")
     if steps < 5:
         raise VitcliError(f"lr finder: need at least 5 steps, got {steps}")
-    d, t, o = cfg.data, cfg.train, cfg.optim
-    device = pick_device(t.device)
-    precision, _ = pick_precision(t.precision, device)
-    seed_everything(t.seed)
-    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
-    n_cls = len(ds.classes)
-    apply_recipe(cfg, n_train=len(ds.train))
-    run_dir = new_run_dir(t.output, "lr-find")
-    info(f"[bold]lr finder[/] {esc(str(data_dir))}: {len(ds.train)} train images, {n_cls} classes, "
-         f"lr {lr_min:g} -> {lr_max:g} over {steps} steps")
-
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    store = D.ImageStore(ds.train, pre["resize_size"], d.interpolation, True, 0, None, "decoding train")
-    if len(store) == 0:
-        raise VitcliError(f"'{data_dir}': no readable training images")
-    if device.type != "cpu":
-        store.to(device)
-    model, _ = build_model(cfg.model, n_cls, d.img_size)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, o), lr=lr_min, betas=tuple(o.betas))
-    counts = class_counts(store.labels.tolist(), n_cls)
-    class_w = None
-    if d.class_weights == "auto":
-        class_w = torch.tensor([sum(counts) / (n_cls * max(1, c)) for c in counts], device=device)
-    ce = torch.nn.CrossEntropyLoss(weight=class_w, label_smoothing=t.label_smoothing)
-    augment = D.TrainAugment(d, torch.Generator().manual_seed(t.seed))
-
+    cfg, _, _, _, env = open_run(cfg, data_dir, None, None)
+    run_dir = new_run_dir(cfg.train.output, "lr-find")
+    cfg.train.ema_decay = 0.0  # the sweep's weights are thrown away: no average to keep
+    data, _ = prepare_data(cfg, data_dir, env, run_dir, recipe=True)  # recipe, config.yaml, split.csv as a run
+    run = build_state(cfg, data, env, run_dir, wrap=False)
+    run.lr_fn = lambda step: lr_min * (lr_max / lr_min) ** (step / (steps - 1))
+    d, t = cfg.data, cfg.train
+    info(f"[bold]lr finder[/] {esc(str(data_dir))}: {len(data.train)} train images, {len(data.classes)} classes, "
+         f"lr {lr_min:g} -> {lr_max:g} over {steps} steps"
+         + (f" of {t.accum_steps} batches" if t.accum_steps > 1 else ""))
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf
-    epoch = 0
     batches: list[list[int]] = []
+    epoch, bi, step_loss = 0, 0, 0.0
+    run.model.train()
     with progress_bar() as bar:
         task = bar.add_task("lr sweep", total=steps)
-        for i in range(steps):
+        while run.progress.step < steps:
             if not batches:
-                batches = D.epoch_batches(len(store), d.batch_size, epoch, t.seed)
+                batches = D.epoch_batches(len(data.train), d.batch_size, epoch, t.seed)
                 epoch += 1
-            idx = batches.pop(0)
-            x, y = next(store.batches([idx]))
-            x, y = x.to(device), y.to(device)
-            lr = lr_min * (lr_max / lr_min) ** (i / (steps - 1))
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            with autocast(device, precision):
-                logits = model(augment(x)).float()  # (B, C)
-            loss = ce(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-            optimizer.step()
-            value = float(loss.detach())
+            run.sums = EpochSums(EMPTY_PARTIAL, env.device)
+            i = run.progress.step
+            x, y = next(data.train.batches([batches.pop(0)]))
+            step_loss += float(train_step(run, x, y, bi)) / t.accum_steps  # one sync per batch: a sweep is short
+            bi += 1
+            if run.progress.step == i:  # still accumulating
+                continue
+            value, step_loss = step_loss, 0.0
             if not math.isfinite(value):
                 break
             avg = beta * avg + (1 - beta) * value
             smooth = avg / (1 - beta ** (i + 1))
-            lrs.append(lr)
+            lrs.append(run.lr_fn(i))
             losses.append(value)
             smoothed.append(smooth)
             best = min(best, smooth)
@@ -139,12 +113,12 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
 
 
 def _write(res: LRFindResult) -> None:
-    from vitcli.checkpoint import atomic_write
+    from vitcli.files import atomic_write_text
     from vitcli.report import pyplot, save_figure
 
     rows = "lr,loss,smoothed_loss\n" + "".join(
         f"{lr:.6g},{loss:.6g},{s:.6g}\n" for lr, loss, s in zip(res.lrs, res.losses, res.smoothed, strict=True))
-    atomic_write(res.run_dir / "lr_find.csv", lambda f: f.write(rows.encode()))
+    atomic_write_text(res.run_dir / "lr_find.csv", rows)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(res.lrs, res.losses, color="0.75", lw=1, label="loss")

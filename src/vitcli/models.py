@@ -1,17 +1,23 @@
-"""build_model(cfg): the from-scratch ViT or any timm model behind one interface; presets; weight loading.
+"""Model backends: the from-scratch ViT and timm models behind one interface; presets; weight loading.
 
+This module owns every difference between the backends (building, pretrained weights, attention capture,
+patch grid, resolution change, layer ids for lr decay): nothing else in vitcli checks which one it holds.
 A model is described by a plain `spec` dict stored in every checkpoint, so it can be rebuilt without the
 training config: {"backend": "scratch", "kwargs": {...}} or {"backend": "timm", "name": ..., "kwargs": {...}}.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from vitcli.config import ModelConfig
@@ -49,58 +55,268 @@ def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
                 global_pool=m.global_pool, pos_embed=m.pos_embed)
 
 
-def model_spec(m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
-    """The plain, self-describing recipe of the model (stored in checkpoints)."""
-    if m.name.startswith("timm/"):
+class Backend:
+    """One family of models (the from-scratch ViT, timm) behind the surface the rest of vitcli uses.
+
+    Training, predict, eval, export and inspect never ask which family a model is: they call these methods
+    on `backend_for_name(name)`, `backend_of_spec(spec)` or `backend_of(model)`.
+    """
+
+    name = ""  # key in BACKENDS and the spec's "backend" value
+    from_scratch = True  # built from a vitcli preset (the small-data recipe may pick patch, pooling, positions)
+    downloads_pretrained = False  # `model.pretrained: true` fetches weights through the library
+
+    def claims(self, model_name: str) -> bool:
+        """Whether `model.name` names a model of this family."""
+        raise NotImplementedError
+
+    def check_config(self, m: ModelConfig, img_size: int) -> None:
+        """Raise VitcliError when the model settings cannot build a model (cheap: no torch import)."""
+
+    def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
+        """The plain, self-describing recipe of the model (stored in checkpoints)."""
+        raise NotImplementedError
+
+    def create(self, spec: dict[str, Any], pretrained: bool) -> nn.Module:
+        """Instantiate the module a spec describes (weights random or library-pretrained)."""
+        raise NotImplementedError
+
+    def holds(self, model: nn.Module) -> bool:
+        """Whether `model` is of this family."""
+        raise NotImplementedError
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Self-attention modules in block order."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+        """While inside, attention runs on the explicit softmax path and appends its probabilities
+        (B, heads, T, T) to `store`; the fused path is restored on exit."""
+        raise NotImplementedError
+        yield
+
+    def patch_size(self, model: nn.Module) -> tuple[int, int]:
+        """(ph, pw): input pixels per token along each axis."""
+        p = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if p is None:
+            raise VitcliError(f"model {type(model).__name__} has no patch embedding with a patch size")
+        return (p, p) if isinstance(p, int) else (int(p[0]), int(p[1]))
+
+    def grid(self, model: nn.Module) -> tuple[int, int]:
+        """The token grid the model was built for (its position embeddings)."""
+        g = getattr(model, "grid_size", None) or getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if g is None:
+            raise VitcliError(f"model {type(model).__name__} has no fixed patch grid")
+        return int(g[0]), int(g[1])
+
+    def set_input_size(self, model: nn.Module, img_size: int) -> None:
+        """Make the model run at `img_size` px (position embeddings resampled)."""
+        raise NotImplementedError
+
+    def layer_id(self, param_name: str, depth: int) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 embeddings, 1..depth blocks, depth + 1 head."""
+        if param_name.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token", "dist_token")):
+            return 0
+        if param_name.startswith("blocks."):
+            return int(param_name.split(".")[1]) + 1
+        return depth + 1
+
+
+class ScratchBackend(Backend):
+    """vitcli's own ViT (`vitcli.vit`), named by preset: vit-tiny/16, vit-small/8, ..."""
+
+    name = "scratch"
+
+    def claims(self, model_name: str) -> bool:
+        return not model_name.startswith(TIMM_PREFIX)
+
+    def check_config(self, m: ModelConfig, img_size: int) -> None:
+        resolve_preset(m, img_size)
+
+    def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
+        kwargs = resolve_preset(m, img_size)
+        kwargs["num_classes"] = num_classes
+        return {"backend": self.name, "name": m.name, "kwargs": kwargs, "img_size": img_size}
+
+    def create(self, spec: dict[str, Any], pretrained: bool) -> nn.Module:
+        from vitcli.vit import VisionTransformer
+
+        return VisionTransformer(**spec["kwargs"])
+
+    def holds(self, model: nn.Module) -> bool:
+        from vitcli.vit import VisionTransformer
+
+        return isinstance(model, VisionTransformer)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        from vitcli.vit import Attention
+
+        return [m for m in model.modules() if isinstance(m, Attention)]
+
+    @contextlib.contextmanager
+    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+        mods = self.attention_modules(model)
+        fused = [m.fused_attn for m in mods]
+        hooks = [m.attn_probs.register_forward_hook(lambda _m, _i, out: store.append(out)) for m in mods]
+        try:
+            for m in mods:
+                m.fused_attn = False
+            yield
+        finally:
+            for m, f in zip(mods, fused, strict=True):
+                m.fused_attn = f
+            for h in hooks:
+                h.remove()
+
+    def set_input_size(self, model: nn.Module, img_size: int) -> None:
+        pass  # the scratch ViT resamples its position embeddings to any input it is given
+
+
+class TimmBackend(Backend):
+    """Any timm model, named timm/<timm model name>; attention capture for the ViT family."""
+
+    name = "timm"
+    from_scratch = False
+    downloads_pretrained = True
+
+    def claims(self, model_name: str) -> bool:
+        return model_name.startswith(TIMM_PREFIX)
+
+    def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
         kwargs = dict(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
         for key in ("embed_dim", "depth", "num_heads"):  # ViT-family size overrides (0 = timm's own)
             if getattr(m, key):
                 kwargs[key] = getattr(m, key)
-        return {"backend": "timm", "name": m.name[5:], "kwargs": kwargs, "img_size": img_size}
-    kwargs = resolve_preset(m, img_size)
-    kwargs["num_classes"] = num_classes
-    return {"backend": "scratch", "name": m.name, "kwargs": kwargs, "img_size": img_size}
+        return {"backend": self.name, "name": m.name.removeprefix(TIMM_PREFIX), "kwargs": kwargs,
+                "img_size": img_size}
+
+    def create(self, spec: dict[str, Any], pretrained: bool) -> nn.Module:
+        import timm
+
+        name = spec["name"]
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise VitcliError(f"'model.name' {TIMM_PREFIX}{name}: timm has no model called {name!r}{hint}")
+        kwargs = dict(spec["kwargs"])
+        if spec.get("img_size"):
+            kwargs["img_size"] = spec["img_size"]
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError:  # models without an img_size argument (CNNs, some hybrids)
+            kwargs.pop("img_size", None)
+            spec.pop("img_size", None)
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except Exception as e:  # network failures of pretrained=True and the like
+            if pretrained:
+                raise VitcliError(f"could not download pretrained weights for {TIMM_PREFIX}{name}: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; set "
+                                  "'model.pretrained_file' to a local weights file instead") from None
+            raise
+
+    def holds(self, model: nn.Module) -> bool:
+        return not ScratchBackend().holds(model)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        try:
+            from timm.models.vision_transformer import Attention
+        except ImportError:  # timm missing: no timm model can exist either
+            return []
+        return [m for m in model.modules() if isinstance(m, Attention)]
+
+    @contextlib.contextmanager
+    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+        mods = self.attention_modules(model)
+        forward = _explicit_timm_forward(store) if mods else None
+        try:
+            for m in mods:
+                m.forward = types.MethodType(forward, m)  # instance attribute shadows the class method
+            yield
+        finally:
+            for m in mods:
+                m.__dict__.pop("forward", None)
+
+    def set_input_size(self, model: nn.Module, img_size: int) -> None:
+        if not hasattr(model, "set_input_size"):
+            raise VitcliError(f"--img-size {img_size}: model {type(model).__name__} only runs at the size it was "
+                              "built for")
+        model.set_input_size(img_size=(img_size, img_size))
+
+
+def _explicit_timm_forward(store: list):
+    """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
+    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = attn.softmax(dim=-1)
+        store.append(attn)  # graph kept: capture runs under no_grad, relevance needs it
+        x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))  # (B, N, D)
+
+    return forward
+
+
+TIMM_PREFIX = "timm/"
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ScratchBackend(), TimmBackend())}
+
+
+def backend_for_name(model_name: str) -> Backend:
+    """The backend a `model.name` value belongs to (timm/<name> -> timm, else the scratch presets)."""
+    return BACKENDS["timm"] if BACKENDS["timm"].claims(model_name) else BACKENDS["scratch"]
+
+
+def backend_of_spec(spec: dict[str, Any]) -> Backend:
+    if spec.get("backend") not in BACKENDS:
+        raise VitcliError(f"unknown model backend {spec.get('backend')!r} in checkpoint; this vitcli knows "
+                          f"{', '.join(BACKENDS)}")
+    return BACKENDS[spec["backend"]]
+
+
+def backend_of(model: nn.Module) -> Backend:
+    """The backend of a built model (unwrapped from DDP / torch.compile first)."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return BACKENDS["scratch"] if BACKENDS["scratch"].holds(model) else BACKENDS["timm"]
+
+
+def canonical_name(name: str) -> str:
+    """A bare timm model name (`vit_small_patch16_224`) -> timm/<name>; presets and timm/ names as given."""
+    if TIMM_PREFIX in name or "/" in name.rstrip("0123456789"):
+        return name
+    import timm
+
+    return f"{TIMM_PREFIX}{name}" if timm.is_model(name) else name
+
+
+def model_spec(m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
+    """The plain, self-describing recipe of the model (stored in checkpoints)."""
+    return backend_for_name(m.name).spec(m, num_classes, img_size)
 
 
 def model_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
-    """Instantiate the module a spec describes (weights random or timm-pretrained)."""
-    if spec["backend"] == "scratch":
-        from vitcli.vit import VisionTransformer
-
-        return VisionTransformer(**spec["kwargs"])
-    if spec["backend"] != "timm":
-        raise VitcliError(f"unknown model backend {spec['backend']!r} in checkpoint")
-    import timm
-
-    name = spec["name"]
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise VitcliError(f"'model.name' timm/{name}: timm has no model called {name!r}{hint}")
-    kwargs = dict(spec["kwargs"])
-    if spec.get("img_size"):
-        kwargs["img_size"] = spec["img_size"]
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError:  # models without an img_size argument (CNNs, some hybrids)
-        kwargs.pop("img_size", None)
-        spec.pop("img_size", None)
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as e:  # network failures of pretrained=True and the like
-        if pretrained:
-            raise VitcliError(f"could not download pretrained weights for timm/{name}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; set "
-                              "'model.pretrained_file' to a local weights file instead") from None
-        raise
+    """Instantiate the module a spec describes (weights random or library-pretrained)."""
+    return backend_of_spec(spec).create(spec, pretrained)
 
 
 def build_model(m: ModelConfig, num_classes: int, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
     """Model + spec from the config; loads `pretrained_file` when set."""
-    spec = model_spec(m, num_classes, img_size)
-    if spec["backend"] == "scratch" and m.pretrained and not m.pretrained_file:
-        raise VitcliError(f"'model.pretrained' needs a timm model (timm/<name>) or 'model.pretrained_file'; "
+    backend = backend_for_name(m.name)
+    if m.pretrained and not backend.downloads_pretrained and not m.pretrained_file:
+        raise VitcliError(f"'model.pretrained' needs a timm model ({TIMM_PREFIX}<name>) or 'model.pretrained_file'; "
                           f"{m.name!r} is built from scratch")
-    model = model_from_spec(spec, pretrained=m.pretrained and spec["backend"] == "timm")
+    spec = backend.spec(m, num_classes, img_size)
+    model = backend.create(spec, pretrained=m.pretrained and backend.downloads_pretrained)
     if m.pretrained_file:
         load_pretrained_file(model, m.pretrained_file)
     return model, spec
@@ -118,7 +334,7 @@ def read_state_dict(path: str | Path) -> dict:
             return load_file(str(p))
         except Exception as e:
             raise VitcliError(f"weights file '{p}' is not a readable safetensors file: {e}") from None
-    from vitcli.checkpoint import safe_torch_load
+    from vitcli.files import safe_torch_load
 
     obj = safe_torch_load(p)
     for key in ("model", "state_dict", "model_state_dict", "ema"):  # common wrappers

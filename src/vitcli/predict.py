@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import sys
-import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from vitcli.errors import VitcliError
+from vitcli.formats import Predictor
 
 FORMATS = ("table", "json", "jsonl", "csv")
 EXIT_SOME_FAILED = 2  # exit code when at least one input could not be predicted
-EXPORT_FORMAT = "vitcli-export-v1"
-EXPORT_META_KEY = "vitcli"  # ONNX metadata_props key / TorchScript extra file stem holding the metadata json
 
 
 @dataclass
@@ -105,35 +103,6 @@ def passive_omp_threads() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- models
-class Predictor:
-    """A classifier with its class names and preprocessing; `logits` maps uint8 images to float logits."""
-
-    classes: list[str]
-    preprocess: dict[str, Any]
-    path: Path
-    kind: str
-    multilabel: bool = False  # sigmoid per class instead of a softmax over classes
-    thresholds: list[float] | None = None  # multi-label: per-class cut-offs tuned on validation
-
-    def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
-        self.path, self.kind = path, kind
-        self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
-        self.multilabel = meta.get("task") == "multilabel"
-        self.thresholds = meta.get("thresholds")
-
-    def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
-        raise NotImplementedError
-
-    def probs(self, x, tta: bool = False):
-        """uint8 (B, 3, S, S) -> probabilities (B, C); with `tta` the mean over the image and its mirror.
-        Multi-label: one sigmoid per class."""
-        act = (lambda z: z.float().sigmoid()) if self.multilabel else (lambda z: z.float().softmax(-1))
-        p = act(self.logits(x))  # (B, C)
-        if tta:
-            p = (p + act(self.logits(x.flip(-1)))) / 2
-        return p
-
-
 class TorchPredictor(Predictor):
     """A vitcli checkpoint (scratch or timm model) on the chosen device and precision."""
 
@@ -159,116 +128,16 @@ class TorchPredictor(Predictor):
             return self.model(x).float().cpu()  # (B, C)
 
 
-class OnnxPredictor(Predictor):
-    """An exported .onnx file run by onnxruntime (CPU, or CUDA when asked for and available)."""
-
-    def __init__(self, path: Path, device: str):
-        ort = import_optional("onnxruntime", "running an ONNX model")
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as e:
-            raise VitcliError(f"--model '{path}' is not a loadable ONNX model: {first_line(e)}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map.get(EXPORT_META_KEY)
-        self._init_meta(path, "onnx", json.loads(meta) if meta else read_sidecar(path))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def logits(self, x):
-        import torch
-
-        from vitcli.data import eval_transform
-
-        xf = eval_transform(x, self.preprocess).contiguous().numpy()  # (B, 3, H, W) float32
-        return torch.from_numpy(self.session.run(None, {self.input_name: xf})[0])  # (B, C)
-
-
-class ScriptPredictor(Predictor):
-    """An exported TorchScript file (metadata embedded as an extra file, or in the sidecar json)."""
-
-    def __init__(self, path: Path, device: str):
-        import torch
-
-        from vitcli.device import pick_device
-
-        extra = {f"{EXPORT_META_KEY}.json": ""}
-        self.device = pick_device(device)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-                self.module = torch.jit.load(str(path), map_location=self.device, _extra_files=extra).eval()
-        except Exception as e:
-            raise VitcliError(f"--model '{path}' is not a loadable TorchScript file: {first_line(e)}") from None
-        text = extra[f"{EXPORT_META_KEY}.json"]
-        self._init_meta(path, "torchscript", json.loads(text) if text else read_sidecar(path))
-
-    def logits(self, x):
-        import torch
-
-        from vitcli.data import eval_transform
-
-        with torch.inference_mode():
-            return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)
-
-
-def first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
-def import_optional(name: str, purpose: str):
-    """Import an optional dependency of the `export` extra, or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise VitcliError(f"{purpose} needs the '{name}' package: pip install 'vitcli[export]'") from None
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def read_sidecar(path: Path) -> dict[str, Any]:
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise VitcliError(f"--model '{path}' carries no vitcli metadata and '{side}' does not exist; "
-                          "export models with 'vitcli export'")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise VitcliError(f"'{side}' is not readable JSON: {first_line(e)}") from None
-    if not isinstance(meta, dict) or "classes" not in meta or "preprocess" not in meta:
-        raise VitcliError(f"'{side}' lacks 'classes' or 'preprocess'; it was not written by 'vitcli export'")
-    return meta
-
-
-def is_torchscript(path: Path) -> bool:
-    """TorchScript archives hold a code/ folder; torch.save checkpoints do not."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any("/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
 def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
                    runs_dir: str = "runs") -> Predictor:
     """--model as a checkpoint, run folder, .onnx or TorchScript file; None -> the newest run."""
     from vitcli.checkpoint import resolve_model_path
     from vitcli.console import esc, info
+    from vitcli.formats import format_of
 
     path = resolve_model_path(model, runs_dir)
-    if path.suffix.lower() == ".onnx":
-        pred: Predictor = OnnxPredictor(path, device)
-    elif is_torchscript(path):
-        pred = ScriptPredictor(path, device)
-    else:
-        pred = TorchPredictor(path, device, precision)
+    fmt = format_of(path)
+    pred = fmt.predictor(path, device) if fmt else TorchPredictor(path, device, precision)
     info(f"[bold]model[/] {esc(str(path))} ({pred.kind}, {len(pred.classes)} classes)")
     return pred
 
@@ -460,7 +329,7 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, pred.multilabel)
         sys.stdout.flush()
     else:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import atomic_write
 
         buf = io.StringIO()
         done = write_results(itertools.chain(missing, results), fmt, k, buf, pred.multilabel)

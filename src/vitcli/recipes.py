@@ -82,7 +82,9 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     d, m, t = cfg.data, cfg.model, cfg.train
     if name == "none":
         return {}
-    scratch_backend = not m.name.startswith("timm/")
+    from vitcli.models import backend_for_name
+
+    scratch_backend = backend_for_name(m.name).from_scratch
     total_steps = max(1, n_train // (d.batch_size * world * t.accum_steps)) * t.epochs
     if name == "finetune":
         return {

@@ -19,7 +19,7 @@ def save_figure(fig, path: str | Path, dpi: int = 120, tight: bool = True) -> No
     exact figsize * dpi pixel size."""
     import io
 
-    from vitcli.checkpoint import atomic_write
+    from vitcli.files import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)

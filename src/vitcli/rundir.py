@@ -1,0 +1,122 @@
+"""The run folder: its name, config.yaml, split.csv, metrics.csv and curves.png, and finding a run to resume.
+
+    runs/<name>/  config.yaml  split.csv  metrics.csv  curves.png  best.pt  last.pt
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcli import __version__
+from vitcli.errors import VitcliError
+from vitcli.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from vitcli.config import Config
+    from vitcli.data import Dataset
+
+METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+
+
+def new_run_dir(output: str | Path, name: str) -> Path:
+    """<output>/<name>, or <name>-2, -3, ... : an existing run is never overwritten."""
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        cand = root / (name if i == 1 else f"{name}-{i}")
+        try:
+            cand.mkdir()
+            return cand
+        except FileExistsError:
+            continue
+    raise VitcliError(f"too many runs named '{name}' under '{root}'")
+
+
+def write_config(run_dir: Path, cfg: Config, data_dir: str | Path) -> None:
+    """config.yaml, whose first line records the dataset (atomic: a kill must not leave half a config)."""
+    from vitcli.config import to_yaml
+
+    atomic_write_text(run_dir / "config.yaml",
+                      f"# vitcli {__version__}; data: {Path(data_dir).resolve()}\n" + to_yaml(cfg))
+
+
+def cfg_data_dir(run_dir: Path) -> str | None:
+    """The dataset path recorded in the first line of config.yaml."""
+    try:
+        first = (run_dir / "config.yaml").read_text().splitlines()[0]
+        return first.split("data: ", 1)[1] if "data: " in first else None
+    except (OSError, IndexError):
+        return None
+
+
+def write_split(path: Path, ds: Dataset) -> None:
+    """split.csv: which image went to train and which to val (relative to the dataset folder)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["split", "class", "path"])
+    for name, split in (("train", ds.train), ("val", ds.val)):
+        for p, y in zip(split.paths, split.labels, strict=True):
+            w.writerow([name, ds.classes[y], p.relative_to(ds.root).as_posix()])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv: one row per finished epoch."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def metrics_in_line(run_dir: Path, history: list[dict[str, Any]]) -> bool:
+    """Whether metrics.csv holds exactly the epochs of `history` (a kill may land between last.pt and it)."""
+    path = run_dir / "metrics.csv"
+    return path.is_file() and path.read_text().count("\n") == len(history) + 1
+
+
+_CURVES_DRAWN: dict[str, tuple[float, float]] = {}  # run folder -> (end of the last drawing, its seconds)
+
+
+def draw_curves(run_dir: Path, history: list[dict[str, Any]], force: bool = True) -> None:
+    """curves.png: loss and accuracy per epoch, train and val. Unless forced, an epoch's redraw is skipped
+    while the last one is more recent than 10x its cost (drawing takes ~0.3-0.8 s), so with epochs of a few
+    seconds the figure costs at most a tenth of the run; the last epoch is always drawn."""
+    from vitcli.report import plot_curves
+
+    last, cost = _CURVES_DRAWN.get(str(run_dir), (0.0, 0.0))
+    if not force and time.time() - last < 10 * cost:
+        return
+    t0 = time.time()
+    try:
+        plot_curves(history, run_dir / "curves.png")
+    except ImportError:
+        pass
+    _CURVES_DRAWN[str(run_dir)] = (time.time(), time.time() - t0)
+
+
+def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
+    """--resume RUN|last.pt -> (run folder, last.pt contents or None when the run never saved one)."""
+    from vitcli.checkpoint import load_checkpoint
+
+    p = Path(resume)
+    run_dir = p.parent if p.is_file() else p
+    if not run_dir.is_dir():
+        raise VitcliError(f"--resume '{p}': no such run folder")
+    for tmp in run_dir.glob(".*.tmp"):  # left by a kill -9 during an atomic write (checkpoint, csv, png)
+        tmp.unlink(missing_ok=True)
+    last = p if p.is_file() else p / "last.pt"
+    if last.is_file():
+        ckpt = load_checkpoint(last)
+        if "train_state" not in ckpt:
+            raise VitcliError(f"--resume '{last}' holds weights only, not the training state; resume from the "
+                              "run folder (its last.pt)")
+        return run_dir, ckpt
+    if (run_dir / "config.yaml").is_file():
+        return run_dir, None  # killed before its first save: start that run again from the beginning
+    raise VitcliError(f"--resume '{p}': the folder holds neither last.pt nor config.yaml of a vitcli run")
