@@ -147,13 +147,13 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
 
 def scan_dataset(root: str | Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
     """DATA is train/ + val/ (+ test/), class folders split in memory into train and val, or a label file."""
-    from vitcli.manifest import is_manifest, scan_manifest
+    from vitcli.manifest import is_manifest
 
     root = Path(root)
     if is_manifest(root) or val_csv:
         if not is_manifest(root):
             raise VitcliError(f"'data.val_csv' needs DATA to be a .csv, .tsv or .jsonl label file, got '{root}'")
-        return scan_manifest(root, val_fraction, seed, val_csv)
+        return scan_label_file(root, val_fraction, seed, val_csv)
     if not root.exists():
         raise VitcliError(f"dataset folder '{root}' does not exist")
     if not root.is_dir():
@@ -172,13 +172,33 @@ def scan_dataset(root: str | Path, val_fraction: float, seed: int, val_csv: str 
     return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
 
 
+def scan_label_file(path: Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
+    """A label file as a Dataset: its split column, or `val_csv`, or a seeded stratified split (of its train
+    rows when the split column names no val rows)."""
+    from vitcli.manifest import read_manifest
+
+    m = read_manifest(path, val_csv)
+    parts = {k: Split(*v) for k, v in m.parts.items()}
+    kw = {"multilabel": m.multilabel, "source": path}
+    test = parts.get("test") or None
+    if "all" in parts or (not len(parts["val"]) and val_fraction > 0):
+        pool = parts.get("all", parts.get("train"))
+        tr, va = stratified_split(pool.labels, val_fraction, seed)
+        return Dataset(path.parent, m.classes, pool.subset(tr), pool.subset(va), test, split_made=True, **kw)
+    return Dataset(path.parent, m.classes, parts["train"], parts["val"], test, **kw)
+
+
 def scan_eval_folder(root: str | Path, classes: list[str], multilabel: bool = False) -> Split:
     """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split, or a label file."""
-    from vitcli.manifest import eval_split, is_manifest
+    from vitcli.manifest import is_manifest, read_manifest
 
     root = Path(root)
-    if is_manifest(root):
-        return eval_split(root, classes, multilabel)
+    if is_manifest(root):  # the split column's test rows, else its val rows, else every row
+        parts = read_manifest(root, classes=classes, multilabel=multilabel).parts
+        for name in ("test", "val", "all"):
+            if len(parts.get(name, ((), ()))[0]):
+                return Split(*parts[name])
+        return Split()
     if multilabel:
         raise VitcliError(f"'{root}': a multi-label model is evaluated on a .csv / .tsv / .jsonl label file")
     if not root.is_dir():

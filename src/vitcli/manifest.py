@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from vitcli.errors import VitcliError
@@ -75,9 +77,8 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, object]]]:
 
 
 def _looks_like_image(text: str) -> bool:
-    from vitcli.data import IMAGE_EXTS
-
-    return Path(text.strip()).suffix.lower() in IMAGE_EXTS
+    """A file name with an extension (a header-less file starts with a path, not a column name)."""
+    return re.search(r"\.[A-Za-z]{3,4}$", text.strip()) is not None
 
 
 def _known(name: str, names: tuple[str, ...]) -> bool:
@@ -155,63 +156,52 @@ def is_multilabel(rows) -> bool:
     return any(len(labels) != 1 for _, labels, _ in rows)
 
 
-def to_split(rows, classes: list[str], multilabel: bool):
-    """Rows -> Split ordered by (label, path): labels are class indices, or multi-hot tuples."""
-    from vitcli.data import Split
+@dataclass
+class Manifest:
+    """A label file, parsed: `parts` maps train / val / test (or "all" when no split is given) to
+    (paths, labels) ordered by (label, path); labels are class indices, or multi-hot tuples."""
 
+    classes: list[str]
+    multilabel: bool
+    parts: dict[str, tuple[list[Path], list]]
+
+
+def read_manifest(path: str | Path, val_csv: str | Path | None = None, classes: list[str] | None = None,
+                  multilabel: bool | None = None) -> Manifest:
+    """Parse a label file (and `val_csv`, the validation images); `classes` / `multilabel` fix the label
+    order and task (a model's), otherwise they are read from the labels."""
+    path = Path(path)
+    found, rows = parse_manifest(path)
+    val_rows = []
+    if val_csv:
+        vfound, val_rows = parse_manifest(val_csv)
+        extra = [c for c in vfound if c not in found]
+        if extra:
+            raise VitcliError(f"'data.val_csv' '{val_csv}' has label(s) {extra[:5]} that '{path}' never uses")
+    classes = classes if classes is not None else found
+    if multilabel is None:
+        multilabel = is_multilabel(rows) or is_multilabel(val_rows)
+    if val_rows:
+        parts = {"train": [r for r in rows if r[2] in (None, "train")], "val": val_rows}
+    elif any(r[2] is not None for r in rows):
+        parts = {name: [r for r in rows if r[2] == name] for name in ("train", "val", "test")}
+    else:
+        parts = {"all": rows}
+    return Manifest(classes, multilabel, {k: _ordered(v, classes, multilabel) for k, v in parts.items()})
+
+
+def _ordered(rows, classes: list[str], multilabel: bool) -> tuple[list[Path], list]:
+    """Rows -> (paths, labels) ordered by (label, path), so a label file of a class-folder dataset lists
+    the images in the order scanning the folders does."""
     index = {c: i for i, c in enumerate(classes)}
     items = []
     for p, labels, _ in rows:
         unknown = [c for c in labels if c not in index]
         if unknown:
             raise VitcliError(f"'{p}': label(s) {unknown[:5]} are not among the classes {classes[:10]}")
-        if multilabel:
-            y = tuple(int(c in labels) for c in classes)
-        else:
-            y = index[labels[0]]
-        items.append((p, y))
-    key = (lambda it: (tuple(-v for v in it[1]), str(it[0]))) if multilabel else (lambda it: (it[1], str(it[0])))
-    items.sort(key=key)
-    return Split([p for p, _ in items], [y for _, y in items])
-
-
-def scan_manifest(path: str | Path, val_fraction: float, seed: int, val_csv: str | Path | None = None):
-    """A manifest as a Dataset: its split column, or `val_csv`, or a seeded stratified split."""
-    from vitcli.data import Dataset, stratified_split
-
-    path = Path(path)
-    classes, rows = parse_manifest(path)
-    val_rows = []
-    if val_csv:
-        vclasses, val_rows = parse_manifest(val_csv)
-        extra = [c for c in vclasses if c not in classes]
-        if extra:
-            raise VitcliError(f"'data.val_csv' '{val_csv}' has label(s) {extra[:5]} that '{path}' never uses")
-    multilabel = is_multilabel(rows) or is_multilabel(val_rows)
-    if val_rows:
-        train = to_split([r for r in rows if r[2] in (None, "train")], classes, multilabel)
-        return Dataset(path.parent, classes, train, to_split(val_rows, classes, multilabel), None,
-                       multilabel=multilabel, source=path)
-    if any(r[2] is not None for r in rows):
-        parts = {name: to_split([r for r in rows if r[2] == name], classes, multilabel)
-                 for name in ("train", "val", "test")}
-        if not len(parts["val"]) and val_fraction > 0:  # a split column with train/test only: carve val
-            tr, va = stratified_split(parts["train"].labels, val_fraction, seed)
-            return Dataset(path.parent, classes, parts["train"].subset(tr), parts["train"].subset(va),
-                           parts["test"] or None, split_made=True, multilabel=multilabel, source=path)
-        return Dataset(path.parent, classes, parts["train"], parts["val"], parts["test"] or None,
-                       multilabel=multilabel, source=path)
-    everything = to_split(rows, classes, multilabel)
-    tr, va = stratified_split(everything.labels, val_fraction, seed)
-    return Dataset(path.parent, classes, everything.subset(tr), everything.subset(va), None, split_made=True,
-                   multilabel=multilabel, source=path)
-
-
-def eval_split(path: str | Path, classes: list[str], multilabel: bool):
-    """Rows to evaluate: the split column's test rows, else its val rows, else every row."""
-    rows = parse_manifest(path)[1]
-    for name in ("test", "val"):
-        chosen = [r for r in rows if r[2] == name]
-        if chosen:
-            return to_split(chosen, classes, multilabel)
-    return to_split(rows, classes, multilabel)
+        items.append((p, tuple(int(c in labels) for c in classes) if multilabel else index[labels[0]]))
+    if multilabel:
+        items.sort(key=lambda it: (tuple(-v for v in it[1]), str(it[0])))
+    else:
+        items.sort(key=lambda it: (it[1], str(it[0])))
+    return [p for p, _ in items], [y for _, y in items]

@@ -169,7 +169,7 @@ def report_multilabel(probs, targets, ckpt: dict[str, Any], paths, bad: list[str
                     f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
     out.print(tab)
     if json_path:
-        from vitcli.checkpoint import atomic_write
+        from vitcli.files import atomic_write
 
         text = json.dumps(report, indent=1)
         atomic_write(json_path, lambda f: f.write(text.encode()))

@@ -70,7 +70,7 @@ def write_shards(data: str | Path, out: str | Path, size: str | int = "1GB", *, 
         index["splits"][name] = shards
         index["class_counts"][name] = counts
     bad.check()
-    from vitcli.checkpoint import atomic_write
+    from vitcli.files import atomic_write
 
     text = json.dumps(index, indent=1)
     atomic_write(out / INDEX, lambda f: f.write(text.encode()))  # last: a folder without it is incomplete
