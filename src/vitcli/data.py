@@ -119,11 +119,14 @@ def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     return classes, split
 
 
-def class_counts(labels: list[int], n: int) -> list[int]:
-    """Images per class, for labels in range(n)."""
+def class_counts(labels: list, n: int) -> list[int]:
+    """Images per class, for labels in range(n) (multi-hot tuples: images holding each class)."""
     counts = [0] * n
     for y in labels:
-        counts[y] += 1
+        if isinstance(y, tuple):
+            counts = [c + v for c, v in zip(counts, y, strict=True)]
+        else:
+            counts[y] += 1
     return counts
 
 
@@ -476,6 +479,10 @@ class ImageStore:
     def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Any, Any]]:
         """This rank's share of the images, in order."""
         yield from self.batches(sequential_batches(len(self), batch_size, rank, world))
+
+    def epoch_check(self, device, world: int) -> str | None:
+        """Streamed stores say whether the epoch saw every image once; an in-memory index order always does."""
+        return None
 
     def batches(self, batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
         """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""

@@ -136,10 +136,18 @@ def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, pr
 @dataclass
 class EvalOutput:
     logits: Any  # float (N, C) on CPU (empty unless keep_logits)
-    labels: Any  # long (N,) on CPU (empty unless keep_logits)
+    labels: Any  # long (N,), or multi-hot float (N, C), on CPU (empty unless keep_logits)
     loss_sum: float
-    correct: int
+    correct: float  # images whose top class is right (multi-label: summed share of classes right)
     count: int
+
+
+def hits(logits, y):
+    """Per image: 1 when the top class is the label; multi-label (y (B, C)): the share of classes whose
+    sigmoid > 0.5 agrees with the label vector."""
+    if y.ndim == 2:
+        return ((logits > 0) == (y > 0.5)).float().mean(1)  # (B,)
+    return logits.argmax(1) == y  # (B,)
 
 
 def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
@@ -148,29 +156,29 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
     and are read once at the end."""
     import torch
 
-    from vitcli.data import eval_transform, sequential_batches
+    from vitcli.data import eval_transform
     from vitcli.device import autocast
 
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     all_logits, all_labels = [], []
     with torch.inference_mode():
-        for x, y in store.batches(sequential_batches(len(store), batch_size, rank, world)):
+        for x, y in store.eval_batches(batch_size, rank, world):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(eval_transform(x, pre)).float()  # (B, C)
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, y).double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            correct += hits(logits, y).sum()
             count += len(y)
             if keep_logits:
                 all_logits.append(logits.cpu())
                 all_labels.append(y.cpu())
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
     labels = torch.cat(all_labels) if all_labels else torch.empty(0)
-    return EvalOutput(logits, labels.long(), float(loss_sum), int(correct), count)
+    return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
 
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",

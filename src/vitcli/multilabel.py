@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from vitcli.errors import VitcliError
+
 DEFAULT_THRESHOLD = 0.5  # for a class without positives in the validation set
 
 
@@ -49,6 +51,87 @@ def mix(mixup, x, y):
     x: float (B, 3, H, W), mixed in place; y: multi-hot (B, C) -> mixed (B, C)."""
     lam = mixup._mix_batch(x)  # timm: mixes x with x.flip(0) in place and returns the (corrected) weight
     return x, y * lam + y.flip(0) * (1.0 - lam)
+
+
+# ----------------------------------------------------------------------------------------------- training glue
+def check_options(cfg, multilabel: bool) -> str:
+    """The loss `train.loss` resolves to for this task (ce | bce | asl); options that do not fit are errors."""
+    t, d = cfg.train, cfg.data
+    kind = t.loss if t.loss != "auto" else ("bce" if multilabel else "ce")
+    if multilabel:
+        if kind == "ce":
+            raise VitcliError("'train.loss' ce needs one label per image; this data is multi-label: use bce or asl")
+        if d.class_weights != "none" or d.balanced_sampler:
+            key = "data.class_weights" if d.class_weights != "none" else "data.balanced_sampler"
+            raise VitcliError(f"'{key}' is for one label per image; turn it off for multi-label data")
+    return kind
+
+
+def task_line(cfg, multilabel: bool) -> str:
+    """The task as detected from the labels, and the loss it trains with (printed at the start)."""
+    kind = check_options(cfg, multilabel)
+    what = {"ce": "softmax + cross-entropy", "bce": "sigmoid + binary cross-entropy",
+            "asl": "sigmoid + asymmetric loss"}[kind]
+    if multilabel:
+        return (f"[bold]task[/] multi-label (labels read from the data; several per image): {what}; mAP picks the "
+                "best epoch and per-class thresholds are tuned on the validation set")
+    return f"[bold]task[/] single-label (one label per image): {what}"
+
+
+class SigmoidLoss:
+    """BCE or asymmetric loss on (B, C) targets; class indices (single-label data) become one-hot vectors."""
+
+    class_w = None  # the training summary asks every loss for its class weights
+
+    def __init__(self, kind: str, label_smoothing: float):
+        self.kind, self.fn = kind, make_loss(kind, label_smoothing)
+
+    def __call__(self, logits, target):
+        import torch.nn.functional as F
+
+        if target.ndim == 1:
+            target = F.one_hot(target, logits.shape[1]).float()  # (B, C)
+        return self.fn(logits, target)
+
+
+def train_loss(cfg, multilabel: bool):
+    """The sigmoid loss for multi-label data (or when `train.loss` asks for one), else None (cross-entropy)."""
+    kind = check_options(cfg, multilabel)
+    return None if kind == "ce" else SigmoidLoss(kind, cfg.train.label_smoothing)
+
+
+def eval_loss(multilabel: bool):
+    import torch
+
+    return torch.nn.BCEWithLogitsLoss() if multilabel else torch.nn.CrossEntropyLoss()
+
+
+class LabelVectorMix:
+    """timm's Mixup / cutmix for multi-hot targets: the same mixture of images and of label vectors."""
+
+    def __init__(self, mixup):
+        self.mixup = mixup
+
+    def __call__(self, x, y):
+        return mix(self.mixup, x, y)
+
+
+def val_scores(ev, device, world: int) -> tuple[float, list[float]]:
+    """Validation mAP and tuned thresholds from every rank's logits and label vectors."""
+    import torch
+
+    logits, labels = ev.logits, ev.labels
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (logits, labels))
+        logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    probs = logits.float().sigmoid().double().numpy()  # (N, C)
+    targets = labels.double().numpy()
+    aps = [average_precision(probs[:, c], targets[:, c]) for c in range(probs.shape[1])]
+    aps = [a for a in aps if not np.isnan(a)]
+    return (float(np.mean(aps)) if aps else 0.0), tune_thresholds(probs, targets)
 
 
 # ----------------------------------------------------------------------------------------------- metrics

@@ -226,7 +226,13 @@ class ShardStore:
             random.Random(seed * 1000003 + epoch).shuffle(order)
         per_rank = deal(order, world) if shuffle else [order[r::world] for r in range(world)]
         w = max(1, self.num_workers)
-        return [[part[i::w] for i in range(w)] for part in per_rank]
+        parts = [[part[i::w] for i in range(w)] for part in per_rank]  # image counts per worker: epoch-invariant
+        if shuffle:
+            rng = random.Random(seed * 1000003 + epoch + 1)
+            for per_worker in parts:
+                for shards in per_worker:
+                    rng.shuffle(shards)
+        return parts
 
     def steps(self, batch_size: int, epoch: int, seed: int, world: int, weights=None) -> int:
         """Batches per rank per epoch: the most any rank has (the others pad with empty batches)."""
@@ -252,14 +258,13 @@ class ShardStore:
         for x, y, ids in self._stream(self._parts(epoch, seed, world, True)[rank], batch_size,
                                       seed * 7919 + epoch * 104729 + rank * 1299709):
             done += 1
-            if done <= skip:
-                continue
             if done > n:
                 break
-            self.seen[0] += len(ids)
+            self.seen[0] += len(ids)  # batches skipped on resume were trained before the stop: they count
             self.seen[1] = (self.seen[1] + int(ids.sum())) % ID_MOD
             self.seen[2] = (self.seen[2] + int((ids * ids % ID_MOD).sum())) % ID_MOD
-            yield x, y
+            if done > skip:
+                yield x, y
         empty = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
         for _ in range(max(min(done, n), skip), n):
             yield empty, self._labels([])
@@ -280,6 +285,9 @@ class ShardStore:
         ends = [(sh["first"], sh["first"] + sh["count"]) for sh in self.shards]
         return [sum(b - a for a, b in ends), sum(s1(b) - s1(a) for a, b in ends) % ID_MOD,
                 sum(s2(b) - s2(a) for a, b in ends) % ID_MOD]
+
+    def epoch_check(self, device, world: int) -> str:
+        return self.check_seen(device, world)[1]
 
     def check_seen(self, device, world: int) -> tuple[bool, str]:
         """Sum every rank's [count, id sum, squared id sum] of the epoch and compare with the split's."""
