@@ -113,6 +113,7 @@ def class_relevance(model: nn.Module, x: torch.Tensor, class_idx: int) -> torch.
         rel = rel + a_bar @ rel
     ph, pw = patch_size_of(model)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
+    rel = rel - torch.eye(T, device=x.device)  # each token's relevance to itself says nothing (pooled heads)
     return token_map(rel, source_rows(model), prefix, (x.shape[-2] // ph, x.shape[-1] // pw))
 
 
