@@ -83,3 +83,48 @@ def test_brace_patterns_sizes_and_missing_index(tmp_path):
     assert parse_size("1GB") == 10**9 and parse_size("64KiB") == 65536
     with pytest.raises(VitcliError, match="no index.json"):
         open_shards(tmp_path / "x-{0..1}.tar", size=32, interpolation="bicubic", num_workers=0, shuffle_buffer=0)
+
+
+def test_torchrun_two_processes_stream_every_image_once(tmp_path):
+    """Two gloo processes train from shards: each reads its own shards, every image is seen once per epoch."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    data = make_dataset(tmp_path / "shapes", per_class=100)
+    assert run_cli("shard", data, tmp_path / "sh", "--size", "12KB").exit_code == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["COLUMNS"] = "200"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitcli",
+           "train", str(tmp_path / "sh"), *TINY, "--epochs", "2", "--output", str(tmp_path / "runs"),
+           "--set", "data.num_workers=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    index = json.loads((tmp_path / "sh" / "index.json").read_text())
+    n = sum(s["count"] for s in index["splits"]["train"])
+    assert n == 240
+    for epoch in (1, 2):
+        assert f"epoch {epoch}: {n} of {n} images streamed from {len(index['splits']['train'])} shards, each " \
+               "exactly once" in log, log
+    assert "all 2 processes hold identical weights" in log
+    assert (tmp_path / "runs" / "train" / "best.pt").is_file()
+
+
+def test_multilabel_label_file_to_shards_streams_label_vectors(tmp_path):
+    import csv
+
+    root = make_dataset(tmp_path / "d", per_class=6)
+    paths = sorted(root.rglob("*.png"))
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "labels")] + [(p.relative_to(tmp_path).as_posix(),
+                                                           p.parent.name + ("|dark" if i % 2 else ""))
+                                                          for i, p in enumerate(paths)])
+    assert run_cli("shard", tmp_path / "m.csv", tmp_path / "s", "--size", "1MB").exit_code == 0
+    sd = open_shards(tmp_path / "s", size=32, interpolation="bicubic", num_workers=0, shuffle_buffer=4)
+    assert sd.multilabel and sd.classes == ["blue", "dark", "green", "red"]
+    ys = [y for _, y in sd.train.train_batches(4, 0, 0, 0, 1)]
+    assert all(y.dtype.is_floating_point and y.shape[1] == 4 for y in ys)
+    assert sum(float(y[:, 1].sum()) for y in ys) == sd.counts[1]  # the 'dark' positives, as counted at write time
