@@ -67,6 +67,9 @@ def test_split_column_and_val_csv_fix_the_split(tmp_path):
     ds = scan_dataset(write_csv(tmp_path / "s.csv", ["path", "label", "split"], with_split), 0.2, 0)
     assert not ds.split_made
     assert sorted(p.name for p in ds.val.paths) == sorted(p.split("/")[-1] for p, _, s in with_split if s == "val")
+    res = run_cli("inspect", "data", tmp_path / "s.csv")
+    assert res.exit_code == 0, res.output
+    assert "train" in res.output and "val" in res.output and "unreadable files: 0" in res.output
     train = write_csv(tmp_path / "train.csv", ["path", "label"], rows[:12])
     val = write_csv(tmp_path / "val.csv", ["path", "label"], rows[12:])
     ds = scan_dataset(train, 0.2, 0, val_csv=val)

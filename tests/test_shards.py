@@ -75,6 +75,10 @@ def test_exactly_once_with_ids_recorded(tmp_path):
     assert sorted(ids) == list(range(len(sd.train))) and ids != sorted(ids)
     labels = torch.cat([y for _, y in sd.val.eval_batches(7)])
     assert len(labels) == len(sd.val)
+    picked = open_shards(str(tmp_path / "s" / "train-{000001..000002}.tar"), size=32, interpolation="bicubic",
+                         num_workers=0, shuffle_buffer=0)  # a brace pattern: those train shards, all val shards
+    assert [s["file"] for s in picked.train.shards] == ["train-000001.tar", "train-000002.tar"]
+    assert len(picked.val) == len(sd.val)
 
 
 def test_brace_patterns_sizes_and_missing_index(tmp_path):
