@@ -345,11 +345,11 @@ class _ShardStream:
         rng = random.Random(None if self.seed is None else self.seed * 31 + wid)
         batch: list = []
         errors: list[str] = []
+        from vitcli.data import decode_square
+
         for sample in _shuffled(self._samples(shards), self.buffer, rng):
             key, name, payload, cls, shard = sample
             try:
-                from vitcli.data import decode_square
-
                 img = decode_square(f"{shard}:{name}", self.size, self.interpolation, data=payload)
             except VitcliError as e:
                 errors.append(str(e))
