@@ -80,6 +80,7 @@ def run(cmd: list[str], cwd: Path) -> tuple[str, float]:
 def train(data: Path, work: Path, name: str, *extra: str) -> dict:
     """One epoch under torchrun (2 processes); returns the figures of the run."""
     rss = work / f"{name}.rss"
+    rss.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--child", str(rss), "train", str(data), *MODEL, *extra, "--output", str(work / "runs"), "--name", name]
     log, wall = run(cmd, work)
@@ -114,37 +115,52 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--shard-size", default="4MB")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    ap.add_argument("--runs", default="shards,off,cache", help="which runs: shards, off, cache (comma-separated)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="vitcli-shards-"))
     work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}", flush=True)
     results = []
+    runs = args.runs.split(",")
     for n in (args.small, args.images):
         t0 = time.time()
-        data = make_pngs(work / f"png{n}", n)
-        t1 = time.time()
-        run([sys.executable, "-m", "vitcli", "shard", str(data), str(work / f"shards{n}"), "--size",
-             args.shard_size], work)
-        print(f"{n} images: generated in {t1 - t0:.0f} s, sharded in {time.time() - t1:.0f} s", flush=True)
-        results.append(train(work / f"shards{n}", work, f"shards-{n}"))
-    for n in (args.small, args.images):
+        data = work / f"png{n}"
+        if not data.is_dir():  # --keep: generated and sharded once
+            make_pngs(data, n)
+            run([sys.executable, "-m", "vitcli", "shard", str(data), str(work / f"shards{n}"), "--size",
+                 args.shard_size], work)
+            print(f"{n} images: generated and sharded in {time.time() - t0:.0f} s", flush=True)
+        if "shards" in runs:
+            results.append(train(work / f"shards{n}", work, f"shards-{n}"))
+    for n in (args.small, args.images) if "off" in runs else ():
         results.append(train(work / f"png{n}", work, f"off-{n}", "--set", "data.cache=off"))
-    results.append(train(work / f"png{args.images}", work, f"cache-{args.images}"))
+    if "cache" in runs:
+        results.append(train(work / f"png{args.images}", work, f"cache-{args.images}"))
+    report(results, args)
+
+
+def report(results: list[dict], args) -> None:
 
     print(f"\n{'run':<16} {'img/s':>7} {'wall s':>7}  peak RSS per rank: main / child (MiB)     exactly once")
     for r in results:
         mem = "  ".join(f"r{x['rank']} {x['main_mib']:.0f} / {x['workers_mib']:.0f}" for x in r["rss"])
         print(f"{r['name']:<16} {r['images_per_s']:>7} {r['wall_s']:>7.1f}  {mem:<38} {r['exactly_once']}")
-    small, big, off_small, off_big, cache = results
-    for what, lo, hi in (("shards", small, big), ("cache off", off_small, off_big)):
+    by = {r["name"]: r for r in results}
+    pairs = [(what, by.get(f"{key}-{args.small}"), by.get(f"{key}-{args.images}"))
+             for what, key in (("shards", "shards"), ("cache off", "off"))]
+    for what, lo, hi in pairs:
+        if lo is None or hi is None:
+            continue
         for a, b in zip(lo["rss"], hi["rss"], strict=True):
             ratio = b["main_mib"] / a["main_mib"]
             wratio = b["workers_mib"] / max(a["workers_mib"], 1)
             print(f"{what}, rank {a['rank']}: peak RSS with {args.images} vs {args.small} images: main {ratio:.3f}x, "
                   f"child {wratio:.3f}x ({'within' if ratio <= 1.2 and wratio <= 1.2 else 'NOT within'} 20%)")
-    print(f"throughput, {args.images} images, 2 processes: shards {big['images_per_s']} img/s vs in-memory cache "
-          f"{cache['images_per_s']} img/s ({big['images_per_s'] / max(cache['images_per_s'], 1):.2f}x); wall "
-          f"{big['wall_s']:.0f} s vs {cache['wall_s']:.0f} s (the cache decodes every image first)")
-    print(f"work folder: {work}")
+    big, cache = by.get(f"shards-{args.images}"), by.get(f"cache-{args.images}")
+    if big and cache:
+        print(f"throughput, {args.images} images, 2 processes: shards {big['images_per_s']} img/s vs in-memory "
+              f"cache {cache['images_per_s']} img/s ({big['images_per_s'] / max(cache['images_per_s'], 1):.2f}x); "
+              f"wall {big['wall_s']:.0f} s vs {cache['wall_s']:.0f} s (the cache decodes every image first)")
 
 
 if __name__ == "__main__":

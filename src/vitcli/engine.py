@@ -343,6 +343,7 @@ def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int
     if cache and env.device.type != "cpu":
         train.to(env.device)
         val.to(env.device)
+    ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
     return TrainData(data_dir, ds, train, val, pre, counts, bad)
 
 
