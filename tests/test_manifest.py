@@ -121,3 +121,27 @@ def test_csv_trained_model_matches_the_folder_run_and_skips_missing_files(tmp_pa
     res = run_cli("train", gone, *TINY, "--epochs", "1", "--output", tmp_path / "runs", "--name", "gone")
     assert res.exit_code == 0, res.output
     assert "missing.png: file not found" in res.output
+
+
+def test_val_csv_trains_on_a_fixed_validation_set(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=8)
+    rows = folder_rows(root, tmp_path)
+    train = write_csv(tmp_path / "train.csv", ["path", "label"], rows[:18])
+    val = write_csv(tmp_path / "val.csv", ["path", "label"], rows[18:])
+    res = run_cli("train", train, *TINY, "--epochs", "1", "--set", f"data.val_csv={val}", "--output", tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    assert "18 train / 6 val images" in res.output and not (tmp_path / "r" / "train" / "split.csv").exists()
+    res = run_cli("train", root, *TINY, "--epochs", "1", "--set", f"data.val_csv={val}")
+    assert res.exit_code == 1 and "'data.val_csv' needs DATA to be a .csv, .tsv or .jsonl label file" in res.output
+
+
+def test_packed_path_list_round_trips_any_file_name():
+    from pathlib import Path
+
+    from vitcli.data import PathList
+
+    paths = [Path("a/b.png"), Path("ümlaut/ß.jpg"), Path("/abs/x y.PNG"), Path("n") / "\udcff.png"]
+    packed = PathList(paths)
+    assert len(packed) == 4 and list(packed) == paths and packed[-1] == paths[-1] and packed[1] == paths[1]
+    with pytest.raises(IndexError):
+        packed[4]
