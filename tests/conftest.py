@@ -75,7 +75,7 @@ def _outputs_in_tmp(tmp_path, monkeypatch):
 TINY = ["--model", "vit-tiny/8", "--img-size", "32", "--device", "cpu", "--batch-size", "16",
         "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
         "--set", "data.crop_pct=1.0", "--set", "train.precision=fp32", "--set", "optim.warmup_epochs=1",
-        "--set", "data.scale_min=0.5"]
+        "--set", "data.scale_min=0.5", "--set", "train.report=false"]  # report.html: tested in test_tracking
 
 
 def tiny_config(output, name: str, *, epochs: int, batch_size: int, extra_sets=()):

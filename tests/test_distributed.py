@@ -51,10 +51,12 @@ def workers_of(agent_pid: int) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A torchrun run of 2 epochs that ends normally (with EMA weights and gradient accumulation)."""
+    """A torchrun run of 2 epochs that ends normally (with EMA weights and gradient accumulation), logging to
+    TensorBoard and writing report.html."""
     root = tmp_path_factory.mktemp("ddp")
     make_dataset(root / "shapes")
-    proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2")
+    proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2",
+                    "--set", "train.log=[csv,tensorboard]", "--set", "train.report=true")
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out + rank_logs(root, 0) + rank_logs(root, 1)
     return root
@@ -82,6 +84,8 @@ def test_torchrun_writes_one_run_folder_and_one_set_of_checkpoints(finished):
     assert not list(runs.rglob("*.tmp"))
     lines = (runs / "train" / "metrics.csv").read_text().splitlines()
     assert len(lines) == 3  # header + one row per epoch, written once
+    assert len(list((runs / "train").glob("events.out.tfevents.*"))) == 1  # TensorBoard: rank 0 only
+    assert (runs / "train" / "report.html").is_file()
 
 
 def test_torchrun_only_rank_zero_prints(finished):

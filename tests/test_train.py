@@ -31,7 +31,7 @@ def test_tiny_vit_learns_coloured_shapes(trained):
 def test_run_folder_holds_exactly_the_documented_files(trained):
     run, _ = trained
     assert sorted(p.name for p in run.iterdir()) == [
-        "best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "split.csv"]
+        "best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "run.json", "split.csv"]
     header = open(run / "metrics.csv").readline().strip().split(",")
     assert header == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 

@@ -200,6 +200,64 @@ def export(
         export_model(model, format_, output, opset)
 
 
+@app.command("runs", short_help="List training runs, newest first.")
+def runs_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder that holds run folders.")] = Path("runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Name, date, model, data, epochs, best val accuracy, wall time and status (finished / interrupted /
+    running) of every run folder under FOLDER."""
+    with guard():
+        from vitcli.runs import list_runs, print_runs
+
+        rows = list_runs(folder)
+        if json_out:
+            import json
+
+            typer.echo(json.dumps(rows, indent=1))
+        else:
+            print_runs(rows)
+
+
+@app.command(short_help="Compare two runs on the same images (McNemar test).")
+def compare(
+    run_a: Annotated[str, typer.Argument(help="Run folder or checkpoint A.", show_default=False)],
+    run_b: Annotated[str, typer.Argument(help="Run folder or checkpoint B.", show_default=False)],
+    data: Annotated[Path | None, typer.Argument(
+        help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Config diff, per-class metric deltas and an exact McNemar test on the paired predictions."""
+    with guard():
+        from vitcli.runs import compare_runs, print_compare
+
+        r = compare_runs(run_a, run_b, data, device, precision, batch_size)
+        if json_out:
+            import json
+
+            typer.echo(json.dumps(r, indent=1))
+        else:
+            print_compare(r)
+
+
+@app.command(short_help="Write report.html for a run folder.")
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder.", show_default=False)],
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Evaluate the run's best.pt on its validation images and write figures and a self-contained report.html
+    into the run folder (training does this at the end unless train.report is false)."""
+    with guard():
+        from vitcli.runs import run_report
+
+        _print_paths([run_report(run, device, precision)["report"]])
+
+
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
                           no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect", short_help="Look inside a ViT: attention, embeddings, data.")

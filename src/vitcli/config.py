@@ -91,6 +91,9 @@ class TrainConfig:
     recipe: str = "auto"  # auto | scratch-small | scratch | finetune | none: fills the keys you did not set
     freeze_epochs: int = 0  # train only the classifier head for the first N epochs, then everything
     threads: int = 0  # CPU threads for tensor ops; 0 = torch's default (one per core); 1 suits tiny models
+    log: list[str] = field(default_factory=lambda: ["csv"])  # metric sinks: csv (always) + tensorboard, mlflow
+    log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
+    report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+LOGGERS = ("csv", "tensorboard", "mlflow")  # train.log entries
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bicubic", "bilinear", "nearest"),
@@ -167,6 +171,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if inner is str and isinstance(value, str):  # --set train.log=csv,tensorboard
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise VitcliError(f"{source}: '{key}' must be a list of {inner.__name__}, got {value!r}")
         return [_coerce(key, v, inner, source) for v in value]
@@ -351,6 +357,8 @@ def validate(cfg: Config) -> None:
     need(t.save_every_steps >= 0, "train.save_every_steps", ">= 0")
     need(t.freeze_epochs >= 0, "train.freeze_epochs", ">= 0 (0 = off)")
     need(t.threads >= 0, "train.threads", ">= 0 (0 = torch's default)")
+    need(all(x in LOGGERS for x in t.log), "train.log", "a list of " + ", ".join(LOGGERS))
+    need(t.log_every_steps >= 0, "train.log_every_steps", ">= 0 (0 = off)")
     need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", ".."),
          "train.name", "a plain folder name")
     dev = t.device

@@ -65,6 +65,8 @@ class Callback:
 
     def on_end(self, run: RunState, result: TrainResult) -> None: ...
 
+    def on_stop(self, run: RunState) -> None: ...  # ended early: a signal, an error, stop_after_steps
+
 
 class MetricsFiles(Callback):
     """metrics.csv after every epoch; curves.png when drawing is cheap enough, and always at the end."""
@@ -202,6 +204,7 @@ class RunState:
     lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
     thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned at the last validation
     callbacks: list[Callback] = field(default_factory=list)
+    log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
 
     @property
     def eval_model(self):
@@ -500,11 +503,11 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
         train_step(run, x, y, bi)
         p.batch = bi + 1
         end = bi + 1 == n
-        if (bi + 1) % LOG_EVERY == 0 or end:
+        if (bi + 1) % run.log_every == 0 or end:
             read_sums(run, t0, bar, task)
         bar.update(task, advance=1)
         stopping = stop.code
-        if env.world > 1 and ((bi + 1) % LOG_EVERY == 0 or end):  # the ranks agree at the same batch
+        if env.world > 1 and ((bi + 1) % run.log_every == 0 or end):  # the ranks agree at the same batch
             stopping = any_rank(stop.code, env.device)
         elif env.world > 1:
             stopping = 0
@@ -661,29 +664,44 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
           callbacks: list[Callback] | None = None) -> TrainResult:
     """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
     from vitcli.console import progress_bar
+    from vitcli.loggers import Tracking, check_installed
 
     t_start = time.time()
     cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs_override)
+    check_installed(cfg.train.log)  # before any work
     data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None)
     run = build_state(cfg, data, env, run_dir)
-    run.callbacks = [MetricsFiles(), *(callbacks or [])]
+    run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
+    if cfg.train.log_every_steps and set(cfg.train.log) - {"csv"}:  # step logs need the sums that often
+        run.log_every = min(LOG_EVERY, cfg.train.log_every_steps * cfg.train.accum_steps)
     if ckpt is not None:
         restore(run, ckpt)
     if env.main:
         for cb in run.callbacks:
             cb.on_start(run, data)
     t = cfg.train
-    with StopFlag() as stop, progress_bar(extra=True) as bar:
-        epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
-        while run.progress.epoch < t.epochs:
-            if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
-                return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
-                                   run.progress.history)
-            early = end_epoch(run, data, evaluate_epoch(run, data))
-            bar.update(epoch_task, advance=1)
-            if early:
-                break
+    try:
+        with StopFlag() as stop, progress_bar(extra=True) as bar:
+            epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
+            while run.progress.epoch < t.epochs:
+                if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
+                    _stopped(run)
+                    return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
+                                       run.progress.history)
+                early = end_epoch(run, data, evaluate_epoch(run, data))
+                bar.update(epoch_task, advance=1)
+                if early:
+                    break
+    except BaseException:
+        _stopped(run)
+        raise
     return finish(run, data, t_start)
+
+
+def _stopped(run: RunState) -> None:
+    if run.env.main:
+        for cb in run.callbacks:
+            cb.on_stop(run)
 
 
 class StopFlag:
@@ -724,6 +742,8 @@ def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
     from rich.table import Table
 
     tab = Table(title="training summary", show_header=False)
+    tab.add_column()
+    tab.add_column(overflow="fold")  # a long run folder wraps rather than losing its end in a log file
     last = res.history[-1] if res.history else {}
     tab.add_row("run folder", esc(str(res.run_dir)))
     best = "best val mAP" if "val_map" in last else "best val accuracy"

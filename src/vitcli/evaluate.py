@@ -188,11 +188,9 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.predict import passive_omp_threads
 
     passive_omp_threads()
-    import torch
-
     from vitcli import data as D
     from vitcli.checkpoint import load_model
-    from vitcli.console import esc, info, warn
+    from vitcli.console import esc, info
     from vitcli.device import pick_device, pick_precision
     from vitcli.rundir import new_run_dir
 
@@ -211,6 +209,41 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     net.to(dev)
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec} ({why})")
 
+    report, probs, y, paths, bad = evaluate_split(net, classes, pre, split, dev, prec, batch_size, where=data_dir,
+                                                  thresholds=ckpt.get("thresholds"))
+    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
+              "skipped": bad} | report
+    if multilabel:
+        from vitcli.multilabel import print_multilabel
+
+        print_multilabel(report)
+    elif figures:
+        out_dir = Path(output) if output else new_run_dir("runs", "eval")
+        report["figures"] = write_figures(report, out_dir, pre)
+        from vitcli.html_report import eval_report, pick_examples
+
+        examples = pick_examples(paths, y)
+        report["figures"]["report"] = str(eval_report(report, out_dir, net, pre, ckpt, path, examples))
+    if not multilabel:
+        print_report(report)
+    if json_path:
+        from vitcli.files import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(report, indent=1))
+        info(f"wrote {esc(str(json_path))}")
+    return report
+
+
+def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
+                   where: str | Path = "the data", thresholds: list[float] | None = None):
+    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
+    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
+    at `thresholds`."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.console import warn
+
     bad: list[str] = []
     logits, labels, paths = [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
@@ -224,32 +257,18 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     for msg in bad:
         warn(f"skipped {msg}")
     if not paths:
-        raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
-    if multilabel:
-        from vitcli.multilabel import report_multilabel
+        raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
+    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
+        from vitcli.multilabel import compute_metrics as multilabel_metrics
 
-        probs = torch.cat(logits).float().sigmoid().double().numpy()  # (N, C)
-        return report_multilabel(probs, torch.cat(labels).numpy(), ckpt, paths, bad,
-                                 {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec},
-                                 json_path)
+        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
+        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
     probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
     y = torch.cat(labels).numpy()  # (N,)
-
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
-              "skipped": bad} | report
-    if figures:
-        out_dir = Path(output) if output else new_run_dir("runs", "eval")
-        report["figures"] = write_figures(report, out_dir, pre)
-    print_report(report)
-    if json_path:
-        from vitcli.files import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(report, indent=1))
-        info(f"wrote {esc(str(json_path))}")
-    return report
+    return report, probs, y, paths, bad
 
 
 def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:

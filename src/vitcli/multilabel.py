@@ -225,19 +225,15 @@ def above_threshold(probs, classes: list[str], thresholds: list[float]) -> list[
 
 
 # ----------------------------------------------------------------------------------------------- reporting
-def report_multilabel(probs, targets, ckpt: dict[str, Any], paths, bad: list[str], head: dict[str, Any],
-                      json_path=None) -> dict[str, Any]:
-    """`vitcli eval` for a multi-label model: metrics at the checkpoint's thresholds, printed and as JSON."""
-    import json
-
+def print_multilabel(report: dict[str, Any]) -> None:
+    """`vitcli eval` for a multi-label model: the summary and the per-class table."""
     from rich.table import Table
 
-    from vitcli.console import esc, info, out
+    from vitcli.console import esc, out
 
-    classes = list(ckpt["classes"])
-    report = head | {"skipped": bad} | compute_metrics(probs, targets, classes, ckpt.get("thresholds"))
     summary = Table(title="evaluation (multi-label)", show_header=False, title_justify="left")
-    for k, v in (("images", str(report["images"])), ("mAP", f"{report['mAP']:.4f}"),
+    skipped = f" ({len(report['skipped'])} unreadable skipped)" if report.get("skipped") else ""
+    for k, v in (("images", f"{report['images']}{skipped}"), ("mAP", f"{report['mAP']:.4f}"),
                  ("micro F1 at the thresholds", f"{report['micro_f1']:.4f}"),
                  ("macro F1 at the thresholds", f"{report['macro_f1']:.4f}"),
                  ("exact match", f"{report['exact_match']:.4f}"), ("label accuracy", f"{report['label_accuracy']:.4f}"),
@@ -251,10 +247,3 @@ def report_multilabel(probs, targets, ckpt: dict[str, Any], paths, bad: list[str
         tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
                     f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
     out.print(tab)
-    if json_path:
-        from vitcli.files import atomic_write
-
-        text = json.dumps(report, indent=1)
-        atomic_write(json_path, lambda f: f.write(text.encode()))
-        info(f"wrote {esc(str(json_path))}")
-    return report

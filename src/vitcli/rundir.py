@@ -126,3 +126,22 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
     if (run_dir / "config.yaml").is_file():
         return run_dir, None  # killed before its first save: start that run again from the beginning
     raise VitcliError(f"--resume '{p}': the folder holds neither last.pt nor config.yaml of a vitcli run")
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv back as numbers ([] when missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a run folder file ({} when missing or not an object)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
