@@ -119,6 +119,7 @@ class TrainData:
     pre: dict[str, Any]  # eval preprocessing, stored in checkpoints
     counts: list[int]  # training images per class
     bad: BadImageLog
+    val_counts: list[int] = field(default_factory=list)  # validation images per class
 
     @property
     def classes(self) -> list[str]:
@@ -319,7 +320,7 @@ def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | 
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(sd.classes, sd.counts, strict=True)))
     info(task_line(cfg, sd.multilabel))
     ds = D.Dataset(sd.root, sd.classes, D.Split(), D.Split(), multilabel=sd.multilabel, source=sd.root)
-    return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad), run_dir
+    return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad, sd.val_counts), run_dir
 
 
 def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int], env: Env) -> TrainData:
@@ -346,8 +347,9 @@ def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int
     if cache and env.device.type != "cpu":
         train.to(env.device)
         val.to(env.device)
+    val_counts = D.class_counts(ds.val.labels, len(ds.classes))
     ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
-    return TrainData(data_dir, ds, train, val, pre, counts, bad)
+    return TrainData(data_dir, ds, train, val, pre, counts, bad, val_counts)
 
 
 def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: bool = True) -> RunState:

@@ -169,14 +169,13 @@ class Tracking:
 
     def on_start(self, run, data) -> None:
         from vitcli.console import command_line
-        from vitcli.data import class_counts
 
         cfg = run.cfg
         check_installed(cfg.train.log)
         self.sinks = [RunInfoLogger(), *(SINKS[n]() for n in dict.fromkeys(cfg.train.log) if n in SINKS)]
         meta = {"command": command_line(), "data_dir": str(Path(data.data_dir).resolve()),
                 "classes": list(data.classes), "train_counts": list(data.counts),
-                "val_counts": class_counts(data.ds.val.labels, len(data.classes))}
+                "val_counts": list(data.val_counts)}
         for s in self.sinks:
             s.on_start(cfg, run.run_dir, meta)
 

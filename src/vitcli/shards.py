@@ -154,6 +154,7 @@ class ShardData:
     val: ShardStore
     counts: list[int]  # training images (multi-label: positives) per class
     split_made: bool
+    val_counts: list[int]  # validation images (multi-label: positives) per class
 
 
 def open_shards(data: str | Path, *, size: int, interpolation: str, num_workers: int, shuffle_buffer: int,
@@ -188,7 +189,8 @@ def open_shards(data: str | Path, *, size: int, interpolation: str, num_workers:
           "n_classes": len(index["classes"]), "multilabel": bool(index["multilabel"])}
     return ShardData(root, list(index["classes"]), bool(index["multilabel"]),
                      ShardStore(root, train, shuffle_buffer=shuffle_buffer, **kw), ShardStore(root, val, **kw),
-                     list(index["class_counts"]["train"]), bool(index.get("split_made")))
+                     list(index["class_counts"]["train"]), bool(index.get("split_made")),
+                     list(index["class_counts"]["val"]))
 
 
 # ----------------------------------------------------------------------------------------------- streaming
