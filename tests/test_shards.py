@@ -132,3 +132,25 @@ def test_multilabel_label_file_to_shards_streams_label_vectors(tmp_path):
     ys = [y for _, y in sd.train.train_batches(4, 0, 0, 0, 1)]
     assert all(y.dtype.is_floating_point and y.shape[1] == 4 for y in ys)
     assert sum(float(y[:, 1].sum()) for y in ys) == sd.counts[1]  # the 'dark' positives, as counted at write time
+
+
+def test_resume_mid_epoch_from_shards_matches_the_uninterrupted_run(tmp_path, capfd):
+    import torch
+
+    from conftest import tiny_config
+    from vitcli.engine import train
+    from vitcli.files import safe_torch_load
+
+    data = make_dataset(tmp_path / "d", per_class=12)
+    assert run_cli("shard", data, tmp_path / "s", "--size", "4KB").exit_code == 0
+    sets = ["data.num_workers=0", "data.shuffle_buffer=8"]
+    ref = train(tiny_config(tmp_path / "runs", "ref", epochs=2, batch_size=4, extra_sets=sets), tmp_path / "s")
+    cut = train(tiny_config(tmp_path / "runs", "cut", epochs=2, batch_size=4, extra_sets=sets), tmp_path / "s",
+                stop_after_steps=3)
+    capfd.readouterr()
+    res = train(None, None, resume=cut.run_dir)
+    assert res.epochs_run == 2
+    a, b = (safe_torch_load(r.run_dir / "last.pt")["model"] for r in (ref, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = "".join(capfd.readouterr())
+    assert "epoch 1: 30 of 30 images streamed from" in log and "each exactly once" in log  # skipped batches count
