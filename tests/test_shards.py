@@ -154,3 +154,22 @@ def test_resume_mid_epoch_from_shards_matches_the_uninterrupted_run(tmp_path, ca
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = "".join(capfd.readouterr())
     assert "epoch 1: 30 of 30 images streamed from" in log and "each exactly once" in log  # skipped batches count
+
+
+def test_end_of_run_report_for_label_files_and_a_warning_for_shards(tmp_path):
+    import csv
+
+    from conftest import TINY
+
+    data = make_dataset(tmp_path / "d", per_class=8)
+    with open(tmp_path / "l.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label")] + [(p.relative_to(tmp_path).as_posix(), p.parent.name)
+                                                       for p in sorted(data.rglob("*.png"))])
+    assert run_cli("shard", tmp_path / "l.csv", tmp_path / "s", "--size", "8KB").exit_code == 0
+    report = ["--epochs", "1", "--set", "train.report=true", "--set", "data.num_workers=0"]
+    res = run_cli("train", tmp_path / "l.csv", *TINY, *report, "--name", "csv")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs" / "csv" / "report.html").is_file()
+    res = run_cli("train", tmp_path / "s", *TINY, *report, "--name", "shards")
+    assert res.exit_code == 0, res.output
+    assert "report.html not written" in res.output and "streamed tar shards" in res.output

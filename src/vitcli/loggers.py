@@ -200,11 +200,14 @@ class Tracking:
         curves = run.run_dir / "curves.png"
         figures: dict[str, Path] = {"curves": curves} if curves.is_file() else {}
         if run.cfg.train.report and result.history:
-            from vitcli.console import esc, info
+            from vitcli.console import esc, info, warn
             from vitcli.runs import run_report
 
-            figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
-            info(f"[bold]report[/] {esc(str(figures['report']))}")
+            try:
+                figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
+                info(f"[bold]report[/] {esc(str(figures['report']))}")
+            except VitcliError as e:  # the run itself succeeded; say why there is no page
+                warn(f"report.html not written: {e}")
         for s in self.sinks:
             s.on_end(run.run_dir, figures, "finished")
 
