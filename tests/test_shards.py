@@ -173,3 +173,15 @@ def test_end_of_run_report_for_label_files_and_a_warning_for_shards(tmp_path):
     res = run_cli("train", tmp_path / "s", *TINY, *report, "--name", "shards")
     assert res.exit_code == 0, res.output
     assert "report.html not written" in res.output and "streamed tar shards" in res.output
+
+
+def test_a_truncated_shard_stops_the_run_with_one_line(tmp_path):
+    from conftest import TINY
+
+    data = make_dataset(tmp_path / "d", per_class=10)
+    assert run_cli("shard", data, tmp_path / "s", "--size", "1MB").exit_code == 0
+    tar = tmp_path / "s" / "train-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])  # cut inside a member
+    res = run_cli("train", tmp_path / "s", *TINY, "--epochs", "1", "--set", "data.num_workers=1")
+    assert res.exit_code == 1
+    assert "train-000000.tar' cannot be read" in res.output and "Traceback" not in res.output

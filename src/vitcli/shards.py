@@ -29,6 +29,7 @@ from vitcli.errors import VitcliError
 FORMAT = "vitcli-shards-v1"
 INDEX = "index.json"
 ID_MOD = 2**31 - 1  # the id checksums are kept modulo this prime
+FATAL = "\0fatal: "  # marks a worker's message that must stop the run (a shard that cannot be read)
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
          "gib": 2**30, "tib": 2**40}
 
@@ -325,6 +326,8 @@ class ShardStore:
                                              persistent_workers=False)
         for imgs, ys, ids, errors in loader:
             for err in errors:
+                if err.startswith(FATAL):
+                    raise VitcliError(err.removeprefix(FATAL))
                 if self.on_bad:
                     self.on_bad(err)
             if len(ids):
@@ -349,18 +352,18 @@ class _ShardStream:
         errors: list[str] = []
         from vitcli.data import decode_square
 
-        for sample in _shuffled(self._samples(shards), self.buffer, rng):
-            key, name, payload, cls, shard = sample
-            try:
-                img = decode_square(f"{shard}:{name}", self.size, self.interpolation, data=payload)
-            except VitcliError as e:
-                errors.append(str(e))
-                img = None
-            if img is not None:
-                batch.append((img, cls, int(key)))
-            if len(batch) == self.batch_size:
-                yield self._collate(batch, errors)
-                batch, errors = [], []
+        try:
+            for key, name, payload, cls, shard in _shuffled(self._samples(shards), self.buffer, rng):
+                try:
+                    img = decode_square(f"{shard}:{name}", self.size, self.interpolation, data=payload)
+                    batch.append((img, cls, int(key)))
+                except VitcliError as e:  # one bad image: reported, counted against data.max_bad_fraction
+                    errors.append(str(e))
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch, errors)
+                    batch, errors = [], []
+        except VitcliError as e:  # a broken shard: the main process stops with this one line (no worker traceback)
+            batch, errors = [], [FATAL + str(e)]
         if batch or errors:
             yield self._collate(batch, errors)
 
@@ -393,7 +396,8 @@ class _ShardStream:
                             del pending[key]
                             yield key, rec["name"], rec["img"], rec["cls"].decode(), path
             except (OSError, tarfile.TarError) as e:
-                raise VitcliError(f"shard '{path}' cannot be read: {e}") from None
+                raise VitcliError(f"shard '{path}' cannot be read ({e}); write the shards again with vitcli "
+                                  "shard") from None
 
 
 def _shuffled(items, buffer: int, rng: random.Random):
