@@ -57,6 +57,9 @@ def test_every_image_once_per_epoch_across_ranks_and_workers_with_equal_steps(tm
         assert per_rank[0][1] == per_rank[1][1] == sd.train.steps(5, epoch, 0, 2)  # lockstep for DDP
         assert per_rank[0][2] + per_rank[1][2] == n
         orders.append(per_rank[0][0])
+        parts = sd.train._parts(epoch, 0, 2, True)  # [rank][worker] -> shards: each shard read by one worker
+        files = [s["file"] for rank in parts for worker in rank for s in worker]
+        assert sorted(files) == sorted(s["file"] for s in sd.train.shards)
     assert orders[0] != orders[1]  # another shard order and shuffle every epoch
 
 
@@ -181,7 +184,11 @@ def test_a_truncated_shard_stops_the_run_with_one_line(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=10)
     assert run_cli("shard", data, tmp_path / "s", "--size", "1MB").exit_code == 0
     tar = tmp_path / "s" / "train-000000.tar"
-    tar.write_bytes(tar.read_bytes()[:3000])  # cut inside a member
-    res = run_cli("train", tmp_path / "s", *TINY, "--epochs", "1", "--set", "data.num_workers=1")
-    assert res.exit_code == 1
-    assert "train-000000.tar' cannot be read" in res.output and "Traceback" not in res.output
+    whole = tar.read_bytes()
+    with tarfile.open(tar) as t:
+        boundary = t.getmembers()[2].offset  # where the second image's header starts
+    for cut, why in ((boundary + 700, "cannot be read"), (boundary, "holds 1 images, index.json lists")):
+        tar.write_bytes(whole[:cut])  # inside a member; at a member boundary (looks like a normal end)
+        res = run_cli("train", tmp_path / "s", *TINY, "--epochs", "1", "--set", "data.num_workers=1")
+        assert res.exit_code == 1
+        assert f"train-000000.tar' {why}" in res.output and "Traceback" not in res.output

@@ -382,6 +382,7 @@ class _ShardStream:
         for sh in shards:
             path = self.root / sh["file"]
             pending: dict[str, dict[str, Any]] = {}
+            found = 0
             try:
                 with tarfile.open(path, "r|") as tar:
                     for m in tar:
@@ -394,10 +395,14 @@ class _ShardStream:
                             rec["name"] = m.name
                         if "cls" in rec and "img" in rec:
                             del pending[key]
+                            found += 1
                             yield key, rec["name"], rec["img"], rec["cls"].decode(), path
             except (OSError, tarfile.TarError) as e:
                 raise VitcliError(f"shard '{path}' cannot be read ({e}); write the shards again with vitcli "
                                   "shard") from None
+            if found != sh["count"]:  # cut short at a member boundary: tarfile sees a normal end
+                raise VitcliError(f"shard '{path}' holds {found} images, {INDEX} lists {sh['count']}; write the "
+                                  "shards again with vitcli shard")
 
 
 def _shuffled(items, buffer: int, rng: random.Random):
