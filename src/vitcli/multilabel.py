@@ -126,6 +126,7 @@ def val_scores(ev, device, world: int) -> tuple[float, list[float]]:
 
         parts: list = [None] * world
         dist.all_gather_object(parts, (logits, labels))
+        parts = [p for p in parts if p[0].numel()]  # a rank may hold no validation shard
         logits, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     probs = logits.float().sigmoid().double().numpy()  # (N, C)
     targets = labels.double().numpy()
