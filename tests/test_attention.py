@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -183,7 +185,9 @@ def quadrant_images(n: int, g: torch.Generator, size: int = 32) -> tuple[torch.T
     return (x - 0.3) / 0.3, y
 
 
-def test_rollout_mass_of_a_trained_vit_falls_in_the_quadrant_that_decides_the_class():
+@functools.cache
+def trained_quadrant_vit():
+    """(model, x_val, y_val): a tiny ViT trained for 120 steps on 32 px quadrant images (a few seconds)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     x_train, y_train = quadrant_images(600, g)
@@ -197,7 +201,11 @@ def test_rollout_mass_of_a_trained_vit_falls_in_the_quadrant_that_decides_the_cl
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), x_val, y_val
+
+
+def test_rollout_mass_of_a_trained_vit_falls_in_the_quadrant_that_decides_the_class():
+    model, x_val, y_val = trained_quadrant_vit()
     cap = capture_attention(model, x_val)
     correct = cap.logits.argmax(dim=1) == y_val
     assert correct.sum() >= 50, f"only {int(correct.sum())}/200 correct"

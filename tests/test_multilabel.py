@@ -160,19 +160,20 @@ def test_multilabel_eval_export_and_class_attention(ml_run):
     b = run_cli("predict", img, "--model", run, "-f", "json", "--precision", "fp32")
     la, lb = (json.loads(r.output[r.output.index("["):])[0]["labels"] for r in (a, b))
     assert [c["class"] for c in la] == [c["class"] for c in lb]
-    res = run_cli("inspect", "attention", img, "--model", run, "--class", "red", "--method", "rollout",
+    res = run_cli("inspect", "attention", img, "--model", run, "--class", "red", "--method", "chefer",
                   "-o", root / "att")
-    assert res.exit_code == 0, res.output and (root / "att" / "0000_class_red.png").is_file()
-    res = run_cli("inspect", "attention", img, "--model", run, "--class", "purple")
-    assert res.exit_code == 1 and "--class 'purple' is not one of the model's classes" in res.output
+    assert res.exit_code == 0, res.output
+    assert (root / "att" / "0000_chefer_red.png").is_file()
+    res = run_cli("inspect", "attention", img, "--model", run, "--class", "purple", "--method", "chefer")
+    assert res.exit_code == 1 and "--class 'purple' is not a class of the model" in res.output
 
 
-def test_class_relevance_differs_per_class_and_follows_the_shape(ml_run):
+def test_chefer_map_of_each_label_follows_its_shape(ml_run):
     """A present class's relevance map puts more of its mass on the patches its shape touches than their
     share of the image (on average over images and classes, by at least 1.5x)."""
-    from vitcli.attention import class_relevance
     from vitcli.checkpoint import load_model
     from vitcli.data import decode_square, eval_transform
+    from vitcli.explain import explain
 
     root, truth, _ = ml_run
     model, ckpt, _ = load_model(str(root / "runs" / "train"))
@@ -180,7 +181,8 @@ def test_class_relevance_differs_per_class_and_follows_the_shape(ml_run):
     files = [f for f in sorted(truth) if len(truth[f].split("|")) == 2][:8]
     x = torch.stack([decode_square(root / "d" / f, 32) for f in files])
     x = eval_transform(x, ckpt["preprocess"])
-    maps = {c: class_relevance(model, x, ckpt["classes"].index(c)) for c in ckpt["classes"]}  # each (B, 4, 4)
+    maps = {c: explain(model, x, "chefer", torch.full((len(files),), ckpt["classes"].index(c)))[0]
+            for c in ckpt["classes"]}  # each (B, 4, 4)
     for c in maps.values():
         assert torch.allclose(c.sum((1, 2)), torch.ones(len(files)), atol=1e-4)
     raw = torch.stack([decode_square(root / "d" / f, 32) for f in files]).float()  # (B, 3, 32, 32)

@@ -37,9 +37,10 @@ class Captured:
 
 
 @contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list]:
+def explicit_attention(model: nn.Module, keep_graph: bool = False) -> Iterator[list]:
     """Run every attention module on the explicit path while inside; yields the list that collects the
-    attention probabilities (B, heads, T, T), one entry per attention call, in call order."""
+    attention probabilities (B, heads, T, T), one entry per attention call, in call order (still in the
+    autograd graph with `keep_graph`, so gradients with respect to them can be taken)."""
     from vitcli.models import backend_of
 
     backend = backend_of(model)
@@ -47,7 +48,7 @@ def explicit_attention(model: nn.Module) -> Iterator[list]:
         raise VitcliError(f"model {type(model).__name__} has no attention layers vitcli can read; inspect "
                           "supports the from-scratch ViT and timm ViT / DeiT / register-token models")
     store: list = []
-    with backend.explicit_attention(model, store):
+    with backend.explicit_attention(model, store, keep_graph):
         yield store
 
 
@@ -92,29 +93,6 @@ def capture_attention(model: nn.Module, x: torch.Tensor) -> Captured:
         raise VitcliError(f"attention has {tokens} tokens but {prefix} prefix tokens + a {grid[0]}x{grid[1]} "
                           "patch grid were expected; this model's token layout is not supported")
     return Captured(logits, list(store), prefix, grid, source_rows(model))
-
-
-def class_relevance(model: nn.Module, x: torch.Tensor, class_idx: int) -> torch.Tensor:
-    """(B, gh, gw) relevance of each patch for one class, summing to 1 per image: gradient-weighted attention
-    (Chefer et al. 2021, "Generic attention-model explainability"): per block A_bar = mean over heads of
-    relu(dlogit_c/dA * A), accumulated R = R + A_bar @ R from the identity, read from the source token rows.
-    Unlike rollout it differs between classes, which a multi-label model needs."""
-    import torch
-
-    with torch.enable_grad(), explicit_attention(model) as store:  # the store keeps the autograd graph here
-        logits = model(x)
-        if isinstance(logits, (tuple, list)):
-            logits = (logits[0] + logits[1]) / 2
-        grads = torch.autograd.grad(logits[:, class_idx].sum(), store)  # per block (B, heads, T, T)
-    T = store[0].shape[-1]
-    rel = torch.eye(T, device=x.device).expand(x.shape[0], T, T)  # (B, T, T)
-    for attn, grad in zip(store, grads, strict=True):
-        a_bar = (grad * attn).clamp(min=0).mean(dim=1).detach()  # (B, T, T)
-        rel = rel + a_bar @ rel
-    ph, pw = patch_size_of(model)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    rel = rel - torch.eye(T, device=x.device)  # each token's relevance to itself says nothing (pooled heads)
-    return token_map(rel, source_rows(model), prefix, (x.shape[-2] // ph, x.shape[-1] // pw))
 
 
 def fuse_heads(attn: torch.Tensor, fusion: str) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Checkpoints: the one schema (`make_checkpoint`), saving, safe loading, and finding the model a command means.
 
 A checkpoint is a dict of tensors and plain Python values:
-  format, vitcli_version, model_spec, classes, preprocess, config, data_dir, epoch, step, metrics, model
+  format, vitcli_version, model_spec, classes, preprocess, config, data_dir, epoch, step, metrics, model,
+  calibration (temperature and conformal scores fitted on the validation split when training finished)
 and, in last.pt, what resuming needs under train_state: optimizer, scaler, rng, aug_rng, progress, model.
 """
 
@@ -20,7 +21,8 @@ FORMAT = "vitcli-checkpoint-v1"
 def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preprocess: dict[str, Any],
                     state_dict: dict[str, Any], config: dict[str, Any] | None = None, data_dir: str = "",
                     epoch: int = 0, step: int = 0, metrics: dict[str, float] | None = None,
-                    train_state: dict[str, Any] | None = None, task: str = "single",
+                    train_state: dict[str, Any] | None = None,
+                    calibration: dict[str, Any] | None = None, task: str = "single",
                     thresholds: list[float] | None = None) -> dict[str, Any]:
     """The one checkpoint schema: everything needed to rebuild, run and describe the model.
 
@@ -34,6 +36,7 @@ def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preproces
         epoch: epochs finished; step: optimiser steps taken.
         metrics: the epoch's row of metrics.csv.
         train_state: what resuming needs (optimizer, scaler, rng, progress, raw weights); last.pt only.
+        calibration: `vitcli.calibrate.fit_calibration` of these weights on the validation split.
         task: "single" (one label per image, softmax) or "multilabel" (a sigmoid per class).
         thresholds: multi-label only: per-class probability cut-offs tuned on the validation set.
     """
@@ -42,6 +45,8 @@ def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preproces
             "step": step, "metrics": metrics or {}, "model": cpu_state(state_dict)}
     if train_state is not None:
         ckpt["train_state"] = train_state
+    if calibration is not None:
+        ckpt["calibration"] = calibration
     if task != "single":
         ckpt["task"], ckpt["thresholds"] = task, [float(t) for t in thresholds or []]
     return ckpt

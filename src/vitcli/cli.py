@@ -51,9 +51,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
     data: Annotated[Path | None, typer.Argument(
-        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders; a .csv/.tsv/.jsonl "
-             "label file; or a shard folder from vitcli shard (or a brace pattern of its .tar files).",
-        show_default=False)
+        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -98,28 +96,6 @@ def train(
         run_train(cfg, data)
 
 
-@app.command(short_help="Pack a dataset into tar shards for streaming.")
-def shard(
-    data: Annotated[Path, typer.Argument(
-        help="Folder of class subfolders, with train/ and val/, or a .csv/.tsv/.jsonl label file.",
-        show_default=False)],
-    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the shards.", show_default=False)],
-    size: Annotated[str, typer.Option(help="Bytes per shard, e.g. 1GB, 500MB, 64KiB.")] = "1GB",
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Write WebDataset-style tar shards (split as training would make it) and index.json; reads DATA only.
-    Train on them with `vitcli train OUT` (or a brace pattern of shard files)."""
-    from vitcli.config import load_config
-
-    with guard():
-        cfg = load_config(config, set_)
-        from vitcli.shards import write_shards
-
-        write_shards(data, out, size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                     val_csv=cfg.data.val_csv or None, max_bad_fraction=cfg.data.max_bad_fraction)
-
-
 @app.command("config", short_help="Print the full config as YAML.")
 def config_cmd(
     config: ConfigOpt = None,
@@ -154,6 +130,12 @@ def predict(
         "--output", "-o", help="Write results to this file instead of stdout.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    min_prob: Annotated[list[str] | None, typer.Option(
+        "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
+                           "threshold (repeatable).")] = None,
+    coverage: Annotated[float | None, typer.Option(
+        help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
+             "(split conformal on the validation split).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -161,7 +143,8 @@ def predict(
     with guard():
         from vitcli.predict import run_predict
 
-        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision)
+        code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
+                           min_prob=min_prob, coverage=coverage)
     raise typer.Exit(code)
 
 
@@ -169,19 +152,25 @@ def predict(
 def eval_cmd(
     data: Annotated[Path, typer.Argument(
         help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    coverage: Annotated[float, typer.Option(
+        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration and worst mistakes on labelled data."""
+    """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration, prediction-set coverage and worst
+    mistakes on labelled data."""
     with guard():
         from vitcli.evaluate import evaluate
 
-        evaluate(data, model, batch_size, device, precision, output, json_path)
+        evaluate(data, model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -280,8 +269,8 @@ def inspect_attention_cmd(
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
-        help="all (rollout + last block per head + block x head grid), rollout, or raw (attention of "
-             "--layer/--head).")] = "all",
+        help="all (rollout + last block per head + block x head grid), rollout, raw (attention of "
+             "--layer/--head), or a class-specific map: grad-rollout, gradcam, chefer.")] = "all",
     layer: Annotated[str | None, typer.Option(
         help="Blocks, 0-based: all, last, N or N,M. rollout: blocks 0..N (default all); raw: default last.")
     ] = None,
@@ -291,11 +280,11 @@ def inspect_attention_cmd(
     fusion: Annotated[str, typer.Option(help="Rollout head fusion: mean, max or min.")] = "mean",
     discard: Annotated[float, typer.Option(
         help="Rollout: share of the weakest attention weights per row set to 0, in [0, 1).")] = 0.9,
+    class_: Annotated[str | None, typer.Option(
+        "--class", help="Class to explain with grad-rollout, gradcam or chefer (default: the predicted one).")
+    ] = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
-    class_name: Annotated[str | None, typer.Option(
-        "--class", help="Also draw this class's relevance map (gradient-weighted attention; differs per class, "
-                        "e.g. for each label of a multi-label model).")] = None,
 ) -> None:
     """Attention overlays on each image, with the predicted class and its probability in the title."""
     with guard():
@@ -303,7 +292,34 @@ def inspect_attention_cmd(
 
         _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
-                                       device=device, class_name=class_name))
+                                       device=device, target=class_))
+
+
+@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
+def inspect_faithfulness_cmd(
+    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    model: ModelOpt = None,
+    output: InspectOutOpt = None,
+    method: Annotated[str, typer.Option(
+        help="all, or a comma list of rollout, grad-rollout, gradcam, chefer.")] = "all",
+    max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 100,
+    steps: Annotated[int, typer.Option(help="Points on each curve after the first (at most one per patch).")] = 16,
+    baseline: Annotated[str, typer.Option(
+        help="What a removed patch shows: blur (the image blurred, sigma = one patch), noise (random pixels) "
+             "or mean (the dataset mean).")] = "blur",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
+                         ] = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
+    with guard():
+        from vitcli.inspect import inspect_faithfulness
+
+        _, paths = inspect_faithfulness(data, model=model, output=output, method=method, max_images=max_images,
+                                        steps=steps, img_size=img_size, device=device, json_path=json_path,
+                                        baseline=baseline)
+        _print_paths(paths)
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")

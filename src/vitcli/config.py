@@ -81,7 +81,9 @@ class TrainConfig:
     label_smoothing: float = 0.1  # cross-entropy label smoothing (multi-label: targets 0/1 -> e/2, 1-e/2)
     loss: str = "auto"  # auto (ce for one label per image, bce for multi-label) | ce | bce | asl (asymmetric)
     ema_decay: float = 0.0  # exponential moving average of weights per step, e.g. 0.999; 0 = off
-    patience: int = 0  # stop after this many epochs without a better val accuracy; 0 = off
+    patience: int = 0  # stop after this many epochs without a better val best_metric; 0 = off
+    best_metric: str = "acc"  # acc | loss | macro_f1: validation metric that picks best.pt and drives patience
+    calibrate: bool = True  # at the end, fit a temperature and conformal scores on val (stored in best/last.pt)
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
     compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
     channels_last: bool = False  # channels-last memory format for the patch embedding input
@@ -114,6 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
+    "train.best_metric": ("acc", "loss", "macro_f1"),
 }
 
 

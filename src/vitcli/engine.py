@@ -17,6 +17,7 @@ accuracy and loss finiteness are summed on it and read once every LOG_EVERY batc
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import Config
-from vitcli.console import console, esc, info
+from vitcli.console import console, esc, info, warn
 from vitcli.errors import VitcliError
 from vitcli.multilabel import task_line
 
@@ -139,9 +140,10 @@ class Progress:
     step: int = 0  # optimiser steps taken
     best_acc: float = -1.0
     best_epoch: int = 0
-    since_best: int = 0  # epochs without a better val accuracy
+    since_best: int = 0  # epochs without a better val best_metric
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
+    best_score: float = -math.inf  # train.best_metric of the best epoch, higher is better (loss negated)
 
 
 EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
@@ -426,7 +428,8 @@ def restore(run: RunState, ckpt: dict[str, Any]) -> None:
         run.scaler.load_state_dict(ts["scaler"])
     pr = ts["progress"]
     run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
-                            pr["since_best"], list(pr["history"]), dict(pr["partial"]))
+                            pr["since_best"], list(pr["history"]), dict(pr["partial"]),
+                            pr.get("best_score", pr["best_acc"]))  # runs from before best_metric used acc
     set_rng_state(ts["rng"])
     run.aug_gen.set_state(ts["aug_rng"])
     info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
@@ -579,18 +582,43 @@ def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
 
     env, p, d = run.env, run.progress, run.cfg.data
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
+    f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
-                  env.rank, env.world, keep_logits=data.multilabel)
+                  env.rank, env.world, keep_logits=f1 or data.multilabel)
     vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
     seconds = p.partial["seconds"]
-    extra = {}
+    row = {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
+           "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
+           "images_per_s": tn / max(seconds, 1e-9)}
     if data.multilabel:  # val_acc: share of labels right at 0.5; the mAP picks the best epoch
         from vitcli.multilabel import val_scores
 
-        extra["val_map"], run.thresholds = val_scores(ev, env.device, env.world)
-    return extra | {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
-            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
-            "images_per_s": tn / max(seconds, 1e-9)}
+        row["val_map"], run.thresholds = val_scores(ev, env.device, env.world)
+    elif f1:
+        row["val_macro_f1"] = _macro_f1(ev, len(data.classes), env.device)
+    return row
+
+
+def _macro_f1(ev, num_classes: int, device) -> float:
+    """Macro F1 of the validation predictions, from the confusion matrix summed over ranks."""
+    import numpy as np
+
+    from vitcli.distributed import all_reduce_sums
+    from vitcli.evaluate import averages, confusion_matrix, per_class_metrics
+
+    cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
+    cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
+    cm = cm.reshape(num_classes, num_classes)
+    return averages(per_class_metrics(cm), cm)["macro"]["f1"]
+
+
+BEST_SCORE = {"acc": lambda row: row["val_acc"], "loss": lambda row: -row["val_loss"],
+              "macro_f1": lambda row: row["val_macro_f1"], "map": lambda row: row["val_map"]}  # higher is better
+
+
+def best_metric(cfg: Config, multilabel: bool) -> str:
+    """train.best_metric, except that multi-label runs rank epochs by validation mAP unless it is loss."""
+    return "map" if multilabel and cfg.train.best_metric != "loss" else cfg.train.best_metric
 
 
 def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
@@ -598,10 +626,10 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     t, p = run.cfg.train, run.progress
     p.history.append(row)
     p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
-    score = row.get("val_map", row["val_acc"])  # multi-label: the mAP
-    improved = score > p.best_acc and _finite(run.eval_model)
+    score = BEST_SCORE[best_metric(run.cfg, data.multilabel)](row)
+    improved = score > p.best_score and _finite(run.eval_model)
     if improved:
-        p.best_acc, p.best_epoch, p.since_best = score, p.epoch, 0
+        p.best_score, p.best_acc, p.best_epoch, p.since_best = score, row["val_acc"], p.epoch, 0
     else:
         p.since_best += 1
     metrics = {k: float(v) for k, v in row.items()}
@@ -616,7 +644,10 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
          + (f" mAP {row['val_map']:.4f}" if "val_map" in row else "") + f"{' *' if improved else ''}  "
          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
     if t.patience and p.since_best >= t.patience:
-        info(f"early stop: val accuracy did not improve for {t.patience} epochs (best {p.best_acc:.4f} at epoch "
+        what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1", "map": "mAP"}[
+            best_metric(run.cfg, data.multilabel)]
+        best = -p.best_score if t.best_metric == "loss" else p.best_score
+        info(f"early stop: val {what} did not improve for {t.patience} epochs (best {best:.4f} at epoch "
              f"{p.best_epoch})")
         return True
     return False
@@ -645,19 +676,49 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
 
 
 def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
-    """Check the replicas agree (torchrun), tell the callbacks, print the summary."""
+    """Calibrate best.pt and last.pt (train.calibrate), check the replicas agree (torchrun), tell the callbacks,
+    print the summary."""
     from vitcli.distributed import check_replicas
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
+    if run.env.main and run.cfg.train.calibrate and p.history and not data.multilabel:  # multi-label: thresholds
+        calibrate_checkpoints(run, data)
     if run.env.world > 1:
         digest = check_replicas(run.eval_model.state_dict(), run.env.world)
         info(f"[bold]distributed[/] all {run.env.world} processes hold identical weights (sha256 {digest[:16]})")
     if run.env.main:
         for cb in run.callbacks:
             cb.on_end(run, result)
-        _summary(result, data.classes, data.bad)
+        _summary(result, data.classes, data.bad, best_metric(run.cfg, data.multilabel))
     return result
+
+
+def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
+    """Fit the temperature and conformal scores of best.pt's and last.pt's weights on the validation split and
+    store them in each file (train.calibrate)."""
+    from vitcli.calibrate import fit_calibration
+    from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from vitcli.evaluate import run_eval
+
+    env = run.env
+    if len(data.val) == 0:
+        warn("calibration skipped: the validation split is empty")
+        return
+    for name in ("best.pt", "last.pt"):
+        path = run.run_dir / name
+        if not path.is_file():
+            continue
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path).to(env.device)
+        ev = run_eval(model, data.val, data.pre, env.device, env.precision, run.cfg.data.batch_size * 2,
+                      keep_logits=True)
+        ckpt["calibration"] = cal = fit_calibration(ev.logits, ev.labels)
+        save_checkpoint(path, ckpt)
+        note = " (no validation mistakes: temperature at its lower bound)" if cal["errors"] == 0 else ""
+        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.4f} -> "
+             f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} on {cal['images']} "
+             f"images{note}")
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -740,7 +801,7 @@ def _finite(model) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
+def _summary(res: TrainResult, classes: list[str], bad: BadImageLog, metric: str = "acc") -> None:
     from rich.table import Table
 
     tab = Table(title="training summary", show_header=False)
@@ -748,8 +809,12 @@ def _summary(res: TrainResult, classes: list[str], bad: BadImageLog) -> None:
     tab.add_column(overflow="fold")  # a long run folder wraps rather than losing its end in a log file
     last = res.history[-1] if res.history else {}
     tab.add_row("run folder", esc(str(res.run_dir)))
-    best = "best val mAP" if "val_map" in last else "best val accuracy"
-    tab.add_row(best, f"{res.best_acc:.4f} (epoch {res.best_epoch})")
+    by = "" if metric == "acc" else f", best val {metric}"
+    tab.add_row("best val accuracy" if metric == "acc" else "val accuracy of best.pt",
+                f"{res.best_acc:.4f} (epoch {res.best_epoch}{by})")
+    if "val_map" in last:
+        best = next(r for r in res.history if r["epoch"] == res.best_epoch)
+        tab.add_row("val mAP of best.pt", f"{best['val_map']:.4f}")
     if last:
         tab.add_row("last epoch", f"{last['epoch']}: val acc {last['val_acc']:.4f}, val loss {last['val_loss']:.4f}")
     tab.add_row("classes", str(len(classes)))

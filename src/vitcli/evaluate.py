@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError
 
 CHUNK = 2048  # images decoded and held in memory at a time
@@ -58,26 +59,6 @@ def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the k highest probabilities."""
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
     return float((topk == labels[:, None]).any(1).mean()) if len(labels) else 0.0
-
-
-def calibration(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[float, list[dict[str, Any]]]:
-    """Expected calibration error over equal-width confidence bins, and the per-bin table (for the diagram).
-
-    ECE = sum_b |accuracy_b - confidence_b| * n_b / N, with confidence the top-1 probability.
-    """
-    conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # bin b holds (lo, hi]
-    ece, table = 0.0, []
-    for b in range(bins):
-        m = which == b
-        n = int(m.sum())
-        acc = float(correct[m].mean()) if n else 0.0
-        c = float(conf[m].mean()) if n else 0.0
-        ece += abs(acc - c) * n / max(1, len(labels))
-        table.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "accuracy": acc,
-                      "confidence": c})
-    return float(ece), table
 
 
 def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
@@ -181,51 +162,107 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
     return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
 
 
+def collect_logits(pred, split, batch_size: int, tta: bool):
+    """Run `pred` over a Split in bounded chunks: (logits (N, C), mirrored-image logits (N, C) or None,
+    labels (N,), readable paths, unreadable-file messages)."""
+    import torch
+
+    from vitcli import data as D
+
+    pre = pred.preprocess
+    bad: list[str] = []
+    logits, flipped, labels, paths = [], [], [], []
+    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
+        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+                             on_bad=bad.append, progress_label="decoding")
+        for x, y in store.batches(D.sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
+            logits.append(pred.logits(x).float())
+            if tta:
+                flipped.append(pred.logits(x.flip(-1)).float())
+            labels.append(y)
+        paths += store.paths
+    if not paths:
+        return None, None, None, paths, bad
+    return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
+
+
+def probs_at(logits, flipped, temperature: float) -> np.ndarray:
+    """softmax(logits / T), averaged with the mirrored image's when `flipped` is given; float64 (N, C)."""
+    p = (logits.double() / temperature).softmax(-1)
+    if flipped is not None:
+        p = (p + (flipped.double() / temperature).softmax(-1)) / 2
+    return p.numpy()
+
+
+def calibration_report(pred, logits, flipped, y: np.ndarray, coverage: float | None) -> dict[str, Any]:
+    """Temperature, ECE before and after it, and (with conformal scores) coverage and mean set size."""
+    from vitcli.calibrate import conformal_threshold, set_metrics
+
+    before = probs_at(logits, flipped, 1.0)
+    rep: dict[str, Any] = {"temperature": pred.temperature, "ece_uncalibrated": calibration(before, y)[0]}
+    if coverage is not None and pred.conformal_scores is not None:
+        thr = conformal_threshold(pred.conformal_scores, coverage)
+        rep["conformal"] = {"coverage_target": coverage, "threshold": thr,
+                            "calibration_images": len(pred.conformal_scores),
+                            **set_metrics(probs_at(logits, flipped, pred.temperature), y, thr)}
+    return rep
+
+
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True) -> dict[str, Any]:
-    """Run the model on DATA (class folders, or its test/ else val/ split); print, plot and return the report."""
-    from vitcli.predict import passive_omp_threads
+             figures: bool = True, tta: bool = False, coverage: float | None = 0.9) -> dict[str, Any]:
+    """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
+    split); print, plot and return the report. Probabilities are calibrated by the stored temperature."""
+    from vitcli.predict import load_predictor, passive_omp_threads
 
     passive_omp_threads()
     from vitcli import data as D
-    from vitcli.checkpoint import load_model
-    from vitcli.console import esc, info
-    from vitcli.device import pick_device, pick_precision
-    from vitcli.rundir import new_run_dir
+    from vitcli.calibrate import check_coverage
+    from vitcli.console import esc, info, warn
 
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
-    net, ckpt, path = load_model(model)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    info(f"[bold]model[/] {esc(str(path))} ({ckpt['model_spec']['backend']}, {len(classes)} classes)")
-    multilabel = ckpt.get("task") == "multilabel"
-    split = D.scan_eval_folder(data_dir, classes, multilabel)
+    if coverage is not None:
+        check_coverage(coverage)
+    pred = load_predictor(model, device, precision)
+    classes, pre = pred.classes, pred.preprocess
+    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
-    dev = pick_device(device)
-    prec, why = pick_precision(precision, dev)
-    net.to(dev)
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec} ({why})")
+    dev, prec = str(getattr(pred, "device", "cpu")), getattr(pred, "precision", "fp32")
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec}"
+         + (", TTA (mirror)" if tta else ""))
+    logits, flipped, labels, paths, bad = collect_logits(pred, split, batch_size, tta)
+    for msg in bad:
+        warn(f"skipped {msg}")
+    if not paths:
+        raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
+    if pred.multilabel:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
+        from vitcli.multilabel import report_multilabel
 
-    report, probs, y, paths, bad = evaluate_split(net, classes, pre, split, dev, prec, batch_size, where=data_dir,
-                                                  thresholds=ckpt.get("thresholds"))
-    report = {"model": str(path), "data": str(data_dir), "device": str(dev), "precision": prec,
-              "skipped": bad} | report
-    if multilabel:
-        from vitcli.multilabel import print_multilabel
+        head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta}
+        return report_multilabel(pred, logits, flipped, labels, bad, head, json_path)
+    probs = probs_at(logits, flipped, pred.temperature)  # (N, C)
+    y = labels.numpy()  # (N,)
 
-        print_multilabel(report)
-    elif figures:
+    report = compute_metrics(probs, y, classes)
+    losses, preds = report.pop("_losses"), report.pop("_preds")
+    report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
+    report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
+              "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
+    if figures:
+        from vitcli.html_report import eval_report, pick_examples
+        from vitcli.rundir import new_run_dir
+
         out_dir = Path(output) if output else new_run_dir("runs", "eval")
         report["figures"] = write_figures(report, out_dir, pre)
-        from vitcli.html_report import eval_report, pick_examples
-
-        examples = pick_examples(paths, y)
-        report["figures"]["report"] = str(eval_report(report, out_dir, net, pre, ckpt, path, examples))
-    if not multilabel:
-        print_report(report)
+        net = getattr(pred, "model", None)  # exported files: no attention figure
+        page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
+                           pick_examples(paths, y))
+        report["figures"]["report"] = str(page)
+    print_report(report)
     if json_path:
         from vitcli.files import atomic_write_text
 
@@ -303,8 +340,16 @@ def print_report(r: dict[str, Any]) -> None:
             ("loss", f"{r['loss']:.4f}"), ("top-1 accuracy", _pct(r["top1"]))]
     if r["top5"] is not None:
         rows.append(("top-5 accuracy", _pct(r["top5"])))
-    rows += [("macro F1", f"{r['macro']['f1']:.4f}"), ("weighted F1", f"{r['weighted']['f1']:.4f}"),
-             ("ECE (15 bins)", f"{r['ece']:.4f}")]
+    rows += [("macro F1", f"{r['macro']['f1']:.4f}"), ("weighted F1", f"{r['weighted']['f1']:.4f}")]
+    if r.get("temperature", 1.0) != 1.0:
+        rows += [("ECE (15 bins), uncalibrated", f"{r['ece_uncalibrated']:.4f}"),
+                 ("ECE (15 bins), calibrated", f"{r['ece']:.4f} (temperature {r['temperature']:.4f})")]
+    else:
+        rows.append(("ECE (15 bins)", f"{r['ece']:.4f} (no temperature stored)"))
+    if r.get("conformal"):
+        c = r["conformal"]
+        rows += [(f"coverage of {c['coverage_target']:g} sets", f"{_pct(c['coverage'])} (mean set size "
+                  f"{c['mean_set_size']:.3f}, empty {_pct(c['empty_share'])})")]
     for k, v in rows:
         summary.add_row(k, v)
     out.print(summary)

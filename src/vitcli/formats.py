@@ -24,18 +24,24 @@ EXPORT_META_KEY = "vitcli"  # ONNX metadata_props key / TorchScript extra file s
 
 
 class Predictor:
-    """A classifier with its class names and preprocessing; `logits` maps uint8 images to float logits."""
+    """A classifier with its class names, preprocessing and calibration; `logits` maps uint8 images to float
+    logits, `probs` to calibrated probabilities (logits / temperature, softmax)."""
 
     classes: list[str]
     preprocess: dict[str, Any]
     path: Path
     kind: str
+    temperature: float = 1.0  # fitted on the validation split at the end of training; 1 = none stored
+    conformal_scores: Any = None  # sorted validation scores 1 - p_true (numpy), None when not stored
     multilabel: bool = False  # sigmoid per class instead of a softmax over classes
     thresholds: list[float] | None = None  # multi-label: per-class cut-offs tuned on validation
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
+        from vitcli.calibrate import calibration_of
+
         self.path, self.kind = path, kind
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
+        self.temperature, self.conformal_scores = calibration_of(meta)
         self.multilabel = meta.get("task") == "multilabel"
         self.thresholds = meta.get("thresholds")
 
@@ -43,13 +49,23 @@ class Predictor:
         raise NotImplementedError
 
     def probs(self, x, tta: bool = False):
-        """uint8 (B, 3, S, S) -> probabilities (B, C); with `tta` the mean over the image and its mirror.
-        Multi-label: one sigmoid per class."""
-        act = (lambda z: z.float().sigmoid()) if self.multilabel else (lambda z: z.float().softmax(-1))
+        """uint8 (B, 3, S, S) -> probabilities (B, C) of logits / the stored temperature; with `tta` the mean
+        over the image and its mirror. Multi-label: one sigmoid per class."""
+        t = self.temperature
+        act = (lambda z: (z.float() / t).sigmoid()) if self.multilabel else (lambda z: (z.float() / t).softmax(-1))
         p = act(self.logits(x))  # (B, C)
         if tta:
             p = (p + act(self.logits(x.flip(-1)))) / 2
         return p
+
+    def conformal_threshold(self, coverage: float) -> float:
+        from vitcli.calibrate import check_coverage, conformal_threshold
+
+        check_coverage(coverage)
+        if self.conformal_scores is None:
+            raise VitcliError(f"--coverage needs conformal scores, and '{self.path}' has none: train with "
+                              "'train.calibrate: true' (the default) to store them")
+        return conformal_threshold(self.conformal_scores, coverage)
 
 
 class OnnxPredictor(Predictor):
@@ -139,15 +155,22 @@ def read_sidecar(path: Path) -> dict[str, Any]:
 
 
 def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
+    """What an exported file carries: classes, preprocessing, the model spec, the input/output contract and
+    the calibration (temperature, conformal scores) that predictors apply to the logits."""
+    from vitcli.calibrate import calibration_for_export
+
     pre = ckpt["preprocess"]
+    cal = calibration_for_export(ckpt.get("calibration"))
     return {
         "format": EXPORT_FORMAT, "vitcli_version": __version__, "source": str(source),
         "classes": list(ckpt["classes"]), "preprocess": dict(pre), "model_spec": ckpt["model_spec"],
         "input": {"name": "image", "shape": ["batch", 3, pre["img_size"], pre["img_size"]], "dtype": "float32",
                   "meaning": "RGB resized (shorter side to resize_size, interpolation), center-cropped to "
                              "img_size, scaled to [0, 1], then (x - mean) / std per channel"},
-        "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])], "meaning": "softmax -> probabilities"},
-    } | (multilabel_meta(ckpt) if ckpt.get("task") == "multilabel" else {})
+        "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
+                   "meaning": "softmax(logits / calibration.temperature) -> calibrated probabilities"
+                   if cal else "softmax -> probabilities"},
+    } | ({"calibration": cal} if cal else {}) | (multilabel_meta(ckpt) if ckpt.get("task") == "multilabel" else {})
 
 
 def multilabel_meta(ckpt: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     curves = Path(model_path).parent / "curves.png"
     if curves.is_file():
         figures["curves"] = curves
-    if attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
+    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
         figures["attention"] = out_dir / "attention.png"
         r["figures"]["attention"] = str(out_dir / "attention.png")
     history = read_metrics(Path(model_path).parent / "metrics.csv")

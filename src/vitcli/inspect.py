@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-METHODS = ("all", "rollout", "raw")
+METHODS = ("all", "rollout", "raw", "grad-rollout", "gradcam", "chefer")
 PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
 
 
@@ -34,7 +34,13 @@ class Loaded:
     pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
     run_dir: Path
     device: torch.device
-    multilabel: bool = False  # one sigmoid per class
+    temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
+    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
+        z = logits.float() / self.temperature
+        return z.sigmoid() if self.multilabel else z.softmax(-1)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -48,7 +54,10 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
     pre = dict(ckpt["preprocess"])
     if img_size is not None and img_size != pre["img_size"]:
         pre = set_resolution(model, pre, img_size)
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, ckpt.get("task") == "multilabel")
+    from vitcli.calibrate import calibration_of
+
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
+                  ckpt.get("task") == "multilabel")
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
@@ -175,23 +184,28 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 def inspect_attention(images: list[Path], *, model: str | None = None, output: str | Path | None = None,
                       method: str = "all", layer: str | None = None, head: str | None = None,
                       fusion: str = "mean", discard: float = 0.9, img_size: int | None = None,
-                      device: str = "cpu", batch_size: int = 16, class_name: str | None = None) -> list[Path]:
+                      device: str = "cpu", batch_size: int = 16, target: str | None = None) -> list[Path]:
     """Attention overlays for each image: rollout, the source token's attention per head of the chosen
-    layer(s), and the full layer x head grid (`method` picks); with `class_name`, also that class's
-    gradient-weighted relevance map. Returns the PNG paths written."""
-    from vitcli.attention import FUSIONS, capture_attention, class_relevance, head_maps, rollout_map
+    layer(s), and the full layer x head grid, or a class-specific map for `target` (default: the predicted
+    class) (`method` picks). Returns the PNG paths written."""
+    from vitcli.attention import FUSIONS, capture_attention, head_maps, rollout_map
+    from vitcli.explain import CLASS_METHODS
     from vitcli.report import save_figure
 
     if method not in METHODS:
         raise VitcliError(f"--method {method!r} is not valid; use one of {', '.join(METHODS)}")
+    if method in CLASS_METHODS:
+        return explain_images(images, model=model, output=output, method=method, target=target,
+                              img_size=img_size, device=device, batch_size=batch_size)
+    if target is not None:
+        raise VitcliError(f"--class explains one class; it needs --method {' or '.join(CLASS_METHODS)} (attention "
+                          "maps are the same for every class)")
     if fusion not in FUSIONS:
         raise VitcliError(f"--fusion {fusion!r} is not valid; use one of {', '.join(FUSIONS)}")
     if not 0.0 <= discard < 1.0:
         raise VitcliError(f"--discard {discard} must be in [0, 1)")
     paths = collect_images(images)
     ld = load(model, img_size, device)
-    if class_name is not None and class_name not in ld.classes:
-        raise VitcliError(f"--class {class_name!r} is not one of the model's classes: {', '.join(ld.classes[:20])}")
     out_dir = output_dir(output, ld.run_dir)
     written: list[Path] = []
     used: set[str] = set()
@@ -202,21 +216,10 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
         probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
-        relevance = class_relevance(ld.model, x.to(ld.device), ld.classes.index(class_name)) if class_name else None
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})"
             stem = _unique_stem(path, used)
-            if relevance is not None:
-                k = ld.classes.index(class_name)
-                fig, axes = panel_figure(1, 2, f"{path.name}: {class_name} ({float(probs[b, k]):.1%})\n"
-                                               "relevance for this class (gradient-weighted attention)")
-                axes[0, 0].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
-                axes[0, 0].set_title("input", fontsize=8)
-                axes[0, 1].imshow(overlay(photos[b], relevance[b]))
-                axes[0, 1].set_title(class_name, fontsize=8)
-                written.append(out_dir / f"{stem}_class_{_safe(class_name)}.png")
-                save_figure(fig, written[-1], dpi=DPI, tight=False)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
                     raise VitcliError("rollout takes one --layer (roll out blocks 0..N; default all) and one "
@@ -242,8 +245,139 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
     return written
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+def class_maps(ld: Loaded, x: torch.Tensor, method: str, target: str | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(maps (B, gh, gw), calibrated probabilities (B, C), target indices (B,)) for normalised images x."""
+    import torch
+
+    from vitcli.explain import explain
+
+    targets = None
+    if target is not None:
+        if target not in ld.classes:
+            raise VitcliError(f"--class {target!r} is not a class of the model; use one of "
+                              f"{', '.join(ld.classes[:30])}")
+        targets = torch.full((len(x),), ld.classes.index(target), dtype=torch.long)
+    maps, logits, t = explain(ld.model, x.to(ld.device), method, targets)
+    return maps, ld.probs(logits).cpu(), t.cpu()
+
+
+def explain_images(images: list[Path], *, model: str | None, output: str | Path | None, method: str,
+                   target: str | None, img_size: int | None, device: str, batch_size: int = 16) -> list[Path]:
+    """One PNG per image: the input and the `method` map for class `target` (default: the predicted class),
+    named <image>_<method>_<class>.png."""
+    import re
+
+    from vitcli.report import save_figure
+
+    paths = collect_images(images)
+    ld = load(model, img_size, device)
+    out_dir = output_dir(output, ld.run_dir)
+    written: list[Path] = []
+    used: set[str] = set()
+    for start in range(0, len(paths), batch_size):
+        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+        maps, probs, targets = class_maps(ld, x, method, target)
+        for b, path in enumerate(keep):
+            p, c = probs[b].max(dim=0)
+            t = int(targets[b])
+            title = (f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})\n{method} for class "
+                     f"{ld.classes[t]} (p={float(probs[b, t]):.1%})")
+            fig, axes = panel_figure(1, 2, title)
+            axes[0, 0].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
+            axes[0, 0].set_title("input", fontsize=8)
+            axes[0, 1].imshow(overlay(photos[b], maps[b]))
+            axes[0, 1].set_title(method, fontsize=8)
+            safe = re.sub(r"[^\w.-]+", "_", ld.classes[t])
+            written.append(out_dir / f"{_unique_stem(path, used)}_{method}_{safe}.png")
+            save_figure(fig, written[-1], dpi=DPI, tight=False)
+    return written
+
+
+def parse_methods(text: str) -> list[str]:
+    """--method for faithfulness: all, or a comma list of rollout, grad-rollout, gradcam, chefer."""
+    from vitcli.explain import MAP_METHODS
+
+    if text.strip() == "all":
+        return list(MAP_METHODS)
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in MAP_METHODS]
+    if bad or not methods:
+        raise VitcliError(f"--method {text!r}: use all or a comma list of {', '.join(MAP_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: str | Path | None = None,
+                         method: str = "all", max_images: int = 100, steps: int = 16, img_size: int | None = None,
+                         device: str = "cpu", json_path: str | Path | None = None, baseline: str = "blur",
+                         batch_size: int = 16) -> tuple[dict[str, Any], list[Path]]:
+    """Deletion / insertion AUC per method beside a random order (printed, drawn, optionally as JSON)."""
+    import json
+
+    from rich.table import Table
+
+    from vitcli.explain import BASELINES, faithfulness
+
+    methods = parse_methods(method)
+    if baseline not in BASELINES:
+        raise VitcliError(f"--baseline {baseline!r} is not valid; use one of {', '.join(BASELINES)}")
+    if max_images < 1:
+        raise VitcliError(f"--max-images {max_images} must be at least 1")
+    if steps < 1:
+        raise VitcliError(f"--steps {steps} must be at least 1")
+    paths = collect_images(data)
+    if len(paths) > max_images:  # spread over the set (class folders are listed in order)
+        paths = [paths[i * len(paths) // max_images] for i in range(max_images)]
+    ld = load(model, img_size, device)
+    from vitcli.attention import patch_size_of
+
+    ph, pw = patch_size_of(ld.model)
+    steps = min(steps, (ld.pre["img_size"] // ph) * (ld.pre["img_size"] // pw))  # at most one patch a step
+
+    def batches():
+        for start in range(0, len(paths), batch_size):
+            yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
+
+    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
+    res = {"model": str(ld.run_dir), "target": "predicted class", **res}
+    tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
+                      f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
+    for col in ("method", "deletion AUC", "insertion AUC"):
+        tab.add_column(col, justify="left" if col == "method" else "right")
+    rnd = res["methods"]["random"]
+    for m, r in res["methods"].items():
+        d_ok = m != "random" and r["deletion_auc"] < rnd["deletion_auc"]
+        i_ok = m != "random" and r["insertion_auc"] > rnd["insertion_auc"]
+        tab.add_row(m, f"{'[green]' if d_ok else ''}{r['deletion_auc']:.4f}",
+                    f"{'[green]' if i_ok else ''}{r['insertion_auc']:.4f}")
+    out.print(tab)
+    path = output_dir(output, ld.run_dir) / "faithfulness.png"
+    _draw_curves(res, path)
+    written = [path]
+    if json_path:
+        from vitcli.files import atomic_write
+
+        text = json.dumps(res, indent=1)
+        atomic_write(json_path, lambda f: f.write(text.encode()))
+        written.append(Path(json_path))
+    return res, written
+
+
+def _draw_curves(res: dict[str, Any], path: Path) -> None:
+    from vitcli.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+        for m, r in res["methods"].items():
+            y = r[f"{kind}_curve"]
+            x = [i / (len(y) - 1) for i in range(len(y))]
+            ax.plot(x, y, "k--" if m == "random" else "-", label=f"{m} (AUC {r[f'{kind}_auc']:.3f})")
+        ax.set_xlabel(f"share of patches {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel("probability of the predicted class")
+        ax.set_title(kind)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def _draw_heads(cap, b: int, photo, layers: list[int], heads: list[int], name: str, path: Path,

@@ -90,9 +90,9 @@ class Backend:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         """While inside, attention runs on the explicit softmax path and appends its probabilities
-        (B, heads, T, T) to `store`; the fused path is restored on exit."""
+        (B, heads, T, T) to `store` (detached, unless `keep_graph`); the fused path is restored on exit."""
         raise NotImplementedError
         yield
 
@@ -155,10 +155,11 @@ class ScratchBackend(Backend):
         return [m for m in model.modules() if isinstance(m, Attention)]
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         mods = self.attention_modules(model)
         fused = [m.fused_attn for m in mods]
-        hooks = [m.attn_probs.register_forward_hook(lambda _m, _i, out: store.append(out)) for m in mods]
+        hooks = [m.attn_probs.register_forward_hook(
+            lambda _m, _i, out: store.append(out if keep_graph else out.detach())) for m in mods]
         try:
             for m in mods:
                 m.fused_attn = False
@@ -226,9 +227,9 @@ class TimmBackend(Backend):
         return [m for m in model.modules() if isinstance(m, Attention)]
 
     @contextlib.contextmanager
-    def explicit_attention(self, model: nn.Module, store: list) -> Iterator[None]:
+    def explicit_attention(self, model: nn.Module, store: list, keep_graph: bool = False) -> Iterator[None]:
         mods = self.attention_modules(model)
-        forward = _explicit_timm_forward(store) if mods else None
+        forward = _explicit_timm_forward(store, keep_graph) if mods else None
         try:
             for m in mods:
                 m.forward = types.MethodType(forward, m)  # instance attribute shadows the class method
@@ -244,7 +245,7 @@ class TimmBackend(Backend):
         model.set_input_size(img_size=(img_size, img_size))
 
 
-def _explicit_timm_forward(store: list):
+def _explicit_timm_forward(store: list, keep_graph: bool = False):
     """A replacement for timm's `Attention.forward` that computes softmax(QK^T * scale) explicitly."""
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
@@ -257,7 +258,7 @@ def _explicit_timm_forward(store: list):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
         attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
         attn = attn.softmax(dim=-1)
-        store.append(attn)  # graph kept: capture runs under no_grad, relevance needs it
+        store.append(attn if keep_graph else attn.detach())
         x = self.attn_drop(attn) @ v  # (B, heads, N, head_dim)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim))  # (B, N, heads*hd)
         if gate is not None:

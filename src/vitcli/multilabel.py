@@ -248,3 +248,24 @@ def print_multilabel(report: dict[str, Any]) -> None:
         tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
                     f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
     out.print(tab)
+
+
+def report_multilabel(pred, logits, flipped, labels, bad: list[str], head: dict[str, Any],
+                      json_path=None) -> dict[str, Any]:
+    """`vitcli eval` of a multi-label model: sigmoid(logits / T) (averaged with the mirror's under TTA),
+    the metrics at the model's thresholds, printed and optionally written as JSON."""
+    import json
+
+    from vitcli.console import esc, info
+
+    probs = (logits.double() / pred.temperature).sigmoid()  # (N, C)
+    if flipped is not None:
+        probs = (probs + (flipped.double() / pred.temperature).sigmoid()) / 2
+    report = head | {"skipped": bad} | compute_metrics(probs.numpy(), labels.numpy(), pred.classes, pred.thresholds)
+    print_multilabel(report)
+    if json_path:
+        from vitcli.files import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(report, indent=1))
+        info(f"wrote {esc(str(json_path))}")
+    return report

@@ -33,15 +33,28 @@ class Prediction:
     file: str
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
     error: str | None = None
+    abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
+    set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
     labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
+
+    @property
+    def answer(self) -> str:
+        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
+        from vitcli.calibrate import UNKNOWN
+
+        if self.labels is not None:
+            return "|".join(c for c, _ in self.labels)
+        return UNKNOWN if self.abstained else self.top[0][0]
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
-        top = [{"class": c, "prob": p} for c, p in self.top]
         if self.labels is not None:
-            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels], "top": top}
-        return {"file": self.file, "class": self.top[0][0], "prob": self.top[0][1], "top": top}
+            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
+                    "top": [{"class": c, "prob": p} for c, p in self.top]}
+        d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
+             "top": [{"class": c, "prob": p} for c, p in self.top]}
+        return d | ({"set": self.set} if self.set is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -114,6 +127,7 @@ class TorchPredictor(Predictor):
 
         ckpt = load_checkpoint(path)
         self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
+        self.config = ckpt.get("config", {})  # the training config (eval's report.html shows it)
         self.device = pick_device(device)
         self.precision, _ = pick_precision(precision, self.device)
         self.model = model_from_checkpoint(ckpt, path).to(self.device)
@@ -177,8 +191,11 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
 
 
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
-                   threads: int = 0, progress: bool = True) -> Iterator[Prediction]:
-    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on."""
+                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
+                   ) -> Iterator[Prediction]:
+    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
+    conformal threshold) adds the prediction set."""
     import torch
 
     from vitcli.console import progress_bar
@@ -189,20 +206,22 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
+    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
+
+    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
+
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        probs_all = pred.probs(x, tta)  # (B, C)
-        p, idx = probs_all.topk(k, dim=-1)  # (B, k), (B, k)
-        full = probs_all.tolist() if pred.multilabel else None
-        for j, ((path, _), probs, ids) in enumerate(zip(batch, p.tolist(), idx.tolist(), strict=True)):
-            top = [(pred.classes[i], round(q, 6)) for i, q in zip(ids, probs, strict=True)]
-            labels = None
-            if full is not None:
-                from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-                th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)
-                labels = [(c, round(q, 6)) for c, q in above_threshold(full[j], pred.classes, th)]
-            yield Prediction(str(path), top, labels=labels)
+        full = pred.probs(x, tta).double()  # (B, C)
+        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
+        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
+            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
+            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
+            if threshold is not None:
+                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
+            if pred.multilabel:
+                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
+            yield r
 
     if bar:
         bar.start()
@@ -227,38 +246,43 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
 
 # ----------------------------------------------------------------------------------------------- output
-def csv_header(k: int, multilabel: bool = False) -> list[str]:
-    labels = ["labels"] if multilabel else []
-    return ["file", *labels] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + ["error"]
+def csv_header(k: int, answer: bool = False, with_set: bool = False) -> list[str]:
+    extra = ["answer"] * answer + ["set"] * with_set
+    return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + extra + ["error"]
 
 
-def csv_row(p: Prediction, k: int, multilabel: bool = False) -> list[Any]:
-    cells: list[Any] = [p.file] + (["|".join(c for c, _ in p.labels or [])] if multilabel else [])
+def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False) -> list[Any]:
+    """One csv line; the set is its classes joined by '|' (empty: no class reached the threshold)."""
+    cells: list[Any] = [p.file]
     for i in range(k):
         cells += list(p.top[i]) if i < len(p.top) else ["", ""]
+    if answer:
+        cells.append(p.answer if p.error is None else "")
+    if with_set:
+        cells.append("|".join(p.set or []))
     return cells + [p.error or ""]
 
 
-def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, multilabel: bool = False
-                  ) -> list[Prediction]:
+def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answer: bool = False,
+                  with_set: bool = False) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
     kept: list[Prediction] = []
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
     if writer:
-        writer.writerow(csv_header(k, multilabel))
+        writer.writerow(csv_header(k, answer, with_set))
     for r in results:
         kept.append(r)
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
-            writer.writerow(csv_row(r, k, multilabel))
+            writer.writerow(csv_row(r, k, answer, with_set))
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
     return kept
 
 
-def print_table(results: list[Prediction], k: int) -> None:
+def print_table(results: list[Prediction], k: int, with_set: bool = False) -> None:
     from rich.table import Table
 
     from vitcli.console import esc, out
@@ -276,20 +300,25 @@ def print_table(results: list[Prediction], k: int) -> None:
     tab.add_column("prob", justify="right")
     if k > 1:
         tab.add_column(f"next {k - 1}")
+    if with_set:
+        tab.add_column("set")
     for r in results:
         if r.error is not None:
             continue
         (c, p), rest = r.top[0], r.top[1:]
-        row = [esc(r.file), esc(c), f"{p:.3f}"]
+        row = [esc(r.file), f"[yellow]unknown[/] (top: {esc(c)})" if r.abstained else esc(c), f"{p:.3f}"]
         if k > 1:
             row.append(", ".join(f"{esc(c2)} {p2:.3f}" for c2, p2 in rest))
+        if with_set:
+            row.append("{" + ", ".join(esc(c2) for c2 in r.set or []) + "}")
         tab.add_row(*row)
     out.print(tab)
 
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt: str = "table",
                 output: str | Path | None = None, batch_size: int = 64, tta: bool = False, device: str = "auto",
-                precision: str = "auto", threads: int = 0) -> int:
+                precision: str = "auto", threads: int = 0, min_prob: list[str] | None = None,
+                coverage: float | None = None) -> int:
     """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
     from vitcli.console import console, esc, info
 
@@ -312,8 +341,20 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
     for m in missing:
         console.print(f"[red]error[/]: {esc(m.error or '')}", soft_wrap=True)
+    if coverage is not None:
+        from vitcli.calibrate import check_coverage
+
+        check_coverage(coverage)
     pred = load_predictor(model, device, precision)
     k = max(1, min(top_k, len(pred.classes)))
+    from vitcli.calibrate import parse_min_prob
+
+    thresholds = parse_min_prob(min_prob, pred.classes)
+    threshold = pred.conformal_threshold(coverage) if coverage is not None else None
+    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
+    if with_set:
+        info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
+             f"(split conformal, {len(pred.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:
@@ -321,18 +362,19 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 console.print(f"[red]error[/]: {esc(r.error)}", soft_wrap=True)
             yield r
 
-    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads))
+    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads,
+                                      min_prob=thresholds, threshold=threshold))
     if fmt == "table":
         done = list(results)
-        print_table(done, k)
+        print_table(done, k, with_set)
     elif output is None:
-        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, pred.multilabel)
+        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, answer, with_set)
         sys.stdout.flush()
     else:
         from vitcli.files import atomic_write
 
         buf = io.StringIO()
-        done = write_results(itertools.chain(missing, results), fmt, k, buf, pred.multilabel)
+        done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set)
         atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
