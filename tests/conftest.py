@@ -1,8 +1,17 @@
-"""Shared fixtures: generated image datasets in tmp_path, and every output folder inside tmp_path."""
+"""Shared fixtures: generated image datasets in tmp_path, and every output folder inside tmp_path.
+
+Every dataset `make_dataset` builds (or a test hands to `track_dataset`) is hashed before and after each
+command `run_cli` / `run_vitcli` runs on it: a command that changes a dataset fails the test.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +45,59 @@ def make_dataset(root: Path, classes=("red", "green", "blue"), per_class: int = 
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 shape_image(c, size, rng).save(folder / f"{c}_{i:03d}{ext}")
+    return track_dataset(root)
+
+
+_DATASETS: set[Path] = set()  # every dataset built in this session; run_cli checks the ones a command names
+
+
+def track_dataset(root: Path) -> Path:
+    """Check this folder like a generated dataset: unchanged by every command that names it."""
+    _DATASETS.add(Path(os.path.abspath(root)))
     return root
+
+
+def tree_hash(root: Path) -> str:
+    """One digest of everything under `root` without following links or opening non-regular files: names,
+    types, modes, mtimes, link targets and file contents (files the reader may not open: size only)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            h.update(f"{os.path.relpath(p, root)}|{stat.S_IFMT(st.st_mode)}|{st.st_mode:o}|{st.st_mtime_ns}|".encode())
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(p).encode())
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    with open(p, "rb") as f:
+                        h.update(hashlib.sha256(f.read()).digest())
+                except OSError:
+                    h.update(f"unreadable {st.st_size}".encode())
+    return h.hexdigest()
+
+
+def _datasets_named(args, cwd=None) -> list[Path]:
+    """The tracked datasets a command names (an argument inside one) or runs inside (the working folder)."""
+    cwd = Path(os.path.abspath(cwd or Path.cwd()))
+    named = [Path(os.path.abspath(cwd / (str(a).split("*")[0] or "."))) for a in args]
+    return [root for root in _DATASETS if root.is_dir() and (cwd == root or root in cwd.parents or any(
+        p == root or root in p.parents for p in named))]
+
+
+class DatasetsUntouched:
+    """Context: the datasets a command touches hash the same before and after it."""
+
+    def __init__(self, args, cwd=None):
+        self.before = {root: tree_hash(root) for root in _datasets_named(args, cwd)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        changed = [str(r) for r, digest in self.before.items() if r.is_dir() and tree_hash(r) != digest]
+        assert not changed, f"the command changed the dataset(s) {changed}"
 
 
 @pytest.fixture
@@ -94,4 +155,12 @@ def run_cli(*args: str):
 
     from vitcli.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args])
+    with DatasetsUntouched(args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def run_vitcli(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m vitcli ARGS` as a real process (text output captured), with the same dataset check."""
+    with DatasetsUntouched(args, kwargs.get("cwd")):
+        return subprocess.run([sys.executable, "-m", "vitcli", *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, **kwargs)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import TINY, make_dataset, run_cli, run_vitcli
 
 FILES = {
     "syntax.yaml": "data:\n  img_size: 32\n  batch_size: [1, 2\nmodel:\n  name: vit-tiny/8\n",
@@ -102,8 +99,7 @@ def test_config_on_off_values_read_as_text_not_booleans(data, tmp_path):
                                   "missing_config_file"])
 def test_config_error_in_a_real_process_exits_1_without_traceback(data, tmp_path, case):
     args, phrases = CASES[case]
-    proc = subprocess.run([sys.executable, "-m", "vitcli", "train", str(data), *TINY, "--epochs", "1", *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = run_vitcli("train", data, *TINY, "--epochs", "1", *args, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""  # errors go to stderr; stdout stays clean for pipes
     assert_one_clean_line(proc.stderr, phrases)

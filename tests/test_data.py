@@ -1,20 +1,13 @@
 """Scanning, stratified splits and decoding: deterministic, and the dataset folder is never touched."""
 
-import hashlib
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_dataset
+from conftest import make_dataset, tree_hash
 from vitcli.data import decode_square, load_rgb, scan_dataset, stratified_split
 from vitcli.errors import VitcliError
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_stratified_split_is_deterministic_and_per_class():
@@ -33,12 +26,12 @@ def test_scan_class_folders_makes_split_in_memory(tmp_path):
     Image.new("RGB", (8, 8)).save(root / ".hidden" / "x.png")
     (root / "red" / "notes.txt").write_text("not an image")
     Image.new("RGB", (8, 8)).save(root / "red" / "UPPER.JPG")
-    before = tree_digest(root)
+    before = tree_hash(root)
     ds = scan_dataset(root, 0.2, seed=0)
     assert ds.classes == ["blue", "green", "red"] and ds.split_made
     assert len(ds.train) + len(ds.val) == 31  # .txt and hidden folder ignored, .JPG counted
     assert scan_dataset(root, 0.2, seed=0).val.paths == ds.val.paths
-    assert tree_digest(root) == before
+    assert tree_hash(root) == before
 
 
 def test_train_val_test_layout(tmp_path):

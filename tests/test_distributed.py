@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, make_dataset
+from conftest import TINY, DatasetsUntouched, make_dataset
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "--redirects", "3"]
@@ -55,9 +55,10 @@ def finished(tmp_path_factory):
     TensorBoard and writing report.html."""
     root = tmp_path_factory.mktemp("ddp")
     make_dataset(root / "shapes")
-    proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2",
-                    "--set", "train.log=[csv,tensorboard]", "--set", "train.report=true")
-    out, _ = proc.communicate(timeout=240)
+    with DatasetsUntouched([root / "shapes"]):
+        proc = torchrun(root, "--epochs", "2", "--set", "train.ema_decay=0.9", "--set", "train.accum_steps=2",
+                        "--set", "train.log=[csv,tensorboard]", "--set", "train.report=true")
+        out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out + rank_logs(root, 0) + rank_logs(root, 1)
     return root
 

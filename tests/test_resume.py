@@ -147,7 +147,8 @@ def _all_finite(state: dict) -> bool:
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_best_stays_finite(tmp_path, data):
-    res = run_cli("train", data, *TINY, "--batch-size", "4", "--epochs", "3", "--set", "optim.lr=1e30",
+    res = run_cli("train", data, *TINY, "--batch-size", "4", "--epochs", "3", "--set", "optim.lr=10",  # the top of
+                  "--set", "optim.weight_decay=100",  # both ranges: each step scales the weights by -999
                   "--set", "optim.warmup_epochs=0", "--set", "optim.clip_grad=0")
     assert res.exit_code == 1, res.output
     assert "Traceback" not in res.output

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_dataset, tiny_config
+from conftest import TINY, DatasetsUntouched, make_dataset, tiny_config
 from vitcli.engine import train
 from vitcli.files import safe_torch_load
 
@@ -85,6 +85,7 @@ class Run:
 
     def __init__(self, cwd: Path, *args: str, fork: bool = False):
         self.log = cwd / f"log-{time.monotonic_ns()}.txt"
+        self.untouched = DatasetsUntouched(args, cwd)  # checked in wait(): the dataset is never written to
         if fork:
             import multiprocessing
 
@@ -103,10 +104,12 @@ class Run:
 
     def wait(self, timeout: float = 120) -> int:
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise AssertionError(f"vitcli train did not finish:\n{self.output()}") from None
+        self.untouched.__exit__(None, None, None)
+        return code
 
 
 def saved_step(run: Path) -> int:

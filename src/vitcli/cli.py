@@ -27,20 +27,35 @@ app = typer.Typer(
 def guard():
     """Turn project errors into one red line and exit code 1; interruptions into 130 / 143."""
     from vitcli.console import error
+    from vitcli.signals import Stopped, stop_handlers
 
     try:
-        yield
+        with stop_handlers():
+            yield
     except VitcliError as e:
         error(str(e))
         raise typer.Exit(1) from None
+    except Stopped as e:
+        error(("interrupted" if e.code == 130 else f"stopped by {e.name}") + e.detail)
+        raise typer.Exit(e.code) from None
     except KeyboardInterrupt:
         error("interrupted")
         raise typer.Exit(130) from None
+    except OSError as e:  # a file system error no library function turned into a message (safety net)
+        error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or type(e).__name__}")
+        raise typer.Exit(1) from None
     except Exception as e:  # an Interrupted from the engine carries its own exit code
         code = getattr(e, "code", None)
         if type(e).__name__ == "Interrupted" and isinstance(code, int):
             raise typer.Exit(code) from None
         raise
+
+
+def data_path(data: str | None, name: str = "DATA") -> Path | None:
+    """A path argument; '' is an error (Path('') would silently mean the current folder)."""
+    if data is not None and not data.strip():
+        raise VitcliError(f"{name} is empty (''); give a path (use . for the current folder)")
+    return None if data is None else Path(data)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
@@ -50,7 +65,7 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders; a .csv/.tsv/.jsonl "
              "label file; or a shard folder from vitcli shard (or a brace pattern of its .tar files).",
         show_default=False)
@@ -76,6 +91,7 @@ def train(
     from vitcli.config import load_config
 
     with guard():
+        data = data_path(data)
         if data is None and resume is None:
             raise VitcliError("missing DATA: give the dataset folder, e.g. vitcli train examples/digits")
         flags = {"model.name": model, "train.epochs": epochs, "data.batch_size": batch_size,
@@ -174,7 +190,7 @@ def predict(
 
 @app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
-    data: Annotated[Path, typer.Argument(
+    data: Annotated[str, typer.Argument(
         help="Class subfolders, a dataset folder with test/ (else val/), or a .csv/.tsv/.jsonl label file.",
         show_default=False)],
     model: Annotated[str | None, typer.Option(
@@ -195,7 +211,7 @@ def eval_cmd(
     with guard():
         from vitcli.evaluate import evaluate
 
-        evaluate(data, model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
+        evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -237,7 +253,7 @@ def runs_cmd(
 def compare(
     run_a: Annotated[str, typer.Argument(help="Run folder or checkpoint A.", show_default=False)],
     run_b: Annotated[str, typer.Argument(help="Run folder or checkpoint B.", show_default=False)],
-    data: Annotated[Path | None, typer.Argument(
+    data: Annotated[str | None, typer.Argument(
         help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -249,7 +265,7 @@ def compare(
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        r = compare_runs(run_a, run_b, data, device, precision, batch_size)
+        r = compare_runs(run_a, run_b, data_path(data), device, precision, batch_size)
         if json_out:
             import json
 
@@ -290,7 +306,7 @@ def _print_paths(paths) -> None:
 
 @inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
-    images: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -315,14 +331,15 @@ def inspect_attention_cmd(
     with guard():
         from vitcli.inspect import inspect_attention
 
-        _print_paths(inspect_attention(images, model=model, output=output, method=method, layer=layer,
+        paths = [data_path(i, "IMAGE") for i in images]
+        _print_paths(inspect_attention(paths, model=model, output=output, method=method, layer=layer,
                                        head=head, fusion=fusion, discard=discard, img_size=img_size,
                                        device=device, target=class_))
 
 
 @inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
 def inspect_faithfulness_cmd(
-    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -341,7 +358,8 @@ def inspect_faithfulness_cmd(
     with guard():
         from vitcli.inspect import inspect_faithfulness
 
-        _, paths = inspect_faithfulness(data, model=model, output=output, method=method, max_images=max_images,
+        images = [data_path(d) for d in data]
+        _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
                                         steps=steps, img_size=img_size, device=device, json_path=json_path,
                                         baseline=baseline)
         _print_paths(paths)
@@ -375,7 +393,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
 
 @inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
-    data: Annotated[list[Path], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,
@@ -386,7 +404,7 @@ def inspect_distance_cmd(
     with guard():
         from vitcli.inspect import inspect_distance
 
-        _print_paths(inspect_distance(data, model=model, output=output, max_images=max_images,
+        _print_paths(inspect_distance([data_path(d) for d in data], model=model, output=output, max_images=max_images,
                                       img_size=img_size, device=device))
 
 
@@ -405,13 +423,13 @@ def inspect_filters_cmd(
 
 @inspect_app.command("data", short_help="Check a dataset before training.")
 def inspect_data_cmd(
-    data: Annotated[Path, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
     with guard():
         from vitcli.inspect import inspect_data
 
-        inspect_data(data)
+        inspect_data(data_path(data))
 
 
 def main() -> None:

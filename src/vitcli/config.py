@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.console import CONTROL
+from vitcli.errors import VitcliError, clip, shown
+
+MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config file
+MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laughs" file expands to 10^9)
 
 
 @dataclass
@@ -150,6 +155,9 @@ def to_yaml(cfg: Config, comments: bool = True) -> str:
             text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
             text = text.removesuffix("\n...").strip()
             note = f"  # {notes[key]}" if key in notes else ""
+            valid = RANGES.get(f"{section}.{key}", "").split(" (")[0]
+            if note and valid:
+                note += f"; valid {valid}"
             lines.append(f"  {key}: {text}{note}")
     return "\n".join(lines) + "\n"
 
@@ -177,10 +185,14 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         if inner is str and isinstance(value, str):  # --set train.log=csv,tensorboard
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise VitcliError(f"{source}: '{key}' must be a list of {inner.__name__}, got {value!r}")
+            raise VitcliError(f"{source}: '{key}' must be a list of {inner.__name__}, got {shown(value)}")
         return [_coerce(key, v, inner, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported config type {tp}")  # not used by the dataclasses above
+    if tp in (int, float) and isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string: the number the user meant
+        if tp is int and value.is_integer():
+            value = int(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -198,17 +210,17 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     name = getattr(tp, "__name__", str(tp))
-    raise VitcliError(f"{source}: '{key}' must be {name}, got {value!r}")
+    raise VitcliError(f"{source}: '{key}' must be {name}, got {shown(value)}")
 
 
 def _set(cfg: Config, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in _fields(cfg):
-        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+        raise VitcliError(f"{source}: unknown config key '{clip(key)}'; {_suggest(key, _all_keys(cfg))}")
     section = getattr(cfg, parts[0])
     fields = _fields(section)
     if parts[1] not in fields:
-        raise VitcliError(f"{source}: unknown config key '{key}'; {_suggest(key, _all_keys(cfg))}")
+        raise VitcliError(f"{source}: unknown config key '{clip(key)}'; {_suggest(key, _all_keys(cfg))}")
     hints = typing.get_type_hints(type(section))
     setattr(section, parts[1], _coerce(key, value, hints[parts[1]], source))
     user_keys(cfg).add(key)
@@ -229,7 +241,8 @@ def apply_dict(cfg: Config, data: Any, source: str) -> None:
         if not isinstance(values, dict):
             if str(section) in _fields(cfg):
                 raise VitcliError(f"{source}: section '{section}' must be a mapping of keys")
-            raise VitcliError(f"{source}: unknown config key '{section}'; {_suggest(str(section), _all_keys(cfg))}")
+            raise VitcliError(f"{source}: unknown config key '{clip(str(section))}'; "
+                              f"{_suggest(str(section), _all_keys(cfg))}")
         for k, v in values.items():
             _set(cfg, f"{section}.{k}", v, source)
 
@@ -239,38 +252,82 @@ def parse_override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
-        raise VitcliError(f"--set '{text}': expected KEY=VALUE, e.g. --set optim.lr=5e-4")
+        raise VitcliError(f"--set '{clip(text)}': expected KEY=VALUE, e.g. --set optim.lr=5e-4")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw, f"--set {shown(text)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and _looks_numeric(raw):
-        value = float(raw)  # YAML 1.1 reads "5e-4" as a string
-    return key.strip(), value
+    return key.strip(), value  # a numeric string such as 5e-4 becomes a number in _coerce
 
 
 def _looks_numeric(raw: str) -> bool:
     try:
         float(raw)
-        return True
+        return len(raw) < 400  # float() of a 10^6-digit string is slow and no config value is that long
     except ValueError:
         return False
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, refusing a document that expands (through aliases) to more than MAX_YAML_NODES values."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise VitcliError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values through "
+                              "aliases (&anchor / *alias); a config needs a few dozen")
+        return loader.construct_document(node)
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise VitcliError(f"{source}: a value cannot be read: {clip(str(e))}") from None
+    except RecursionError:
+        raise VitcliError(f"{source}: the YAML is nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Any, memo: dict[int, int] | None = None) -> int:
+    """Values in the document once every alias is replaced by what it names (an alias reuses the node)."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself expands without end
+    kids = node.value if isinstance(node.value, list) else []
+    flat = [n for kid in kids for n in (kid if isinstance(kid, tuple) else (kid,))]  # mapping: (key, value)
+    total = 1
+    for kid in flat:
+        total += _expanded_size(kid, memo)
+        if total > MAX_YAML_NODES:
+            break
+    memo[id(node)] = total
+    return total
 
 
 def read_yaml(path: str | Path) -> Any:
     import yaml
 
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise VitcliError(f"config file '{p}' does not exist")
+    if not p.is_file():
+        raise VitcliError(f"config file '{p}' is not a regular file")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise VitcliError(f"config file '{p}' is {p.stat().st_size:,} bytes; a config is at most "
+                          f"{MAX_YAML_BYTES:,}")
     try:
         with open(p, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safe_yaml(f.read(), f"config file '{p}'")
+    except OSError as e:
+        raise VitcliError(f"config file '{p}' cannot be read: {e.strerror or type(e).__name__}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = problem[:200]
         context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if context and cmark and mark and cmark.line != mark.line:  # where the unclosed thing was opened
             problem += f" ({context} started at line {cmark.line + 1})"
@@ -291,7 +348,7 @@ def load_config(
             _set(cfg, key, value, f"flag for '{key}'")
     for text in overrides or []:
         key, value = parse_override(text)
-        _set(cfg, key, value, f"--set {text}")
+        _set(cfg, key, value, f"--set {clip(text)}")
     validate(cfg)
     return cfg
 
@@ -307,6 +364,97 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Every numeric key's valid range (interval notation; a list key's range holds for each element). validate()
+# checks them all, so no value can reach the trainer that makes it crash, hang or fill the memory.
+RANGES: dict[str, str] = {
+    "data.img_size": "[8, 4096]",
+    "data.batch_size": "[1, 65536]",
+    "data.val_fraction": "[0, 1)",
+    "data.num_workers": "[-1, 256] (-1 = auto)",
+    "data.cache_max_gb": "[0, 1e6]",
+    "data.crop_pct": "[0.25, 1]",
+    "data.mean": "[-10, 10]",
+    "data.std": "[0.001, 10]",
+    "data.scale_min": "(0, 1]",
+    "data.ratio_max": "[1, 10]",
+    "data.hflip": "[0, 1]",
+    "data.translate": "[0, 0.5]",
+    "data.rotate": "[0, 180]",
+    "data.mixup": "[0, 100] (0 = off)",
+    "data.cutmix": "[0, 100] (0 = off)",
+    "data.reprob": "[0, 1]",
+    "data.max_bad_fraction": "[0, 1]",
+    "data.shuffle_buffer": "[0, 10000000] (0 = shard order only)",
+    "model.embed_dim": "[0, 16384] (0 = from the preset)",
+    "model.depth": "[0, 1024] (0 = from the preset)",
+    "model.num_heads": "[0, 1024] (0 = from the preset)",
+    "model.mlp_ratio": "[0.25, 64]",
+    "model.drop_rate": "[0, 1)",
+    "model.drop_path_rate": "[0, 1)",
+    "optim.lr": "(0, 10]",
+    "optim.weight_decay": "[0, 100]",
+    "optim.betas": "[0, 1)",
+    "optim.warmup_epochs": "[0, 1e6]",
+    "optim.warmup_lr_ratio": "[0, 1]",
+    "optim.min_lr_ratio": "[0, 1]",
+    "optim.clip_grad": "[0, 1e6] (0 = off)",
+    "optim.layer_decay": "[0, 1] (0 = off)",
+    "train.epochs": "[1, 1000000]",
+    "train.seed": "[0, 4294967295]",
+    "train.label_smoothing": "[0, 1)",
+    "train.ema_decay": "[0, 1) (0 = off)",
+    "train.patience": "[0, 1000000] (0 = off)",
+    "train.accum_steps": "[1, 65536]",
+    "train.save_every_steps": "[0, 1000000000] (0 = off)",
+    "train.freeze_epochs": "[0, 1000000] (0 = off)",
+    "train.threads": "[0, 1024] (0 = torch's default)",
+    "train.log_every_steps": "[0, 1000000000] (0 = off)",
+}
+LIST_LENGTHS = {"data.mean": 3, "data.std": 3, "optim.betas": 2}
+MAX_NAME = 100  # characters in train.name (a folder name; file systems allow 255 bytes)
+
+
+def parse_range(spec: str) -> tuple[float, float, bool, bool, str]:
+    """'(0, 10] (note)' -> (0.0, 10.0, low open, high open, 'note')."""
+    import re
+
+    m = re.fullmatch(r"([\[(])([^,]+), ([^\])]+)([\])])(?: \((.*)\))?", spec)
+    assert m, spec
+    return float(m[2]), float(m[3]), m[1] == "(", m[4] == ")", m[5] or ""
+
+
+def describe_range(key: str, is_int: bool) -> str:
+    """'at least 1 and at most 65536', '> 0 and <= 10'; with the note, e.g. '(0 = off)'."""
+    lo, hi, lo_open, hi_open, note = parse_range(RANGES[key])
+    num = (lambda v: f"{v:g}") if not is_int else (lambda v: str(int(v)))
+    low = f"> {num(lo)}" if lo_open else (f"at least {num(lo)}" if is_int else f">= {num(lo)}")
+    high = f"< {num(hi)}" if hi_open else (f"at most {num(hi)}" if is_int else f"<= {num(hi)}")
+    return f"{low} and {high}" + (f" ({note})" if note else "")
+
+
+def in_range(key: str, value: float) -> bool:
+    lo, hi, lo_open, hi_open, _ = parse_range(RANGES[key])
+    if not math.isfinite(value):
+        return False
+    return (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+
+
+def _check_ranges(cfg: Config) -> None:
+    hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _fields(cfg)}
+    for key in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        is_int = hints[section][name] is int
+        values = value if isinstance(value, list) else [value]
+        what = describe_range(key, is_int)
+        if key in LIST_LENGTHS:
+            n = LIST_LENGTHS[key]
+            if len(values) != n or not all(in_range(key, v) for v in values):
+                raise VitcliError(f"'{key}' must be a list of {n} numbers, each {what}, got {shown(value)}")
+        elif not in_range(key, value):
+            raise VitcliError(f"'{key}' must be {what}, got {shown(value)}")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names the key, the value and what is valid."""
 
@@ -314,56 +462,20 @@ def validate(cfg: Config) -> None:
         if not ok:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
-            raise VitcliError(f"'{key}' must be {what}, got {value!r}")
+            raise VitcliError(f"'{key}' must be {what}, got {shown(value)}")
 
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         need(getattr(getattr(cfg, section), name) in choices, key, "one of " + ", ".join(choices))
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
-    need(d.img_size >= 1, "data.img_size", "a positive number of pixels")
-    need(d.batch_size >= 1, "data.batch_size", "at least 1")
-    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "in [0, 1)")
-    need(d.num_workers >= -1, "data.num_workers", "-1 (auto) or a count >= 0")
-    need(d.cache_max_gb >= 0, "data.cache_max_gb", ">= 0")
-    need(0.0 < d.crop_pct <= 1.0, "data.crop_pct", "in (0, 1]")
-    need(len(d.mean) == 3, "data.mean", "a list of 3 numbers")
-    need(len(d.std) == 3 and all(s > 0 for s in d.std), "data.std", "a list of 3 positive numbers")
-    need(0.0 < d.scale_min <= 1.0, "data.scale_min", "in (0, 1]")
-    need(d.ratio_max >= 1.0, "data.ratio_max", ">= 1")
-    need(0.0 <= d.hflip <= 1.0, "data.hflip", "a probability in [0, 1]")
-    need(0.0 <= d.translate <= 0.5, "data.translate", "a fraction of the side in [0, 0.5]")
-    need(0.0 <= d.rotate <= 180.0, "data.rotate", "degrees in [0, 180]")
-    need(d.mixup >= 0 and d.cutmix >= 0, "data.mixup" if d.mixup < 0 else "data.cutmix", ">= 0")
-    need(0.0 <= d.reprob <= 1.0, "data.reprob", "a probability in [0, 1]")
-    need(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]")
-    need(d.shuffle_buffer >= 0, "data.shuffle_buffer", ">= 0 (0 = shard order only)")
-    need(bool(m.name.strip()), "model.name", "a preset like vit-tiny/16 or timm/<name>")
-    need(m.embed_dim >= 0, "model.embed_dim", ">= 0")
-    need(m.depth >= 0, "model.depth", ">= 0")
-    need(m.num_heads >= 0, "model.num_heads", ">= 0")
-    need(m.mlp_ratio > 0, "model.mlp_ratio", "> 0")
-    need(0.0 <= m.drop_rate < 1.0, "model.drop_rate", "in [0, 1)")
-    need(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", "in [0, 1)")
-    need(o.lr > 0, "optim.lr", "> 0")
-    need(o.weight_decay >= 0, "optim.weight_decay", ">= 0")
-    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)")
-    need(o.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0")
-    need(0 <= o.warmup_lr_ratio <= 1, "optim.warmup_lr_ratio", "in [0, 1]")
-    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "in [0, 1]")
-    need(o.clip_grad >= 0, "optim.clip_grad", ">= 0 (0 = off)")
-    need(0 <= o.layer_decay <= 1, "optim.layer_decay", "in [0, 1] (0 = off)")
-    need(t.epochs >= 1, "train.epochs", "at least 1")
-    need(0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)")
-    need(0 <= t.ema_decay < 1, "train.ema_decay", "in [0, 1) (0 = off)")
-    need(t.patience >= 0, "train.patience", ">= 0 (0 = off)")
-    need(t.accum_steps >= 1, "train.accum_steps", "at least 1")
-    need(t.save_every_steps >= 0, "train.save_every_steps", ">= 0")
-    need(t.freeze_epochs >= 0, "train.freeze_epochs", ">= 0 (0 = off)")
-    need(t.threads >= 0, "train.threads", ">= 0 (0 = torch's default)")
+    _check_ranges(cfg)
+    m, t = cfg.model, cfg.train
+    need(bool(m.name.strip()) and len(m.name) <= 200 and not CONTROL.search(m.name), "model.name",
+         "a preset like vit-tiny/16 or timm/<name>")
+    need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", "..")
+         and len(t.name) <= MAX_NAME and not CONTROL.search(t.name), "train.name",
+         f"a plain folder name of at most {MAX_NAME} characters")
+    need(not CONTROL.search(t.output), "train.output", "a folder path without control characters")
     need(all(x in LOGGERS for x in t.log), "train.log", "a list of " + ", ".join(LOGGERS))
-    need(t.log_every_steps >= 0, "train.log_every_steps", ">= 0 (0 = off)")
-    need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", ".."),
-         "train.name", "a plain folder name")
     dev = t.device
     ok_dev = dev in ("auto", "cpu", "cuda", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())
     need(ok_dev, "train.device", "one of auto, cpu, cuda, cuda:N, mps")

@@ -1,6 +1,8 @@
 """The one rich Console (stderr for progress and messages, stdout for results), progress bars, tables.
 
-User-supplied text (paths, class names) goes through `esc` so rich markup in it prints literally.
+User-supplied text (paths, class names, values) goes through `esc`: rich markup in it prints literally and
+control characters (ESC/OSC sequences, newlines, bidi overrides) print as visible escapes, so a file or class
+name can neither drive the terminal nor break a line or a table.
 On a terminal progress is a live rich bar; anywhere else (a pipe, nohup, CI, a cluster job's log) it is
 plain lines every `VITCLI_PROGRESS_SECONDS` (default 10) with elapsed time and ETA.
 """
@@ -8,11 +10,27 @@ plain lines every `VITCLI_PROGRESS_SECONDS` (default 10) with elapsed time and E
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.markup import escape as esc  # noqa: F401  (re-exported)
+from rich.markup import escape as _markup_escape
+
+# C0 and C1 controls, DEL, line/paragraph separators and the bidi embedding/override/isolate characters
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: object) -> str:
+    """Control characters as escapes: 'a\x1b[31mb' -> 'a\\x1b[31mb', a newline -> '\\n'."""
+    return CONTROL.sub(lambda m: _NAMED.get(m[0]) or (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                                       else f"\\u{ord(m[0]):04x}"), str(text))
+
+
+def esc(text: object) -> str:
+    """User text for rich: markup printed literally, control characters escaped."""
+    return _markup_escape(visible(text))
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)  # progress, warnings, summaries
 out = Console(highlight=False, soft_wrap=True)  # results meant for pipes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import stat
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, shown
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PIL_FORMATS = ["JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decoders vitcli opens files with
@@ -62,40 +63,171 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; hidden entries skipped, symlink loops not followed."""
+def is_run_folder(folder: str | Path) -> bool:
+    """A folder vitcli wrote (train run, lr finder, eval figures): never data, even inside DATA."""
+    try:
+        names = set(os.listdir(folder))
+    except OSError:
+        return False
+    return (("config.yaml" in names and bool(names & {"metrics.csv", "last.pt", "best.pt"}))
+            or "lr_find.csv" in names or {"confusion.png", "reliability.png"} <= names)
+
+
+def _holds_runs(folder: Path) -> bool:
+    """`folder` is a run folder, or an output folder of run folders (runs/ with train/, train-2/ ...: run
+    folders and no images of its own)."""
+    if is_run_folder(folder):
+        return True
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    if any(Path(e.name).suffix.lower() in IMAGE_EXTS for e in entries):  # names only: no stat per file
+        return False
+    return any(_is_dir(e) and is_run_folder(e.path) for e in entries)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # the type from the folder listing; a stat only for a symlink
+    except OSError:  # a symlink loop
+        return False
+
+
+def _inside(path: str, root: str) -> bool:
+    """Resolved `path` is `root` or below it."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def file_kind(st_mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(st_mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular(path: str | Path) -> None:
+    """Raise BadImage unless `path` is a regular file: opening a FIFO or a device would hang or never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: " + ("dangling symlink" if os.path.islink(path) else "file not found")) from None
+    except OSError as e:
+        raise BadImage(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage(f"{path}: {file_kind(st.st_mode)}, not an image file")
+
+
+class ScanLog:
+    """What a folder scan skipped and why: one warning line each (the first MAX_LINES), and each real file
+    (symlinks resolved) counted once across the whole scan."""
+
+    MAX_LINES = 10
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = os.path.realpath(root) if root is not None else None
+        self.files: dict[str, Path] = {}  # resolved path -> the path it was counted under
+        self.count = 0
+
+    def skip(self, msg: str) -> None:
+        from vitcli.console import warn
+
+        self.count += 1
+        if self.count <= self.MAX_LINES:
+            warn(f"skipped {msg}")
+
+    def finish(self) -> None:
+        from vitcli.console import warn
+
+        if self.count > self.MAX_LINES:
+            warn(f"skipped {self.count - self.MAX_LINES} more entries (files that are not images, links and "
+                 f"aliases), {self.count} in all")
+            self.count = 0
+
+    def alias(self, link: str) -> bool:
+        """True when the symlink `link` points inside the dataset: an alias of data that is read anyway."""
+        return self.root is not None and _inside(os.path.realpath(link), self.root)
+
+
+def list_images(folder: Path, log: ScanLog | None = None) -> list[Path]:
+    """Regular image files under `folder`, recursively, sorted, each real file once. Skipped, with one line
+    each: FIFOs, devices and dangling links; links that point back inside the dataset (aliases); folders
+    vitcli wrote (run folders); links to a file already counted. Hidden entries are ignored silently."""
+    own = log is None
+    log = log or ScanLog(folder)
     out: list[Path] = []
-    seen: set[str] = set()
+    seen_dirs: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop or a second link to a folder already read
+        if real in seen_dirs:  # a symlink loop or a second link to a folder already read
             dirnames[:] = []
             continue
-        seen.add(real)
-        # a link back to this folder or one above it would pull in other classes' images: never follow it
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d)
-                             and not _is_ancestor(os.path.realpath(os.path.join(dirpath, d)), real))
+        seen_dirs.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if is_hidden(d):
+                continue
+            if os.path.islink(full) and (log.alias(full) or _inside(real, os.path.realpath(full))):
+                log.skip(f"{full}: a link to {os.path.realpath(full)}, inside the dataset (an alias; its "
+                         "images count once, where they are)")
+            elif is_run_folder(full):
+                log.skip(f"{full}: a vitcli run folder, not data")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
-            if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_EXTS:
-                out.append(Path(dirpath) / name)
+            if is_hidden(name) or Path(name).suffix.lower() not in IMAGE_EXTS:
+                continue
+            path = Path(dirpath) / name
+            try:
+                check_regular(path)
+            except BadImage as e:
+                log.skip(str(e))
+                continue
+            link = os.path.islink(path)
+            if link and log.alias(str(path)):
+                log.skip(f"{path}: a link to {os.path.realpath(path)}, inside the dataset (an alias; counted "
+                         "once, where it is)")
+                continue
+            key = os.path.realpath(path) if link else os.path.join(real, name)  # the folder is resolved once
+            if key in log.files:
+                log.skip(f"{path}: the same file as {log.files[key]} (counted once)")
+                continue
+            log.files[key] = path
+            out.append(path)
+    if own:
+        log.finish()
     return out
 
 
-def _is_ancestor(target: str, real: str) -> bool:
-    """True when the resolved folder `target` is `real` itself or one of its parents (a symlink loop)."""
-    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
-
-
-def class_folders(folder: Path) -> list[str]:
-    """Class subfolders: hidden ones and links back to `folder` (or above it) are not classes."""
+def class_folders(folder: Path, log: ScanLog | None = None) -> list[str]:
+    """Class subfolders: hidden ones, folders vitcli wrote, and links to folders inside the dataset (or
+    above it) are not classes; the ones a user may have meant as classes are reported."""
+    log = log or ScanLog(folder)
     real = os.path.realpath(folder)
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name)
-                  and not _is_ancestor(os.path.realpath(p), real))
+    classes = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if p.name.startswith("__"):
+            log.skip(f"{p}: folder names starting with '__' or '.' are hidden, not classes")
+        elif _inside(real, os.path.realpath(p)) or (p.is_symlink() and log.alias(str(p))):
+            log.skip(f"{p}: a link to {os.path.realpath(p)}, inside the dataset (an alias, not a class)")
+        elif _holds_runs(p):
+            log.skip(f"{p}: holds vitcli run folders, not images (outputs never belong inside DATA)")
+        else:
+            classes.append(p.name)
+    return classes
 
 
-def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[str], Split]:
+def scan_classes(folder: Path, classes: list[str] | None = None, log: ScanLog | None = None
+                 ) -> tuple[list[str], Split]:
     """Images of a folder of class subfolders; `classes` fixes the label order (e.g. the train split's)."""
-    found = class_folders(folder)
+    own = log is None
+    log = log or ScanLog(folder)
+    found = class_folders(folder, log)
     if classes is None:
         if len(found) < 2:
             raise VitcliError(f"'{folder}' needs at least two class subfolders with images, found "
@@ -104,18 +236,20 @@ def scan_classes(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     else:
         extra = [c for c in found if c not in classes]
         if extra:
-            raise VitcliError(f"'{folder}' has class folder(s) {extra[:5]} that are not among the classes "
-                              f"{classes[:10]}")
+            raise VitcliError(f"'{folder}' has class folder(s) {shown(extra[:5])} that are not among the classes "
+                              f"{shown(classes[:10])}")
     split = Split()
     for label, name in enumerate(classes):
         if name not in found:
             continue
-        files = list_images(folder / name)
+        files = list_images(folder / name, log)
         if not files:
             raise VitcliError(f"class folder '{folder / name}' holds no images (extensions: "
                               f"{', '.join(sorted(IMAGE_EXTS))})")
         split.paths += files
         split.labels += [label] * len(files)
+    if own:
+        log.finish()
     return classes, split
 
 
@@ -162,17 +296,34 @@ def scan_dataset(root: str | Path, val_fraction: float, seed: int, val_csv: str 
     if not root.is_dir():
         raise VitcliError(f"dataset '{root}' is not a folder; give a folder of class subfolders or of "
                           "train/ and val/, or a .csv / .tsv / .jsonl label file")
-    if (root / "train").is_dir():
-        classes, train = scan_classes(root / "train")
-        val = scan_classes(root / "val", classes)[1] if (root / "val").is_dir() else None
-        test = scan_classes(root / "test", classes)[1] if (root / "test").is_dir() else None
-        if val is None:
-            tr, va = stratified_split(train.labels, val_fraction, seed)
-            return Dataset(root, classes, train.subset(tr), train.subset(va), test, split_made=True)
-        return Dataset(root, classes, train, val, test)
-    classes, everything = scan_classes(root)
-    tr, va = stratified_split(everything.labels, val_fraction, seed)
-    return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
+    log = ScanLog(root)  # one log for every split: a file linked into two splits counts once
+    try:
+        if (root / "train").is_dir():
+            classes, train = scan_classes(root / "train", log=log)
+            val = scan_classes(root / "val", classes, log)[1] if (root / "val").is_dir() else None
+            test = scan_classes(root / "test", classes, log)[1] if (root / "test").is_dir() else None
+            if val is None:
+                tr, va = stratified_split(train.labels, val_fraction, seed)
+                return Dataset(root, classes, train.subset(tr), train.subset(va), test, split_made=True)
+            return Dataset(root, classes, train, val, test)
+        classes, everything = scan_classes(root, log=log)
+        tr, va = stratified_split(everything.labels, val_fraction, seed)
+        return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
+    finally:
+        log.finish()
+
+
+def check_val_split(ds: Dataset, val_fraction: float) -> None:
+    """A dataset to train on needs validation images; say what would give it some."""
+    if len(ds.val):
+        return
+    if not ds.split_made:
+        raise VitcliError(f"'{ds.root}': the val/ folder holds no images")
+    if val_fraction == 0:
+        raise VitcliError(f"'{ds.root}': no validation images with 'data.val_fraction' 0; raise it (e.g. 0.2) or "
+                          "add a val/ folder")
+    raise VitcliError(f"'{ds.root}': every class has a single image, so none can be held out for validation; "
+                      "add images (2 or more in some class) or a val/ folder")
 
 
 def scan_label_file(path: Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
@@ -207,11 +358,16 @@ def scan_eval_folder(root: str | Path, classes: list[str], multilabel: bool = Fa
     if not root.is_dir():
         raise VitcliError(f"dataset folder '{root}' does not exist" if not root.exists()
                           else f"dataset '{root}' is not a folder")
+    data_root = root
     for name in ("test", "val"):
         if (root / name).is_dir():
             root = root / name
             break
-    return scan_classes(root, classes)[1]
+    log = ScanLog(data_root)
+    try:
+        return scan_classes(root, classes, log)[1]
+    finally:
+        log.finish()
 
 
 # ----------------------------------------------------------------------------------------------- decoding
@@ -243,6 +399,7 @@ def load_rgb(path: str | Path, data: bytes | None = None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    check_regular(path)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path, formats=allowed_formats()) as img:
             img.load()
@@ -318,6 +475,7 @@ def load_rgb_draft(path: str | Path, size: int):
     from PIL import Image
 
     path = Path(path)
+    check_regular(path)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         try:
             with Image.open(path, formats=allowed_formats()) as probe:
@@ -363,9 +521,12 @@ def decode_many(paths: list[Path], size: int, interpolation: str, threads: int, 
         for i, job in enumerate(jobs):
             yield (i, *_decode_or_none(job))
         return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
         for i, res in enumerate(pool.map(_decode_or_none, jobs, chunksize=16)):
             yield (i, *res)
+    finally:  # stopped (a signal, an error): drop the queued images instead of decoding them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def probe_image(path: str | Path) -> str | None:
@@ -373,8 +534,11 @@ def probe_image(path: str | Path) -> str | None:
     from PIL import Image
 
     try:
+        check_regular(path)
         with Image.open(path, formats=allowed_formats()):
             return None
+    except BadImage as e:
+        return str(e)
     except Exception:
         try:
             load_rgb(path)  # the precise message; a full decode only for a file that already failed
@@ -488,6 +652,8 @@ class ImageStore:
         """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""
         import torch
 
+        from vitcli.signals import ignore_in_worker
+
         if self.images is not None:
             for idx in batches:
                 t = torch.as_tensor(idx, device=self.labels.device)
@@ -496,6 +662,7 @@ class ImageStore:
         loader = torch.utils.data.DataLoader(
             _DecodeDataset(self.paths, self.size, self.interpolation), batch_sampler=batches,
             num_workers=self.num_workers, collate_fn=_collate, persistent_workers=False, pin_memory=self.pin_memory,
+            worker_init_fn=ignore_in_worker if self.num_workers > 0 else None,
             multiprocessing_context="spawn" if self.num_workers > 0 and os.name != "posix" else None,
         )
         for images, keep, errors in loader:

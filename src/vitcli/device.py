@@ -6,7 +6,17 @@ import os
 import random
 from functools import lru_cache
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, shown
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_device_args(device: str, precision: str | None = None) -> None:
+    """--device / --precision spelled right (before any work; no torch import)."""
+    if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise VitcliError(f"--device {shown(device)} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if precision is not None and precision not in PRECISIONS:
+        raise VitcliError(f"--precision {shown(precision)} is not valid; use one of {', '.join(PRECISIONS)}")
 
 
 def pick_device(name: str):
@@ -15,6 +25,7 @@ def pick_device(name: str):
 
     from vitcli.distributed import dist_info
 
+    check_device_args(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", dist_info().local_rank if dist_info().world_size > 1 else 0)
@@ -50,6 +61,7 @@ def pick_precision(name: str, device) -> tuple[str, str]:
     """(precision, why) where precision is fp32 | bf16 | fp16."""
     import torch
 
+    check_device_args("auto", name)
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
             raise VitcliError("'train.precision' fp16 is not supported on CPU; use bf16 or fp32")

@@ -17,6 +17,7 @@ accuracy and loss finiteness are summed on it and read once every LOG_EVERY batc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -218,30 +219,34 @@ class RunState:
 
 
 # ----------------------------------------------------------------------------------------------- phases
-def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None):
-    """Resolve --resume (its config and dataset), then the device, processes, seeds and threads.
+def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
+             hold: contextlib.ExitStack | None = None):
+    """Resolve --resume (its config and dataset; the run folder locked into `hold`), check that no output lands
+    inside the dataset, then the device, processes, seeds and threads.
 
     Returns (cfg, data_dir, run_dir or None for a new run, last.pt contents or None, Env)."""
     import torch
 
-    from vitcli.config import config_from_dict, load_config
+    from vitcli.config import config_from_dict, load_config, validate
     from vitcli.device import pick_device, pick_precision, seed_everything
     from vitcli.distributed import init_distributed
-    from vitcli.rundir import cfg_data_dir, resolve_resume
+    from vitcli.rundir import cfg_data_dir, refuse_output_in_data, resolve_resume
 
     run_dir = ckpt = None
     if resume is not None:
-        run_dir, ckpt = resolve_resume(resume)
+        run_dir, ckpt = resolve_resume(resume, hold)
         if ckpt is not None:
             cfg = config_from_dict(ckpt["config"])
             data_dir = data_dir or ckpt.get("data_dir")
         else:
             cfg = load_config(run_dir / "config.yaml")
             data_dir = data_dir or cfg_data_dir(run_dir)
-        if epochs:
+        if epochs is not None:
             cfg.train.epochs = epochs
+        validate(cfg)  # --epochs, and a shared checkpoint's config, are checked like a config file
         if data_dir is None:
             raise VitcliError(f"--resume '{resume}': give the dataset folder too (vitcli train DATA --resume RUN)")
+    refuse_output_in_data(cfg, data_dir, run_dir)
     t = cfg.train
     device = pick_device(t.device)
     dist_i = init_distributed(device)
@@ -252,24 +257,27 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
     return cfg, data_dir, run_dir, ckpt, Env(device, precision, why, dist_i.rank, dist_i.world_size)
 
 
-def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None,
-                 recipe: bool) -> tuple[TrainData, Path]:
+def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
+                 hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
+                 ) -> tuple[TrainData, Path]:
     """Scan the dataset, fill the recipe (`recipe`: not for a resumed run, whose config is final), write
     config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
-    `run_dir` is None)."""
+    `run_dir` is None, and locked into `hold`). A resumed run's classes must match its checkpoint's
+    (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
     from vitcli import data as D
-    from vitcli.rundir import write_split
-
-    d, t = cfg.data, cfg.train
+    from vitcli.rundir import check_resumed_data, write_split
     from vitcli.shards import is_shard_source
 
+    d, t = cfg.data, cfg.train
     if is_shard_source(data_dir):
-        return prepare_shards(cfg, data_dir, env, run_dir, recipe)
+        return prepare_shards(cfg, data_dir, env, run_dir, recipe, hold, resumed_classes)
     ds = D.scan_dataset(data_dir, d.val_fraction, t.seed, d.val_csv or None)
-    if len(ds.val) == 0:
-        raise VitcliError(f"'{data_dir}': no validation images; raise 'data.val_fraction' or add a val/ folder")
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None)
-    if env.main and ds.split_made:
+    D.check_val_split(ds, d.val_fraction)
+    resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
+    if resumed:
+        check_resumed_data(run_dir, ds, resumed_classes)
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold)
+    if env.main and ds.split_made and not resumed:
         write_split(run_dir / "split.csv", ds)
     counts = D.class_counts(ds.train.labels, len(ds.classes))
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
@@ -279,10 +287,12 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     return load_images(cfg, data_dir, ds, counts, env), run_dir
 
 
-def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None) -> Path:
+def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None,
+                 hold: contextlib.ExitStack | None = None) -> Path:
     """Fill the recipe for `n_train` images (None: a resumed run, whose config is final), create the run folder
-    (when `run_dir` is None) and write config.yaml."""
+    (when `run_dir` is None, locked into `hold`) and write config.yaml."""
     from vitcli.distributed import broadcast_str
+    from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
     from vitcli.rundir import new_run_dir, write_config
 
@@ -292,13 +302,16 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     if run_dir is None:
         run_dir = new_run_dir(t.output, t.name) if env.main else Path(t.output) / t.name
         run_dir = Path(broadcast_str(str(run_dir)))
+        if hold is not None and env.main:
+            hold.enter_context(run_lock(run_dir))
     if env.main:
         write_config(run_dir, cfg, data_dir)
     return run_dir
 
 
-def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None,
-                   recipe: bool) -> tuple[TrainData, Path]:
+def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
+                   hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
+                   ) -> tuple[TrainData, Path]:
     """prepare_data for tar shards (`vitcli shard`): nothing is listed or decoded up front; every rank streams
     its own shards through DataLoader workers, so memory does not grow with the number of images."""
     from vitcli import data as D
@@ -313,9 +326,12 @@ def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | 
     bad = D.BadImageLog(total=0, max_fraction=d.max_bad_fraction, data_dir=data_dir)
     sd = open_shards(data_dir, size=pre["resize_size"], interpolation=d.interpolation, num_workers=workers,
                      shuffle_buffer=d.shuffle_buffer, on_bad=bad.add)
+    if resumed_classes is not None and list(resumed_classes) != sd.classes:
+        raise VitcliError(f"--resume: the shards '{data_dir}' hold the classes {sd.classes[:10]}, but the run was "
+                          f"trained on {list(resumed_classes)[:10]}; resume with the run's data")
     bad.total = len(sd.train) + len(sd.val)
     bad.check()  # from now on each unreadable image is checked as it turns up
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(sd.train) if recipe else None)
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(sd.train) if recipe else None, hold)
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(sd.classes)} classes, {len(sd.train)} train / {len(sd.val)} val "
          f"images in {len(sd.train.shards)} + {len(sd.val.shards)} shards, streamed ({workers} workers per process, "
          f"shuffle buffer {d.shuffle_buffer})")
@@ -726,23 +742,46 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
           epochs_override: int | None = None, stop_after_steps: int | None = None,
           callbacks: list[Callback] | None = None) -> TrainResult:
     """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
-    from vitcli.console import progress_bar
-    from vitcli.loggers import Tracking, check_installed
-
     t_start = time.time()
-    cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs_override)
-    check_installed(cfg.train.log)  # before any work
-    data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None)
-    run = build_state(cfg, data, env, run_dir)
+    with contextlib.ExitStack() as hold:  # the run-folder lock, held until the run ends
+        run, data = start_run(cfg, data_dir, resume, epochs_override, hold)
+        return run_epochs(run, data, t_start, stop_after_steps, callbacks)
+
+
+def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
+              hold: contextlib.ExitStack) -> tuple[RunState, TrainData]:
+    """open_run -> prepare_data -> build_state -> restore. A first SIGINT/SIGTERM in here (scanning, decoding
+    and caching can take minutes) stops with one line saying nothing was saved yet."""
+    from vitcli.loggers import check_installed
+    from vitcli.signals import Stopped
+
+    try:
+        cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
+        check_installed(cfg.train.log)  # before any work
+        data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
+                                     resumed_classes=None if ckpt is None else list(ckpt["classes"]))
+        run = build_state(cfg, data, env, run_dir)
+        if ckpt is not None:
+            restore(run, ckpt)
+        return run, data
+    except Stopped as e:
+        e.detail = " while preparing the run (scanning or decoding images); no checkpoint was written"
+        raise
+
+
+def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps: int | None,
+               callbacks: list[Callback] | None) -> TrainResult:
+    """The epochs of a prepared run, then finish."""
+    from vitcli.console import progress_bar
+    from vitcli.loggers import Tracking
+
     run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
-    if cfg.train.log_every_steps and set(cfg.train.log) - {"csv"}:  # step logs need the sums that often
-        run.log_every = min(LOG_EVERY, cfg.train.log_every_steps * cfg.train.accum_steps)
-    if ckpt is not None:
-        restore(run, ckpt)
-    if env.main:
+    t = run.cfg.train
+    if t.log_every_steps and set(t.log) - {"csv"}:  # step logs need the sums that often
+        run.log_every = min(LOG_EVERY, t.log_every_steps * t.accum_steps)
+    if run.env.main:
         for cb in run.callbacks:
             cb.on_start(run, data)
-    t = cfg.train
     try:
         with StopFlag() as stop, progress_bar(extra=True) as bar:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
@@ -783,9 +822,11 @@ class StopFlag:
         return self
 
     def _make(self, code: int):
+        from vitcli.signals import exit_now, first_signal
+
         def handler(signum, frame):
-            if self.code:  # a second signal: stop now
-                raise KeyboardInterrupt
+            if not first_signal():  # a second signal (also one after a first outside this loop): stop now
+                exit_now(signum)
             self.code = code
 
         return handler

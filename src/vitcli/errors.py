@@ -3,3 +3,16 @@
 
 class VitcliError(Exception):
     """A user-facing error: the message names the file, key or flag, the value and what is valid."""
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """Text quoted in a message, cut to `limit` characters: a huge value never floods the one error line."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """repr(value), clipped."""
+    try:
+        return clip(repr(value), limit)
+    except ValueError:  # an int too long to print (Python's 4300-digit limit)
+        return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"

@@ -220,11 +220,14 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli import data as D
     from vitcli.calibrate import check_coverage
     from vitcli.console import esc, info, warn
+    from vitcli.device import check_device_args
 
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
     if coverage is not None:
         check_coverage(coverage)
+    check_device_args(device, precision)
+    check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
     classes, pre = pred.classes, pred.preprocess
     split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
@@ -264,11 +267,26 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"]["report"] = str(page)
     print_report(report)
     if json_path:
-        from vitcli.files import atomic_write_text
+        from vitcli.files import write_output
 
-        atomic_write_text(json_path, json.dumps(report, indent=1))
+        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
         info(f"wrote {esc(str(json_path))}")
     return report
+
+
+def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: str | Path | None,
+                  figures: bool) -> None:
+    """Before any work: no output inside the dataset, and an --output / --json that cannot be one fails now."""
+    from vitcli.files import ensure_dir, refuse_inside
+
+    if figures:
+        refuse_inside(output or "runs", data_dir, "--output" if output else "default")
+        if output:
+            ensure_dir(output, "--output")
+    if json_path is not None:
+        if Path(json_path).is_dir():
+            raise VitcliError(f"--json '{json_path}' is a folder; give a file name")
+        refuse_inside(json_path, data_dir, "--json")
 
 
 def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
@@ -311,7 +329,6 @@ def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, pre
 def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
     from vitcli.report import plot_confusion, plot_mistakes, plot_reliability
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     cm, classes = np.asarray(report["confusion_matrix"]), report["classes"]
     figs = {"confusion": out_dir / "confusion.png", "confusion_normalized": out_dir / "confusion_normalized.png",
             "reliability": out_dir / "reliability.png"}

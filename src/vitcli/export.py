@@ -49,7 +49,7 @@ def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path
 
     from vitcli.checkpoint import load_model
     from vitcli.console import esc, info
-    from vitcli.files import atomic_write_text
+    from vitcli.files import atomic_write_text, regular_target
 
     if fmt not in EXPORT_FORMATS:
         raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(EXPORT_FORMATS)}")
@@ -57,7 +57,7 @@ def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path
     net, ckpt, src = load_model(model)
     net = net.float().eval()
     info(f"[bold]model[/] {esc(str(src))} ({ckpt['model_spec']['backend']}, {len(ckpt['classes'])} classes)")
-    path = Path(output) if output else src.parent / f"model{form.suffix}"
+    path = regular_target(output) if output else src.parent / f"model{form.suffix}"  # a link is kept
     meta = export_metadata(ckpt, src)
     pre = ckpt["preprocess"]
     sample = torch.randn(2, 3, pre["img_size"], pre["img_size"], generator=torch.Generator().manual_seed(0))

@@ -1,14 +1,20 @@
-"""Files vitcli writes and reads: atomic writes (bytes and text) and the safe torch loader.
+"""Files vitcli writes and reads: atomic writes, outputs the user names, output folders, the run-folder lock,
+and the safe torch loader.
 
 Every file of a run (checkpoints, config.yaml, metrics.csv, figures) is written to a temp file in the same
 folder, fsynced and renamed onto its name, so a kill at any moment leaves the old file or the new one,
-never half of one. Torch files are only ever loaded with `weights_only=True`.
+never half of one. A file the user names (`predict -o`, `eval --json`, `export -o`) is written *through* what
+is there instead: a device or FIFO gets the bytes, a symlink keeps pointing where it did and its target gets
+the new content. Every OS error becomes one VitcliError line naming the path and the reason. Torch files are
+only ever loaded with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -17,10 +23,150 @@ from typing import IO, Any
 
 from vitcli.errors import VitcliError
 
+LOCK_NAME = ".vitcli.lock"  # in a run folder while a process trains in it; holds that process's PID
+
+
+def os_reason(e: OSError) -> str:
+    """'No space left on device' rather than '[Errno 28] No space left on device: /x/.last.pt.tmp'."""
+    return e.strerror or type(e).__name__
+
+
+def write_output(path: str | Path, data: bytes, flag: str = "--output") -> Path:
+    """Write `data` to a file the user named; returns the path written (a symlink's target)."""
+    p = Path(path)
+    try:
+        st = p.stat()  # follows a symlink: what the bytes will land in
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise VitcliError(f"{flag} '{p}': cannot write there: {os_reason(e)}") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise VitcliError(f"{flag} '{p}' is a folder; give a file name")
+    real = Path(os.path.realpath(p))
+    through = st is not None and (not stat.S_ISREG(st.st_mode) or _via_dev_or_proc(p))
+    try:
+        if through:  # a device, FIFO, socket or /dev/stdout-like link: never replace it with a file
+            _write_through(p, data, regular=stat.S_ISREG(st.st_mode))
+        else:  # a regular file, new or existing, or a symlink to one: replace the target, keep the link
+            _atomic_write(real, lambda f: f.write(data))
+    except OSError as e:
+        raise VitcliError(f"{flag} '{p}': cannot write there: {os_reason(e)}") from None
+    return real
+
+
+def regular_target(path: str | Path, flag: str = "--output") -> Path:
+    """Where to write a file the user named that must be a regular file (it is read back): the target of a
+    symlink (so the link is kept), with its folder created; a folder, device or FIFO is an error."""
+    p = Path(path)
+    if p.is_dir():
+        raise VitcliError(f"{flag} '{p}' is a folder; give a file name")
+    if p.exists() and not p.is_file():
+        raise VitcliError(f"{flag} '{p}' is not a regular file; this output is read back to check it")
+    real = Path(os.path.realpath(p))
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitcliError(f"{flag} '{p}': cannot create its folder: {os_reason(e)}") from None
+    return real
+
+
+def _via_dev_or_proc(p: Path) -> bool:
+    """True when `p` is, or links through, a path under /dev or /proc (/dev/stdout redirected to a file)."""
+    q = Path(os.path.abspath(p))
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        if q.parts[1:2] in (("dev",), ("proc",)):
+            return True
+        if not q.is_symlink():
+            return False
+        q = Path(os.path.normpath(q.parent / os.readlink(q)))
+    return False
+
+
+def _write_through(p: Path, data: bytes, regular: bool) -> None:
+    import fcntl
+
+    # O_NONBLOCK: a FIFO nobody reads fails at once (ENXIO) instead of hanging; cleared before writing.
+    fd = os.open(p, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | (os.O_APPEND if regular else 0))
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(path: str | Path, flag: str = "--output") -> Path:
+    """Create an output folder (and its parents) or say in one line why it cannot be."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise VitcliError(f"{flag} '{p}' is a file; give a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitcliError(f"{flag} '{p}': cannot create the folder: {os_reason(e)}") from None
+    return p
+
+
+def refuse_inside(out_dir: str | Path, data_dir: str | Path | None, flag: str) -> None:
+    """The dataset is never written to: an output folder inside DATA is an error that says what to do."""
+    if data_dir is None:
+        return
+    out, data = Path(os.path.realpath(out_dir)), Path(os.path.realpath(data_dir))
+    if out == data or data in out.parents:
+        hint = ("run vitcli from outside the dataset folder or give --output DIR" if flag == "default"
+                else "give a folder outside the dataset")
+        what = f"the default output folder '{out_dir}'" if flag == "default" else f"{flag} '{out_dir}'"
+        raise VitcliError(f"{what} is inside the dataset '{data_dir}', and vitcli never writes into a dataset; "
+                          f"{hint}")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    """Hold an exclusive lock on a run folder while training in it; a second process gets an error naming
+    the PID that holds it. The lock (fcntl.flock) goes with the process, also on kill -9 (which leaves the
+    file behind, unlocked: the next run takes it)."""
+    import fcntl
+
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise VitcliError(f"run folder '{run_dir}': cannot create {LOCK_NAME}: {os_reason(e)}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # the holder removed it as we opened it: still busy
+            raise BlockingIOError
+    except OSError:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise VitcliError(f"run folder '{run_dir}' is in use by another vitcli process (PID {pid}); wait for "
+                          "it to finish or stop it, then resume") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiter that opened it sees another inode
+        os.close(fd)  # releases the lock
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call write(file_object) on a temp file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
+    """Call write(file_object) on a temp file in the same folder, fsync, then os.replace onto `path`; an OS
+    error (disk full, read-only, no such folder) is one line, and the previous file stays as it was."""
+    try:
+        _atomic_write(Path(path), write)
+    except OSError as e:
+        kept = " (the previous file is kept)" if Path(path).is_file() else ""
+        raise VitcliError(f"cannot write '{path}': {os_reason(e)}{kept}") from None
+    except RuntimeError as e:  # torch.save reports a failed write of its zip stream this way
+        if "write" not in str(e).lower():
+            raise
+        kept = " (the previous file is kept)" if Path(path).is_file() else ""
+        raise VitcliError(f"cannot write '{path}': {str(e).splitlines()[0][:200]}{kept}") from None
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
@@ -59,7 +205,7 @@ def safe_torch_load(path: str | Path) -> Any:
 
     p = Path(path)
     if not p.is_file():
-        raise VitcliError(f"checkpoint '{p}' does not exist")
+        raise VitcliError(f"checkpoint '{p}' " + ("is not a regular file" if p.exists() else "does not exist"))
     # The environment variable would silently turn weights_only off: refuse to honour it here.
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:

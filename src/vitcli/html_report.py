@@ -95,6 +95,7 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
 def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
     """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
+    from vitcli.console import visible
     from vitcli.inspect import decode_batch, overlay, panel_figure
     from vitcli.report import save_figure
 
@@ -110,9 +111,9 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
         axes[0, b].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
-        axes[0, b].set_title(f"{p.name[:24]}", fontsize=7)
+        axes[0, b].set_title(visible(p.name[:24]), fontsize=7)  # control characters drawn as escapes
         axes[1, b].imshow(overlay(photos[b], heat[b]))
-        axes[1, b].set_title(f"{classes[int(c)][:16]} ({float(q):.0%})", fontsize=7)
+        axes[1, b].set_title(f"{visible(classes[int(c)][:16])} ({float(q):.0%})", fontsize=7)
     save_figure(fig, path, dpi=100, tight=False)
     return path
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.console import esc, out, warn
+from vitcli.console import esc, out, visible, warn
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -75,11 +75,9 @@ def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict
 
 
 def output_dir(output: str | Path | None, run_dir: Path) -> Path:
-    out_dir = Path(output) if output else run_dir / "inspect"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise VitcliError(f"--output '{out_dir}' is a file; give a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    from vitcli.files import ensure_dir
+
+    return ensure_dir(Path(output) if output else run_dir / "inspect", "--output")
 
 
 def collect_images(items: list[Path]) -> list[Path]:
@@ -94,7 +92,7 @@ def collect_images(items: list[Path]) -> list[Path]:
             if not files:
                 raise VitcliError(f"folder '{p}' holds no images (extensions: {', '.join(sorted(IMAGE_EXTS))})")
             found += files
-        elif p.is_file():
+        elif p.exists():  # a FIFO or device is reported (and skipped) when it is decoded, never opened
             found.append(p)
         else:
             raise VitcliError(f"image '{p}' does not exist")
@@ -218,7 +216,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
-            name = f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})"
+            name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
             stem = _unique_stem(path, used)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
@@ -355,10 +353,9 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     _draw_curves(res, path)
     written = [path]
     if json_path:
-        from vitcli.files import atomic_write
+        from vitcli.files import write_output  # a file the user named: written through, never replaced
 
-        text = json.dumps(res, indent=1)
-        atomic_write(json_path, lambda f: f.write(text.encode()))
+        write_output(json_path, json.dumps(res, indent=1).encode(), "--json")
         written.append(Path(json_path))
     return res, written
 
@@ -663,13 +660,18 @@ class DataReport:
 def _probe(job: tuple[Path, str, int]) -> FileInfo:
     from PIL import Image
 
-    from vitcli.data import BadImage, allowed_formats, load_rgb
+    from vitcli.data import BadImage, allowed_formats, check_regular, load_rgb
 
     path, split, label = job
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        check_regular(path)  # a FIFO swapped in after the scan would block the read
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (OSError, BadImage) as e:  # unreadable (permissions, I/O error) or vanished since the scan
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return FileInfo(path, split, label, f"unreadable:{path}", error=f"{path}: cannot be read ({reason})")
     info = FileInfo(path, split, label, h.hexdigest())
     try:
         with Image.open(path, formats=allowed_formats()) as im:

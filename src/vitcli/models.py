@@ -132,7 +132,10 @@ class ScratchBackend(Backend):
         return not model_name.startswith(TIMM_PREFIX)
 
     def check_config(self, m: ModelConfig, img_size: int) -> None:
-        resolve_preset(m, img_size)
+        kw = resolve_preset(m, img_size)
+        if int(kw["embed_dim"] * m.mlp_ratio) < 1:
+            raise VitcliError(f"'model.mlp_ratio' {m.mlp_ratio:g} gives an MLP of 0 units at embed_dim "
+                              f"{kw['embed_dim']}; raise it")
 
     def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
         kwargs = resolve_preset(m, img_size)

@@ -79,7 +79,9 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
 
     for arg in args:
         p = Path(arg)
-        if p.is_dir():
+        if not arg.strip():
+            errors.append(Prediction(arg, error="'': an empty argument names no file (use . for this folder)"))
+        elif p.is_dir():
             found = list_images(p)
             if not found:
                 errors.append(Prediction(arg, error=f"{arg}: folder holds no images "
@@ -266,8 +268,11 @@ def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False)
 def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answer: bool = False,
                   with_set: bool = False) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
+    from vitcli.console import visible
+
     kept: list[Prediction] = []
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
+    tty = stream.isatty()  # json escapes control characters itself; csv cells shown on a terminal are escaped
     if writer:
         writer.writerow(csv_header(k, answer, with_set))
     for r in results:
@@ -275,7 +280,8 @@ def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answe
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
-            writer.writerow(csv_row(r, k, answer, with_set))
+            writer.writerow([visible(c) if tty and isinstance(c, str) else c
+                             for c in csv_row(r, k, answer, with_set)])
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
@@ -321,8 +327,10 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 coverage: float | None = None) -> int:
     """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
     from vitcli.console import console, esc, info
+    from vitcli.device import check_device_args
 
     passive_omp_threads()
+    check_device_args(device, precision)
     if not inputs:
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
     if fmt not in FORMATS:
@@ -331,6 +339,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
         raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    if output is not None and Path(output).is_dir():
+        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     if output is not None and fmt == "table":
         fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
         if not fmt:
@@ -371,11 +381,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, answer, with_set)
         sys.stdout.flush()
     else:
-        from vitcli.files import atomic_write
+        from vitcli.files import write_output
 
         buf = io.StringIO()
         done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set)
-        atomic_write(output, lambda f: f.write(buf.getvalue().encode()))
+        write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
     if failed:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vitcli.console import visible
+
 
 def pyplot():
     import matplotlib
@@ -58,8 +60,9 @@ def plot_confusion(cm, classes: list[str], path: str | Path, normalize: bool = F
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
            title="confusion matrix" + (" (row-normalised)" if normalize else ""))
-    ax.set_xticklabels(classes, rotation=90 if n > 6 else 0, fontsize=8)
-    ax.set_yticklabels(classes, fontsize=8)
+    labels = [visible(c) for c in classes]  # control characters in a class name drawn as escapes
+    ax.set_xticklabels(labels, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
     if n <= 30:
         top = shown.max() or 1.0
         for i in range(n):
@@ -105,7 +108,7 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
             ax.imshow(img.permute(1, 2, 0).numpy())
         except BadImage:
             pass
-        ax.set_title(f"true {it['true']}\npred {it['predicted']} ({it['prob_predicted']:.2f})\n"
+        ax.set_title(f"true {visible(it['true'])}\npred {visible(it['predicted'])} ({it['prob_predicted']:.2f})\n"
                      f"loss {it['loss']:.2f}", fontsize=8)
     fig.suptitle("highest-loss mistakes")
     save_figure(fig, path)

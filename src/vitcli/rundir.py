@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli import __version__
-from vitcli.errors import VitcliError
-from vitcli.files import atomic_write_text
+from vitcli.errors import VitcliError, clip, shown
+from vitcli.files import atomic_write_text, ensure_dir, os_reason, refuse_inside, run_lock
 
 if TYPE_CHECKING:
     from vitcli.config import Config
@@ -26,8 +27,7 @@ EXTRA_METRIC_FIELDS = ["val_map"]  # multi-label runs: validation mean average p
 
 def new_run_dir(output: str | Path, name: str) -> Path:
     """<output>/<name>, or <name>-2, -3, ... : an existing run is never overwritten."""
-    root = Path(output)
-    root.mkdir(parents=True, exist_ok=True)
+    root = ensure_dir(output, "--output")
     for i in range(1, 10_000):
         cand = root / (name if i == 1 else f"{name}-{i}")
         try:
@@ -35,7 +35,52 @@ def new_run_dir(output: str | Path, name: str) -> Path:
             return cand
         except FileExistsError:
             continue
+        except OSError as e:
+            raise VitcliError(f"cannot create the run folder '{cand}': {os_reason(e)}") from None
     raise VitcliError(f"too many runs named '{name}' under '{root}'")
+
+
+def refuse_output_in_data(cfg: Config, data_dir: str | Path | None, run_dir: Path | None) -> None:
+    """The run folder (a new one under train.output, or the resumed one) must not be inside the dataset."""
+    from vitcli.config import user_keys
+
+    if run_dir is not None:
+        refuse_inside(run_dir, data_dir, "--resume")
+    else:
+        refuse_inside(cfg.train.output, data_dir, "--output" if "train.output" in user_keys(cfg) else "default")
+
+
+def check_resumed_data(run_dir: Path, ds: Dataset, classes: list[str] | None) -> None:
+    """Resuming on other data: different classes are an error (the labels would silently change meaning);
+    a changed file set (against split.csv) is a warning. Runs before anything is written."""
+    from vitcli.console import warn
+
+    if classes is not None and list(ds.classes) != list(classes):
+        raise VitcliError(f"--resume: the dataset '{ds.root}' has the classes {shown(ds.classes)}, but the run "
+                          f"'{run_dir}' was trained on {shown(classes)}; resume with the run's dataset "
+                          "(or start a new run)")
+    recorded = _split_files(run_dir / "split.csv")
+    if recorded is None:
+        return
+    now = {p.relative_to(ds.root).as_posix() for p in ds.train.paths + ds.val.paths}
+    added, gone = len(now - recorded), len(recorded - now)
+    if added or gone:
+        warn(f"the dataset '{ds.root}' changed since the run started ({added} images added, {gone} missing, "
+             f"against {run_dir / 'split.csv'}); the resumed run trains on the files there now")
+
+
+def _split_files(path: Path) -> set[str] | None:
+    """The image paths split.csv records, or None when there is none (or it is unreadable: then a warning)."""
+    from vitcli.console import warn
+
+    if not path.is_file():
+        return None
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+        return {r[2] for r in rows[1:] if len(r) == 3}
+    except (OSError, ValueError, csv.Error) as e:
+        warn(f"'{path}' cannot be read ({type(e).__name__}); the file set is not compared")
+        return None
 
 
 def write_config(run_dir: Path, cfg: Config, data_dir: str | Path) -> None:
@@ -51,7 +96,7 @@ def cfg_data_dir(run_dir: Path) -> str | None:
     try:
         first = (run_dir / "config.yaml").read_text().splitlines()[0]
         return first.split("data: ", 1)[1] if "data: " in first else None
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):  # ValueError: not UTF-8
         return None
 
 
@@ -83,7 +128,7 @@ def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 def metrics_in_line(run_dir: Path, history: list[dict[str, Any]]) -> bool:
     """Whether metrics.csv holds exactly the epochs of `history` (a kill may land between last.pt and it)."""
     path = run_dir / "metrics.csv"
-    return path.is_file() and path.read_text().count("\n") == len(history) + 1
+    return path.is_file() and path.read_bytes().count(b"\n") == len(history) + 1
 
 
 _CURVES_DRAWN: dict[str, tuple[float, float]] = {}  # run folder -> (end of the last drawing, its seconds)
@@ -106,16 +151,23 @@ def draw_curves(run_dir: Path, history: list[dict[str, Any]], force: bool = True
     _CURVES_DRAWN[str(run_dir)] = (time.time(), time.time() - t0)
 
 
-def resolve_resume(resume: str | Path) -> tuple[Path, dict | None]:
-    """--resume RUN|last.pt -> (run folder, last.pt contents or None when the run never saved one)."""
+def resolve_resume(resume: str | Path, hold: contextlib.ExitStack | None = None) -> tuple[Path, dict | None]:
+    """--resume RUN|last.pt -> (run folder, last.pt contents or None when the run never saved one). With
+    `hold`, the run folder is locked first (held until `hold` closes): a run another process is still
+    training is an error naming its PID, and its temp files are never touched."""
     from vitcli.checkpoint import load_checkpoint
 
     p = Path(resume)
     run_dir = p.parent if p.is_file() else p
     if not run_dir.is_dir():
         raise VitcliError(f"--resume '{p}': no such run folder")
-    for tmp in run_dir.glob(".*.tmp"):  # left by a kill -9 during an atomic write (checkpoint, csv, png)
-        tmp.unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 touches the run folder
+        hold = None
+    elif hold is not None:
+        hold.enter_context(run_lock(run_dir))
+    if hold is not None or int(os.environ.get("RANK", "0")) == 0:
+        for tmp in run_dir.glob(".*.tmp"):  # left by a kill -9 during an atomic write (checkpoint, csv, png)
+            tmp.unlink(missing_ok=True)
     last = p if p.is_file() else p / "last.pt"
     if last.is_file():
         ckpt = load_checkpoint(last)
@@ -132,8 +184,14 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv back as numbers ([] when missing)."""
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as e:  # not UTF-8, a short row, a word where a number belongs
+        raise VitcliError(f"'{path}' is not a metrics.csv written by vitcli ({clip(str(e))})") from None
+    if any(not set(METRIC_FIELDS) <= row.keys() for row in rows):
+        raise VitcliError(f"'{path}' lacks columns of a vitcli metrics.csv ({', '.join(METRIC_FIELDS)})")
+    return rows
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -67,22 +67,26 @@ def describe_run(run_dir: Path) -> dict[str, Any] | None:
     """One row of `vitcli runs`, or None when the folder is not a training run."""
     import yaml
 
+    from vitcli.config import MAX_YAML_BYTES, safe_yaml
     from vitcli.rundir import cfg_data_dir, read_json, read_metrics
 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         return None
     try:
-        raw = yaml.safe_load(cfg_file.read_text()) or {}
+        raw = safe_yaml(cfg_file.read_text(), f"'{cfg_file}'") if cfg_file.stat().st_size <= MAX_YAML_BYTES else {}
+        raw = raw if isinstance(raw, dict) else {}
         history = read_metrics(run_dir / "metrics.csv")
-    except (yaml.YAMLError, ValueError, KeyError, OSError):
+    except (yaml.YAMLError, ValueError, KeyError, OSError, VitcliError):
         raw, history = {}, []
     info = read_json(run_dir / "run.json")
-    epochs = int((raw.get("train") or {}).get("epochs", 0) or 0)
+    train, model = (v if isinstance(v := raw.get(k), dict) else {} for k in ("train", "model"))
+    epochs = train.get("epochs", 0)
+    epochs = epochs if isinstance(epochs, int) else 0
     best = max(history, key=lambda h: h["val_acc"]) if history else None
     wall = info.get("wall_s", sum(h["seconds"] for h in history))
     return {"name": run_dir.name, "path": str(run_dir), "started": info.get("started", cfg_file.stat().st_mtime),
-            "model": info.get("model") or (raw.get("model") or {}).get("name", "?"),
+            "model": info.get("model") or str(model.get("name", "?")),
             "data": info.get("data_dir") or cfg_data_dir(run_dir) or "?",
             "epochs": len(history), "epochs_planned": epochs,
             "best_val_acc": best["val_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
