@@ -399,7 +399,8 @@ def load_rgb(path: str | Path, data: bytes | None = None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    check_regular(path)
+    if data is None:
+        check_regular(path)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path, formats=allowed_formats()) as img:
             img.load()
