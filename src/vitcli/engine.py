@@ -519,8 +519,10 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
     run.model.train()
     run.sums = EpochSums(p.partial, env.device)
     t0 = time.time() - p.partial["seconds"]
-    batches = data.train.train_batches(d.batch_size, epoch, t.seed, env.rank, env.world, first, run.sample_w, n)
-    for bi, (x, y) in enumerate(batches, start=first):
+    where = (d.batch_size, epoch, t.seed, env.rank, env.world, first, run.sample_w, n)
+    # the batch generator is not kept in a local: an exception (a signal's Interrupted) unwinding this frame then
+    # frees it and shuts its DataLoader workers down at once, instead of at interpreter exit
+    for bi, (x, y) in enumerate(data.train.train_batches(*where), start=first):
         train_step(run, x, y, bi)
         p.batch = bi + 1
         end = bi + 1 == n
