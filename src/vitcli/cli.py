@@ -66,7 +66,9 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
     data: Annotated[str | None, typer.Argument(
-        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
+        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders; a .csv/.tsv/.jsonl "
+             "label file; or a shard folder from vitcli shard (or a brace pattern of its .tar files).",
+        show_default=False)
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -110,6 +112,28 @@ def train(
         from vitcli.engine import train as run_train
 
         run_train(cfg, data)
+
+
+@app.command(short_help="Pack a dataset into tar shards for streaming.")
+def shard(
+    data: Annotated[Path, typer.Argument(
+        help="Folder of class subfolders, with train/ and val/, or a .csv/.tsv/.jsonl label file.",
+        show_default=False)],
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the shards.", show_default=False)],
+    size: Annotated[str, typer.Option(help="Bytes per shard, e.g. 1GB, 500MB, 64KiB.")] = "1GB",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write WebDataset-style tar shards (split as training would make it) and index.json; reads DATA only.
+    Train on them with `vitcli train OUT` (or a brace pattern of shard files)."""
+    from vitcli.config import load_config
+
+    with guard():
+        cfg = load_config(config, set_)
+        from vitcli.shards import write_shards
+
+        write_shards(data, out, size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+                     val_csv=cfg.data.val_csv or None, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 @app.command("config", short_help="Print the full config as YAML.")
@@ -167,7 +191,8 @@ def predict(
 @app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
     data: Annotated[str, typer.Argument(
-        help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
+        help="Class subfolders, a dataset folder with test/ (else val/), or a .csv/.tsv/.jsonl label file.",
+        show_default=False)],
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
     ] = None,

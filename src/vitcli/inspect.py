@@ -35,6 +35,12 @@ class Loaded:
     run_dir: Path
     device: torch.device
     temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
+    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
+        z = logits.float() / self.temperature
+        return z.sigmoid() if self.multilabel else z.softmax(-1)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -50,7 +56,8 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
         pre = set_resolution(model, pre, img_size)
     from vitcli.calibrate import calibration_of
 
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0])
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
+                  ckpt.get("task") == "multilabel")
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
@@ -206,7 +213,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().softmax(dim=-1)
+        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
@@ -250,7 +257,7 @@ def class_maps(ld: Loaded, x: torch.Tensor, method: str, target: str | None
                               f"{', '.join(ld.classes[:30])}")
         targets = torch.full((len(x),), ld.classes.index(target), dtype=torch.long)
     maps, logits, t = explain(ld.model, x.to(ld.device), method, targets)
-    return maps, (logits.float() / ld.temperature).softmax(-1).cpu(), t.cpu()
+    return maps, ld.probs(logits).cpu(), t.cpu()
 
 
 def explain_images(images: list[Path], *, model: str | None, output: str | Path | None, method: str,
@@ -626,7 +633,7 @@ FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PN
 class FileInfo:
     path: Path
     split: str
-    label: int
+    label: int | tuple[int, ...]  # class index, or multi-hot
     sha256: str
     format: str | None = None
     mode: str | None = None
@@ -684,7 +691,7 @@ def check_data(root: str | Path) -> DataReport:
 
     root = Path(root)
     ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:
         splits = {"all": ds.train}
@@ -695,7 +702,8 @@ def check_data(root: str | Path) -> DataReport:
     n = len(ds.classes)
     counts = {k: [0] * n for k in splits}  # readable images only
     for i in infos:
-        counts[i.split][i.label] += i.error is None
+        for c in ([k for k, v in enumerate(i.label) if v] if isinstance(i.label, tuple) else [i.label]):
+            counts[i.split][c] += i.error is None  # multi-label: images holding the class
     imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
     good = [i for i in infos if i.error is None]
     rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
@@ -721,8 +729,11 @@ def check_data(root: str | Path) -> DataReport:
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
+    from vitcli.data import label_text
+
     labels = {i.label for i in g}
-    where = ", ".join(f"{i.split}/{classes[i.label]}/{i.path.name}" for i in g[:4]) + (" ..." if len(g) > 4 else "")
+    where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])
+    where += " ..." if len(g) > 4 else ""
     return where + ("  [different classes]" if len(labels) > 1 else "")
 
 
