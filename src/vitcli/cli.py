@@ -230,6 +230,16 @@ def export(
         export_model(model, format_, output, opset)
 
 
+def show(result, json_out: bool, printer) -> None:
+    """A command's result as JSON on stdout (--json) or through its rich printer."""
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        printer(result)
+
+
 @app.command("runs", short_help="List training runs, newest first.")
 def runs_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder that holds run folders.")] = Path("runs"),
@@ -240,13 +250,7 @@ def runs_cmd(
     with guard():
         from vitcli.runs import list_runs, print_runs
 
-        rows = list_runs(folder)
-        if json_out:
-            import json
-
-            typer.echo(json.dumps(rows, indent=1))
-        else:
-            print_runs(rows)
+        show(list_runs(folder), json_out, print_runs)
 
 
 @app.command(short_help="Compare two runs on the same images (McNemar test).")
@@ -265,13 +269,7 @@ def compare(
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        r = compare_runs(run_a, run_b, data_path(data), device, precision, batch_size)
-        if json_out:
-            import json
-
-            typer.echo(json.dumps(r, indent=1))
-        else:
-            print_compare(r)
+        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, print_compare)
 
 
 @app.command(short_help="Write report.html for a run folder.")
@@ -291,6 +289,7 @@ def report(
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
                           no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect", short_help="Look inside a ViT: attention, embeddings, data.")
+ImagesArg = Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)]
 InspectOutOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Folder for the PNGs (default: inspect/ in the model's run folder).")]
 ImgSizeOpt = Annotated[int | None, typer.Option(
@@ -306,7 +305,7 @@ def _print_paths(paths) -> None:
 
 @inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
-    images: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    images: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -339,7 +338,7 @@ def inspect_attention_cmd(
 
 @inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
 def inspect_faithfulness_cmd(
-    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -393,7 +392,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
 
 @inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
-    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 
 CHUNK = 2048  # images decoded and held in memory at a time
 
@@ -222,8 +222,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.console import esc, info, warn
     from vitcli.device import check_device_args
 
-    if batch_size < 1:
-        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    at_least("--batch-size", batch_size)
     if coverage is not None:
         check_coverage(coverage)
     check_device_args(device, precision)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli.console import esc, out, visible, warn
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 
 if TYPE_CHECKING:
     import torch
@@ -202,13 +202,10 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         raise VitcliError(f"--fusion {fusion!r} is not valid; use one of {', '.join(FUSIONS)}")
     if not 0.0 <= discard < 1.0:
         raise VitcliError(f"--discard {discard} must be in [0, 1)")
-    paths = collect_images(images)
-    ld = load(model, img_size, device)
-    out_dir = output_dir(output, ld.run_dir)
+    ld, out_dir, batches = loaded_batches(images, model, img_size, device, output, batch_size)
     written: list[Path] = []
     used: set[str] = set()
-    for start in range(0, len(paths), batch_size):
-        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+    for keep, photos, x in batches:
         cap = capture_attention(ld.model, x.to(ld.device))
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
@@ -260,6 +257,16 @@ def class_maps(ld: Loaded, x: torch.Tensor, method: str, target: str | None
     return maps, ld.probs(logits).cpu(), t.cpu()
 
 
+def loaded_batches(images: list[Path], model: str | None, img_size: int | None, device: str,
+                   output: str | Path | None, batch_size: int):
+    """(loaded model, output folder, decoded batches): what every per-image view starts from; each batch is
+    (paths that decoded, uint8 photos, model input)."""
+    paths = collect_images(images)
+    ld = load(model, img_size, device)
+    out_dir = output_dir(output, ld.run_dir)
+    return ld, out_dir, (decode_batch(paths[s:s + batch_size], ld.pre) for s in range(0, len(paths), batch_size))
+
+
 def explain_images(images: list[Path], *, model: str | None, output: str | Path | None, method: str,
                    target: str | None, img_size: int | None, device: str, batch_size: int = 16) -> list[Path]:
     """One PNG per image: the input and the `method` map for class `target` (default: the predicted class),
@@ -268,13 +275,10 @@ def explain_images(images: list[Path], *, model: str | None, output: str | Path 
 
     from vitcli.report import save_figure
 
-    paths = collect_images(images)
-    ld = load(model, img_size, device)
-    out_dir = output_dir(output, ld.run_dir)
+    ld, out_dir, batches = loaded_batches(images, model, img_size, device, output, batch_size)
     written: list[Path] = []
     used: set[str] = set()
-    for start in range(0, len(paths), batch_size):
-        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+    for keep, photos, x in batches:
         maps, probs, targets = class_maps(ld, x, method, target)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
@@ -319,10 +323,8 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     methods = parse_methods(method)
     if baseline not in BASELINES:
         raise VitcliError(f"--baseline {baseline!r} is not valid; use one of {', '.join(BASELINES)}")
-    if max_images < 1:
-        raise VitcliError(f"--max-images {max_images} must be at least 1")
-    if steps < 1:
-        raise VitcliError(f"--steps {steps} must be at least 1")
+    at_least("--max-images", max_images)
+    at_least("--steps", steps)
     paths = collect_images(data)
     if len(paths) > max_images:  # spread over the set (class folders are listed in order)
         paths = [paths[i * len(paths) // max_images] for i in range(max_images)]
@@ -550,8 +552,7 @@ def inspect_distance(data: list[Path], *, model: str | None = None, output: str 
 
     from vitcli.report import pyplot, save_figure
 
-    if max_images < 1:
-        raise VitcliError(f"--max-images {max_images} must be at least 1")
+    at_least("--max-images", max_images)
     paths = collect_images(data)
     if len(paths) > max_images:
         paths = [paths[int(i * len(paths) / max_images)] for i in range(max_images)]
@@ -605,8 +606,7 @@ def inspect_filters(*, model: str | None = None, output: str | Path | None = Non
     """One PNG of the principal components of the patch-embedding filters (the ViT paper's figure 7, left)."""
     from vitcli.report import pyplot, save_figure
 
-    if components < 1:
-        raise VitcliError(f"--components {components} must be at least 1")
+    at_least("--components", components)
     ld = load(model)
     tiles = filter_components(ld.model, components)
     n = tiles.shape[0]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 from vitcli.formats import Predictor
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -335,10 +335,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
     if fmt not in FORMATS:
         raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
-    if top_k < 1:
-        raise VitcliError(f"--top-k {top_k} must be at least 1")
-    if batch_size < 1:
-        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    at_least("--top-k", top_k)
+    at_least("--batch-size", batch_size)
     if output is not None and Path(output).is_dir():
         raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     if output is not None and fmt == "table":
