@@ -22,7 +22,8 @@ def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preproces
                     state_dict: dict[str, Any], config: dict[str, Any] | None = None, data_dir: str = "",
                     epoch: int = 0, step: int = 0, metrics: dict[str, float] | None = None,
                     train_state: dict[str, Any] | None = None,
-                    calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                    calibration: dict[str, Any] | None = None, task: str = "single",
+                    thresholds: list[float] | None = None) -> dict[str, Any]:
     """The one checkpoint schema: everything needed to rebuild, run and describe the model.
 
     Args:
@@ -36,6 +37,8 @@ def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preproces
         metrics: the epoch's row of metrics.csv.
         train_state: what resuming needs (optimizer, scaler, rng, progress, raw weights); last.pt only.
         calibration: `vitcli.calibrate.fit_calibration` of these weights on the validation split.
+        task: "single" (one label per image, softmax) or "multilabel" (a sigmoid per class).
+        thresholds: multi-label only: per-class probability cut-offs tuned on the validation set.
     """
     ckpt = {"format": FORMAT, "vitcli_version": __version__, "model_spec": model_spec, "classes": list(classes),
             "preprocess": dict(preprocess), "config": config or {}, "data_dir": data_dir, "epoch": epoch,
@@ -44,6 +47,8 @@ def make_checkpoint(*, model_spec: dict[str, Any], classes: list[str], preproces
         ckpt["train_state"] = train_state
     if calibration is not None:
         ckpt["calibration"] = calibration
+    if task != "single":
+        ckpt["task"], ckpt["thresholds"] = task, [float(t) for t in thresholds or []]
     return ckpt
 
 

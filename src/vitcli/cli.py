@@ -66,7 +66,9 @@ SetOpt = Annotated[list[str] | None, typer.Option(
 @app.command(short_help="Train a ViT on a folder of images.")
 def train(
     data: Annotated[str | None, typer.Argument(
-        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders.", show_default=False)
+        help="Folder of class subfolders, or with train/ and val/ (and test/) subfolders; a .csv/.tsv/.jsonl "
+             "label file; or a shard folder from vitcli shard (or a brace pattern of its .tar files).",
+        show_default=False)
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -118,6 +120,28 @@ def train(
         from vitcli.engine import train as run_train
 
         run_train(cfg, data)
+
+
+@app.command(short_help="Pack a dataset into tar shards for streaming.")
+def shard(
+    data: Annotated[Path, typer.Argument(
+        help="Folder of class subfolders, with train/ and val/, or a .csv/.tsv/.jsonl label file.",
+        show_default=False)],
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the shards.", show_default=False)],
+    size: Annotated[str, typer.Option(help="Bytes per shard, e.g. 1GB, 500MB, 64KiB.")] = "1GB",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write WebDataset-style tar shards (split as training would make it) and index.json; reads DATA only.
+    Train on them with `vitcli train OUT` (or a brace pattern of shard files)."""
+    from vitcli.config import load_config
+
+    with guard():
+        cfg = load_config(config, set_)
+        from vitcli.shards import write_shards
+
+        write_shards(data, out, size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+                     val_csv=cfg.data.val_csv or None, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 @app.command("config", short_help="Print the full config as YAML.")
@@ -175,7 +199,8 @@ def predict(
 @app.command("eval", short_help="Evaluate a model on labelled images.")
 def eval_cmd(
     data: Annotated[str, typer.Argument(
-        help="Class subfolders, or a dataset folder with test/ (else val/).", show_default=False)],
+        help="Class subfolders, a dataset folder with test/ (else val/), or a .csv/.tsv/.jsonl label file.",
+        show_default=False)],
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.")
     ] = None,
@@ -213,6 +238,16 @@ def export(
         export_model(model, format_, output, opset)
 
 
+def show(result, json_out: bool, printer) -> None:
+    """A command's result as JSON on stdout (--json) or through its rich printer."""
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        printer(result)
+
+
 @app.command("runs", short_help="List training runs, newest first.")
 def runs_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder that holds run folders.")] = Path("runs"),
@@ -223,13 +258,7 @@ def runs_cmd(
     with guard():
         from vitcli.runs import list_runs, print_runs
 
-        rows = list_runs(folder)
-        if json_out:
-            import json
-
-            typer.echo(json.dumps(rows, indent=1))
-        else:
-            print_runs(rows)
+        show(list_runs(folder), json_out, print_runs)
 
 
 @app.command(short_help="Compare two runs on the same images (McNemar test).")
@@ -248,13 +277,7 @@ def compare(
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        r = compare_runs(run_a, run_b, data_path(data), device, precision, batch_size)
-        if json_out:
-            import json
-
-            typer.echo(json.dumps(r, indent=1))
-        else:
-            print_compare(r)
+        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, print_compare)
 
 
 @app.command(short_help="Write report.html for a run folder.")
@@ -274,6 +297,7 @@ def report(
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
                           no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect", short_help="Look inside a ViT: attention, embeddings, data.")
+ImagesArg = Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)]
 InspectOutOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Folder for the PNGs (default: inspect/ in the model's run folder).")]
 ImgSizeOpt = Annotated[int | None, typer.Option(
@@ -289,7 +313,7 @@ def _print_paths(paths) -> None:
 
 @inspect_app.command("attention", short_help="Attention maps overlaid on images.")
 def inspect_attention_cmd(
-    images: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    images: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -322,7 +346,7 @@ def inspect_attention_cmd(
 
 @inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
 def inspect_faithfulness_cmd(
-    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     method: Annotated[str, typer.Option(
@@ -376,7 +400,7 @@ def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -
 
 @inspect_app.command("distance", short_help="Mean attention distance per head.")
 def inspect_distance_cmd(
-    data: Annotated[list[str], typer.Argument(help="Image files and folders.", show_default=False)],
+    data: ImagesArg,
     model: ModelOpt = None,
     output: InspectOutOpt = None,
     max_images: Annotated[int, typer.Option(help="Use at most this many images, spread over the set.")] = 64,

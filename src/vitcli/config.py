@@ -47,6 +47,8 @@ class DataConfig:
     max_bad_fraction: float = 0.1  # stop when more than this share of images cannot be read
     class_weights: str = "none"  # loss weights per class: none | auto (inverse frequency)
     balanced_sampler: bool = False  # draw training batches with equal probability per class
+    val_csv: str = ""  # label file (.csv/.tsv/.jsonl) of the validation images when DATA is a label file
+    shuffle_buffer: int = 1000  # shards: encoded images each DataLoader worker draws from at random
 
 
 @dataclass
@@ -84,7 +86,8 @@ class TrainConfig:
     seed: int = 0  # seeds every random number generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (multi-label: targets 0/1 -> e/2, 1-e/2)
+    loss: str = "auto"  # auto (ce for one label per image, bce for multi-label) | ce | bce | asl (asymmetric)
     ema_decay: float = 0.0  # exponential moving average of weights per step, e.g. 0.999; 0 = off
     patience: int = 0  # stop after this many epochs without a better val best_metric; 0 = off
     best_metric: str = "acc"  # acc | loss | macro_f1: validation metric that picks best.pt and drives patience
@@ -120,6 +123,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
     "train.best_metric": ("acc", "loss", "macro_f1"),
 }
@@ -395,6 +399,7 @@ RANGES: dict[str, str] = {
     "data.cutmix": "[0, 100] (0 = off)",
     "data.reprob": "[0, 1]",
     "data.max_bad_fraction": "[0, 1]",
+    "data.shuffle_buffer": "[0, 10000000] (0 = shard order only)",
     "model.embed_dim": "[0, 16384] (0 = from the preset)",
     "model.depth": "[0, 1024] (0 = from the preset)",
     "model.num_heads": "[0, 1024] (0 = from the preset)",

@@ -50,6 +50,13 @@ class Dataset:
     val: Split
     test: Split | None = None
     split_made: bool = False  # True when val was carved out of the class folders by a seeded split
+    multilabel: bool = False  # labels are multi-hot tuples (several classes per image) instead of indices
+    source: Path | None = None  # the label file when DATA is a manifest (.csv / .tsv / .jsonl)
+
+
+def label_text(classes: list[str], y) -> str:
+    """A label as text: the class name, or 'a|b' for a multi-hot tuple."""
+    return "|".join(c for c, v in zip(classes, y, strict=True) if v) if isinstance(y, tuple) else classes[y]
 
 
 def is_hidden(name: str) -> bool:
@@ -246,11 +253,14 @@ def scan_classes(folder: Path, classes: list[str] | None = None, log: ScanLog | 
     return classes, split
 
 
-def class_counts(labels: list[int], n: int) -> list[int]:
-    """Images per class, for labels in range(n)."""
+def class_counts(labels: list, n: int) -> list[int]:
+    """Images per class, for labels in range(n) (multi-hot tuples: images holding each class)."""
     counts = [0] * n
     for y in labels:
-        counts[y] += 1
+        if isinstance(y, tuple):
+            counts = [c + v for c, v in zip(counts, y, strict=True)]
+        else:
+            counts[y] += 1
     return counts
 
 
@@ -272,14 +282,20 @@ def stratified_split(labels: list[int], val_fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def scan_dataset(root: str | Path, val_fraction: float, seed: int) -> Dataset:
-    """DATA is train/ + val/ (+ test/), or class folders split in memory into train and val."""
+def scan_dataset(root: str | Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
+    """DATA is train/ + val/ (+ test/), class folders split in memory into train and val, or a label file."""
+    from vitcli.manifest import is_manifest
+
     root = Path(root)
+    if is_manifest(root) or val_csv:
+        if not is_manifest(root):
+            raise VitcliError(f"'data.val_csv' needs DATA to be a .csv, .tsv or .jsonl label file, got '{root}'")
+        return scan_label_file(root, val_fraction, seed, val_csv)
     if not root.exists():
         raise VitcliError(f"dataset folder '{root}' does not exist")
     if not root.is_dir():
         raise VitcliError(f"dataset '{root}' is not a folder; give a folder of class subfolders or of "
-                          "train/ and val/")
+                          "train/ and val/, or a .csv / .tsv / .jsonl label file")
     log = ScanLog(root)  # one log for every split: a file linked into two splits counts once
     try:
         if (root / "train").is_dir():
@@ -310,9 +326,35 @@ def check_val_split(ds: Dataset, val_fraction: float) -> None:
                       "add images (2 or more in some class) or a val/ folder")
 
 
-def scan_eval_folder(root: str | Path, classes: list[str]) -> Split:
-    """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split."""
+def scan_label_file(path: Path, val_fraction: float, seed: int, val_csv: str | Path | None = None) -> Dataset:
+    """A label file as a Dataset: its split column, or `val_csv`, or a seeded stratified split (of its train
+    rows when the split column names no val rows)."""
+    from vitcli.manifest import read_manifest
+
+    m = read_manifest(path, val_csv)
+    parts = {k: Split(*v) for k, v in m.parts.items()}
+    kw = {"multilabel": m.multilabel, "source": path}
+    test = parts.get("test") or None
+    if "all" in parts or (not len(parts["val"]) and val_fraction > 0):
+        pool = parts.get("all", parts.get("train"))
+        tr, va = stratified_split(pool.labels, val_fraction, seed)
+        return Dataset(path.parent, m.classes, pool.subset(tr), pool.subset(va), test, split_made=True, **kw)
+    return Dataset(path.parent, m.classes, parts["train"], parts["val"], test, **kw)
+
+
+def scan_eval_folder(root: str | Path, classes: list[str], multilabel: bool = False) -> Split:
+    """Images to evaluate: `root` itself as class folders, or its test/ (else val/) split, or a label file."""
+    from vitcli.manifest import is_manifest, read_manifest
+
     root = Path(root)
+    if is_manifest(root):  # the split column's test rows, else its val rows, else every row
+        parts = read_manifest(root, classes=classes, multilabel=multilabel).parts
+        for name in ("test", "val", "all"):
+            if len(parts.get(name, ((), ()))[0]):
+                return Split(*parts[name])
+        return Split()
+    if multilabel:
+        raise VitcliError(f"'{root}': a multi-label model is evaluated on a .csv / .tsv / .jsonl label file")
     if not root.is_dir():
         raise VitcliError(f"dataset folder '{root}' does not exist" if not root.exists()
                           else f"dataset '{root}' is not a folder")
@@ -348,15 +390,19 @@ def pil_warning_filters() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
-def load_rgb(path: str | Path):
+def load_rgb(path: str | Path, data: bytes | None = None):
     """Open an image as RGB: format allowlist, decompression-bomb limit as an error, EXIF orientation,
-    16-bit scaled to 8-bit, transparency composited on white."""
+    16-bit scaled to 8-bit, transparency composited on white. With `data`, decode those bytes (a shard
+    member) and use `path` only in messages."""
+    import io
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    check_regular(path)
+    if data is None:
+        check_regular(path)
     try:
-        with Image.open(path, formats=allowed_formats()) as img:
+        with Image.open(io.BytesIO(data) if data is not None else path, formats=allowed_formats()) as img:
             img.load()
             try:
                 img = ImageOps.exif_transpose(img)
@@ -367,7 +413,7 @@ def load_rgb(path: str | Path):
         raise BadImage(f"{path}: image too large (decompression-bomb limit "
                        f"{Image.MAX_IMAGE_PIXELS} pixels)") from None
     except UnidentifiedImageError:
-        if path.is_file() and path.stat().st_size == 0:
+        if (data is not None and not data) or (data is None and path.is_file() and path.stat().st_size == 0):
             raise BadImage(f"{path}: empty file (0 bytes)") from None
         raise BadImage(f"{path}: not an image in an allowed format ({', '.join(PIL_FORMATS)})") from None
     except FileNotFoundError:
@@ -408,12 +454,12 @@ def resample_filter(name: str) -> int:
     return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[name]
 
 
-def decode_square(path: str | Path, size: int, interpolation: str = "bicubic"):
-    """File -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
+def decode_square(path: str | Path, size: int, interpolation: str = "bicubic", data: bytes | None = None):
+    """File (or its bytes) -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
     import numpy as np
     import torch
 
-    img = load_rgb_draft(path, size)
+    img = load_rgb_draft(path, size) if data is None else load_rgb(path, data)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -586,7 +632,7 @@ class ImageStore:
             for err in filter(None, errors):
                 self._report(err, on_bad)
             split = split.subset([i for i, err in enumerate(errors) if err is None])
-        self.paths, self.labels = split.paths, torch.tensor(split.labels, dtype=torch.long)
+        self.paths, self.labels = PathList(split.paths), label_tensor(split.labels)
         self._on_bad = on_bad
 
     def _report(self, err: str, on_bad) -> None:
@@ -602,6 +648,23 @@ class ImageStore:
             self.images = self.images.to(device)
         self.labels = self.labels.to(device)
         return self
+
+    def steps(self, batch_size: int, epoch: int, seed: int, world: int, weights=None) -> int:
+        """Batches per rank in one epoch (the same on every rank)."""
+        return len(epoch_batches(len(self), batch_size, epoch, seed, 0, world, weights))
+
+    def train_batches(self, batch_size: int, epoch: int, seed: int, rank: int, world: int, skip: int = 0,
+                      weights=None, limit: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """This rank's seeded shuffled batches of `epoch` (the first `limit`), from batch `skip` on."""
+        yield from self.batches(epoch_batches(len(self), batch_size, epoch, seed, rank, world, weights)[skip:limit])
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Any, Any]]:
+        """This rank's share of the images, in order."""
+        yield from self.batches(sequential_batches(len(self), batch_size, rank, world))
+
+    def epoch_check(self, device, world: int) -> str | None:
+        """Streamed stores say whether the epoch saw every image once; an in-memory index order always does."""
+        return None
 
     def batches(self, batches: list[list[int]]) -> Iterator[tuple[Any, Any]]:
         """Yield (uint8 images (B, 3, S, S), labels (B,)) for each list of indices."""
@@ -627,6 +690,39 @@ class ImageStore:
                 continue
             idx = torch.as_tensor(keep)
             yield images, self.labels[idx]
+
+
+class PathList:
+    """Paths packed into one bytes buffer and an offset array: tens of bytes per image instead of the
+    hundreds a list of Path objects costs, and DataLoader workers read it without copying it page by page."""
+
+    def __init__(self, paths: list[Path]):
+        import numpy as np
+
+        encoded = [os.fsencode(p) for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buf = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> Path:
+        i = int(i) + (len(self) if i < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return Path(os.fsdecode(self._buf[self._offsets[i]:self._offsets[i + 1]]))
+
+    def __iter__(self) -> Iterator[Path]:
+        return (self[i] for i in range(len(self)))
+
+
+def label_tensor(labels: list):
+    """Class indices -> long (N,); multi-hot tuples -> float (N, C)."""
+    import torch
+
+    t = torch.tensor(labels, dtype=torch.long)
+    return t.float() if t.ndim == 2 else t
 
 
 class _DecodeDataset:

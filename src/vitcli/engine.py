@@ -28,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 from vitcli.config import Config
 from vitcli.console import console, esc, info, warn
 from vitcli.errors import VitcliError
+from vitcli.multilabel import task_line
 
 if TYPE_CHECKING:
     import torch
 
     from vitcli.data import BadImageLog, Dataset, ImageStore
+    from vitcli.defaults import DataFacts
 
 LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
 
@@ -120,10 +122,15 @@ class TrainData:
     pre: dict[str, Any]  # eval preprocessing, stored in checkpoints
     counts: list[int]  # training images per class
     bad: BadImageLog
+    val_counts: list[int] = field(default_factory=list)  # validation images per class
 
     @property
     def classes(self) -> list[str]:
         return self.ds.classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.ds.multilabel
 
 
 @dataclass
@@ -166,7 +173,9 @@ class EpochSums:
         self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
         self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
         self.loss += loss.double() * len(hard)
-        self.correct += (logits.detach().argmax(1) == hard).sum()
+        from vitcli.evaluate import hits
+
+        self.correct += hits(logits.detach(), hard).sum()  # multi-label: hard is the (B, C) label vector
         self.count += len(hard)
 
     def read(self) -> tuple[float, float, float, int, float]:
@@ -199,6 +208,7 @@ class RunState:
     progress: Progress = field(default_factory=Progress)
     sums: Any = None  # EpochSums of the running epoch
     lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
+    thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned at the last validation
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
     budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
@@ -259,20 +269,43 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
     from vitcli import data as D
     from vitcli.defaults import DataFacts
-    from vitcli.distributed import broadcast_str
-    from vitcli.files import run_lock
-    from vitcli.recipes import apply_recipe
-    from vitcli.rundir import check_resumed_data, new_run_dir, write_config, write_split
+    from vitcli.rundir import check_resumed_data, write_split
+    from vitcli.shards import is_shard_source
 
     d, t = cfg.data, cfg.train
-    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed)
+    if is_shard_source(data_dir):
+        return prepare_shards(cfg, data_dir, env, run_dir, recipe, hold, resumed_classes)
+    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed, d.val_csv or None)
     D.check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
-    if recipe:  # data-aware defaults and the recipe fill the keys the user left
+    facts = None  # for the data-aware defaults (a resumed run's config is final)
+    if recipe:
         facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
-        apply_recipe(cfg, n_train=len(ds.train), world=env.world, quiet=not env.main, facts=facts)
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold, facts)
+    if env.main and ds.split_made and not resumed:
+        write_split(run_dir / "split.csv", ds)
+    counts = D.class_counts(ds.train.labels, len(ds.classes))
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
+         "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
+    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
+    info(task_line(cfg, ds.multilabel))
+    return load_images(cfg, data_dir, ds, counts, env), run_dir
+
+
+def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None,
+                 hold: contextlib.ExitStack | None = None, facts: DataFacts | None = None) -> Path:
+    """Fill the data-aware defaults (`facts`) and the recipe for `n_train` images (None: a resumed run, whose
+    config is final), create the run folder (when `run_dir` is None, locked into `hold`), write config.yaml."""
+    from vitcli.distributed import broadcast_str
+    from vitcli.files import run_lock
+    from vitcli.recipes import apply_recipe
+    from vitcli.rundir import new_run_dir, write_config
+
+    t = cfg.train
+    if n_train is not None:  # keys the user left
+        apply_recipe(cfg, n_train=n_train, world=env.world, quiet=not env.main, facts=facts)
         if t.threads:  # the defaults may have chosen it
             import torch
 
@@ -284,13 +317,39 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
             hold.enter_context(run_lock(run_dir))
     if env.main:
         write_config(run_dir, cfg, data_dir)
-        if ds.split_made and not resumed:
-            write_split(run_dir / "split.csv", ds)
-    counts = D.class_counts(ds.train.labels, len(ds.classes))
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
-         "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
-    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
-    return load_images(cfg, data_dir, ds, counts, env), run_dir
+    return run_dir
+
+
+def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
+                   hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
+                   ) -> tuple[TrainData, Path]:
+    """prepare_data for tar shards (`vitcli shard`): nothing is listed or decoded up front; every rank streams
+    its own shards through DataLoader workers, so memory does not grow with the number of images."""
+    from vitcli import data as D
+    from vitcli.device import cpu_count
+    from vitcli.shards import open_shards
+
+    d = cfg.data
+    if d.balanced_sampler:
+        raise VitcliError("'data.balanced_sampler' needs random access to the images; turn it off for shards")
+    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    workers = d.num_workers if d.num_workers >= 0 else min(8, max(1, cpu_count() - 1))
+    bad = D.BadImageLog(total=0, max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    sd = open_shards(data_dir, size=pre["resize_size"], interpolation=d.interpolation, num_workers=workers,
+                     shuffle_buffer=d.shuffle_buffer, on_bad=bad.add)
+    if resumed_classes is not None and list(resumed_classes) != sd.classes:
+        raise VitcliError(f"--resume: the shards '{data_dir}' hold the classes {sd.classes[:10]}, but the run was "
+                          f"trained on {list(resumed_classes)[:10]}; resume with the run's data")
+    bad.total = len(sd.train) + len(sd.val)
+    bad.check()  # from now on each unreadable image is checked as it turns up
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(sd.train) if recipe else None, hold)
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(sd.classes)} classes, {len(sd.train)} train / {len(sd.val)} val "
+         f"images in {len(sd.train.shards)} + {len(sd.val.shards)} shards, streamed ({workers} workers per process, "
+         f"shuffle buffer {d.shuffle_buffer})")
+    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(sd.classes, sd.counts, strict=True)))
+    info(task_line(cfg, sd.multilabel))
+    ds = D.Dataset(sd.root, sd.classes, D.Split(), D.Split(), multilabel=sd.multilabel, source=sd.root)
+    return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad, sd.val_counts), run_dir
 
 
 def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int], env: Env) -> TrainData:
@@ -317,7 +376,9 @@ def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int
     if cache and env.device.type != "cpu":
         train.to(env.device)
         val.to(env.device)
-    return TrainData(data_dir, ds, train, val, pre, counts, bad)
+    val_counts = D.class_counts(ds.val.labels, len(ds.classes))
+    ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
+    return TrainData(data_dir, ds, train, val, pre, counts, bad, val_counts)
 
 
 def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: bool = True) -> RunState:
@@ -325,6 +386,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     import torch
 
     from vitcli import data as D
+    from vitcli import multilabel as ML
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
     from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer, lr_at
@@ -345,20 +407,22 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     info(f"[bold]device[/] {env.device}, precision {env.precision} ({env.why})"
          + (f", {env.world} processes" if env.world > 1 else "") + ("" if fused_attn else f"; attention: {attn_why}"))
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-    loss_fn = TrainLoss(cfg, data.counts, env.device)
+    loss_fn = ML.train_loss(cfg, data.multilabel) or TrainLoss(cfg, data.counts, env.device)
     if loss_fn.class_w is not None:
         info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
     fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
     aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
     sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
-    n_batches = len(D.epoch_batches(len(data.train), d.batch_size, 0, t.seed, env.rank, env.world, sample_w))
+    n_batches = data.train.steps(d.batch_size, 0, t.seed, env.world, sample_w)
+    mixup = build_mixup(cfg, len(data.classes))
     steps_per_epoch = max(1, n_batches // t.accum_steps)
     total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
     return RunState(
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
         optimizer=build_optimizer(model, o, env.device),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
-        loss_fn=loss_fn, eval_loss=torch.nn.CrossEntropyLoss(), mixup=build_mixup(cfg, len(data.classes)),
+        loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
+        mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
         augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
         total_steps=total, warmup_steps=warmup, lr_fn=lambda step: lr_at(step, total, warmup, o))
 
@@ -420,12 +484,13 @@ def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> t
     if t.channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
     target = y
-    if run.mixup is not None and len(y) % 2 == 0:
+    if run.mixup is not None and len(y) and len(y) % 2 == 0:
         xb, target = run.mixup(xb, y)  # target (B, C) soft labels
     try:
         with autocast(env.device, env.precision):
             logits = run.fwd_model(xb).float()  # (B, C)
-            loss = run.loss_fn(logits, target)
+            # an empty batch (a rank out of shard images pads the epoch so all ranks step together): zero grads
+            loss = run.loss_fn(logits, target) if len(y) else logits.sum() * 0.0
     except torch.OutOfMemoryError:
         raise VitcliError(f"out of memory at batch size {d.batch_size} on {env.device}; try --batch-size "
                           f"{max(1, d.batch_size // 2)} (or train.accum_steps {t.accum_steps * 2} to keep the "
@@ -446,7 +511,7 @@ def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> t
         run.progress.step += 1
         if run.ema is not None:
             run.ema.update(run.model)
-    hard = target.argmax(1) if target.ndim == 2 else y  # mixup/cutmix: the dominant label
+    hard = target.argmax(1) if target.ndim == 2 and y.ndim == 1 else y  # mixup/cutmix: the dominant label
     run.sums.add(loss, logits, hard, batch)
     return loss.detach()
 
@@ -454,27 +519,28 @@ def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> t
 def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_steps: int | None) -> bool:
     """Train one epoch (the rest of it after a resume). Raises Interrupted after saving last.pt on a signal;
     returns True, last.pt saved, when `stop_after_steps` is reached (tests)."""
-    from vitcli import data as D
     from vitcli.distributed import any_rank
     from vitcli.recipes import freeze_backbone
 
     cfg, env, p = run.cfg, run.env, run.progress
     d, t = cfg.data, cfg.train
     epoch = p.epoch
-    batches = D.epoch_batches(len(data.train), d.batch_size, epoch, t.seed, env.rank, env.world, run.sample_w)
-    batches = batches[: run.steps_per_epoch * t.accum_steps]
+    n = min(data.train.steps(d.batch_size, epoch, t.seed, env.world, run.sample_w), run.steps_per_epoch * t.accum_steps)
     first = p.batch
-    task = bar.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(batches), completed=first, stats="")
+    task = bar.add_task(f"epoch {epoch + 1}/{t.epochs}", total=n, completed=first, stats="")
     if t.freeze_epochs:
         freeze_backbone(run.model, frozen=epoch < t.freeze_epochs)  # head-only warm-up, then everything
     run.model.train()
     run.sums = EpochSums(p.partial, env.device)
     t0 = time.time() - p.partial["seconds"]
-    for bi, (x, y) in enumerate(data.train.batches(batches[first:]), start=first):
+    where = (d.batch_size, epoch, t.seed, env.rank, env.world, first, run.sample_w, n)
+    # the batch generator is not kept in a local: an exception (a signal's Interrupted) unwinding this frame then
+    # frees it and shuts its DataLoader workers down at once, instead of at interpreter exit
+    for bi, (x, y) in enumerate(data.train.train_batches(*where), start=first):
         train_step(run, x, y, bi)
         p.batch = bi + 1
         cut = run.budget is not None and run.budget.after_step(run)  # the time is up: end the epoch here
-        end = bi + 1 == len(batches) or cut
+        end = bi + 1 == n or cut
         if (bi + 1) % run.log_every == 0 or end:
             read_sums(run, t0, bar, task)
         bar.update(task, advance=1)
@@ -496,6 +562,9 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
             break
     bar.remove_task(task)
     p.partial["seconds"] = time.time() - t0
+    streamed = data.train.epoch_check(env.device, env.world)  # shards: was every image seen once?
+    if streamed:
+        info(f"  epoch {epoch + 1}: {streamed}")
     return False
 
 
@@ -554,13 +623,17 @@ def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
     f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
-                  env.rank, env.world, keep_logits=f1)
+                  env.rank, env.world, keep_logits=f1 or data.multilabel)
     vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
     seconds = p.partial["seconds"]
     row = {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
            "images_per_s": tn / max(seconds, 1e-9)}
-    if f1:
+    if data.multilabel:  # val_acc: share of labels right at 0.5; the mAP picks the best epoch
+        from vitcli.multilabel import val_scores
+
+        row["val_map"], run.thresholds = val_scores(ev, env.device, env.world)
+    elif f1:
         row["val_macro_f1"] = _macro_f1(ev, len(data.classes), env.device)
     return row
 
@@ -579,7 +652,12 @@ def _macro_f1(ev, num_classes: int, device) -> float:
 
 
 BEST_SCORE = {"acc": lambda row: row["val_acc"], "loss": lambda row: -row["val_loss"],
-              "macro_f1": lambda row: row["val_macro_f1"]}  # train.best_metric -> higher is better
+              "macro_f1": lambda row: row["val_macro_f1"], "map": lambda row: row["val_map"]}  # higher is better
+
+
+def best_metric(cfg: Config, multilabel: bool) -> str:
+    """train.best_metric, except that multi-label runs rank epochs by validation mAP unless it is loss."""
+    return "map" if multilabel and cfg.train.best_metric != "loss" else cfg.train.best_metric
 
 
 def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
@@ -587,7 +665,7 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     t, p = run.cfg.train, run.progress
     p.history.append(row)
     p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
-    score = BEST_SCORE[t.best_metric](row)
+    score = BEST_SCORE[best_metric(run.cfg, data.multilabel)](row)
     improved = score > p.best_score and _finite(run.eval_model)
     if improved:
         p.best_score, p.best_acc, p.best_epoch, p.since_best = score, row["val_acc"], p.epoch, 0
@@ -601,10 +679,12 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
         for cb in run.callbacks:
             cb.on_epoch(run, row)
     info(f"epoch {p.epoch:>3}/{t.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{' *' if improved else ''}  "
+         f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+         + (f" mAP {row['val_map']:.4f}" if "val_map" in row else "") + f"{' *' if improved else ''}  "
          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
     if t.patience and p.since_best >= t.patience:
-        what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1"}[t.best_metric]
+        what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1", "map": "mAP"}[
+            best_metric(run.cfg, data.multilabel)]
         best = -p.best_score if t.best_metric == "loss" else p.best_score
         info(f"early stop: val {what} did not improve for {t.patience} epochs (best {best:.4f} at epoch "
              f"{p.best_epoch})")
@@ -629,7 +709,8 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
     ckpt = make_checkpoint(model_spec=run.spec, classes=data.classes, preprocess=data.pre,
                            state_dict=run.eval_model.state_dict(), config=to_dict(run.cfg),
                            data_dir=str(Path(data.data_dir).resolve()), epoch=epoch, step=run.progress.step,
-                           metrics=metrics, train_state=train_state)
+                           metrics=metrics, train_state=train_state,
+                           task="multilabel" if data.multilabel else "single", thresholds=run.thresholds)
     save_checkpoint(run.run_dir / name, ckpt)
 
 
@@ -640,7 +721,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
-    if run.env.main and run.cfg.train.calibrate and p.history:
+    if run.env.main and run.cfg.train.calibrate and p.history and not data.multilabel:  # multi-label: thresholds
         calibrate_checkpoints(run, data)
     if run.env.world > 1:
         digest = check_replicas(run.eval_model.state_dict(), run.env.world)
@@ -648,7 +729,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     if run.env.main:
         for cb in run.callbacks:
             cb.on_end(run, result)
-        _summary(result, data.classes, data.bad, run.cfg.train.best_metric)
+        _summary(result, data.classes, data.bad, best_metric(run.cfg, data.multilabel))
     return result
 
 
@@ -803,6 +884,9 @@ def _summary(res: TrainResult, classes: list[str], bad: BadImageLog, metric: str
     by = "" if metric == "acc" else f", best val {metric}"
     tab.add_row("best val accuracy" if metric == "acc" else "val accuracy of best.pt",
                 f"{res.best_acc:.4f} (epoch {res.best_epoch}{by})")
+    if "val_map" in last:
+        best = next(r for r in res.history if r["epoch"] == res.best_epoch)
+        tab.add_row("val mAP of best.pt", f"{best['val_map']:.4f}")
     if last:
         tab.add_row("last epoch", f"{last['epoch']}: val acc {last['val_acc']:.4f}, val loss {last['val_loss']:.4f}")
     tab.add_row("classes", str(len(classes)))

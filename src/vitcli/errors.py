@@ -16,3 +16,9 @@ def shown(value: object, limit: int = 80) -> str:
         return clip(repr(value), limit)
     except ValueError:  # an int too long to print (Python's 4300-digit limit)
         return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
+
+
+def at_least(flag: str, value: int, minimum: int = 1) -> None:
+    """The usual one-line error for a command-line number below its minimum."""
+    if value < minimum:
+        raise VitcliError(f"{flag} {value} must be at least {minimum}")

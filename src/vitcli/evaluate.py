@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 
 CHUNK = 2048  # images decoded and held in memory at a time
 
@@ -117,10 +117,18 @@ def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, pr
 @dataclass
 class EvalOutput:
     logits: Any  # float (N, C) on CPU (empty unless keep_logits)
-    labels: Any  # long (N,) on CPU (empty unless keep_logits)
+    labels: Any  # long (N,), or multi-hot float (N, C), on CPU (empty unless keep_logits)
     loss_sum: float
-    correct: int
+    correct: float  # images whose top class is right (multi-label: summed share of classes right)
     count: int
+
+
+def hits(logits, y):
+    """Per image: 1 when the top class is the label; multi-label (y (B, C)): the share of classes whose
+    sigmoid > 0.5 agrees with the label vector."""
+    if y.ndim == 2:
+        return ((logits > 0) == (y > 0.5)).float().mean(1)  # (B,)
+    return logits.argmax(1) == y  # (B,)
 
 
 def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
@@ -129,29 +137,29 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
     and are read once at the end."""
     import torch
 
-    from vitcli.data import eval_transform, sequential_batches
+    from vitcli.data import eval_transform
     from vitcli.device import autocast
 
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     all_logits, all_labels = [], []
     with torch.inference_mode():
-        for x, y in store.batches(sequential_batches(len(store), batch_size, rank, world)):
+        for x, y in store.eval_batches(batch_size, rank, world):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(eval_transform(x, pre)).float()  # (B, C)
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, y).double() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            correct += hits(logits, y).sum()
             count += len(y)
             if keep_logits:
                 all_logits.append(logits.cpu())
                 all_labels.append(y.cpu())
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
     labels = torch.cat(all_labels) if all_labels else torch.empty(0)
-    return EvalOutput(logits, labels.long(), float(loss_sum), int(correct), count)
+    return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
 
 
 def collect_logits(pred, split, batch_size: int, tta: bool):
@@ -214,15 +222,14 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.console import esc, info, warn
     from vitcli.device import check_device_args
 
-    if batch_size < 1:
-        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    at_least("--batch-size", batch_size)
     if coverage is not None:
         check_coverage(coverage)
     check_device_args(device, precision)
     check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes)
+    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -234,6 +241,11 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
+    if pred.multilabel:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
+        from vitcli.multilabel import report_multilabel
+
+        head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta}
+        return report_multilabel(pred, logits, flipped, labels, bad, head, json_path)
     probs = probs_at(logits, flipped, pred.temperature)  # (N, C)
     y = labels.numpy()  # (N,)
 
@@ -277,9 +289,10 @@ def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: st
 
 
 def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
-                   where: str | Path = "the data"):
+                   where: str | Path = "the data", thresholds: list[float] | None = None):
     """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
-    the readable paths, skipped-file messages)."""
+    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
+    at `thresholds`."""
     import torch
 
     from vitcli import data as D
@@ -299,6 +312,11 @@ def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, pre
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
+    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
+        from vitcli.multilabel import compute_metrics as multilabel_metrics
+
+        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
+        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
     probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
     y = torch.cat(labels).numpy()  # (N,)
     report = compute_metrics(probs, y, classes)

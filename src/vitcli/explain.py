@@ -127,7 +127,9 @@ def chefer_map(g: Gradients) -> torch.Tensor:
     r = torch.eye(T, dtype=bars[0].dtype, device=bars[0].device).expand(B, T, T)  # (B, T, T)
     for a in bars:
         r = r + a @ r
-    return token_map(r, g.source, g.num_prefix, g.grid)
+    # without the identity: for a head that pools the patch tokens, each token's relevance to itself would
+    # otherwise dominate the map (the class-token row has no such diagonal entry on patches)
+    return token_map(r - torch.eye(T, dtype=r.dtype, device=r.device), g.source, g.num_prefix, g.grid)
 
 
 def gradcam_map(g: Gradients) -> torch.Tensor:

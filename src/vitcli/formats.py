@@ -33,6 +33,8 @@ class Predictor:
     kind: str
     temperature: float = 1.0  # fitted on the validation split at the end of training; 1 = none stored
     conformal_scores: Any = None  # sorted validation scores 1 - p_true (numpy), None when not stored
+    multilabel: bool = False  # sigmoid per class instead of a softmax over classes
+    thresholds: list[float] | None = None  # multi-label: per-class cut-offs tuned on validation
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
         from vitcli.calibrate import calibration_of
@@ -40,17 +42,20 @@ class Predictor:
         self.path, self.kind = path, kind
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
         self.temperature, self.conformal_scores = calibration_of(meta)
+        self.multilabel = meta.get("task") == "multilabel"
+        self.thresholds = meta.get("thresholds")
 
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
 
     def probs(self, x, tta: bool = False):
         """uint8 (B, 3, S, S) -> probabilities (B, C) of logits / the stored temperature; with `tta` the mean
-        over the image and its mirror."""
+        over the image and its mirror. Multi-label: one sigmoid per class."""
         t = self.temperature
-        p = (self.logits(x).float() / t).softmax(-1)  # (B, C)
+        act = (lambda z: (z.float() / t).sigmoid()) if self.multilabel else (lambda z: (z.float() / t).softmax(-1))
+        p = act(self.logits(x))  # (B, C)
         if tta:
-            p = (p + (self.logits(x.flip(-1)).float() / t).softmax(-1)) / 2
+            p = (p + act(self.logits(x.flip(-1)))) / 2
         return p
 
     def conformal_threshold(self, coverage: float) -> float:
@@ -165,7 +170,14 @@ def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
         "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
                    "meaning": "softmax(logits / calibration.temperature) -> calibrated probabilities"
                    if cal else "softmax -> probabilities"},
-    } | ({"calibration": cal} if cal else {})
+    } | ({"calibration": cal} if cal else {}) | (multilabel_meta(ckpt) if ckpt.get("task") == "multilabel" else {})
+
+
+def multilabel_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A multi-label model's task and thresholds; its logits go through a sigmoid per class."""
+    return {"task": "multilabel", "thresholds": list(ckpt["thresholds"]),
+            "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
+                       "meaning": "sigmoid per class -> probabilities; a class is present at or above its threshold"}}
 
 
 def export_onnx(model, sample, path: Path, meta: dict[str, Any], opset: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli.console import esc, out, visible, warn
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +35,12 @@ class Loaded:
     run_dir: Path
     device: torch.device
     temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
+    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
+        z = logits.float() / self.temperature
+        return z.sigmoid() if self.multilabel else z.softmax(-1)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -50,7 +56,8 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
         pre = set_resolution(model, pre, img_size)
     from vitcli.calibrate import calibration_of
 
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0])
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
+                  ckpt.get("task") == "multilabel")
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
@@ -195,18 +202,15 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         raise VitcliError(f"--fusion {fusion!r} is not valid; use one of {', '.join(FUSIONS)}")
     if not 0.0 <= discard < 1.0:
         raise VitcliError(f"--discard {discard} must be in [0, 1)")
-    paths = collect_images(images)
-    ld = load(model, img_size, device)
-    out_dir = output_dir(output, ld.run_dir)
+    ld, out_dir, batches = loaded_batches(images, model, img_size, device, output, batch_size)
     written: list[Path] = []
     used: set[str] = set()
-    for start in range(0, len(paths), batch_size):
-        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+    for keep, photos, x in batches:
         cap = capture_attention(ld.model, x.to(ld.device))
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().softmax(dim=-1)
+        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
@@ -250,7 +254,17 @@ def class_maps(ld: Loaded, x: torch.Tensor, method: str, target: str | None
                               f"{', '.join(ld.classes[:30])}")
         targets = torch.full((len(x),), ld.classes.index(target), dtype=torch.long)
     maps, logits, t = explain(ld.model, x.to(ld.device), method, targets)
-    return maps, (logits.float() / ld.temperature).softmax(-1).cpu(), t.cpu()
+    return maps, ld.probs(logits).cpu(), t.cpu()
+
+
+def loaded_batches(images: list[Path], model: str | None, img_size: int | None, device: str,
+                   output: str | Path | None, batch_size: int):
+    """(loaded model, output folder, decoded batches): what every per-image view starts from; each batch is
+    (paths that decoded, uint8 photos, model input)."""
+    paths = collect_images(images)
+    ld = load(model, img_size, device)
+    out_dir = output_dir(output, ld.run_dir)
+    return ld, out_dir, (decode_batch(paths[s:s + batch_size], ld.pre) for s in range(0, len(paths), batch_size))
 
 
 def explain_images(images: list[Path], *, model: str | None, output: str | Path | None, method: str,
@@ -261,13 +275,10 @@ def explain_images(images: list[Path], *, model: str | None, output: str | Path 
 
     from vitcli.report import save_figure
 
-    paths = collect_images(images)
-    ld = load(model, img_size, device)
-    out_dir = output_dir(output, ld.run_dir)
+    ld, out_dir, batches = loaded_batches(images, model, img_size, device, output, batch_size)
     written: list[Path] = []
     used: set[str] = set()
-    for start in range(0, len(paths), batch_size):
-        keep, photos, x = decode_batch(paths[start:start + batch_size], ld.pre)
+    for keep, photos, x in batches:
         maps, probs, targets = class_maps(ld, x, method, target)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
@@ -312,10 +323,8 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     methods = parse_methods(method)
     if baseline not in BASELINES:
         raise VitcliError(f"--baseline {baseline!r} is not valid; use one of {', '.join(BASELINES)}")
-    if max_images < 1:
-        raise VitcliError(f"--max-images {max_images} must be at least 1")
-    if steps < 1:
-        raise VitcliError(f"--steps {steps} must be at least 1")
+    at_least("--max-images", max_images)
+    at_least("--steps", steps)
     paths = collect_images(data)
     if len(paths) > max_images:  # spread over the set (class folders are listed in order)
         paths = [paths[i * len(paths) // max_images] for i in range(max_images)]
@@ -543,8 +552,7 @@ def inspect_distance(data: list[Path], *, model: str | None = None, output: str 
 
     from vitcli.report import pyplot, save_figure
 
-    if max_images < 1:
-        raise VitcliError(f"--max-images {max_images} must be at least 1")
+    at_least("--max-images", max_images)
     paths = collect_images(data)
     if len(paths) > max_images:
         paths = [paths[int(i * len(paths) / max_images)] for i in range(max_images)]
@@ -599,8 +607,7 @@ def inspect_filters(*, model: str | None = None, output: str | Path | None = Non
     """One PNG of the principal components of the patch-embedding filters (the ViT paper's figure 7, left)."""
     from vitcli.report import pyplot, save_figure
 
-    if components < 1:
-        raise VitcliError(f"--components {components} must be at least 1")
+    at_least("--components", components)
     ld = load(model)
     tiles = filter_components(ld.model, components)
     n = tiles.shape[0]
@@ -627,7 +634,7 @@ FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PN
 class FileInfo:
     path: Path
     split: str
-    label: int
+    label: int | tuple[int, ...]  # class index, or multi-hot
     sha256: str
     format: str | None = None
     mode: str | None = None
@@ -685,7 +692,7 @@ def check_data(root: str | Path) -> DataReport:
 
     root = Path(root)
     ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
-    if (root / "train").is_dir():
+    if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:
         splits = {"all": ds.train}
@@ -696,7 +703,8 @@ def check_data(root: str | Path) -> DataReport:
     n = len(ds.classes)
     counts = {k: [0] * n for k in splits}  # readable images only
     for i in infos:
-        counts[i.split][i.label] += i.error is None
+        for c in ([k for k, v in enumerate(i.label) if v] if isinstance(i.label, tuple) else [i.label]):
+            counts[i.split][c] += i.error is None  # multi-label: images holding the class
     imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
     good = [i for i in infos if i.error is None]
     rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
@@ -722,8 +730,11 @@ def check_data(root: str | Path) -> DataReport:
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
+    from vitcli.data import label_text
+
     labels = {i.label for i in g}
-    where = ", ".join(f"{i.split}/{classes[i.label]}/{i.path.name}" for i in g[:4]) + (" ..." if len(g) > 4 else "")
+    where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])
+    where += " ..." if len(g) > 4 else ""
     return where + ("  [different classes]" if len(labels) > 1 else "")
 
 

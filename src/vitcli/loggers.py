@@ -169,14 +169,13 @@ class Tracking:
 
     def on_start(self, run, data) -> None:
         from vitcli.console import command_line
-        from vitcli.data import class_counts
 
         cfg = run.cfg
         check_installed(cfg.train.log)
         self.sinks = [RunInfoLogger(), *(SINKS[n]() for n in dict.fromkeys(cfg.train.log) if n in SINKS)]
         meta = {"command": command_line(), "data_dir": str(Path(data.data_dir).resolve()),
                 "classes": list(data.classes), "train_counts": list(data.counts),
-                "val_counts": class_counts(data.ds.val.labels, len(data.classes))}
+                "val_counts": list(data.val_counts)}
         for s in self.sinks:
             s.on_start(cfg, run.run_dir, meta)
 
@@ -201,11 +200,14 @@ class Tracking:
         curves = run.run_dir / "curves.png"
         figures: dict[str, Path] = {"curves": curves} if curves.is_file() else {}
         if run.cfg.train.report and result.history:
-            from vitcli.console import esc, info
+            from vitcli.console import esc, info, warn
             from vitcli.runs import run_report
 
-            figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
-            info(f"[bold]report[/] {esc(str(figures['report']))}")
+            try:
+                figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
+                info(f"[bold]report[/] {esc(str(figures['report']))}")
+            except VitcliError as e:  # the run itself succeeded; say why there is no page
+                warn(f"report.html not written: {e}")
         for s in self.sinks:
             s.on_end(run.run_dir, figures, "finished")
 

@@ -53,7 +53,6 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
         diverge: stop once the smoothed loss exceeds this multiple of its lowest value.
         beta: smoothing of the loss curve (exponential moving average factor).
     """
-    from vitcli import data as D
     from vitcli.console import esc, info, progress_bar
     from vitcli.engine import EMPTY_PARTIAL, EpochSums, build_state, open_run, prepare_data, train_step
     from vitcli.rundir import new_run_dir
@@ -74,18 +73,20 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
          + (f" of {t.accum_steps} batches" if t.accum_steps > 1 else ""))
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf
-    batches: list[list[int]] = []
+    batches = iter(())  # the current epoch's (images, labels) batches; in-memory or streamed shards alike
     epoch, bi, step_loss = 0, 0, 0.0
     run.model.train()
     with progress_bar() as bar:
         task = bar.add_task("lr sweep", total=steps)
         while run.progress.step < steps:
-            if not batches:
-                batches = D.epoch_batches(len(data.train), d.batch_size, epoch, t.seed)
+            batch = next(batches, None)
+            if batch is None:
+                batches = data.train.train_batches(d.batch_size, epoch, t.seed, 0, 1)
                 epoch += 1
+                batch = next(batches)
             run.sums = EpochSums(EMPTY_PARTIAL, env.device)
             i = run.progress.step
-            x, y = next(data.train.batches([batches.pop(0)]))
+            x, y = batch
             step_loss += float(train_step(run, x, y, bi)) / t.accum_steps  # one sync per batch: a sweep is short
             bi += 1
             if run.progress.step == i:  # still accumulating

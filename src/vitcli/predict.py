@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, at_least
 from vitcli.formats import Predictor
 
 FORMATS = ("table", "json", "jsonl", "csv")
@@ -35,16 +35,23 @@ class Prediction:
     error: str | None = None
     abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
     set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
+    labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
 
     @property
     def answer(self) -> str:
+        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
         from vitcli.calibrate import UNKNOWN
 
+        if self.labels is not None:
+            return "|".join(c for c, _ in self.labels)
         return UNKNOWN if self.abstained else self.top[0][0]
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
+        if self.labels is not None:
+            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
+                    "top": [{"class": c, "prob": p} for c, p in self.top]}
         d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
              "top": [{"class": c, "prob": p} for c, p in self.top]}
         return d | ({"set": self.set} if self.set is not None else {})
@@ -201,6 +208,10 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
+    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
+
+    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
+
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
         full = pred.probs(x, tta).double()  # (B, C)
@@ -210,6 +221,8 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
             r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
             if threshold is not None:
                 r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
+            if pred.multilabel:
+                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
             yield r
 
     if bar:
@@ -282,6 +295,13 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
 
     tab = Table(box=None, header_style="bold", pad_edge=False)
     tab.add_column("file", overflow="fold")
+    if any(r.labels is not None for r in results):  # multi-label: every label above its threshold
+        tab.add_column("labels (at or above threshold)")
+        for r in results:
+            if r.error is None:
+                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+        out.print(tab)
+        return
     tab.add_column("class")
     tab.add_column("prob", justify="right")
     if k > 1:
@@ -315,10 +335,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
     if fmt not in FORMATS:
         raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
-    if top_k < 1:
-        raise VitcliError(f"--top-k {top_k} must be at least 1")
-    if batch_size < 1:
-        raise VitcliError(f"--batch-size {batch_size} must be at least 1")
+    at_least("--top-k", top_k)
+    at_least("--batch-size", batch_size)
     if output is not None and Path(output).is_dir():
         raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
     if output is not None and fmt == "table":
@@ -341,7 +359,7 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     thresholds = parse_min_prob(min_prob, pred.classes)
     threshold = pred.conformal_threshold(coverage) if coverage is not None else None
-    answer, with_set = thresholds is not None, threshold is not None
+    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
     if with_set:
         info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
              f"(split conformal, {len(pred.conformal_scores)} validation images)")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from vitcli.data import Dataset
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
+EXTRA_METRIC_FIELDS = ["val_map"]  # multi-label runs: validation mean average precision
 
 
 def new_run_dir(output: str | Path, name: str) -> Path:
@@ -100,23 +101,27 @@ def cfg_data_dir(run_dir: Path) -> str | None:
 
 
 def write_split(path: Path, ds: Dataset) -> None:
-    """split.csv: which image went to train and which to val (relative to the dataset folder)."""
+    """split.csv: which image went to train and which to val (relative to the dataset folder, or to the label
+    file's folder; multi-label: classes joined by '|')."""
+    from vitcli import data as D
+
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "class", "path"])
     for name, split in (("train", ds.train), ("val", ds.val)):
         for p, y in zip(split.paths, split.labels, strict=True):
-            w.writerow([name, ds.classes[y], p.relative_to(ds.root).as_posix()])
+            w.writerow([name, D.label_text(ds.classes, y), Path(os.path.relpath(p, ds.root)).as_posix()])
     atomic_write_text(path, buf.getvalue())
 
 
 def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     """metrics.csv: one row per finished epoch."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    extra = [k for k in EXTRA_METRIC_FIELDS if history and k in history[0]]
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra, lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+        w.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS + extra})
     atomic_write_text(path, buf.getvalue())
 
 

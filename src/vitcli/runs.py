@@ -25,12 +25,16 @@ def val_split(run_dir: Path, ckpt: dict[str, Any]):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
     from vitcli.config import config_from_dict
     from vitcli.data import scan_dataset
+    from vitcli.shards import is_shard_source
 
     cfg = config_from_dict(ckpt.get("config", {}))
     data_dir = ckpt.get("data_dir")
-    if not data_dir or not Path(data_dir).is_dir():
+    if not data_dir or not Path(data_dir).exists():
         raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; give DATA")
-    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed)
+    if is_shard_source(data_dir):
+        raise VitcliError(f"run '{run_dir}' streamed tar shards, whose images have no files to show; give DATA "
+                          "(the folder or label file the shards were made from)")
+    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed, cfg.data.val_csv or None)
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; give DATA")
@@ -138,6 +142,9 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
         raise VitcliError(f"run folder '{run_dir}' does not exist")
     net, ckpt, path = load_model(run_dir)
     classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    if ckpt.get("task") == "multilabel":
+        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
     data_dir, split = val_split(run_dir, ckpt)
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev)
