@@ -78,7 +78,7 @@ def test_config_error_is_one_clean_line(data, case):
     (["train", "d/red/red_000.png"], ["is not a folder"]),
     (["train"], ["missing DATA"]),
     (["train", "d", "--resume", "no_run"], ["--resume 'no_run'", "no such run folder"]),
-    (["train", "d", "--resume", "d", "--batch-size", "4"], ["only --epochs may change"]),
+    (["train", "d", "--resume", "d", "--batch-size", "4"], ["only --epochs and --time may change"]),
     (["config", "--set", "optim.lr=0"], ["'optim.lr' must be > 0"]),
 ])
 def test_missing_paths_and_bad_arguments_are_one_clean_line(data, args, phrases):

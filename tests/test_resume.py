@@ -62,6 +62,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, data, uninterrupted, stop_at
     assert torch.equal(last["train_state"]["aug_rng"], ref_last["train_state"]["aug_rng"])
 
 
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_resume_is_bit_exact_with_either_stem(tmp_path, data, stem):
+    sets = [f"model.stem={stem}"]
+    ref = safe_torch_load(train(tiny_cfg(tmp_path, "ref", 2, sets), data).run_dir / "last.pt")
+    cut = train(tiny_cfg(tmp_path, "cut", 2, sets), data, stop_after_steps=5)
+    train(None, None, resume=cut.run_dir)
+    last = safe_torch_load(cut.run_dir / "last.pt")
+    assert last["model_spec"]["kwargs"]["stem"] == stem
+    assert any(".running_mean" in k for k in last["model"]) == (stem == "conv")  # BatchNorm statistics resume too
+    assert_same_weights(last["train_state"]["model"], ref["train_state"]["model"])
+    assert_same_weights(last["model"], ref["model"])
+
+
 def test_resume_with_epochs_extends_a_finished_run(tmp_path, data):
     res = run_cli("train", data, *TINY, "--batch-size", "4", "--epochs", "1", "--name", "short")
     assert res.exit_code == 0, res.output

@@ -75,6 +75,8 @@ def train(
     model: Annotated[str | None, typer.Option(
         help="vit-tiny/16, vit-small/16, vit-base/16 (any patch size after /) or timm/<name>. [model.name]")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training set. [train.epochs]")] = None,
+    time: Annotated[str | None, typer.Option(
+        "--time", help="Time budget for the whole command, e.g. 5m, 300s, 1h: fits the epochs. [train.time]")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step. [data.batch_size]")] = None,
     img_size: Annotated[int | None, typer.Option(help="Network input side in pixels. [data.img_size]")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [train.device]")] = None,
@@ -94,14 +96,20 @@ def train(
         data = data_path(data)
         if data is None and resume is None:
             raise VitcliError("missing DATA: give the dataset folder, e.g. vitcli train examples/digits")
-        flags = {"model.name": model, "train.epochs": epochs, "data.batch_size": batch_size,
+        flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
                  "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
         if resume is not None:
-            if config or set_ or find_lr or any(v is not None for k, v in flags.items() if k != "train.epochs"):
-                raise VitcliError("--resume continues a run with its saved config; only --epochs may change")
+            if config or set_ or find_lr or any(v is not None for k, v in flags.items()
+                                                 if k not in ("train.epochs", "train.time")):
+                raise VitcliError("--resume continues a run with its saved config; only --epochs and --time may "
+                                  "change")
+            if time is not None:
+                from vitcli.config import parse_duration
+
+                parse_duration(time, "--time")
             from vitcli.engine import train as run_train
 
-            run_train(None, data, resume=resume, epochs_override=epochs)
+            run_train(None, data, resume=resume, epochs_override=epochs, time_override=time)
             return
         cfg = load_config(config, set_, flags)
         if find_lr:

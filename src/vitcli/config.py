@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of embed_dim
     global_pool: str = "token"  # classifier input: token (class token) | avg (mean of patch tokens)
     pos_embed: str = "learn"  # position embedding: learn | sincos (fixed 2-D sine-cosine)
+    stem: str = "patch"  # scratch ViT tokeniser: patch (one strided conv) | conv (3x3 conv stack, stride = patch)
     drop_rate: float = 0.0  # dropout after the MLP and projection layers, probability
     drop_path_rate: float = 0.0  # stochastic depth rate of the last block (linear from 0), probability
 
@@ -80,6 +82,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30  # passes over the training set
+    time: str = ""  # wall-clock budget for the whole command (e.g. 300s, 5m, 1h): fits the epochs; "" = off
     seed: int = 0  # seeds every random number generator
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
@@ -118,6 +121,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.class_weights": ("none", "auto"),
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
+    "model.stem": ("patch", "conv"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
@@ -267,6 +271,17 @@ def _looks_numeric(raw: str) -> bool:
         return len(raw) < 400  # float() of a 10^6-digit string is slow and no config value is that long
     except ValueError:
         return False
+
+
+_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str, key: str = "train.time") -> float:
+    """'5m', '300s', '1.5h', '90' (seconds) -> seconds; a clear error otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS or float(m.group(1)) <= 0:
+        raise VitcliError(f"'{key}' {text!r} is not a duration; use a number with s, m or h, e.g. 300s, 5m, 1h")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def safe_yaml(text: str, source: str) -> Any:
@@ -469,6 +484,8 @@ def validate(cfg: Config) -> None:
         need(getattr(getattr(cfg, section), name) in choices, key, "one of " + ", ".join(choices))
     _check_ranges(cfg)
     m, t = cfg.model, cfg.train
+    if t.time:
+        parse_duration(t.time)
     need(bool(m.name.strip()) and len(m.name) <= 200 and not CONTROL.search(m.name), "model.name",
          "a preset like vit-tiny/16 or timm/<name>")
     need(bool(t.name.strip()) and "/" not in t.name and "\\" not in t.name and t.name not in (".", "..")

@@ -548,6 +548,23 @@ def probe_image(path: str | Path) -> str | None:
         return None
 
 
+def probe_sizes(paths: list[Path], sample: int = 256, seed: int = 0) -> list[tuple[int, int]]:
+    """(width, height) of a seeded sample of the images, from their headers only (no pixel decoding)."""
+    from PIL import Image
+
+    picked = random.Random(seed).sample(paths, sample) if len(paths) > sample else paths
+
+    def size(path: Path) -> tuple[int, int] | None:
+        try:
+            with Image.open(path, formats=allowed_formats()) as img:
+                return img.size
+        except Exception:  # unreadable files are reported when the images are decoded
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return [s for s in pool.map(size, picked) if s is not None]
+
+
 def probe_many(paths: list[Path]) -> list[str | None]:
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         return list(pool.map(probe_image, paths, chunksize=64))

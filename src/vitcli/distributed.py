@@ -79,6 +79,18 @@ def all_reduce_sums(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(value: float, device) -> float:
+    """The largest value over ranks (e.g. the slowest step time, so every rank fits the same plan)."""
+    import torch
+    import torch.distributed as dist
+
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def any_rank(flag: int, device) -> int:
     """The largest flag of any rank: a stop asked for in one process stops all of them at the same batch."""
     import torch
@@ -89,6 +101,15 @@ def any_rank(flag: int, device) -> int:
     t = torch.tensor([flag], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def broadcast_buffers(module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics): each rank's last forward updated its own."""
+    import torch.distributed as dist
+
+    if _active():
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
 
 
 def barrier() -> None:

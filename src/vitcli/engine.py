@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from vitcli.data import BadImageLog, Dataset, ImageStore
+    from vitcli.defaults import DataFacts
 
 LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
 
@@ -145,6 +146,7 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
     best_score: float = -math.inf  # train.best_metric of the best epoch, higher is better (loss negated)
+    plan: dict[str, int] | None = None  # epochs and schedule a time budget fitted (budget.py), kept on resume
 
 
 EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
@@ -209,6 +211,7 @@ class RunState:
     thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned at the last validation
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
+    budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
 
     @property
     def eval_model(self):
@@ -265,6 +268,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     `run_dir` is None, and locked into `hold`). A resumed run's classes must match its checkpoint's
     (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
     from vitcli import data as D
+    from vitcli.defaults import DataFacts
     from vitcli.rundir import check_resumed_data, write_split
     from vitcli.shards import is_shard_source
 
@@ -276,7 +280,10 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold)
+    facts = None  # for the data-aware defaults (a resumed run's config is final)
+    if recipe:
+        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold, facts)
     if env.main and ds.split_made and not resumed:
         write_split(run_dir / "split.csv", ds)
     counts = D.class_counts(ds.train.labels, len(ds.classes))
@@ -288,17 +295,21 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
 
 
 def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None,
-                 hold: contextlib.ExitStack | None = None) -> Path:
-    """Fill the recipe for `n_train` images (None: a resumed run, whose config is final), create the run folder
-    (when `run_dir` is None, locked into `hold`) and write config.yaml."""
+                 hold: contextlib.ExitStack | None = None, facts: DataFacts | None = None) -> Path:
+    """Fill the data-aware defaults (`facts`) and the recipe for `n_train` images (None: a resumed run, whose
+    config is final), create the run folder (when `run_dir` is None, locked into `hold`), write config.yaml."""
     from vitcli.distributed import broadcast_str
     from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
     from vitcli.rundir import new_run_dir, write_config
 
     t = cfg.train
-    if n_train is not None:
-        apply_recipe(cfg, n_train=n_train, world=env.world, quiet=not env.main)  # keys the user left
+    if n_train is not None:  # keys the user left
+        apply_recipe(cfg, n_train=n_train, world=env.world, quiet=not env.main, facts=facts)
+        if t.threads:  # the defaults may have chosen it
+            import torch
+
+            torch.set_num_threads(t.threads)
     if run_dir is None:
         run_dir = new_run_dir(t.output, t.name) if env.main else Path(t.output) / t.name
         run_dir = Path(broadcast_str(str(run_dir)))
@@ -384,7 +395,9 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     model, spec = build_model(cfg.model, len(data.classes), d.img_size)
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained or cfg.model.pretrained_file else ""
-    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}, "
+    k = spec["kwargs"]
+    shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
+    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "
          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     if t.precision == "auto":
         env.precision, env.why = refine_auto_precision(env.precision, env.why, model, env.device, d.img_size,
@@ -445,7 +458,8 @@ def restore(run: RunState, ckpt: dict[str, Any]) -> None:
     pr = ts["progress"]
     run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
                             pr["since_best"], list(pr["history"]), dict(pr["partial"]),
-                            pr.get("best_score", pr["best_acc"]))  # runs from before best_metric used acc
+                            pr.get("best_score", pr["best_acc"]),  # runs from before best_metric used acc
+                            pr.get("plan"))
     set_rng_state(ts["rng"])
     run.aug_gen.set_state(ts["aug_rng"])
     info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
@@ -525,7 +539,8 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
     for bi, (x, y) in enumerate(data.train.train_batches(*where), start=first):
         train_step(run, x, y, bi)
         p.batch = bi + 1
-        end = bi + 1 == n
+        cut = run.budget is not None and run.budget.after_step(run)  # the time is up: end the epoch here
+        end = bi + 1 == n or cut
         if (bi + 1) % run.log_every == 0 or end:
             read_sums(run, t0, bar, task)
         bar.update(task, advance=1)
@@ -543,6 +558,8 @@ def train_epoch(run: RunState, data: TrainData, bar, stop: StopFlag, stop_after_
                 bar.stop()
                 stop_run(run, data, stop.code or (stopping if stopping > 0 else 130), stopping == -1)
                 return True
+        if cut:
+            break
     bar.remove_task(task)
     p.partial["seconds"] = time.time() - t0
     streamed = data.train.epoch_check(env.device, env.world)  # shards: was every image seen once?
@@ -595,10 +612,14 @@ def stop_run(run: RunState, data: TrainData, code: int, quietly: bool) -> None:
 
 def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
     """Validation of the weights that are kept (EMA when on), summed over ranks; the epoch's metrics row."""
-    from vitcli.distributed import all_reduce_sums
+    from vitcli.distributed import all_reduce_sums, broadcast_buffers
     from vitcli.evaluate import run_eval
 
     env, p, d = run.env, run.progress, run.cfg.data
+    if env.world > 1:  # replicas agree on weights (DDP) and, from here, on BatchNorm statistics too
+        broadcast_buffers(run.model)
+        if run.ema is not None:
+            broadcast_buffers(run.ema.module)
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
     f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
@@ -742,18 +763,21 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
 # ----------------------------------------------------------------------------------------------- driver
 def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = None,
           epochs_override: int | None = None, stop_after_steps: int | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
-    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder."""
+          callbacks: list[Callback] | None = None, time_override: str | None = None) -> TrainResult:
+    """Train a model on `data_dir` per `cfg`; with `resume`, continue the run in that folder (with
+    `time_override`, fit its rest to a new time budget)."""
     t_start = time.time()
     with contextlib.ExitStack() as hold:  # the run-folder lock, held until the run ends
-        run, data = start_run(cfg, data_dir, resume, epochs_override, hold)
+        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override)
         return run_epochs(run, data, t_start, stop_after_steps, callbacks)
 
 
 def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
-              hold: contextlib.ExitStack) -> tuple[RunState, TrainData]:
-    """open_run -> prepare_data -> build_state -> restore. A first SIGINT/SIGTERM in here (scanning, decoding
-    and caching can take minutes) stops with one line saying nothing was saved yet."""
+              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None
+              ) -> tuple[RunState, TrainData]:
+    """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
+    (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
+    from vitcli.budget import budget_for
     from vitcli.loggers import check_installed
     from vitcli.signals import Stopped
 
@@ -763,6 +787,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
+        run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
         if ckpt is not None:
             restore(run, ckpt)
         return run, data
@@ -787,12 +812,16 @@ def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps:
     try:
         with StopFlag() as stop, progress_bar(extra=True) as bar:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
+            if run.budget is not None:
+                run.budget.bar, run.budget.epoch_task = bar, epoch_task
             while run.progress.epoch < t.epochs:
                 if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
                     _stopped(run)
                     return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
                                        run.progress.history)
                 early = end_epoch(run, data, evaluate_epoch(run, data))
+                if run.budget is not None:
+                    run.budget.after_epoch(run)
                 bar.update(epoch_task, advance=1)
                 if early:
                     break

@@ -584,11 +584,12 @@ def inspect_distance(data: list[Path], *, model: str | None = None, output: str 
 
 # ----------------------------------------------------------------------------------------------- filters
 def filter_components(model: nn.Module, k: int) -> torch.Tensor:
-    """The top-k principal components of the patch-embedding filters as RGB tiles (k, ph, pw, 3) in [0, 1]."""
+    """The top-k principal components of the filters that read the pixels (the patch projection, or a conv
+    stem's first 3x3 layer) as RGB tiles (k, ph, pw, 3) in [0, 1]."""
     import torch
 
-    proj = getattr(model.patch_embed, "proj", None)
-    w = getattr(proj, "weight", None)
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels == 3]
+    w = convs[0].weight if convs else None
     if w is None or w.ndim != 4 or w.shape[1] != 3:
         raise VitcliError(f"model {type(model).__name__} has no RGB convolutional patch embedding to show")
     D, C, ph, pw = w.shape

@@ -48,11 +48,14 @@ def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
     dim, depth, heads = m.embed_dim or dim, m.depth or depth, m.num_heads or heads
     if dim % heads:
         raise VitcliError(f"'model.embed_dim' {dim} must be divisible by 'model.num_heads' {heads}")
+    if m.stem == "conv" and patch_size & (patch_size - 1):
+        raise VitcliError(f"'model.stem' conv needs a power-of-two patch size (its total stride); model "
+                          f"{m.name!r} has patch {patch_size}")
     if m.pos_embed == "sincos" and dim % 4:
         raise VitcliError(f"'model.embed_dim' {dim} must be divisible by 4 with 'model.pos_embed: sincos'")
     return dict(img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads,
                 mlp_ratio=m.mlp_ratio, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
-                global_pool=m.global_pool, pos_embed=m.pos_embed)
+                global_pool=m.global_pool, pos_embed=m.pos_embed, stem=m.stem)
 
 
 class Backend:
@@ -186,6 +189,11 @@ class TimmBackend(Backend):
 
     def claims(self, model_name: str) -> bool:
         return model_name.startswith(TIMM_PREFIX)
+
+    def check_config(self, m: ModelConfig, img_size: int) -> None:
+        if m.stem != "patch":
+            raise VitcliError(f"'model.stem' {m.stem} is for vitcli's own ViT presets (vit-tiny/16, ...); timm "
+                              f"model {m.name!r} keeps its own stem")
 
     def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
         kwargs = dict(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vitcli.config import Config
+    from vitcli.defaults import Choice, DataFacts
 
 SMALL_DATA = 20_000  # training images below which from-scratch training uses scratch-small
 LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
@@ -38,6 +39,8 @@ class Recipe:
     why: str  # one sentence: what about the data / model chose it
     applied: dict[str, Any] = field(default_factory=dict)  # key -> value the recipe set
     kept: list[str] = field(default_factory=list)  # recipe keys left as the user set them
+    defaults: list[Choice] = field(default_factory=list)  # data-aware choices made first (defaults.py)
+    hint: str | None = None  # e.g. the command that fine-tunes pretrained weights instead
 
 
 def choose(cfg: Config, n_train: int) -> tuple[str, str]:
@@ -109,7 +112,8 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
         "optim.weight_decay": 0.05,
         "optim.warmup_epochs": float(min(10, max(1, round(0.1 * t.epochs)))),  # long warmup: a tenth of the run
         "model.drop_path_rate": 0.0 if level == "minimal" else 0.1,
-        "data.randaugment": "rand-m9-mstd0.5-inc1" if level == "heavy" and big_images else "",
+        # mmax9: at magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow refuses
+        "data.randaugment": "rand-m9-mstd0.5-inc1-mmax9" if level == "heavy" and big_images else "",
         "data.mixup": {"minimal": 0.0, "light": 0.2, "heavy": 0.8}[level],
         "data.cutmix": 1.0 if level == "heavy" and big_images else 0.0,
         "data.reprob": {"minimal": 0.0, "light": 0.1, "heavy": 0.25}[level],
@@ -124,15 +128,30 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     return values
 
 
-def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = False) -> Recipe:
-    """Fill the keys the user did not set with the chosen recipe's values; print the choice and why."""
+def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = False,
+                 facts: DataFacts | None = None) -> Recipe:
+    """Fill the keys the user did not set with the chosen recipe's values; print the choice and why.
+
+    With `facts` from the data scan, a from-scratch run first gets the data-aware defaults (defaults.py):
+    input size, token grid, model size, stem, small-image augmentation and epochs; the recipe leaves those."""
+    from vitcli.defaults import apply_defaults, photo_hint
+    from vitcli.models import backend_for_name
+
     name, why = choose(cfg, n_train)
     mine = user_keys(cfg)
     recipe = Recipe(name, why)
+    if facts is not None and name in ("scratch-small", "scratch") and backend_for_name(cfg.model.name).from_scratch:
+        recipe.defaults = apply_defaults(cfg, name, facts, world)
+        recipe.hint = photo_hint(cfg, facts)
+        name, why = choose(cfg, n_train)  # the chosen epochs set the augmentation strength
+        recipe.why = why
+    chosen = {k for c in recipe.defaults for k in c.applied}
     for key, value in recipe_values(name, cfg, n_train, world).items():
         section, attr = key.split(".")
         if key in mine:
             recipe.kept.append(key)
+        elif key in chosen:
+            continue
         elif getattr(getattr(cfg, section), attr) != value:
             setattr(getattr(cfg, section), attr, value)
             recipe.applied[key] = value
@@ -152,6 +171,12 @@ def _print(recipe: Recipe) -> None:
     if recipe.name == "none":
         info("[bold]recipe[/] none ('train.recipe: none'): only your settings and the defaults")
         return
+    if recipe.defaults:
+        info("[bold]defaults[/] from the data, for the keys you did not set:")
+    for c in recipe.defaults:
+        info("  " + ", ".join(f"{k}={esc(_fmt(v))}" for k, v in c.applied.items()) + f": {esc(c.why)}")
+    if recipe.hint:
+        info(f"[bold]hint[/] {esc(recipe.hint)}")
     info(f"[bold]recipe[/] {recipe.name}: {esc(recipe.why)}")
     if recipe.applied:
         info("  sets " + ", ".join(f"{k}={esc(_fmt(v))}" for k, v in recipe.applied.items()))

@@ -28,6 +28,41 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def conv_stem_layout(patch_size: int, embed_dim: int, min_layers: int = 3) -> tuple[list[int], list[int]]:
+    """(widths, strides) of ConvStem's 3x3 convs: widths doubling up to embed_dim, log2(patch) of stride 2."""
+    if patch_size < 1 or patch_size & (patch_size - 1):
+        raise ValueError(f"the conv stem needs a power-of-two patch size (its total stride), got {patch_size}")
+    n_down = patch_size.bit_length() - 1
+    n = max(min_layers, n_down)
+    return [max(16, embed_dim >> (n - 1 - i)) for i in range(n)], [1] * (n - n_down) + [2] * n_down
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3 convs with
+    BatchNorm and ReLU, halving the resolution log2(P) times up to a total stride P, then a 1x1 projection to D.
+    Same output as PatchEmbed; a better start for ViTs trained from scratch on little data.
+    """
+
+    def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        widths, strides = conv_stem_layout(patch_size, embed_dim)
+        self.patch_size = patch_size
+        layers, c_in = [], in_chans
+        for c_out, s in zip(widths, strides, strict=True):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"image size {H}x{W} must be divisible by the stem's stride {self.patch_size}")
+        x = self.proj(self.convs(x))  # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; `fused_attn` picks SDPA, else the explicit softmax path."""
 
@@ -134,6 +169,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic-depth rate of the last block, rising linearly from 0 over the blocks.
         global_pool: "token" classifies the class token; "avg" the mean of patch tokens (timm's fc_norm).
         pos_embed: "learn" (trainable) or "sincos" (fixed 2-D sine-cosine).
+        stem: "patch" (one strided conv, timm's PatchEmbed) or "conv" (ConvStem of total stride patch_size).
     """
 
     num_prefix_tokens = 1
@@ -154,18 +190,22 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         global_pool: str = "token",
         pos_embed: str = "learn",
+        stem: str = "patch",
     ):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} must be divisible by patch size {patch_size}")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         self.img_size, self.patch_size = img_size, patch_size
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_classes, self.embed_dim, self.global_pool = num_classes, embed_dim, global_pool
         num_patches = self.grid_size[0] * self.grid_size[1]
 
-        self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        stem_cls = ConvStem if stem == "conv" else PatchEmbed
+        self.patch_embed = stem_cls(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)

@@ -1,0 +1,126 @@
+"""Data-aware defaults: input size, token grid, model size, stem, augmentation and epochs from the scanned folder;
+the user's keys always win; few photos get the fine-tuning hint."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import make_dataset, run_cli
+from vitcli.config import load_config
+from vitcli.data import probe_sizes, scan_dataset
+from vitcli.defaults import LADDER, DataFacts, forward_macs
+from vitcli.recipes import apply_recipe
+
+
+def grey_folder(root: Path, classes: int, per_class: int, size: tuple[int, int], ext: str = ".png") -> Path:
+    rng = random.Random(0)
+    for c in range(classes):
+        folder = root / f"c{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("L", size, rng.randint(0, 255))
+            img.save(folder / f"{i}{ext}")
+    return root
+
+
+def scanned(folder: Path, cfg, device_type: str = "cpu"):
+    ds = scan_dataset(folder, cfg.data.val_fraction, 0)
+    facts = DataFacts(len(ds.train), probe_sizes(ds.train.paths), device_type, str(folder))
+    return apply_recipe(cfg, n_train=len(ds.train), quiet=True, facts=facts), facts
+
+
+def test_small_grey_images_keep_their_size_with_a_conv_stem_ladder_and_gentle_augmentation(tmp_path):
+    cfg = load_config()
+    recipe, facts = scanned(grey_folder(tmp_path / "d", 10, 20, (28, 28)), cfg)
+    assert facts.sizes[0] == (28, 28) and recipe.name == "scratch-small"
+    assert cfg.data.img_size == 28 and cfg.model.name == "vit-tiny/4" and cfg.model.stem == "conv"  # 7x7 tokens
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == LADDER[0][1:]  # 160 images
+    assert cfg.data.scale_min == 0.75 and cfg.data.hflip == 0.0 and cfg.data.rotate > 0 and cfg.data.crop_pct == 1
+    assert cfg.train.epochs == 100 and cfg.train.threads == 1  # 2 steps an epoch: the longest run, one thread
+    assert cfg.model.global_pool == "avg"  # the recipe still fills what the defaults do not choose
+    assert recipe.hint is None
+
+
+def test_larger_images_and_more_of_them_get_a_coarser_grid_a_bigger_model_and_fewer_epochs(tmp_path):
+    cfg = load_config(flags={"data.batch_size": 16})
+    scanned(grey_folder(tmp_path / "d", 2, 700, (96, 80)), cfg)  # 1,120 training images of 80 px
+    assert cfg.data.img_size == 80 and cfg.model.name == "vit-tiny/8"  # 10x10 tokens
+    assert (cfg.model.embed_dim, cfg.model.depth) == LADDER[1][1:3]
+    assert cfg.data.scale_min == 0.08 and cfg.data.hflip == 0.5  # not small: the usual crops and flips
+    assert cfg.train.epochs == 14  # 1,000 steps of 70
+
+
+def test_photos_train_at_224_and_get_the_exact_fine_tuning_command(tmp_path, capsys):
+    data = grey_folder(tmp_path / "photos", 2, 3, (500, 375), ext=".jpg")
+    cfg = load_config()
+    recipe, _ = scanned(data, cfg)
+    assert cfg.data.img_size == 224 and cfg.model.name == "vit-tiny/16"
+    assert recipe.hint and f"vitcli train {data} --model timm/vit_tiny_patch16_224 --set model.pretrained=true" \
+        in recipe.hint
+    assert cfg.model.pretrained is False  # a hint, never a download
+
+
+def test_a_cpu_takes_a_smaller_model_and_fewer_epochs_for_photos_than_a_gpu():
+    sizes = [(500, 375)] * 8
+    cpu, gpu = load_config(), load_config()
+    apply_recipe(cpu, n_train=6_000, quiet=True, facts=DataFacts(6_000, sizes, "cpu"))
+    apply_recipe(gpu, n_train=6_000, quiet=True, facts=DataFacts(6_000, sizes, "cuda"))
+    assert (gpu.model.embed_dim, gpu.model.depth) == LADDER[2][1:3]
+    assert cpu.model.embed_dim < gpu.model.embed_dim and cpu.train.epochs < gpu.train.epochs
+    assert forward_macs(224, 16, cpu.model.embed_dim, cpu.model.depth, "conv") <= 3e8
+    assert cpu.train.threads == 1 and gpu.train.threads == 0
+
+
+def test_the_users_keys_win_over_every_data_aware_default(tmp_path):
+    data = grey_folder(tmp_path / "d", 3, 10, (28, 28))
+    cfg = load_config(flags={"data.img_size": 32, "model.name": "vit-small/8", "train.epochs": 3},
+                      overrides=["data.hflip=0.5", "model.stem=patch", "train.threads=2"])
+    recipe, _ = scanned(data, cfg)
+    assert (cfg.data.img_size, cfg.model.name, cfg.train.epochs) == (32, "vit-small/8", 3)
+    assert (cfg.data.hflip, cfg.model.stem, cfg.train.threads) == (0.5, "patch", 2)
+    assert cfg.model.embed_dim == 0 and cfg.model.depth == 0  # the named preset's size, not the ladder's
+    assert cfg.data.translate > 0  # keys the user left alone are still chosen
+    applied = {k for c in recipe.defaults for k in c.applied}
+    assert not applied & {"data.img_size", "model.name", "train.epochs", "data.hflip", "model.stem"}
+
+
+def test_pretrained_and_recipe_none_get_no_data_aware_defaults(tmp_path):
+    facts = DataFacts(100, [(28, 28)] * 4)
+    for sets in (["model.pretrained_file=w.safetensors", "model.name=timm/test_vit"], ["train.recipe=none"]):
+        cfg = load_config(overrides=sets)
+        recipe = apply_recipe(cfg, n_train=100, quiet=True, facts=facts)
+        assert recipe.defaults == [] and cfg.data.img_size == 224
+
+
+def test_train_with_no_flags_prints_each_choice_and_records_it(tmp_path):
+    data = make_dataset(tmp_path / "shapes", per_class=6, size=16)
+    res = run_cli("train", data, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                  "--set", "train.precision=fp32")
+    assert res.exit_code == 0, res.output
+    assert "defaults from the data" in res.output
+    assert "data.img_size=16: the images are about 16 px" in res.output and "model.stem=conv" in res.output
+    saved = yaml.safe_load((tmp_path / "runs" / "train" / "config.yaml").read_text())
+    assert saved["data"]["img_size"] == 16 and saved["model"]["stem"] == "conv"
+    assert saved["model"]["name"] == "vit-tiny/2" and saved["model"]["embed_dim"] == LADDER[0][1]
+
+
+@pytest.mark.parametrize("side", [8, 31, 100, 159, 160, 1000])
+def test_the_input_size_always_fits_the_chosen_patch(side):
+    cfg = load_config()
+    apply_recipe(cfg, n_train=500, quiet=True, facts=DataFacts(500, [(side, side + 5)]))
+    patch = int(cfg.model.name.split("/")[1])
+    assert cfg.data.img_size % patch == 0 and 4 <= cfg.data.img_size // patch <= 14
+
+
+def test_a_time_budget_guesses_fewer_epochs_so_the_recipe_fits_the_run_length():
+    facts = DataFacts(3_200, [(28, 28)] * 8, "cpu")
+    free, timed = load_config(), load_config(overrides=["train.time=3m"])
+    apply_recipe(free, n_train=3_200, quiet=True, facts=facts)
+    recipe = apply_recipe(timed, n_train=3_200, quiet=True, facts=facts)
+    assert 1 <= timed.train.epochs < free.train.epochs == 20
+    assert any("train.epochs" in c.applied and "3m" in c.why for c in recipe.defaults)
