@@ -8,7 +8,6 @@ Pretrained models keep their input size, and `train.recipe: none` turns this off
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,11 +39,6 @@ class DataFacts:
     sizes: list[tuple[int, int]]  # (width, height) of a sample of them
     device_type: str = "cpu"  # cpu | cuda | mps
     data_dir: str = "DATA"  # for the printed hint
-    cpus: int = 0  # CPU cores this process may use; 0 = count them
-
-    def __post_init__(self):
-        if not self.cpus:
-            self.cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -135,10 +129,9 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     macs = forward_macs(img, patch, dim, depth, stem)
     out += _augment(img, side)
     out += _epochs(cfg, facts, world, macs if cpu else 0.0)
-    if cpu and (macs <= CPU_STEP_MACS or facts.cpus <= 2):
-        out.append(Choice({"train.threads": 1}, ("a small model" if macs <= CPU_STEP_MACS else f"{facts.cpus} cores")
-                          + ": threads that wait on each other run 10-30x slower whenever other processes share "
-                            "the cores, and a second one gains little"))
+    if cpu and macs <= CPU_STEP_MACS:  # a large model keeps torch's threads: on a quiet machine they pay off
+        out.append(Choice({"train.threads": 1}, "a small model: threads that wait on each other run 10-30x slower "
+                          "whenever other processes share the cores, and a second one gains little"))
     return out
 
 
