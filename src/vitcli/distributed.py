@@ -130,6 +130,18 @@ def broadcast_str(s: str) -> str:
     return obj[0]
 
 
+def leave() -> None:
+    """Every rank waits for the others to finish (rank 0 writes the report and summary), then leaves the group.
+
+    A rank that exits while its peer is still working tears down gloo's threads under live traffic and aborts
+    ("terminate called without an active exception", SIGABRT), which torchrun reports as a failed run."""
+    import torch.distributed as dist
+
+    if _active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def check_replicas(state_dict: dict[str, Any], world: int) -> str:
     """Every process must end with the same weights; returns the shared sha256."""
     import torch.distributed as dist

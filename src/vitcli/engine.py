@@ -717,7 +717,7 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
 def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     """Calibrate best.pt and last.pt (train.calibrate), check the replicas agree (torchrun), tell the callbacks,
     print the summary."""
-    from vitcli.distributed import check_replicas
+    from vitcli.distributed import check_replicas, leave
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
@@ -730,6 +730,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
         for cb in run.callbacks:
             cb.on_end(run, result)
         _summary(result, data.classes, data.bad, best_metric(run.cfg, data.multilabel))
+    leave()
     return result
 
 
