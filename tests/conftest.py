@@ -6,7 +6,9 @@ command `run_cli` / `run_vitcli` runs on it: a command that changes a dataset fa
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import random
 import stat
@@ -164,3 +166,27 @@ def run_vitcli(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedPro
     with DatasetsUntouched(args, kwargs.get("cwd")):
         return subprocess.run([sys.executable, "-m", "vitcli", *map(str, args)], capture_output=True, text=True,
                               timeout=timeout, **kwargs)
+
+
+
+_REAL_FDOPEN = os.fdopen  # tests patch os.fdopen (through vitcli.files.os); DiskFull keeps the real one
+
+
+class DiskFull(io.RawIOBase):
+    """A file object over fd whose writes fail with ENOSPC: a full disk, simulated at the OS boundary."""
+
+    def __init__(self, fd):
+        self.f = _REAL_FDOPEN(fd, "wb")
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+        super().close()

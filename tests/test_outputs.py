@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_dataset, run_cli, run_vitcli
+from conftest import DiskFull, make_dataset, run_cli, run_vitcli
 
 CLASSES = ["blue", "red"]
 
@@ -165,33 +165,14 @@ def test_bogus_device_or_precision_is_an_error_not_a_silent_default(setup, comma
 
 def test_enospc_while_writing_a_run_file_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     """Simulated: the OS-level write of the temp file fails with ENOSPC (no small full disk to use here)."""
-    import errno
 
     from vitcli import files
     from vitcli.errors import VitcliError
     from vitcli.files import write_output
 
     (tmp_path / "keep.json").write_text("old")
-    real_fdopen = os.fdopen
 
-    class Full(io.RawIOBase):
-        def __init__(self, fd):
-            self.f = real_fdopen(fd, "wb")
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-            super().close()
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: Full(fd))
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: DiskFull(fd))
     with pytest.raises(VitcliError, match=r"--json '.*keep.json': cannot write there: No space left on device"):
         write_output(tmp_path / "keep.json", b"new", "--json")
     assert (tmp_path / "keep.json").read_text() == "old"

@@ -4,8 +4,6 @@ other data, outputs in DATA or in unwritable places, a full disk while saving, a
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import signal
 import time
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, DatasetsUntouched, make_dataset, run_cli
+from conftest import TINY, DatasetsUntouched, DiskFull, make_dataset, run_cli
 from test_outputs import one_error_line
 from test_signals import Run, _forked_main, wait_for_step
 from vitcli.files import safe_torch_load
@@ -145,28 +143,11 @@ def test_disk_full_while_saving_last_pt_is_one_line_and_keeps_the_old_one(tmp_pa
 
     real_fdopen, saves = os.fdopen, {"last": 0}
 
-    class Full(io.RawIOBase):
-        def __init__(self, fd):
-            self.f = real_fdopen(fd, "wb")
-
-        def writable(self):
-            return True
-
-        def write(self, b):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def fileno(self):
-            return self.f.fileno()
-
-        def close(self):
-            self.f.close()
-            super().close()
-
     def fdopen(fd, mode):
         if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".last.pt."):
             saves["last"] += 1
             if saves["last"] > 1:
-                return Full(fd)
+                return DiskFull(fd)
         return real_fdopen(fd, mode)
 
     monkeypatch.setattr(files.os, "fdopen", fdopen)
