@@ -190,3 +190,17 @@ class DiskFull(io.RawIOBase):
     def close(self):
         self.f.close()
         super().close()
+
+
+def trained_run(root: Path, *args: str, per_class: int = 12) -> tuple[Path, Path]:
+    """Train the TINY model through the CLI from inside `root` (so runs/ lands there) on generated shapes;
+    returns (run folder, dataset). For module-scoped fixtures, which cannot use the chdir fixture."""
+    data = make_dataset(root / "shapes", per_class=per_class)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        res = run_cli("train", data, *TINY, *args)
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == 0, res.output
+    return root / "runs" / "train", data

@@ -3,13 +3,12 @@ like the patch stem."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import run_cli, trained_run
 from vitcli.config import load_config
 from vitcli.errors import VitcliError
 from vitcli.vit import ConvStem, VisionTransformer
@@ -37,16 +36,7 @@ def test_conv_stem_with_a_patch_that_is_no_power_of_two_is_a_config_error():
 
 @pytest.fixture(scope="module")
 def conv_run(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("conv")
-    data = make_dataset(root / "shapes", per_class=10)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = run_cli("train", data, *TINY, "--epochs", "2", "--set", "model.stem=conv")
-    finally:
-        os.chdir(cwd)
-    assert res.exit_code == 0, res.output
-    return root / "runs" / "train", data
+    return trained_run(tmp_path_factory.mktemp("conv"), "--epochs", "2", "--set", "model.stem=conv", per_class=10)
 
 
 def test_conv_stem_trains_and_saves_a_self_describing_checkpoint(conv_run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_dataset, run_cli, shape_image
+from conftest import make_dataset, run_cli, shape_image, trained_run
 from vitcli.checkpoint import make_checkpoint, save_checkpoint
 from vitcli.data import preprocess_info
 
@@ -19,16 +18,7 @@ from vitcli.data import preprocess_info
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(run folder of a tiny scratch ViT trained one epoch, its dataset) — shared by the tests here."""
-    root = tmp_path_factory.mktemp("inspect")
-    data = make_dataset(root / "shapes", per_class=12)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = run_cli("train", data, *TINY, "--epochs", "1")
-    finally:
-        os.chdir(cwd)
-    assert res.exit_code == 0, res.output
-    return root / "runs" / "train", data
+    return trained_run(tmp_path_factory.mktemp("inspect"), "--epochs", "1", per_class=12)
 
 
 @pytest.fixture
