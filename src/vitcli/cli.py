@@ -122,6 +122,38 @@ def train(
         run_train(cfg, data)
 
 
+@app.command(short_help="K-fold cross-validation: mean ± std, out-of-fold probabilities.")
+def cv(
+    data: Annotated[str | None, typer.Argument(
+        help="Class folders (train/ and val/ are pooled; test/ stays out) or a .csv/.tsv/.jsonl label file.",
+        show_default=False)] = None,
+    folds: Annotated[int, typer.Option("--folds", "-k", help="Folds: one training run each.")] = 5,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option(help="As for train. [model.name]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of each fold. [train.epochs]")] = None,
+    time: Annotated[str | None, typer.Option(
+        "--time", help="Time budget for all folds together, e.g. 10m (shared out as the folds start).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step. [data.batch_size]")] = None,
+    img_size: Annotated[int | None, typer.Option(help="Network input side in pixels. [data.img_size]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [train.device]")] = None,
+    output: Annotated[str | None, typer.Option(help="Folder for run folders (default runs). [train.output]")] = None,
+    name: Annotated[str | None, typer.Option(help="Parent run folder name (default cv). [train.name]")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the cross-validation in this folder (finished folds are kept, a stopped one resumes).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Train one run per stratified, seeded fold under one parent run folder; print every metric per fold with
+    mean ± std, and write out-of-fold probabilities for every image (oof.csv)."""
+    with guard():
+        from vitcli.cv import print_cv, run_cv
+
+        flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
+                 "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
+        show(run_cv(data_path(data), folds, config, set_, flags, resume), json_out, print_cv)
+
+
 @app.command(short_help="Pack a dataset into tar shards for streaming.")
 def shard(
     data: Annotated[Path, typer.Argument(
@@ -292,6 +324,46 @@ def report(
         from vitcli.html_report import run_report
 
         _print_paths([run_report(run, device, precision)["report"]])
+
+
+@app.command(short_help="Write a model's image embeddings to .npy / .csv / .parquet.")
+def embed(
+    data: Annotated[str, typer.Argument(
+        help="Images: a folder (searched recursively), a .csv/.tsv/.jsonl label file or one image.",
+        show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="File to write: .npy (rows; paths in <name>.paths.txt), .csv (path, f0, f1, ...) "
+                               "or .parquet (the same columns; needs pyarrow).", show_default=False)],
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """The penultimate features (the pooled token the classifier head reads) of every image, one row each."""
+    with guard():
+        from vitcli.embed import run_embed
+
+        run_embed(data_path(data), output, model, batch_size, device)
+
+
+@app.command(short_help="Find the images of a set nearest to query images.")
+def search(
+    images: Annotated[list[str], typer.Argument(help="Query images (files or folders).", show_default=False)],
+    in_: Annotated[str, typer.Option(
+        "--in", help="Images to search: a folder (recursive) or a .csv/.tsv/.jsonl label file.", show_default=False)],
+    model: ModelOpt = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per query.")] = 5,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for search.png (default: search/ in the model's run folder).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Nearest images by cosine similarity of the model's embeddings (an image of the set finds itself first)."""
+    with guard():
+        from vitcli.embed import print_search, run_search
+
+        show(run_search([data_path(i, "IMAGE") for i in images], data_path(in_, "--in"), model, k, output,
+                        batch_size, device), json_out, print_search)
 
 
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",

@@ -43,6 +43,8 @@ class DataReport:
     disguised: list[str] = field(default_factory=list)  # readable, but the extension names another format
     dup_within: list[list[FileInfo]] = field(default_factory=list)  # identical files inside one split
     dup_across: list[list[FileInfo]] = field(default_factory=list)  # identical files in several splits
+    near_across: list[tuple[FileInfo, FileInfo, float]] = field(default_factory=list)  # similar, not identical
+    near_by: str = ""  # what near_across compared: pixel thumbnails or a model's embeddings
     ignored: int = 0  # files without an image extension
 
 
@@ -74,8 +76,9 @@ def _probe(job: tuple[Path, str, int]) -> FileInfo:
     return info
 
 
-def check_data(root: str | Path) -> DataReport:
-    """Read (never write) a dataset folder and collect what could go wrong in training."""
+def check_data(root: str | Path, near: float = 0.97, model: str | None = None, device: str = "auto") -> DataReport:
+    """Read (never write) a dataset folder and collect what could go wrong in training; images in different
+    splits whose cosine similarity is >= `near` (pixel thumbnails, or `model`'s embeddings) are near-duplicates."""
     from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
 
     root = Path(root)
@@ -111,10 +114,31 @@ def check_data(root: str | Path) -> DataReport:
             rep.dup_across.append(g)
         else:
             rep.dup_within.append(g)
+    if len(splits) > 1 and near <= 1:
+        rep.near_across, rep.near_by = near_duplicates(good, near, model, device)
     for _dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         rep.ignored += sum(1 for f in filenames if not is_hidden(f) and Path(f).suffix.lower() not in IMAGE_EXTS)
     return rep
+
+
+def near_duplicates(infos: list[FileInfo], near: float, model: str | None, device: str
+                    ) -> tuple[list[tuple[FileInfo, FileInfo, float]], str]:
+    """Pairs of files from different splits, not byte-identical, with cosine similarity >= `near`."""
+    from vitcli.embeddings import cross_group_pairs, embed_images, thumbnails
+
+    paths = [i.path for i in infos]
+    if model is None:
+        emb, by = thumbnails(paths), "16x16 pixel thumbnails"
+    else:
+        from vitcli.inference import load
+
+        loaded = load(model, device=device)
+        emb, by = embed_images(loaded, paths), f"the embeddings of {loaded.run_dir}"
+    info_of = {i.path: i for i in infos}
+    kept = [info_of[p] for p in emb.paths]
+    pairs = cross_group_pairs(emb.features, [i.split for i in kept], near)
+    return [(kept[a], kept[b], s) for a, b, s in pairs if kept[a].sha256 != kept[b].sha256], by
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
@@ -126,11 +150,12 @@ def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
     return where + ("  [different classes]" if len(labels) > 1 else "")
 
 
-def inspect_data(root: str | Path, show: int = 10) -> DataReport:
+def inspect_data(root: str | Path, show: int = 10, near: float = 0.97, model: str | None = None,
+                 device: str = "auto") -> DataReport:
     """Print the dataset check; returns the report."""
     from rich.table import Table
 
-    rep = check_data(root)
+    rep = check_data(root, near, model, device)
     t = Table("class", *rep.counts, title=f"images per class in '{esc(str(rep.root))}'")
     for c, name in enumerate(rep.classes):
         t.add_row(esc(name), *[str(v[c]) for v in rep.counts.values()])
@@ -150,8 +175,12 @@ def inspect_data(root: str | Path, show: int = 10) -> DataReport:
                 ("disguised files (extension does not match the content)", rep.disguised),
                 ("exact duplicates within a split", [_dup_line(g, rep.classes) for g in rep.dup_within]),
                 ("exact duplicates across splits (leak between train and evaluation)",
-                 [_dup_line(g, rep.classes) for g in rep.dup_across])]
+                 [_dup_line(g, rep.classes) for g in rep.dup_across]),
+                (f"near-duplicates across splits (by {rep.near_by})" if rep.near_by else "",
+                 [f"{s:.3f}  " + _dup_line([a, b], rep.classes) for a, b, s in rep.near_across])]
     for title, items in sections:
+        if not title:
+            continue
         colour = "green" if not items else "yellow"
         out.print(f"[{colour}]{title}: {len(items)}[/]")
         for line in items[:show]:

@@ -167,3 +167,26 @@ def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], to
         raise VitcliError("none of the images could be read")
     raw = torch.stack(imgs)  # (B, 3, R, R) uint8
     return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)
+
+
+def plot_gallery(rows: list[list[tuple[Path, str]]], path: str | Path, pre: dict[str, Any], title: str) -> None:
+    """Rows of (image, caption) panels, each image center-cropped as the model sees it (an unreadable one
+    stays blank); used by search, select and the label-error finder."""
+    from vitcli.data import BadImage, center_crop, decode_square
+
+    plt = pyplot()
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.5 * len(rows) + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for c, (file, caption) in enumerate(row):
+            try:
+                img = center_crop(decode_square(file, pre["resize_size"], pre.get("interpolation", "bicubic")),
+                                  pre["img_size"])  # uint8 (3, S, S)
+                axes[r, c].imshow(img.permute(1, 2, 0).numpy())
+            except BadImage:
+                pass
+            axes[r, c].set_title(visible(caption), fontsize=7)
+    fig.suptitle(visible(title), fontsize=9)
+    save_figure(fig, path)
