@@ -76,9 +76,11 @@ def test_no_import_cycle_between_vitcli_modules():
 # below, and command modules (one per CLI verb) never import one another. A new module must be placed here.
 LAYERS: dict[str, set[str]] = {
     "app": {"__main__", "cli"},
-    "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
+    "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder",
+                 "embed", "cv", "selection"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim"},
+                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim",
+                 "embeddings", "crossval", "confident"},
     "core": {"config", "data", "manifest", "shards", "multilabel", "models", "vit", "checkpoint", "device",
              "distributed", "files", "console", "signals", "errors", "__init__"},
 }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, trained_run
+from conftest import TINY, make_dataset, run_cli, track_dataset, trained_run
 from vitcli.checkpoint import make_checkpoint, save_checkpoint
 from vitcli.data import preprocess_info
 
@@ -96,3 +96,192 @@ def test_search_finds_the_query_image_itself_first(trained, deit_checkpoint, tmp
         assert all(r["neighbours"][0]["similarity"] > 0.9999 for r in out["results"])
         assert all(len(r["neighbours"]) == 3 for r in out["results"])
         assert (tmp_path / "s" / "search.png").stat().st_size > 1000
+
+
+def test_inspect_data_reports_near_duplicates_across_splits(tmp_path):
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "split", per_class=10, splits=("train", "val"))
+    track_dataset(data)
+    Image.open(data / "train" / "red" / "red_001.png").resize((40, 40)).save(data / "val" / "red" / "copy.jpg")
+    res = run_cli("inspect", "data", data)
+    assert res.exit_code == 0, res.output
+    assert "near-duplicates across splits (by 16x16 pixel thumbnails): 1" in res.output
+    assert "copy.jpg" in res.output and "red_001.png" in res.output
+    res = run_cli("inspect", "data", data, "--near", "1.5")
+    assert res.exit_code == 0 and "near-duplicates" not in res.output
+
+
+def test_k_centre_greedy_spreads_its_picks():
+    from vitcli.embeddings import k_centre_greedy
+
+    rng = np.random.default_rng(0)
+    copies = np.ones((6, 8)) + rng.normal(0, 1e-3, (6, 8))  # six near-copies of one image
+    others = rng.normal(0, 1, (6, 8))
+    picked = k_centre_greedy(np.concatenate([copies, others]), 4, first=0)
+    assert picked[0] == 0 and sum(i < 6 for i in picked) == 1 and len(set(picked)) == 4
+    away = k_centre_greedy(np.concatenate([copies, others]), 3, centres=copies[:1])
+    assert all(i >= 6 for i in away)  # nothing near an image already labelled
+
+
+# ----------------------------------------------------------------------------------------------- cv
+def _tiny_cv_args(epochs: int = 2) -> list[str]:
+    return [*TINY, "--set", "model.depth=1", "--epochs", str(epochs)]
+
+
+def test_cv_interrupted_and_resumed_gives_the_same_numbers(tmp_path, monkeypatch):
+    from vitcli import engine
+
+    data = make_dataset(tmp_path / "shapes", per_class=8)
+    res = run_cli("cv", data, "--folds", "3", *_tiny_cv_args(), "--json")
+    assert res.exit_code == 0, res.output
+    full = json.loads(res.stdout)
+    assert len(full["per_fold"]) == 3 and set(full["summary"]["top1"]) == {"mean", "std"}
+    assert abs(full["summary"]["top1"]["mean"] - np.mean([m["top1"] for m in full["per_fold"]])) < 1e-12
+    with open(tmp_path / "runs" / "cv" / "oof.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and sorted(int(r["fold"]) for r in rows) == [1] * 8 + [2] * 8 + [3] * 8
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in ("blue", "green", "red")) - 1) < 1e-4 for r in rows)
+    assert not any(p.suffix == ".csv" for p in data.rglob("*"))  # fold label files live in the run folder
+
+    calls = {"n": 0}
+    real = engine.train_epoch
+
+    def stop_in_fold_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # fold 2, epoch 2: after fold 2's epoch-1 last.pt
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "train_epoch", stop_in_fold_two)
+    res = run_cli("cv", data, "--folds", "3", *_tiny_cv_args(), "--name", "again")
+    assert res.exit_code == 130, res.output
+    again = tmp_path / "runs" / "again"
+    assert (again / "fold1" / "oof.npz").is_file() and not (again / "fold2" / "oof.npz").is_file()
+    monkeypatch.setattr(engine, "train_epoch", real)
+    res = run_cli("cv", "--resume", again, "--json")
+    assert res.exit_code == 0, res.output
+    resumed = json.loads(res.stdout)
+    for a, b in zip(full["per_fold"], resumed["per_fold"], strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_cv_multilabel_label_file_with_a_time_budget(tmp_path):
+    data = make_dataset(tmp_path / "shapes", per_class=8)
+    lines = ["path,label"]
+    for i, p in enumerate(sorted(data.rglob("*.png"))):
+        lines.append(f"{p.relative_to(tmp_path)},{p.parent.name}" + ("|bright" if i % 2 else ""))
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    res = run_cli("cv", tmp_path / "labels.csv", "--folds", "2", *TINY, "--time", "20s", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["task"] == "multilabel" and "mAP" in out["summary"] and out["images"] == 24
+    budgets = [yaml_key(tmp_path / "runs" / "cv" / f"fold{k}" / "config.yaml", "time") for k in (1, 2)]
+    assert budgets[0] == "10s" and 1 <= int(budgets[1][:-1]) <= 20
+    with open(tmp_path / "runs" / "cv" / "oof.csv") as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "label", "fold", "p_blue", "p_bright", "p_green", "p_red"]
+
+
+def yaml_key(path: Path, key: str):
+    import yaml
+
+    return yaml.safe_load(path.read_text())["train"][key]
+
+
+def test_cv_errors_name_the_problem(tmp_path):
+    data = make_dataset(tmp_path / "shapes", per_class=3)
+    res = run_cli("cv", data, "--folds", "4", *TINY)
+    assert res.exit_code == 1 and "--folds 4" in res.output and "red (3)" in res.output
+    res = run_cli("cv", "--resume", tmp_path)
+    assert res.exit_code == 1 and "cv.json" in res.output
+
+
+# ----------------------------------------------------------------------------------------------- label errors
+def test_confident_learning_finds_flipped_labels_in_simulated_probabilities():
+    from vitcli.confident import find_label_issues, find_multilabel_issues
+
+    rng = np.random.default_rng(0)
+    n, c = 300, 3
+    true = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), true] += 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    given = true.copy()
+    flipped = rng.choice(n, 30, replace=False)
+    given[flipped] = (given[flipped] + rng.integers(1, c, 30)) % c
+    issues = find_label_issues(probs, given)
+    assert len({t.index for t in issues[:30]} & set(flipped.tolist())) >= 24
+    assert sum(t.suggested == true[t.index] for t in issues[:30]) >= 24
+    assert len(find_label_issues(probs, true)) <= 3  # clean labels: a short list
+    margin = find_label_issues(probs, given, "normalized_margin")
+    assert {t.index for t in margin} == {t.index for t in issues} and all(0 <= t.score <= 1 for t in margin)
+    targets = rng.random((n, 4)) < 0.3
+    p = np.clip(np.where(targets, 0.85, 0.1) + rng.normal(0, 0.08, (n, 4)), 0.01, 0.99)
+    noisy = targets.astype(int)
+    bits = rng.choice(n, 20, replace=False)
+    noisy[bits, rng.integers(0, 4, 20)] ^= 1
+    ml = find_multilabel_issues(p, noisy)
+    assert len({t.index for t in ml[:20]} & set(bits.tolist())) >= 16
+
+
+def test_label_errors_finds_flipped_labels_and_writes_corrections(tmp_path):
+    import random
+
+    data = make_dataset(tmp_path / "shapes", per_class=30)
+    rng = random.Random(1)
+    rows = [(p, p.parent.name) for p in sorted(data.rglob("*.png"))]
+    flipped = set(rng.sample(range(len(rows)), 9))  # 10% of the labels
+    colours = ["red", "green", "blue"]
+    lines = ["path,label"] + [f"{p},{rng.choice([x for x in colours if x != c]) if i in flipped else c}"
+                              for i, (p, c) in enumerate(rows)]
+    noisy = tmp_path / "noisy.csv"
+    noisy.write_text("\n".join(lines) + "\n")
+    sets = [f"{k}={v}" for k, v in (("model.name", "vit-tiny/8"), ("data.img_size", 32), ("train.device", "cpu"),
+                                    ("data.batch_size", 16), ("model.embed_dim", 32), ("model.depth", 1),
+                                    ("model.num_heads", 2), ("data.crop_pct", 1.0), ("train.precision", "fp32"),
+                                    ("train.report", "false"), ("optim.lr", 3e-3))]
+    res = run_cli("inspect", "data", noisy, "--label-errors", "--folds", "3", *[x for s in sets for x in ("--set", s)],
+                  "--epochs", "15", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    want = {str(rows[i][0]) for i in flipped}
+    top = {r["path"] for r in out["issues"][:9]}
+    assert len(top & want) / 9 >= 0.8, out["issues"][:10]  # precision = recall at K = the number flipped
+    assert all(r["suggested"] == Path(r["path"]).parent.name for r in out["issues"][:9] if r["path"] in want)
+    files = out["files"]
+    assert Path(files["gallery"]).stat().st_size > 1000
+    with open(files["corrected"]) as f:
+        fixed = list(csv.DictReader(f))
+    assert len(fixed) == 90 and sum(r["label"] != Path(r["path"]).parent.name for r in fixed) <= 3
+    again = run_cli("inspect", "data", noisy, "--label-errors", "--from", tmp_path / "runs" / "cv", "--json",
+                    "-o", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["issues"] == out["issues"]
+    res = run_cli("train", files["corrected"], *TINY, "--epochs", "1", "--name", "fixed")
+    assert res.exit_code == 0, res.output
+
+
+# ----------------------------------------------------------------------------------------------- select
+def test_select_picks_uncertain_images_and_draws_them(trained, tmp_path):
+    from vitcli.embeddings import embed_images, image_paths
+    from vitcli.inference import load
+    from vitcli.selection import uncertainty
+
+    run, _ = trained
+    pool = make_dataset(tmp_path / "unlabelled", per_class=6, seed=7)
+    res = run_cli("select", pool, "--model", run, "--n", "5", "--pool", "1", "--json", "-o", tmp_path / "sel")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    emb = embed_images(load(str(run)), image_paths(pool))
+    unsure = uncertainty(emb.probs, False)
+    top5 = {str(emb.paths[i]) for i in np.argsort(-unsure, kind="stable")[:5]}
+    assert {r["path"] for r in out["selected"]} == top5 and out["selected"][0]["uncertainty"] == pytest.approx(
+        unsure.max(), abs=1e-5)
+    assert (tmp_path / "sel" / "selected.png").stat().st_size > 1000
+    res = run_cli("select", pool, "--model", run, "--n", "4", "-o", tmp_path / "sel2")
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "sel2" / "selected.csv") as f:
+        assert len({r["path"] for r in csv.DictReader(f)}) == 4
+    res = run_cli("select", pool, "--model", run, "-o", pool / "x")
+    assert res.exit_code == 1 and "inside the dataset" in res.output

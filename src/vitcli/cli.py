@@ -148,10 +148,11 @@ def cv(
     mean ± std, and write out-of-fold probabilities for every image (oof.csv)."""
     with guard():
         from vitcli.cv import print_cv, run_cv
+        from vitcli.train import train as run_train
 
         flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
                  "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
-        show(run_cv(data_path(data), folds, config, set_, flags, resume), json_out, print_cv)
+        show(run_cv(data_path(data), folds, config, set_, flags, resume, run_train), json_out, print_cv)
 
 
 @app.command(short_help="Pack a dataset into tar shards for streaming.")
@@ -366,6 +367,31 @@ def search(
                         batch_size, device), json_out, print_search)
 
 
+@app.command("select", short_help="Pick the unlabelled images most worth labelling next.")
+def select_cmd(
+    unlabelled: Annotated[str, typer.Argument(
+        help="Unlabelled images: a folder (searched recursively) or a label file.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", "-n", help="Images to pick.")] = 100,
+    model: ModelOpt = None,
+    pool: Annotated[float, typer.Option(
+        help="Diversity among the POOL x N most uncertain images (1: uncertainty only).")] = 3.0,
+    labelled: Annotated[str | None, typer.Option(
+        help="Images already labelled (folder or label file): picks stay away from them.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for selected.csv and selected.png (default: select/ in the model's run "
+                               "folder).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Margin uncertainty, then k-centre greedy on the model's embeddings: a list and a figure."""
+    with guard():
+        from vitcli.selection import print_select, run_select
+
+        show(run_select(data_path(unlabelled, "UNLABELLED"), model, n, output, pool,
+                        data_path(labelled, "--labelled"), batch_size, device), json_out, print_select)
+
+
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
                           no_args_is_help=True)
 app.add_typer(inspect_app, name="inspect", short_help="Look inside a ViT: attention, embeddings, data.")
@@ -500,15 +526,49 @@ def inspect_filters_cmd(
         _print_paths(inspect_filters(model=model, output=output, components=components))
 
 
-@inspect_app.command("data", short_help="Check a dataset before training.")
+@inspect_app.command("data", short_help="Check a dataset before training; find wrong labels.")
 def inspect_data_cmd(
-    data: Annotated[str, typer.Argument(help="Dataset folder, as vitcli train takes it.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Dataset folder or label file, as vitcli train takes it.",
+                                        show_default=False)],
+    near: Annotated[float, typer.Option(
+        help="Report images in different splits at least this cosine-similar as near-duplicates (above 1: off).")
+    ] = 0.97,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Compare embeddings of this checkpoint or run folder for near-duplicates "
+                              "(default: 16x16 pixel thumbnails, no model needed).")] = None,
+    label_errors: Annotated[bool, typer.Option(
+        "--label-errors", help="Rank the images most likely mislabelled (confident learning on out-of-fold "
+                               "probabilities; runs a cross-validation unless --from gives one).")] = False,
+    from_run: Annotated[Path | None, typer.Option(
+        "--from", help="A `vitcli cv` run folder (its oof.csv) to find label errors with.")] = None,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validation run without --from.")] = 5,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of each fold without --from. [train.epochs]")] = None,
+    time: Annotated[str | None, typer.Option(
+        "--time", help="Time budget for all folds without --from, e.g. 10m.")] = None,
+    rank_by: Annotated[str, typer.Option(help="self_confidence or normalized_margin.")] = "self_confidence",
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Folder for the label-error files (default: label_errors/ in the cv run).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the label errors as JSON instead of tables.")
+                        ] = False,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
+    """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, exact and
+    near duplicates; with --label-errors, the images whose label is most likely wrong. Never writes into DATA."""
     with guard():
-        from vitcli.datacheck import inspect_data
+        from vitcli.datacheck import inspect_data, print_label_errors
+        from vitcli.datacheck import label_errors as find_errors
+        from vitcli.train import train as run_train
 
-        inspect_data(data_path(data))
+        if (from_run is not None or json_out) and not label_errors:
+            raise VitcliError("--from and --json go with --label-errors")
+        if not json_out:
+            inspect_data(data_path(data), near=near, model=model, device=device)
+        if label_errors:
+            rep = find_errors(data_path(data), from_run, folds, config, set_,
+                              {"train.epochs": epochs, "train.time": time}, rank_by, output, run_train)
+            show(rep, json_out, print_label_errors)
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ import numpy as np
 from vitcli.errors import VitcliError
 
 STATE = "cv.json"  # the parent run folder's record: data, folds, seed, how the config was given, results
+TrainFn = Callable[..., Any]  # vitcli.train.train: (cfg or None, data, resume=None) -> TrainResult; the command
+# layer hands it in, so this service stays below the training command
 
 
 @dataclass
@@ -92,14 +94,11 @@ def make_folds(pool: Pool, k: int, seed: int) -> list[int]:
 def write_fold_file(path: Path, pool: Pool, folds: list[int], k: int) -> None:
     """A label file for fold k: every pooled image, split 'val' when fold k holds it out, else 'train'."""
     from vitcli.data import label_text
-    from vitcli.files import atomic_write_text
+    from vitcli.files import write_csv
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "split"])
-    for p, y, f in zip(pool.paths, pool.labels, folds, strict=True):
-        w.writerow([str(Path(p).resolve()), label_text(pool.classes, y), "val" if f == k else "train"])
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, ["path", "label", "split"], [[str(Path(p).resolve()), label_text(pool.classes, y),
+                                                  "val" if f == k else "train"]
+                                                 for p, y, f in zip(pool.paths, pool.labels, folds, strict=True)])
 
 
 def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str, precision: str,
@@ -160,6 +159,19 @@ class CvSpec:
     flags: dict[str, Any] | None = None  # the train flags given (model.name, train.epochs, ...)
     time_s: float = 0.0  # budget for all folds together, seconds (0: none)
 
+    @classmethod
+    def given(cls, data: str | Path, folds: int, config: str | Path | None, sets: list[str] | None,
+              flags: dict[str, Any] | None) -> CvSpec:
+        """From command-line values; `train.time` among the flags is the budget for all folds together. The
+        config is checked here, before any folder is made."""
+        from vitcli.config import parse_duration
+
+        flags = {k: v for k, v in (flags or {}).items() if v is not None}
+        seconds = parse_duration(flags.pop("train.time"), "--time") if "train.time" in flags else 0.0
+        spec = cls(str(data), folds, str(config) if config else None, list(sets or []), flags, seconds)
+        spec.load_config()
+        return spec
+
     def load_config(self):
         from vitcli.config import load_config
 
@@ -191,7 +203,7 @@ def read_state(parent: Path) -> dict[str, Any]:
     return state
 
 
-def run_folds(parent: Path) -> OutOfFold:
+def run_folds(parent: Path, train: TrainFn) -> OutOfFold:
     """Train (or resume) every fold not finished yet, then gather the out-of-fold probabilities."""
     from vitcli.console import info
 
@@ -202,7 +214,7 @@ def run_folds(parent: Path) -> OutOfFold:
     probs = np.full((len(pool.paths), len(pool.classes)), np.nan)
     for k in range(1, spec.folds + 1):
         info(f"[bold]fold {k}/{spec.folds}[/]: {folds.count(k)} held-out images")
-        idx, p = fold_oof(parent, state, pool, folds, k)
+        idx, p = fold_oof(parent, state, pool, folds, k, train)
         probs[idx] = p
     seen = ~np.isnan(probs).any(1)
     keep = np.nonzero(seen)[0].tolist()
@@ -210,13 +222,12 @@ def run_folds(parent: Path) -> OutOfFold:
                      [folds[i] for i in keep], probs[seen], pool.multilabel)
 
 
-def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], k: int) -> tuple[list[int], Any]:
+def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], k: int, train: TrainFn
+             ) -> tuple[list[int], Any]:
     """Fold k's out-of-fold probabilities: read from fold<k>/oof.npz when done, else train (or resume) it."""
     import shutil
 
-    from vitcli import engine
     from vitcli.files import atomic_write, atomic_write_text
-    from vitcli.loggers import Tracking
 
     spec = state["spec"]
     fold_dir, done = parent / f"fold{k}", parent / f"fold{k}" / "oof.npz"
@@ -232,13 +243,13 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
         left = spec.time_s - sum(state["spent_s"].values())
         cfg.train.time = f"{max(1, int(left / (spec.folds - k + 1)))}s"
     if (fold_dir / "last.pt").is_file():
-        engine.train(None, fold_file, resume=fold_dir, callbacks=[Tracking()])
+        train(None, fold_file, resume=fold_dir)
     else:
         if fold_dir.exists():  # killed before its first checkpoint: nothing to keep
             shutil.rmtree(fold_dir)
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.train.output, fold_cfg.train.name = str(parent), f"fold{k}"
-        engine.train(fold_cfg, fold_file, callbacks=[Tracking()])
+        train(fold_cfg, fold_file)
     index, probs = fold_probs(fold_dir, pool, folds, k, cfg.train.device, cfg.train.precision)
     atomic_write(done, lambda f: np.savez(f, index=np.asarray(index, dtype=np.int64), probs=probs))
     state["spent_s"][str(k)] = state["spent_s"].get(str(k), 0.0) + time.time() - t0
@@ -249,14 +260,11 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
 def write_oof(path: Path, oof: OutOfFold) -> None:
     """oof.csv: path, label, fold and one probability column per class (p_<class>)."""
     from vitcli.data import label_text
-    from vitcli.files import atomic_write_text
+    from vitcli.files import write_csv
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "fold", *(f"p_{c}" for c in oof.classes)])
-    for p, y, f, row in zip(oof.paths, oof.labels, oof.folds, oof.probs.tolist(), strict=True):
-        w.writerow([str(p), label_text(oof.classes, y), f, *(f"{v:.6g}" for v in row)])
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, ["path", "label", "fold", *(f"p_{c}" for c in oof.classes)],
+              [[str(p), label_text(oof.classes, y), f, *(f"{v:.6g}" for v in row)]
+               for p, y, f, row in zip(oof.paths, oof.labels, oof.folds, oof.probs.tolist(), strict=True)])
 
 
 def read_oof(parent: Path) -> OutOfFold:
@@ -277,11 +285,11 @@ def read_oof(parent: Path) -> OutOfFold:
                      multilabel)
 
 
-def cross_validate(parent: Path) -> dict[str, Any]:
+def cross_validate(parent: Path, train: TrainFn) -> dict[str, Any]:
     """Run (or continue) the cross-validation in `parent`; write oof.csv and the results into cv.json."""
     from vitcli.files import atomic_write_text
 
-    oof = run_folds(parent)
+    oof = run_folds(parent, train)
     write_oof(parent / "oof.csv", oof)
     spec = read_state(parent)["spec"]
     per_fold = []

@@ -4,15 +4,19 @@ mean ± std of every metric, from the `crossval` service), printed as a table or
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitcli.errors import VitcliError
 
+if TYPE_CHECKING:
+    from vitcli.crossval import TrainFn
+
 
 def run_cv(data: Path | None, folds: int, config: Path | None = None, sets: list[str] | None = None,
-           flags: dict[str, Any] | None = None, resume: Path | None = None) -> dict[str, Any]:
-    """Start a cross-validation of DATA (or continue the one in `resume`); returns its result."""
-    from vitcli.config import parse_duration
+           flags: dict[str, Any] | None = None, resume: Path | None = None, train: TrainFn | None = None
+           ) -> dict[str, Any]:
+    """Start a cross-validation of DATA (or continue the one in `resume`), each fold trained by `train`
+    (vitcli.train.train); returns its result."""
     from vitcli.console import esc, info
     from vitcli.crossval import CvSpec, cross_validate, read_state, start_cv
 
@@ -25,13 +29,9 @@ def run_cv(data: Path | None, folds: int, config: Path | None = None, sets: list
     else:
         if data is None:
             raise VitcliError("missing DATA: give the dataset folder or label file, e.g. vitcli cv data/ --folds 5")
-        flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        seconds = parse_duration(flags.pop("train.time"), "--time") if "train.time" in flags else 0.0
-        spec = CvSpec(str(data), folds, str(config) if config else None, list(sets or []), flags, seconds)
-        spec.load_config()  # a wrong key fails before any folder is made
-        parent = start_cv(spec)
+        parent = start_cv(CvSpec.given(data, folds, config, sets, flags))
     info(f"[bold]cross-validation[/] in {esc(str(parent))}")
-    return cross_validate(parent)
+    return cross_validate(parent, train)
 
 
 def print_cv(result: dict[str, Any]) -> None:

@@ -10,8 +10,14 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitcli.console import esc, out
+from vitcli.data import label_text
+from vitcli.errors import VitcliError
+
+if TYPE_CHECKING:
+    from vitcli.crossval import TrainFn
 
 # ----------------------------------------------------------------------------------------------- data
 FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".bmp": {"BMP"},
@@ -142,8 +148,6 @@ def near_duplicates(infos: list[FileInfo], near: float, model: str | None, devic
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
-    from vitcli.data import label_text
-
     labels = {i.label for i in g}
     where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])
     where += " ..." if len(g) > 4 else ""
@@ -190,3 +194,90 @@ def inspect_data(root: str | Path, show: int = 10, near: float = 0.97, model: st
     if rep.ignored:
         out.print(f"ignored {rep.ignored} file(s) without an image extension")
     return rep
+
+
+# ----------------------------------------------------------------------------------------------- label errors
+GALLERY_PRE = {"resize_size": 128, "img_size": 128, "interpolation": "bicubic"}  # the gallery shows the images
+GALLERY = 16  # images in label_errors.png
+
+
+def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5, config: Path | None = None,
+                 sets: list[str] | None = None, flags: dict | None = None, rank_by: str = "self_confidence",
+                 output: Path | None = None, train: TrainFn | None = None) -> dict:
+    """Rank DATA's images by how likely their label is wrong (confident learning on the out-of-fold
+    probabilities of `from_run`, a `vitcli cv` run folder, or of a cross-validation run now, each fold trained by
+    `train`, vitcli.train.train); write
+    label_errors.csv, label_errors.png and labels_corrected.csv (DATA's label file with the suggestions applied)
+    into `output` (default: label_errors/ in the cv run folder). DATA is only read."""
+    from vitcli.confident import RANK_BY, find_label_issues, find_multilabel_issues
+    from vitcli.console import esc, info
+    from vitcli.crossval import CvSpec, cross_validate, read_oof, start_cv
+    from vitcli.files import ensure_dir, refuse_inside, write_csv
+
+    if rank_by not in RANK_BY:
+        raise VitcliError(f"--rank-by {rank_by!r}: valid: {', '.join(RANK_BY)}")
+    if from_run is None:
+        parent = start_cv(CvSpec.given(root, folds, config, sets, flags))
+        info(f"[bold]cross-validation[/] for out-of-fold probabilities in {esc(str(parent))}")
+        cross_validate(parent, train)
+    else:
+        parent = from_run
+    oof = read_oof(parent)
+    find = find_multilabel_issues if oof.multilabel else find_label_issues
+    issues = find(oof.probs, oof.targets, rank_by)
+    out_dir = output or (parent if parent.is_dir() else parent.parent) / "label_errors"
+    refuse_inside(out_dir, root, "--output")
+    ensure_dir(out_dir)
+    rows = [{"rank": r, "path": str(oof.paths[t.index]), "given": label_text(oof.classes, t.given),
+             "suggested": label_text(oof.classes, t.suggested), "score": round(t.score, 6),
+             "self_confidence": round(t.self_confidence, 6)} for r, t in enumerate(issues, 1)]
+    files = {"issues": out_dir / "label_errors.csv", "corrected": out_dir / "labels_corrected.csv",
+             "gallery": out_dir / "label_errors.png"}
+    write_csv(files["issues"], ["rank", "path", "given", "suggested", "score", "self_confidence"],
+               [list(r.values()) for r in rows])
+    n_fixed = write_corrected(files["corrected"], root, {r["path"]: r["suggested"] for r in rows}, oof.classes)
+    if rows:
+        from vitcli.figures import plot_gallery
+
+        cells = [(Path(r["path"]), f"#{r['rank']} {r['score']:.2f}\n{r['given']} -> {r['suggested']}")
+                 for r in rows[:GALLERY]]
+        plot_gallery([cells[i:i + 4] for i in range(0, len(cells), 4)], files["gallery"], GALLERY_PRE,
+                     f"most likely mislabelled (confident learning, {rank_by})")
+    else:
+        del files["gallery"]
+    return {"run": str(parent), "data": str(root), "images": len(oof.paths), "rank_by": rank_by,
+            "task": "multilabel" if oof.multilabel else "single-label", "flagged": len(rows), "issues": rows,
+            "corrected_images": n_fixed, "files": {k: str(v) for k, v in files.items()}}
+
+
+def write_corrected(path: Path, root: str | Path, fixes: dict[str, str], classes: list[str]) -> int:
+    """Every image of DATA with its label (the suggested one where `fixes` has it) and, when DATA fixes the
+    splits, its split: a label file `vitcli train` takes as it is. Returns the labels changed."""
+    from vitcli.data import scan_dataset
+    from vitcli.files import write_csv
+
+    ds = scan_dataset(root, 0.0, 0)
+    fixes = {str(Path(p).resolve()): v for p, v in fixes.items()}
+    rows, changed = [], 0
+    for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test)):
+        for p, y in zip(*(split.paths, split.labels) if split else ((), ()), strict=True):
+            key = str(Path(p).resolve())
+            changed += key in fixes
+            rows.append([key, fixes.get(key, label_text(ds.classes, y))] + ([] if ds.split_made else [name]))
+    write_csv(path, ["path", "label"] + ([] if ds.split_made else ["split"]), rows)
+    return changed
+
+
+def print_label_errors(rep: dict, show: int = 20) -> None:
+    from rich.table import Table
+
+    t = Table("#", "score", "given", "suggested", "image",
+              title=f"likely label errors: {rep['flagged']} of {rep['images']} images ({rep['rank_by']})")
+    for r in rep["issues"][:show]:
+        t.add_row(str(r["rank"]), f"{r['score']:.3f}", esc(r["given"]), esc(r["suggested"]), esc(r["path"]))
+    out.print(t)
+    if rep["flagged"] > show:
+        out.print(f"  ... and {rep['flagged'] - show} more")
+    for f in rep["files"].values():
+        out.print(f"wrote {esc(f)}")
+    out.print(f"train on the corrections: vitcli train {esc(rep['files']['corrected'])}")

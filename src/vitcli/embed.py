@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ def paths_sidecar(output: Path) -> Path:
 def write_embeddings(output: Path, paths: list[Path], features: np.ndarray) -> list[Path]:
     """features (N, D) with their image paths: .npy + a .paths.txt sidecar, .csv (path, f0..), or .parquet
     (the same columns; needs pyarrow). Returns the files written."""
-    from vitcli.files import atomic_write, atomic_write_text
+    from vitcli.files import atomic_write, atomic_write_text, write_csv
 
     suffix = output.suffix.lower()
     names = [str(p) for p in paths]
@@ -33,12 +31,8 @@ def write_embeddings(output: Path, paths: list[Path], features: np.ndarray) -> l
         atomic_write_text(paths_sidecar(output), "".join(n + "\n" for n in names))
         return [output, paths_sidecar(output)]
     if suffix == ".csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", *cols])
-        for n, row in zip(names, features.tolist(), strict=True):
-            w.writerow([n, *(f"{v:.6g}" for v in row)])
-        atomic_write_text(output, buf.getvalue())
+        write_csv(output, ["path", *cols], [[n, *(f"{v:.6g}" for v in row)]
+                                             for n, row in zip(names, features.tolist(), strict=True)])
         return [output]
     if suffix == ".parquet":
         try:

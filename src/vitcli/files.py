@@ -223,3 +223,15 @@ def safe_torch_load(path: str | Path) -> Any:
         if p.stat().st_size == 0:
             first = "the file is empty"
         raise VitcliError(f"'{p}' is not a readable checkpoint (truncated or not made by torch): {first}") from None
+
+
+def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> None:
+    """A CSV file (header row, then `rows`), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
