@@ -134,6 +134,27 @@ def _outputs_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
 
 
+@pytest.fixture
+def deit_checkpoint(tmp_path) -> Path:
+    """A vitcli checkpoint of a tiny timm DeiT with its distillation token (2 prefix tokens)."""
+    import torch
+
+    from vitcli.checkpoint import make_checkpoint, save_checkpoint
+    from vitcli.data import preprocess_info
+    from vitcli.models import model_from_spec
+
+    spec = {"backend": "timm", "name": "deit_tiny_distilled_patch16_224", "img_size": 32,
+            "kwargs": dict(num_classes=3, embed_dim=32, depth=2, num_heads=2, patch_size=8)}
+    torch.manual_seed(0)
+    model = model_from_spec(spec)
+    ckpt = make_checkpoint(model_spec=spec, classes=["red", "green", "blue"], epoch=1,
+                           preprocess=preprocess_info(32, 1.0, "bicubic", [0.5] * 3, [0.25] * 3),
+                           state_dict=model.state_dict())
+    path = tmp_path / "deit" / "best.pt"
+    save_checkpoint(path, ckpt)
+    return path
+
+
 # A tiny from-scratch ViT that trains in seconds on the generated 32 px images.
 TINY = ["--model", "vit-tiny/8", "--img-size", "32", "--device", "cpu", "--batch-size", "16",
         "--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",

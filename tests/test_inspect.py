@@ -11,31 +11,12 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset, run_cli, shape_image, trained_run
-from vitcli.checkpoint import make_checkpoint, save_checkpoint
-from vitcli.data import preprocess_info
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(run folder of a tiny scratch ViT trained one epoch, its dataset) — shared by the tests here."""
     return trained_run(tmp_path_factory.mktemp("inspect"), "--epochs", "1", per_class=12)
-
-
-@pytest.fixture
-def deit_checkpoint(tmp_path) -> Path:
-    """A vitcli checkpoint of a tiny timm DeiT with its distillation token (2 prefix tokens)."""
-    from vitcli.models import model_from_spec
-
-    spec = {"backend": "timm", "name": "deit_tiny_distilled_patch16_224", "img_size": 32,
-            "kwargs": dict(num_classes=3, embed_dim=32, depth=2, num_heads=2, patch_size=8)}
-    torch.manual_seed(0)
-    model = model_from_spec(spec)
-    ckpt = make_checkpoint(model_spec=spec, classes=["red", "green", "blue"], epoch=1,
-                           preprocess=preprocess_info(32, 1.0, "bicubic", [0.5] * 3, [0.25] * 3),
-                           state_dict=model.state_dict())
-    path = tmp_path / "deit" / "best.pt"
-    save_checkpoint(path, ckpt)
-    return path
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -228,6 +228,7 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
     import shutil
 
     from vitcli.files import atomic_write, atomic_write_text
+    from vitcli.rundir import read_json
 
     spec = state["spec"]
     fold_dir, done = parent / f"fold{k}", parent / f"fold{k}" / "oof.npz"
@@ -242,7 +243,9 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
     if spec.time_s:  # what is left of the budget, shared by the folds still to run
         left = spec.time_s - sum(state["spent_s"].values())
         cfg.train.time = f"{max(1, int(left / (spec.folds - k + 1)))}s"
-    if (fold_dir / "last.pt").is_file():
+    if read_json(fold_dir / "run.json").get("status") == "finished" and (fold_dir / "best.pt").is_file():
+        pass  # trained; stopped while predicting its held-out images
+    elif (fold_dir / "last.pt").is_file():
         train(None, fold_file, resume=fold_dir)
     else:
         if fold_dir.exists():  # killed before its first checkpoint: nothing to keep
