@@ -79,7 +79,7 @@ LAYERS: dict[str, set[str]] = {
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder",
                  "embed", "cv", "selection"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim",
+                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim", "ood",
                  "embeddings", "crossval", "confident"},
     "core": {"config", "data", "manifest", "shards", "multilabel", "models", "vit", "checkpoint", "device",
              "distributed", "files", "console", "signals", "errors", "__init__"},
