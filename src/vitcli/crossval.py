@@ -8,7 +8,6 @@ file; DATA is only read. A service shared by `vitcli cv` and `vitcli inspect dat
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import random
@@ -250,9 +249,8 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
     else:
         if fold_dir.exists():  # killed before its first checkpoint: nothing to keep
             shutil.rmtree(fold_dir)
-        fold_cfg = copy.deepcopy(cfg)
-        fold_cfg.train.output, fold_cfg.train.name = str(parent), f"fold{k}"
-        train(fold_cfg, fold_file)
+        cfg.train.output, cfg.train.name = str(parent), f"fold{k}"
+        train(cfg, fold_file)
     index, probs = fold_probs(fold_dir, pool, folds, k, cfg.train.device, cfg.train.precision)
     atomic_write(done, lambda f: np.savez(f, index=np.asarray(index, dtype=np.int64), probs=probs))
     state["spent_s"][str(k)] = state["spent_s"].get(str(k), 0.0) + time.time() - t0
