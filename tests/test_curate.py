@@ -66,8 +66,12 @@ def test_embed_refuses_to_write_into_the_dataset(trained):
 
 
 def test_search_finds_the_query_image_itself_first(trained, deit_checkpoint, tmp_path):
-    run, data = trained
-    queries = [data / "red" / "red_003.png", data / "blue" / "blue_005.png"]
+    import shutil
+
+    run, _ = trained
+    data = make_dataset(tmp_path / "set", per_class=4)
+    shutil.copy(data / "red" / "red_003.png", data / "green" / "a_copy.png")  # ties with the query, listed first
+    queries = [data / "red" / "red_003.png", data / "blue" / "blue_001.png"]
     for model in (run, deit_checkpoint):
         res = run_cli("search", *queries, "--in", data, "--model", model, "-k", "3", "--json", "--device", "cpu",
                       "-o", tmp_path / "s")
@@ -75,6 +79,7 @@ def test_search_finds_the_query_image_itself_first(trained, deit_checkpoint, tmp
         out = json.loads(res.stdout)
         assert [r["neighbours"][0]["path"] for r in out["results"]] == [str(q) for q in queries]
         assert all(r["neighbours"][0]["similarity"] > 0.9999 for r in out["results"])
+        assert out["results"][0]["neighbours"][1]["path"] == str(data / "green" / "a_copy.png")
         assert all(len(r["neighbours"]) == 3 for r in out["results"])
         assert (tmp_path / "s" / "search.png").stat().st_size > 1000
 
@@ -162,6 +167,16 @@ def test_cv_multilabel_label_file_with_a_time_budget(tmp_path):
     with open(tmp_path / "runs" / "cv" / "oof.csv") as f:
         header = next(csv.reader(f))
     assert header == ["path", "label", "fold", "p_blue", "p_bright", "p_green", "p_red"]
+    res = run_cli("inspect", "data", tmp_path / "labels.csv", "--label-errors", "--from", tmp_path / "runs" / "cv",
+                  "--json")
+    assert res.exit_code == 0, res.output
+    errors = json.loads(res.stdout)
+    assert errors["task"] == "multilabel" and errors["images"] == 24
+    assert all(r["given"] != r["suggested"] for r in errors["issues"])
+    from vitcli.manifest import read_manifest
+
+    fixed = read_manifest(errors["files"]["corrected"])  # a label file training takes as it is
+    assert fixed.multilabel and len(fixed.parts["all"][0]) == 24
 
 
 def yaml_key(path: Path, key: str):

@@ -87,7 +87,8 @@ def run_search(images: list[Path], data: Path, model: str | None = None, k: int 
     base = embed_images(loaded, image_paths(data), batch_size)
     queries = [p for src in images for p in image_paths(src)]
     q = embed_images(loaded, queries, batch_size, progress=False)
-    sims, idx = nearest(q.features, base.features, k)  # (Q, k)
+    row_of = {p.resolve(): i for i, p in enumerate(base.paths)}
+    sims, idx = nearest(q.features, base.features, k, [row_of.get(p.resolve()) for p in q.paths])  # (Q, k)
     results = [{"query": str(p), "neighbours": [{"path": str(base.paths[j]), "similarity": round(float(s), 6)}
                                                  for s, j in zip(srow, irow, strict=True)]}
                for p, srow, irow in zip(q.paths, sims.tolist(), idx.tolist(), strict=True)]

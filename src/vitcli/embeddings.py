@@ -112,12 +112,18 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def nearest(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def nearest(queries: np.ndarray, base: np.ndarray, k: int, itself: list[int | None] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of `base` most cosine-similar to each query: (similarities (Q, k), indices (Q, k)), most
-    similar first (ties: lower index first)."""
+    similar first (ties: lower index first). `itself[q]`, the base row that is query q's own file, comes first
+    even when identical copies tie with it."""
     sims = unit(queries) @ unit(base).T  # (Q, N)
+    order = -sims
+    for q, j in enumerate(itself or []):
+        if j is not None:
+            order[q, j] = -np.inf
     k = min(k, sims.shape[1])
-    idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (Q, k)
+    idx = np.argsort(order, axis=1, kind="stable")[:, :k]  # (Q, k)
     return np.take_along_axis(sims, idx, axis=1), idx
 
 
