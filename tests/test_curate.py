@@ -191,6 +191,8 @@ def test_cv_errors_name_the_problem(tmp_path):
     assert res.exit_code == 1 and "--folds 4" in res.output and "red (3)" in res.output
     res = run_cli("cv", "--resume", tmp_path)
     assert res.exit_code == 1 and "cv.json" in res.output
+    res = run_cli("inspect", "data", data, "--label-errors", "--from", tmp_path)
+    assert res.exit_code == 1 and "oof.csv" in res.output
 
 
 # ----------------------------------------------------------------------------------------------- label errors

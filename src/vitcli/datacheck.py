@@ -204,14 +204,14 @@ GALLERY = 16  # images in label_errors.png
 def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5, config: Path | None = None,
                  sets: list[str] | None = None, flags: dict | None = None, rank_by: str = "self_confidence",
                  output: Path | None = None, train: TrainFn | None = None) -> dict:
-    """Rank DATA's images by how likely their label is wrong (confident learning on the out-of-fold
-    probabilities of `from_run`, a `vitcli cv` run folder, or of a cross-validation run now, each fold trained by
-    `train`, vitcli.train.train); write
-    label_errors.csv, label_errors.png and labels_corrected.csv (DATA's label file with the suggestions applied)
-    into `output` (default: label_errors/ in the cv run folder). DATA is only read."""
+    """Rank DATA's images by how likely their label is wrong: confident learning on the out-of-fold
+    probabilities of `from_run` (a `vitcli cv` run folder), or of a cross-validation run now with each fold
+    trained by `train` (vitcli.train.train). Writes label_errors.csv, label_errors.png and labels_corrected.csv
+    (DATA's labels with the suggestions applied) into `output` (default: label_errors/ in the cv run folder).
+    DATA is only read."""
     from vitcli.confident import RANK_BY, find_label_issues, find_multilabel_issues
     from vitcli.console import esc, info
-    from vitcli.crossval import CvSpec, cross_validate, read_oof, start_cv
+    from vitcli.crossval import CvSpec, cross_validate, pool_of, read_oof, start_cv
     from vitcli.files import ensure_dir, refuse_inside, write_csv
 
     if rank_by not in RANK_BY:
@@ -223,6 +223,10 @@ def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5,
     else:
         parent = from_run
     oof = read_oof(parent)
+    if from_run is not None and not {str(Path(p).resolve()) for p in oof.paths} & {
+            str(p.resolve()) for p in pool_of(root).paths}:
+        raise VitcliError(f"--from '{from_run}': its oof.csv holds none of the images of '{root}'; give the cv "
+                          "run of this dataset")
     find = find_multilabel_issues if oof.multilabel else find_label_issues
     issues = find(oof.probs, oof.targets, rank_by)
     out_dir = output or (parent if parent.is_dir() else parent.parent) / "label_errors"
@@ -233,8 +237,8 @@ def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5,
              "self_confidence": round(t.self_confidence, 6)} for r, t in enumerate(issues, 1)]
     files = {"issues": out_dir / "label_errors.csv", "corrected": out_dir / "labels_corrected.csv",
              "gallery": out_dir / "label_errors.png"}
-    write_csv(files["issues"], ["rank", "path", "given", "suggested", "score", "self_confidence"],
-               [list(r.values()) for r in rows])
+    write_csv(files["issues"], list(rows[0]) if rows else ["rank", "path", "given", "suggested", "score"],
+              [list(r.values()) for r in rows])
     n_fixed = write_corrected(files["corrected"], root, {r["path"]: r["suggested"] for r in rows}, oof.classes)
     if rows:
         from vitcli.figures import plot_gallery
