@@ -243,7 +243,7 @@ def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5,
     if rows:
         from vitcli.figures import plot_gallery
 
-        cells = [(Path(r["path"]), f"#{r['rank']} {r['score']:.2f}\n{r['given']} -> {r['suggested']}")
+        cells = [(Path(r["path"]), f"#{r['rank']} {r['given']} -> {r['suggested']}\nscore {r['score']:.3f}")
                  for r in rows[:GALLERY]]
         plot_gallery([cells[i:i + 4] for i in range(0, len(cells), 4)], files["gallery"], GALLERY_PRE,
                      f"most likely mislabelled (confident learning, {rank_by})")

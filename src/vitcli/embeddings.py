@@ -168,3 +168,41 @@ def margins(probs: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 probability per row (N,): small = the model hesitates between two classes."""
     top = np.sort(np.asarray(probs, dtype=np.float64), axis=1)
     return top[:, -1] - top[:, -2] if top.shape[1] > 1 else top[:, -1]
+
+
+def badge(probs: np.ndarray, features: np.ndarray, n: int, seed: int = 0, multilabel: bool = False,
+          centres: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+    """n rows by k-means++ seeding on gradient embeddings g = (p - y_hat) (x) z (Ash et al. 2020, BADGE): the
+    loss gradient of the head's weights if the model's own prediction y_hat were the label. Its length grows with
+    uncertainty, its direction differs between unlike images, so the picks are both. Distances come from
+    ||g_i - g_j||^2 = |a_i|^2 |z_i|^2 + |a_j|^2 |z_j|^2 - 2 (a_i . a_j)(z_i . z_j), never forming the (C x D)
+    vectors. `centres`: (probs, features) of images already labelled, which the picks keep away from."""
+    def grad_parts(p: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = np.asarray(p, dtype=np.float64)
+        y = (p >= 0.5) if multilabel else np.eye(p.shape[1])[p.argmax(1)]  # (N, C) the model's own labels
+        return p - y, np.asarray(z, dtype=np.float64)  # (N, C), (N, D)
+
+    a, z = grad_parts(probs, features)
+    sq = (a * a).sum(1) * (z * z).sum(1)  # (N,) |g|^2
+
+    def dist2(ac: np.ndarray, zc: np.ndarray) -> np.ndarray:  # (N,) squared distance to one gradient embedding
+        return np.maximum(sq + (ac @ ac) * (zc @ zc) - 2 * (a @ ac) * (z @ zc), 0.0)
+
+    d2 = np.full(len(a), np.inf)
+    if centres is not None and len(centres[0]):
+        ca, cz = grad_parts(*centres)
+        for i in range(len(ca)):
+            d2 = np.minimum(d2, dist2(ca[i], cz[i]))
+    rng = np.random.default_rng(seed)
+    picked: list[int] = []
+    while len(picked) < min(n, len(a)):
+        if not np.isfinite(d2).any():
+            nxt = int(np.argmax(sq))  # the first pick: the largest gradient
+        else:
+            w = np.where(np.isfinite(d2), d2, 0.0)
+            w[picked] = 0.0
+            nxt = int(rng.choice(len(a), p=w / w.sum())) if w.sum() > 0 else int(np.argmax(np.where(
+                np.isin(np.arange(len(a)), picked), -np.inf, sq)))
+        picked.append(nxt)
+        d2 = np.minimum(d2, dist2(a[nxt], z[nxt]))
+    return picked

@@ -187,6 +187,6 @@ def plot_gallery(rows: list[list[tuple[Path, str]]], path: str | Path, pre: dict
                 axes[r, c].imshow(img.permute(1, 2, 0).numpy())
             except BadImage:
                 pass
-            axes[r, c].set_title(visible(caption), fontsize=7)
+            axes[r, c].set_title("\n".join(visible(line) for line in caption.split("\n")), fontsize=7)
     fig.suptitle(visible(title), fontsize=9)
     save_figure(fig, path)
