@@ -110,6 +110,23 @@ def test_k_centre_greedy_spreads_its_picks():
     assert all(i >= 6 for i in away)  # nothing near an image already labelled
 
 
+def test_badge_picks_the_largest_gradient_first_and_never_a_copy_twice():
+    from vitcli.embeddings import badge
+
+    rng = np.random.default_rng(0)
+    probs = np.tile([0.5, 0.3, 0.2], (12, 1)) + rng.uniform(0, 0.05, (12, 3))
+    probs[:6] = [0.34, 0.33, 0.33]  # six copies of the most uncertain image ...
+    probs /= probs.sum(1, keepdims=True)
+    feats = rng.normal(0, 1, (12, 8))
+    feats[:6] = feats[0]  # ... with one embedding
+    for seed in range(5):
+        picked = badge(probs, feats, 5, seed)
+        assert picked[0] < 6 and sum(i < 6 for i in picked) == 1 and len(set(picked)) == 5
+    assert badge(probs, feats, 5, 3) == badge(probs, feats, 5, 3)
+    away = badge(probs, feats, 3, 0, centres=(probs[:1], feats[:1]))
+    assert all(i >= 6 for i in away)
+
+
 # ----------------------------------------------------------------------------------------------- cv
 def _tiny_cv_args(epochs: int = 2) -> list[str]:
     return [*TINY, "--set", "model.depth=1", "--epochs", str(epochs)]
@@ -281,5 +298,9 @@ def test_select_picks_uncertain_images_and_draws_them(trained, tmp_path):
     assert res.exit_code == 0, res.output
     with open(tmp_path / "sel2" / "selected.csv") as f:
         assert len({r["path"] for r in csv.DictReader(f)}) == 4
+    res = run_cli("select", pool, "--model", run, "--n", "4", "--strategy", "badge", "--labelled", trained[1],
+                  "--json", "-o", tmp_path / "sel3")
+    assert res.exit_code == 0, res.output
+    assert len({r["path"] for r in json.loads(res.stdout)["selected"]}) == 4
     res = run_cli("select", pool, "--model", run, "-o", pool / "x")
     assert res.exit_code == 1 and "inside the dataset" in res.output

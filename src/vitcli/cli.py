@@ -375,6 +375,10 @@ def select_cmd(
     model: ModelOpt = None,
     pool: Annotated[float, typer.Option(
         help="Diversity among the POOL x N most uncertain images (1: uncertainty only).")] = 3.0,
+    strategy: Annotated[str, typer.Option(
+        help="margin (the --pool x N smallest top-1 minus top-2 margins, then k-centre greedy on the embeddings) "
+             "or badge (k-means++ on loss-gradient embeddings, seeded by --seed).")] = "margin",
+    seed: Annotated[int, typer.Option(help="Seed of the badge sampling.")] = 0,
     labelled: Annotated[str | None, typer.Option(
         help="Images already labelled (folder or label file): picks stay away from them.")] = None,
     output: Annotated[Path | None, typer.Option(
@@ -389,7 +393,7 @@ def select_cmd(
         from vitcli.selection import print_select, run_select
 
         show(run_select(data_path(unlabelled, "UNLABELLED"), model, n, output, pool,
-                        data_path(labelled, "--labelled"), batch_size, device), json_out, print_select)
+                        data_path(labelled, "--labelled"), batch_size, device, strategy, seed), json_out, print_select)
 
 
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",

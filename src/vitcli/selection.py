@@ -23,11 +23,28 @@ def uncertainty(probs: np.ndarray, multilabel: bool) -> np.ndarray:
     return 1.0 - margins(probs)
 
 
+STRATEGIES = ("margin", "badge")
+
+
+def pick(emb, labelled, n: int, strategy: str, pool: float, multilabel: bool, seed: int = 0) -> list[int]:
+    """Rows of `emb` (an Embedded with probabilities) to label next, in the order picked."""
+    from vitcli.embeddings import badge, k_centre_greedy
+
+    if strategy == "badge":
+        return badge(emb.probs, emb.features, n, seed, multilabel,
+                     None if labelled is None else (labelled.probs, labelled.features))
+    unsure = uncertainty(emb.probs, multilabel)  # (N,)
+    cand = np.argsort(-unsure, kind="stable")[:max(n, int(round(pool * n)))]  # the most uncertain first
+    centres = None if labelled is None else labelled.features
+    return [int(cand[i]) for i in k_centre_greedy(emb.features[cand], n, first=0, centres=centres)]
+
+
 def run_select(unlabelled: Path, model: str | None, n: int, output: Path | None = None, pool: float = 3.0,
-               labelled: Path | None = None, batch_size: int = 64, device: str = "auto") -> dict[str, Any]:
+               labelled: Path | None = None, batch_size: int = 64, device: str = "auto", strategy: str = "margin",
+               seed: int = 0) -> dict[str, Any]:
     """Pick `n` images of UNLABELLED; write selected.csv and selected.png into `output` (default: select/ in
     the model's run folder)."""
-    from vitcli.embeddings import embed_images, image_paths, k_centre_greedy
+    from vitcli.embeddings import embed_images, image_paths
     from vitcli.figures import plot_gallery
     from vitcli.files import ensure_dir, refuse_inside, write_csv
     from vitcli.inference import load
@@ -36,13 +53,13 @@ def run_select(unlabelled: Path, model: str | None, n: int, output: Path | None 
         raise VitcliError(f"--n {n}: must be at least 1")
     if pool < 1:
         raise VitcliError(f"--pool {pool}: must be at least 1 (1 = uncertainty only)")
+    if strategy not in STRATEGIES:
+        raise VitcliError(f"--strategy {strategy!r}: valid: {', '.join(STRATEGIES)}")
     loaded = load(model, device=device)
     emb = embed_images(loaded, image_paths(unlabelled), batch_size)
+    known = embed_images(loaded, image_paths(labelled), batch_size, progress=False) if labelled else None
+    picked = pick(emb, known, n, strategy, pool, loaded.multilabel, seed)
     unsure = uncertainty(emb.probs, loaded.multilabel)  # (N,)
-    order = np.argsort(-unsure, kind="stable")
-    cand = order[:max(n, int(round(pool * n)))]  # the most uncertain, most uncertain first
-    centres = embed_images(loaded, image_paths(labelled), batch_size).features if labelled else None
-    picked = [int(cand[i]) for i in k_centre_greedy(emb.features[cand], n, first=0, centres=centres)]
     top = emb.probs.argmax(1)
     rows = [{"rank": r, "path": str(emb.paths[i]), "uncertainty": round(float(unsure[i]), 6),
              "predicted": loaded.classes[int(top[i])], "prob": round(float(emb.probs[i, top[i]]), 6)}
