@@ -6,11 +6,11 @@ cv mean ± std and the finder's precision and recall among its top K (K = labels
 the clean labels.
 
 select: from a seed set of 3 images per class of digits/train, trains a model, picks N more images with
-`vitcli select` (and N at random), trains on seed + picks and on seed + random, and prints the best validation
-accuracy of each (examples/digits/val) per seed and their mean.
+`vitcli select` (each strategy; and N at random), trains on seed + picks and on seed + random, and prints the best
+validation accuracy of each (examples/digits/val) per seed and their mean.
 
     python benchmarks/better_data.py label-errors     # ~30 min on a busy 2-core CPU
-    python benchmarks/better_data.py select --n 60    # ~15 min
+    python benchmarks/better_data.py select --n 60    # ~40 min
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
 CONFIG = ROOT / "examples" / "digits.yaml"
+STRATEGIES = ("badge", "margin")
 
 
 def vitcli(*args, cwd: Path) -> str:
@@ -95,20 +96,25 @@ def select_vs_random(work: Path, n: int, epochs: int, seeds: int) -> None:
         common = ["--config", CONFIG, "--epochs", epochs, "--set", "train.report=false", "--set", f"train.seed={seed}"]
         vitcli("train", write(f"seed{seed}.csv", [train[i] for i in first]), *common, "--name", f"seed{seed}",
                cwd=work)
-        out = json.loads(vitcli("select", write(f"unlabelled{seed}.csv", [train[i] for i in rest], split=False),
-                                "--model", f"runs/seed{seed}", "--n", n, "--labelled", f"seed{seed}.csv", "--json",
-                                "-o", f"select{seed}", cwd=work))
-        picked = {Path(r["path"]) for r in out["selected"]}
         seed_rows = [train[i] for i in first]
-        vitcli("train", write(f"sel{seed}.csv", seed_rows + [t for t in train if t[0] in picked]), *common,
-               "--name", f"sel{seed}", cwd=work)
-        vitcli("train", write(f"rnd{seed}.csv", seed_rows + [train[i] for i in rng.sample(rest, n)]), *common,
-               "--name", f"rnd{seed}", cwd=work)
-        r = [best_val(work / "runs" / f"{k}{seed}") for k in ("seed", "sel", "rnd")]
+        write(f"unlabelled{seed}.csv", [train[i] for i in rest], split=False)
+        write(f"labelled{seed}.csv", seed_rows, split=False)
+        for strategy in STRATEGIES:
+            out = json.loads(vitcli("select", f"unlabelled{seed}.csv", "--model", f"runs/seed{seed}", "--n", n,
+                                    "--strategy", strategy, "--seed", seed, "--labelled", f"labelled{seed}.csv",
+                                    "--json", "-o", f"{strategy}{seed}", cwd=work))
+            picked = {Path(r["path"]) for r in out["selected"]}
+            vitcli("train", write(f"{strategy}{seed}.csv", seed_rows + [t for t in train if t[0] in picked]),
+                   *common, "--name", f"{strategy}{seed}", cwd=work)
+        vitcli("train", write(f"random{seed}.csv", seed_rows + [train[i] for i in rng.sample(rest, n)]), *common,
+               "--name", f"random{seed}", cwd=work)
+        r = [best_val(work / "runs" / f"{k}{seed}") for k in ("seed", *STRATEGIES, "random")]
         results.append(r)
-        print(f"seed {seed}: seed set {r[0]:.4f}, + {n} selected {r[1]:.4f}, + {n} random {r[2]:.4f}", flush=True)
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(("seed set", *STRATEGIES, "random"), r,
+                                                                          strict=True)), flush=True)
     m = np.mean(results, 0)
-    print(f"mean over {seeds} seeds: seed set {m[0]:.4f}, + selected {m[1]:.4f}, + random {m[2]:.4f}")
+    print(f"mean over {seeds} seeds: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(("seed set", *STRATEGIES,
+                                                                                   "random"), m, strict=True)))
 
 
 def main() -> None:

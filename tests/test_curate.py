@@ -285,7 +285,8 @@ def test_select_picks_uncertain_images_and_draws_them(trained, tmp_path):
 
     run, _ = trained
     pool = make_dataset(tmp_path / "unlabelled", per_class=6, seed=7)
-    res = run_cli("select", pool, "--model", run, "--n", "5", "--pool", "1", "--json", "-o", tmp_path / "sel")
+    res = run_cli("select", pool, "--model", run, "--n", "5", "--strategy", "margin", "--pool", "1", "--json",
+                  "-o", tmp_path / "sel")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     emb = embed_images(load(str(run)), image_paths(pool))

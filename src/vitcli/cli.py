@@ -374,10 +374,10 @@ def select_cmd(
     n: Annotated[int, typer.Option("--n", "-n", help="Images to pick.")] = 100,
     model: ModelOpt = None,
     pool: Annotated[float, typer.Option(
-        help="Diversity among the POOL x N most uncertain images (1: uncertainty only).")] = 3.0,
+        help="--strategy margin: diversity among the POOL x N most uncertain images (1: uncertainty only).")] = 3.0,
     strategy: Annotated[str, typer.Option(
-        help="margin (the --pool x N smallest top-1 minus top-2 margins, then k-centre greedy on the embeddings) "
-             "or badge (k-means++ on loss-gradient embeddings, seeded by --seed).")] = "margin",
+        help="badge (k-means++ on loss-gradient embeddings, seeded by --seed) or margin (the --pool x N smallest "
+             "top-1 minus top-2 margins, then k-centre greedy on the embeddings).")] = "badge",
     seed: Annotated[int, typer.Option(help="Seed of the badge sampling.")] = 0,
     labelled: Annotated[str | None, typer.Option(
         help="Images already labelled (folder or label file): picks stay away from them.")] = None,
@@ -388,7 +388,7 @@ def select_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Margin uncertainty, then k-centre greedy on the model's embeddings: a list and a figure."""
+    """Uncertain and diverse images by the model's probabilities and embeddings: a list and a figure."""
     with guard():
         from vitcli.selection import print_select, run_select
 

@@ -1,7 +1,9 @@
-"""`vitcli select`: the unlabelled images most worth labelling next. Uncertainty first (the smallest margin
-between the model's two most likely classes; multi-label: the class probability nearest 0.5), then diversity:
-k-centre greedy on the model's embeddings over the `pool` x N most uncertain images, so near-copies of one
-hard image are not all picked (and, with --labelled, nothing close to an image already labelled)."""
+"""`vitcli select`: the unlabelled images most worth labelling next, both uncertain and diverse (near-copies of
+one hard image are not all picked; with --labelled, nothing close to an image already labelled).
+
+badge (the default): k-means++ seeding on loss-gradient embeddings (`embeddings.badge`). margin: the `pool` x N
+images with the smallest margin between the two most likely classes (multi-label: the class probability nearest
+0.5), then k-centre greedy on the model's embeddings."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ def uncertainty(probs: np.ndarray, multilabel: bool) -> np.ndarray:
     return 1.0 - margins(probs)
 
 
-STRATEGIES = ("margin", "badge")
+STRATEGIES = ("badge", "margin")
 
 
 def pick(emb, labelled, n: int, strategy: str, pool: float, multilabel: bool, seed: int = 0) -> list[int]:
@@ -40,7 +42,7 @@ def pick(emb, labelled, n: int, strategy: str, pool: float, multilabel: bool, se
 
 
 def run_select(unlabelled: Path, model: str | None, n: int, output: Path | None = None, pool: float = 3.0,
-               labelled: Path | None = None, batch_size: int = 64, device: str = "auto", strategy: str = "margin",
+               labelled: Path | None = None, batch_size: int = 64, device: str = "auto", strategy: str = "badge",
                seed: int = 0) -> dict[str, Any]:
     """Pick `n` images of UNLABELLED; write selected.csv and selected.png into `output` (default: select/ in
     the model's run folder)."""
