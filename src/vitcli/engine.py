@@ -301,7 +301,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     from vitcli.distributed import broadcast_str
     from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
-    from vitcli.rundir import new_run_dir, write_config
+    from vitcli.rundir import mark_running, new_run_dir, write_config
 
     t = cfg.train
     if n_train is not None:  # keys the user left
@@ -316,6 +316,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
         if hold is not None and env.main:
             hold.enter_context(run_lock(run_dir))
     if env.main:
+        mark_running(run_dir)  # first: `vitcli runs` shows the run as running from now on
         write_config(run_dir, cfg, data_dir)
     return run_dir
 

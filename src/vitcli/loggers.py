@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -49,14 +48,12 @@ class RunInfoLogger(Logger):
     time and wall time summed over resumed sessions. `vitcli runs` reads it."""
 
     def on_start(self, cfg, run_dir, meta):
-        from vitcli.rundir import read_json
+        from vitcli.rundir import mark_running
 
-        self.path, self.t0 = run_dir / "run.json", time.time()
-        self.info = read_json(self.path)
+        self.run_dir, self.t0 = run_dir, time.time()
+        self.info = mark_running(run_dir)
         self.before = float(self.info.get("wall_s", 0.0))  # earlier sessions of a resumed run
-        self.info |= meta | {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                             "started": self.info.get("started", self.t0), "model": cfg.model.name,
-                             "epochs": cfg.train.epochs}
+        self.info |= meta | {"model": cfg.model.name, "epochs": cfg.train.epochs}
         self._write()
 
     def on_epoch(self, row):
@@ -68,9 +65,9 @@ class RunInfoLogger(Logger):
         self._write()
 
     def _write(self) -> None:
-        from vitcli.files import atomic_write_text
+        from vitcli.rundir import write_run_info
 
-        atomic_write_text(self.path, json.dumps(self.info, indent=1))
+        write_run_info(self.run_dir, self.info)
 
 
 class TensorBoardLogger(Logger):
