@@ -171,6 +171,10 @@ def parse_min_prob(values: list[str] | None, classes: list[str]) -> np.ndarray |
     """--min-prob P (all classes) and/or CLASS=P (one class; wins over P) -> thresholds (C,), None if unset."""
     if not values:
         return None
+    if UNKNOWN in classes:
+        raise VitcliError(f"--min-prob: the model has a class named '{UNKNOWN}', the answer --min-prob gives when "
+                          "it abstains, so the two could not be told apart; leave out --min-prob, or rename that "
+                          "class (e.g. its folder to unknown_class) and retrain")
     thr = np.zeros(len(classes), dtype=np.float64)
     per: dict[int, float] = {}
     for v in values:

@@ -245,6 +245,10 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
             cfg = load_config(run_dir / "config.yaml")
             data_dir = data_dir or cfg_data_dir(run_dir)
         if epochs is not None:
+            done = ckpt["train_state"]["progress"].get("epoch", 0) if ckpt is not None else 0
+            if 1 <= epochs < done:  # below 1: the range check below says so
+                raise VitcliError(f"--epochs {epochs}: the run '{run_dir}' has already trained {done} epochs, and "
+                                  f"--epochs counts them all (not extra ones); give more than {done} to train on")
             cfg.train.epochs = epochs
         validate(cfg)  # --epochs, and a shared checkpoint's config, are checked like a config file
         if data_dir is None:

@@ -25,7 +25,11 @@ N_ATTENTION = 4  # validation images shown with their attention rollout
 
 
 def e(x: Any) -> str:
-    return html.escape(str(x))
+    """User text for the page: markup escaped, and control and bidi characters (U+202E would show 'rtl\u202eexe.txt'
+    as 'rtltxt.exe') shown as escapes the way the console shows them; newlines and tabs kept for <pre>."""
+    from vitcli.console import CONTROL, visible
+
+    return html.escape(CONTROL.sub(lambda m: m[0] if m[0] in "\n\t" else visible(m[0]), str(x)))
 
 
 def img_tag(path: str | Path, alt: str) -> str:
@@ -95,9 +99,8 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
 def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
     """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
-    from vitcli.console import visible
     from vitcli.inspect import decode_batch, overlay, panel_figure
-    from vitcli.report import save_figure
+    from vitcli.report import fig_label, save_figure
 
     try:
         keep, photos, x = decode_batch(paths[:N_ATTENTION], pre)  # uint8 (B, 3, S, S), normalised (B, 3, S, S)
@@ -111,9 +114,9 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
         axes[0, b].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
-        axes[0, b].set_title(visible(p.name[:24]), fontsize=7)  # control characters drawn as escapes
+        axes[0, b].set_title(fig_label(p.name, 24), fontsize=7)
         axes[1, b].imshow(overlay(photos[b], heat[b]))
-        axes[1, b].set_title(f"{visible(classes[int(c)][:16])} ({float(q):.0%})", fontsize=7)
+        axes[1, b].set_title(f"{fig_label(classes[int(c)], 16)} ({float(q):.0%})", fontsize=7)
     save_figure(fig, path, dpi=100, tight=False)
     return path
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.console import esc, out, visible, warn
+from vitcli.console import esc, out, warn
 from vitcli.errors import VitcliError, at_least
+from vitcli.report import fig_label
 
 if TYPE_CHECKING:
     import torch
@@ -213,7 +214,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
-            name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
+            name = f"{fig_label(path.name)}: {fig_label(ld.classes[int(c)])} ({float(p):.1%})"  # drawn, cut
             stem = _unique_stem(path, used)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:

@@ -6,6 +6,15 @@ from pathlib import Path
 
 from vitcli.console import visible
 
+LABEL_CHARS = 32  # a class or file name drawn in a figure is cut to this many characters
+
+
+def fig_label(text: object, limit: int = LABEL_CHARS) -> str:
+    """A name as drawn in a figure: control characters as escapes, cut to `limit` characters with '...'."""
+    from vitcli.errors import clip
+
+    return clip(visible(text), limit)
+
 
 def pyplot():
     import matplotlib
@@ -60,7 +69,7 @@ def plot_confusion(cm, classes: list[str], path: str | Path, normalize: bool = F
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
            title="confusion matrix" + (" (row-normalised)" if normalize else ""))
-    labels = [visible(c) for c in classes]  # control characters in a class name drawn as escapes
+    labels = [fig_label(c) for c in classes]
     ax.set_xticklabels(labels, rotation=90 if n > 6 else 0, fontsize=8)
     ax.set_yticklabels(labels, fontsize=8)
     if n <= 30:
@@ -108,7 +117,8 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
             ax.imshow(img.permute(1, 2, 0).numpy())
         except BadImage:
             pass
-        ax.set_title(f"true {visible(it['true'])}\npred {visible(it['predicted'])} ({it['prob_predicted']:.2f})\n"
+        ax.set_title(f"true {fig_label(it['true'])}\npred {fig_label(it['predicted'])} "
+                     f"({it['prob_predicted']:.2f})\n"
                      f"loss {it['loss']:.2f}", fontsize=8)
     fig.suptitle("highest-loss mistakes")
     save_figure(fig, path)
