@@ -146,7 +146,7 @@ def test_multilabel_eval_export_and_class_attention(ml_run):
 
     root, _, _ = ml_run
     run = root / "runs" / "train"
-    res = run_cli("eval", root / "d" / "labels.csv", "--model", run, "--json", root / "ev.json")
+    res = run_cli("eval", root / "d" / "labels.csv", "--model", run, "--json-out", root / "ev.json")
     assert res.exit_code == 0, res.output
     ev = json.loads((root / "ev.json").read_text())
     assert ev["task"] == "multilabel" and ev["mAP"] >= 0.9 and 0 <= ev["exact_match"] <= 1

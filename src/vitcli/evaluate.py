@@ -268,7 +268,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     if json_path:
         from vitcli.files import write_output
 
-        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
+        write_output(json_path, json.dumps(report, indent=1).encode(), "--json-out")
         info(f"wrote {esc(str(json_path))}")
     return report
 
@@ -284,8 +284,8 @@ def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: st
             ensure_dir(output, "--output")
     if json_path is not None:
         if Path(json_path).is_dir():
-            raise VitcliError(f"--json '{json_path}' is a folder; give a file name")
-        refuse_inside(json_path, data_dir, "--json")
+            raise VitcliError(f"--json-out '{json_path}' is a folder; give a file name")
+        refuse_inside(json_path, data_dir, "--json-out")
 
 
 def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,

@@ -358,7 +358,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     if json_path:
         from vitcli.files import write_output  # a file the user named: written through, never replaced
 
-        write_output(json_path, json.dumps(res, indent=1).encode(), "--json")
+        write_output(json_path, json.dumps(res, indent=1).encode(), "--json-out")
         written.append(Path(json_path))
     return res, written
 

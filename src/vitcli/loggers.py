@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,40 @@ TB_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "va
            "lr": "lr/epoch", "seconds": "time/epoch_seconds", "images_per_s": "time/images_per_s"}
 
 
+CONNECT_TIMEOUT_S = 3.0  # an MLflow server must accept a connection within this, checked before any work
+
+
 def check_installed(log: list[str]) -> None:
-    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing)."""
+    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing), or
+    when MLFLOW_TRACKING_URI names a server nothing answers at (MLflow itself retries for minutes)."""
     for name in log:
         package = TRACKERS.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise VitcliError(f"train.log: {name} needs the '{package}' package: pip install 'vitcli[track]'")
+    if "mlflow" in log:
+        check_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def check_server(uri: str) -> None:
+    """One TCP connection to an http(s) tracking URI, with a short timeout; a refusal is one line."""
+    from urllib.parse import urlsplit
+
+    from vitcli.files import os_reason
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number or out of range
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': {e}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        return  # a file store or a database: MLflow opens it itself
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else os_reason(e)
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': cannot connect to {host}:{port} ({why}; timeout "
+                          f"{CONNECT_TIMEOUT_S:g} s); start the server, or unset the variable to log to ./mlruns"
+                          ) from None
 
 
 class Logger:
