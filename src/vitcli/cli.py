@@ -58,15 +58,13 @@ def results_on_stderr(active: bool):
     if not active:
         yield
         return
-    import sys
-
     from vitcli.console import out
 
-    old, out.file = out.file, sys.stderr
+    out.stderr = True  # rich then writes to whatever sys.stderr is at each print
     try:
         yield
     finally:
-        out.file = old
+        out.stderr = False
 
 
 def data_path(data: str | None, name: str = "DATA") -> Path | None:
