@@ -49,9 +49,12 @@ def test_runs_lists_a_fifo_run_json_as_unreadable_without_blocking(tmp_path):
     fifo = fake_run(tmp_path / "runs", "fifo")
     os.mkfifo(fifo / "run.json")
     fake_run(tmp_path / "runs", "ok", json.dumps({"status": "finished", "wall_s": 5.0}).encode())
+    (tmp_path / "runs" / "cfg").mkdir()
+    os.mkfifo(tmp_path / "runs" / "cfg" / "config.yaml")
     proc = run_vitcli("runs", tmp_path / "runs", timeout=60)  # a real process: a blocking open would hang it
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout and "unreadable fifo:" in proc.stdout and "not a regular file" in proc.stdout
+    assert "unreadable cfg:" in proc.stdout and "config.yaml' is not a regular file" in proc.stdout
 
 
 @pytest.mark.parametrize("bad, key", [({"pid": "abc", "status": "running"}, "pid"), ({"wall_s": "x"}, "wall_s"),

@@ -70,7 +70,7 @@ def describe_run(run_dir: Path) -> dict[str, Any] | None:
     """One row of `vitcli runs`, or None when the folder is not a training run (no config.yaml). A run whose
     config.yaml, metrics.csv or run.json cannot be read is a row with status "unreadable" and the reason."""
     cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
+    if not cfg_file.exists():  # a FIFO or device in its place: a run, and unreadable
         return None
     try:
         return _describe(run_dir)
