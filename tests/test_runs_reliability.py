@@ -237,7 +237,7 @@ def test_ten_thousand_character_class_names_are_cut_in_figures(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vitcli.report import plot_confusion
+    from vitcli.figures import plot_confusion
 
     classes = [c * 10_000 for c in "abc"]
     plot_confusion(np.eye(3, dtype=int) * 4, classes, tmp_path / "cm.png")
