@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_dataset, run_cli
+from conftest import run_cli
 from vitcli.config import load_config
 from vitcli.defaults import DataFacts
 from vitcli.pretrained import DEFAULT_MODEL, apply_pretrained, finetune_budget, model_data_config

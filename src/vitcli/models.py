@@ -213,7 +213,7 @@ class TimmBackend(Backend):
             raise VitcliError(f"'model.name' {TIMM_PREFIX}{name}: timm has no model called {name!r}{hint}")
         kwargs = dict(spec["kwargs"])
         if pretrained:  # timm loads (head dropped, positions resampled) the file from the Hugging Face cache
-            from vitcli.pretrained import weights_file
+            from vitcli.hub import weights_file
 
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file(name)), "custom_load": False}
         if spec.get("img_size"):

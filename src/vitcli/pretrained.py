@@ -1,21 +1,18 @@
-"""Pretrained weights: whether a run fine-tunes them (`model.pretrained: auto`), where the file comes from (the
-local Hugging Face cache, else a download into it), and the data config the weights were trained with.
+"""`model.pretrained: auto`: whether a run fine-tunes pretrained timm weights, at what input size and for how
+many epochs on this device; then the data config the weights were trained with, for every key the user left.
 
-timm describes each set of weights with a `pretrained_cfg` (input size, mean/std, interpolation, crop); as timm's
-`resolve_data_config` does, training takes those for every data key the user did not set, and the checkpoint's
-preprocessing, which predict, eval, inspect and every export read, records what was used.
+As timm's `resolve_data_config` does, mean, std, input size, interpolation and crop come from the weights'
+`pretrained_cfg` (hub.py); the checkpoint's preprocessing, which predict, eval, inspect and every export read,
+records what training used.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.errors import VitcliError
+from vitcli.hub import availability, weights_data_config, weights_pretrained_cfg
 
 if TYPE_CHECKING:
     from vitcli.config import Config
@@ -23,8 +20,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # photos: a 5.7 M-parameter ViT from ImageNet-21k
 FINETUNE_EPOCHS = 5  # epochs of a fine-tuning run the user gave no number for (the weights need few)
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's Hugging Face repositories hold
-DATA_KEYS = ("data.img_size", "data.mean", "data.std", "data.interpolation", "data.crop_pct")  # from the weights
 
 
 @dataclass
@@ -34,124 +29,6 @@ class Decision:
     pretrained: bool  # fine-tune pretrained weights (else from scratch)
     why: str  # the reason, printed
     values: dict[str, Any] = field(default_factory=dict)  # config key -> value (keys the user did not set)
-
-
-def hub_settings() -> tuple[bool, str]:
-    """(offline, cache folder) as the environment says now (huggingface_hub reads it once, at import)."""
-    from huggingface_hub import constants
-
-    env = os.environ
-    offline = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or bool(constants.HF_HUB_OFFLINE)
-    home = env.get("HF_HOME")
-    cache = env.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else constants.HF_HUB_CACHE)
-    return offline, cache
-
-
-def hub_repo(name: str) -> str | None:
-    """The Hugging Face repository of timm model `name`'s pretrained weights (its tag, or timm's default tag)."""
-    from timm.models import get_pretrained_cfg
-
-    pcfg = get_pretrained_cfg(name)
-    return (pcfg.hf_hub_id or None) if pcfg is not None else None
-
-
-def cached_weights(repo: str) -> Path | None:
-    """The weights file of `repo` in the local Hugging Face cache, if there."""
-    from huggingface_hub import try_to_load_from_cache
-
-    _, cache = hub_settings()
-    for filename in WEIGHT_FILES:
-        path = try_to_load_from_cache(repo, filename, cache_dir=cache)
-        if isinstance(path, str):
-            return Path(path)
-    return None
-
-
-def availability(name: str) -> tuple[str, str]:
-    """('cached' | 'download' | '', why) for the pretrained weights of timm model `name`; never downloads."""
-    from vitcli.formats import first_line
-
-    repo = hub_repo(name)
-    if repo is None:
-        return "", f"timm has no pretrained weights for {name}"
-    if cached_weights(repo):
-        return "cached", f"{repo} is in the local Hugging Face cache"
-    offline, cache = hub_settings()
-    if offline:
-        return "", f"HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face cache {cache}"
-    try:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-        meta = get_hf_file_metadata(hf_hub_url(repo, WEIGHT_FILES[0]), timeout=5)
-    except Exception as e:  # no network, a proxy, the hub down: all mean "not now"
-        return "", f"{repo} is not cached and cannot be downloaded ({first_line(e)})"
-    return "download", f"{repo} can be downloaded ({(meta.size or 0) / 1e6:.0f} MB, cached in {cache})"
-
-
-def weights_file(name: str) -> Path:
-    """The local weights file of timm model `name`: from the Hugging Face cache, else downloaded into it."""
-    from vitcli.console import info
-    from vitcli.formats import first_line
-
-    repo = hub_repo(name)
-    if repo is None:
-        raise VitcliError(f"'model.pretrained' true: timm has no pretrained weights for {name!r}; set it to "
-                          "false or 'model.pretrained_file' to a local weights file")
-    path = cached_weights(repo)
-    if path is not None:
-        return path
-    offline, cache = hub_settings()
-    if offline:
-        raise VitcliError(f"'model.pretrained' true: HF_HUB_OFFLINE is set and {repo} is not in the Hugging Face "
-                          f"cache {cache}; unset HF_HUB_OFFLINE or set 'model.pretrained_file'")
-    info(f"downloading pretrained weights {repo} into the Hugging Face cache {cache}")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo, WEIGHT_FILES[0], cache_dir=cache))  # shows its own progress bar
-    except Exception as e:
-        raise VitcliError(f"could not download pretrained weights {repo}: {first_line(e)}; set "
-                          "'model.pretrained_file' to a local weights file instead") from None
-
-
-def weights_pretrained_cfg(name: str, weights: str | Path | None = None) -> dict[str, Any] | None:
-    """The `pretrained_cfg` that describes a set of weights: config.json beside the file (timm's Hugging Face
-    layout, as in the cache) when there is one; for timm's own weights (`weights` None) else timm's registry
-    entry for `name`; None when nothing describes them (a bare local file keeps the config's data keys)."""
-    own = weights is None
-    if own:
-        repo = hub_repo(name)
-        weights = cached_weights(repo) if repo else None
-    side = Path(weights).parent / "config.json" if weights else None
-    if side is not None and side.is_file() and side.stat().st_size < 1 << 20:
-        try:
-            pcfg = json.loads(side.read_text()).get("pretrained_cfg")
-        except (ValueError, OSError, AttributeError) as e:
-            raise VitcliError(f"'{side}' is not a timm config.json ({e})") from None
-        if isinstance(pcfg, dict):
-            return pcfg
-    if not own:
-        return None
-    from timm.models import get_pretrained_cfg
-
-    pcfg = get_pretrained_cfg(name)
-    return pcfg.to_dict() if pcfg is not None else None
-
-
-def weights_data_config(pcfg: dict[str, Any]) -> dict[str, Any]:
-    """Config key -> value of the data config timm's `resolve_data_config` derives from a `pretrained_cfg`."""
-    from timm.data import resolve_data_config
-
-    from vitcli.config import CHOICES
-
-    dc = resolve_data_config({}, pretrained_cfg=pcfg)
-    out: dict[str, Any] = {"data.img_size": int(dc["input_size"][-1]), "data.crop_pct": float(dc["crop_pct"])}
-    if len(dc["mean"]) == 3 and len(dc["std"]) == 3:  # RGB weights (vitcli feeds RGB)
-        out["data.mean"] = [round(float(v), 6) for v in dc["mean"]]
-        out["data.std"] = [round(float(v), 6) for v in dc["std"]]
-    if dc["interpolation"] in CHOICES["data.interpolation"]:
-        out["data.interpolation"] = dc["interpolation"]
-    return out
 
 
 def looks_like_photos(facts: DataFacts | None) -> bool:
@@ -171,12 +48,13 @@ def resolve_pretrained(cfg: Config, facts: DataFacts | None, photos: bool) -> De
 
     Photos (or a timm model the user named) fine-tune pretrained weights when they are in the local Hugging Face
     cache or can be downloaded; else, and for glyph-like images or vitcli's own ViT, training starts from scratch.
+    `train.recipe: none` decides nothing (auto then builds the model without pretrained weights).
     """
     from vitcli.config import user_keys
     from vitcli.models import TIMM_PREFIX, backend_for_name
 
     m = cfg.model
-    if m.pretrained != "auto":
+    if m.pretrained != "auto" or cfg.train.recipe == "none":
         return None
     if m.pretrained_file:
         return Decision(False, f"'model.pretrained_file' {m.pretrained_file} gives the weights")
@@ -236,7 +114,9 @@ def vit_shape(name: str) -> tuple[int, int]:
 
 
 def model_data_config(cfg: Config) -> dict[str, Any]:
-    """The data keys the run's weights come with: timm's weights, or a local file with a timm config.json."""
+    """The data keys the run's weights come with: timm's weights, or a local file with a timm config.json (a
+    resize filter vitcli lacks, such as timm's 'random', leaves the config's)."""
+    from vitcli.config import CHOICES
     from vitcli.models import TIMM_PREFIX, backend_for_name
 
     m = cfg.model
@@ -247,7 +127,10 @@ def model_data_config(cfg: Config) -> dict[str, Any]:
         pcfg = weights_pretrained_cfg(name, m.pretrained_file)
     else:
         pcfg = weights_pretrained_cfg(name) if m.pretrained == "true" else None
-    return weights_data_config(pcfg) if pcfg else {}
+    data = weights_data_config(pcfg) if pcfg else {}
+    if data.get("data.interpolation", "bicubic") not in CHOICES["data.interpolation"]:
+        del data["data.interpolation"]
+    return data
 
 
 def apply_pretrained(cfg: Config, facts: DataFacts | None, quiet: bool = False) -> list[str]:
