@@ -101,6 +101,14 @@ def test_auto_with_cached_weights_fine_tunes_and_predicts_with_the_weights_mean_
     want, imagenet = probs([0.5] * 3, [0.5] * 3), probs([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert got == pytest.approx(want, abs=1e-5)
     assert max(abs(want[c] - imagenet[c]) for c in want) > 1e-4  # the check can tell the two apart
+    # an export carries the same preprocessing, and predicting with it applies it
+    res = run_cli("export", "-m", next(Path("runs").glob("*/best.pt")), "-f", "torchscript", "-o", "m.pt")
+    assert res.exit_code == 0, res.output
+    assert json.loads(Path("m.pt.json").read_text())["preprocess"] == pre
+    res = run_cli("predict", image, "--model", "m.pt", "--format", "json", "--output", "e.json", "--top-k", "3")
+    assert res.exit_code == 0, res.output
+    exported = {t["class"]: t["prob"] for t in json.loads(Path("e.json").read_text())[0]["top"]}
+    assert exported == pytest.approx(want, abs=1e-4)
 
 
 def test_the_users_data_keys_win_over_the_weights():

@@ -97,7 +97,7 @@ def finetune_budget(cfg: Config, facts: DataFacts | None, name: str) -> tuple[di
         return out, ""
     out["data.img_size"] = size
     return out, (f"; {size} px rather than the weights' {native}: {epochs} epochs of {facts.n_train:,} images at "
-                 f"{native} px would cost {cost(native) / budget:.0f}x what this CPU run may spend")
+                 f"{native} px would cost {cost(native) / budget:.1f}x what this CPU run may spend")
 
 
 def vit_shape(name: str) -> tuple[int, int]:
