@@ -16,8 +16,8 @@ import torch
 
 from conftest import run_cli
 from vitcli.config import load_config
-from vitcli.defaults import DataFacts
-from vitcli.pretrained import DEFAULT_MODEL, apply_pretrained, finetune_budget, model_data_config
+from vitcli.defaults import DataFacts, finetune_facts
+from vitcli.pretrained import DEFAULT_MODEL, Facts, apply_pretrained, finetune_budget, model_data_config
 
 REPO = "timm/test_vit.r160_in1k"  # timm's pretrained tag of test_vit (64 wide, 6 blocks)
 FAST = ["--device", "cpu", "--batch-size", "16", "--epochs", "1", "--set", "train.precision=fp32",
@@ -41,13 +41,18 @@ def hf_cache_with_test_vit() -> dict[str, torch.Tensor]:
     return state
 
 
-def photo_facts(n_train: int = 500, side: int = 256, device: str = "cpu") -> DataFacts:
-    return DataFacts(n_train=n_train, sizes=[(side, side)] * 8, device_type=device)
+def scan(cfg, n_train: int = 500, side: int = 256, device: str = "cpu") -> dict:
+    """What the data-aware defaults tell `model.pretrained: auto` about n_train images of side x side px."""
+    return finetune_facts(cfg, DataFacts(n_train=n_train, sizes=[(side, side)] * 8, device_type=device))
+
+
+def facts(cfg, n_train: int = 500, side: int = 256, device: str = "cpu") -> Facts:
+    return Facts(n_train, **scan(cfg, n_train, side, device))
 
 
 def test_auto_without_weights_trains_from_scratch_and_says_so_in_one_line():
     cfg = load_config()
-    lines = apply_pretrained(cfg, photo_facts(), quiet=True)
+    lines = apply_pretrained(cfg, 500, **scan(cfg), quiet=True)
     assert cfg.model.pretrained == "false" and cfg.model.name == "vit-tiny/16"
     assert len(lines) == 1 and "from scratch" in lines[0] and "HF_HUB_OFFLINE" in lines[0], lines
     assert DEFAULT_MODEL in lines[0]
@@ -115,7 +120,7 @@ def test_the_users_data_keys_win_over_the_weights():
     hf_cache_with_test_vit()
     cfg = load_config(overrides=["model.name=timm/test_vit", "model.pretrained=true", "data.mean=[0.1,0.2,0.3]",
                                  "data.interpolation=bilinear"])
-    lines = apply_pretrained(cfg, None, quiet=True)
+    lines = apply_pretrained(cfg, 500, quiet=True)
     assert cfg.data.mean == [0.1, 0.2, 0.3] and cfg.data.interpolation == "bilinear"
     assert cfg.data.std == [0.5] * 3 and cfg.data.img_size == 160 and cfg.data.crop_pct == 0.95
     assert len(lines) == 1 and "std=0.5,0.5,0.5" in lines[0] and "mean" not in lines[0]
@@ -138,29 +143,28 @@ def test_small_images_are_upsampled_only_as_far_as_the_cpu_budget_allows():
     """ViT-Ti/16 on 32 px photos: the weights' 224 px for a few images; for 8,000 on a CPU a smaller input (the
     position embeddings are resampled to it), larger again for a longer --time; never below the images' size."""
     cfg = load_config()
-    few, _ = finetune_budget(cfg, photo_facts(n_train=20, side=32), DEFAULT_MODEL)
+    few, _ = finetune_budget(cfg, facts(cfg, n_train=20, side=32), DEFAULT_MODEL)
     assert few == {"train.epochs": 5}
-    many, why = finetune_budget(cfg, photo_facts(n_train=8000, side=32), DEFAULT_MODEL)
+    many, why = finetune_budget(cfg, facts(cfg, n_train=8000, side=32), DEFAULT_MODEL)
     assert 32 <= many["data.img_size"] < 224 and many["data.img_size"] % 16 == 0, many
     assert "rather than the weights' 224" in why
-    more, _ = finetune_budget(load_config(overrides=["train.time=30m"]), photo_facts(n_train=8000, side=32),
-                              DEFAULT_MODEL)
+    longer = load_config(overrides=["train.time=30m"])
+    more, _ = finetune_budget(longer, facts(longer, n_train=8000, side=32), DEFAULT_MODEL)
     assert many["data.img_size"] < more["data.img_size"] < 224
-    huge, _ = finetune_budget(cfg, photo_facts(n_train=10**7, side=32), DEFAULT_MODEL)
+    huge, _ = finetune_budget(cfg, facts(cfg, n_train=10**7, side=32), DEFAULT_MODEL)
     assert huge["data.img_size"] == 32  # nothing fits: the images' own size, not smaller
-    gpu, _ = finetune_budget(cfg, photo_facts(n_train=8000, side=32, device="cuda"), DEFAULT_MODEL)
+    gpu, _ = finetune_budget(cfg, facts(cfg, n_train=8000, side=32, device="cuda"), DEFAULT_MODEL)
     assert gpu == {"train.epochs": 5}
-    mine, _ = finetune_budget(load_config(overrides=["data.img_size=48", "train.epochs=3"]),
-                              photo_facts(n_train=8000, side=32), DEFAULT_MODEL)
-    assert mine == {}
+    mine = load_config(overrides=["data.img_size=48", "train.epochs=3"])
+    assert finetune_budget(mine, facts(mine, n_train=8000, side=32), DEFAULT_MODEL) == ({}, "")
 
 
-def test_auto_picks_the_default_pretrained_vit_for_photos_only_when_cached(monkeypatch):
+def test_auto_picks_the_default_pretrained_vit_for_photos_only_when_cached():
     import timm
     from safetensors.torch import save_file
 
     cfg = load_config()
-    apply_pretrained(cfg, photo_facts(side=24), quiet=True)  # not photos (the placeholder rule: small)
+    apply_pretrained(cfg, 500, **scan(cfg, side=24), quiet=True)  # not photos (defaults.py's rule: small)
     assert cfg.model.pretrained == "false" and cfg.model.name == "vit-tiny/16"
     repo = timm.models.get_pretrained_cfg(DEFAULT_MODEL).hf_hub_id
     snap = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo.replace('/', '--')}" / "snapshots" / ("a" * 40)
@@ -169,7 +173,7 @@ def test_auto_picks_the_default_pretrained_vit_for_photos_only_when_cached(monke
     (snap.parent.parent / "refs" / "main").write_text("a" * 40)
     save_file({"x": torch.zeros(1)}, str(snap / "model.safetensors"))  # found in the cache; never loaded here
     cfg = load_config()
-    lines = apply_pretrained(cfg, photo_facts(n_train=2000, side=160), quiet=True)
+    lines = apply_pretrained(cfg, 2000, **scan(cfg, n_train=2000, side=160), quiet=True)
     assert cfg.model.name == f"timm/{DEFAULT_MODEL}" and cfg.model.pretrained == "true", lines
     assert cfg.data.mean == [0.5] * 3 and cfg.train.epochs == 5
     assert cfg.data.img_size < 224 and "fine-tuning" in lines[0] and "rather than the weights' 224" in lines[0]

@@ -16,10 +16,19 @@ from vitcli.hub import availability, weights_data_config, weights_pretrained_cfg
 
 if TYPE_CHECKING:
     from vitcli.config import Config
-    from vitcli.defaults import DataFacts
 
 DEFAULT_MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"  # photos: a 5.7 M-parameter ViT from ImageNet-21k
 FINETUNE_EPOCHS = 5  # epochs of a fine-tuning run the user gave no number for (the weights need few)
+
+
+@dataclass
+class Facts:
+    """What the decision reads from the data scan and the device (defaults.finetune_facts fills it)."""
+
+    n_train: int  # training images
+    photos: bool = False  # the images are photos (pretrained photo features help most)
+    side: int = 224  # median shorter side of the images, pixels
+    cpu_macs: float = 0.0  # multiply-adds a CPU run may spend; 0 = not a CPU (no cap on the input size)
 
 
 @dataclass
@@ -31,19 +40,7 @@ class Decision:
     values: dict[str, Any] = field(default_factory=dict)  # config key -> value (keys the user did not set)
 
 
-def looks_like_photos(facts: DataFacts | None) -> bool:
-    """Whether the scanned images are photos (the data-aware defaults' verdict when they give one)."""
-    if facts is None:
-        return False
-    verdict = getattr(facts, "photos", None)
-    if verdict is not None:
-        return bool(verdict)
-    from vitcli.defaults import PHOTO_SIDE, median_side
-
-    return median_side(facts.sizes) >= PHOTO_SIDE
-
-
-def resolve_pretrained(cfg: Config, facts: DataFacts | None, photos: bool) -> Decision | None:
+def resolve_pretrained(cfg: Config, facts: Facts) -> Decision | None:
     """What `model.pretrained: auto` means for this model, data and device; None when the user said true/false.
 
     Photos (or a timm model the user named) fine-tune pretrained weights when they are in the local Hugging Face
@@ -61,7 +58,7 @@ def resolve_pretrained(cfg: Config, facts: DataFacts | None, photos: bool) -> De
     named = "model.name" in user_keys(cfg)
     if named and backend_for_name(m.name).from_scratch:
         return Decision(False, f"{m.name} is vitcli's own ViT, built from scratch")
-    if not named and not photos:
+    if not named and not facts.photos:
         return Decision(False, "the images do not look like photos, where pretrained features help most")
     name = m.name.removeprefix(TIMM_PREFIX) if named else DEFAULT_MODEL
     how, why = availability(name)
@@ -72,22 +69,21 @@ def resolve_pretrained(cfg: Config, facts: DataFacts | None, photos: bool) -> De
     return Decision(True, why + reason, values | budget)
 
 
-def finetune_budget(cfg: Config, facts: DataFacts | None, name: str) -> tuple[dict[str, Any], str]:
+def finetune_budget(cfg: Config, facts: Facts, name: str) -> tuple[dict[str, Any], str]:
     """Epochs and input size of a fine-tuning run the user left unset, and why: on a CPU, small images are
     upsampled toward the weights' own size only as far as the run's multiply-add budget allows."""
-    from vitcli.config import parse_duration, user_keys
-    from vitcli.defaults import CPU_MACS_PER_S, CPU_RUN_MACS, median_side
+    from vitcli.config import user_keys
 
     mine = user_keys(cfg)
     out: dict[str, Any] = {} if "train.epochs" in mine else {"train.epochs": FINETUNE_EPOCHS}
     epochs = out.get("train.epochs", cfg.train.epochs)
     pcfg = weights_pretrained_cfg(name) or {}
     native = int((pcfg.get("input_size") or (3, 224, 224))[-1])
-    if "data.img_size" in mine or facts is None or facts.device_type != "cpu" or not facts.n_train:
+    if "data.img_size" in mine or not facts.cpu_macs or not facts.n_train:
         return out, ""
     patch, params = vit_shape(name)
-    lo = min(native, max(2 * patch, math.ceil(median_side(facts.sizes) / patch) * patch))
-    budget = parse_duration(cfg.train.time) * CPU_MACS_PER_S if cfg.train.time else CPU_RUN_MACS
+    lo = min(native, max(2 * patch, math.ceil(facts.side / patch) * patch))
+    budget = facts.cpu_macs
 
     def cost(size: int) -> float:  # multiply-adds of the run: forward + backward ~ 3x forward
         return 3.0 * params * ((size // patch) ** 2 + 1) * facts.n_train * epochs
@@ -133,14 +129,16 @@ def model_data_config(cfg: Config) -> dict[str, Any]:
     return data
 
 
-def apply_pretrained(cfg: Config, facts: DataFacts | None, quiet: bool = False) -> list[str]:
-    """Resolve `model.pretrained: auto`, then take the weights' data config for the keys the user did not set;
-    returns (and prints) one line for each."""
+def apply_pretrained(cfg: Config, n_train: int, *, photos: bool = False, side: int = 224, cpu_macs: float = 0.0,
+                     quiet: bool = False) -> list[str]:
+    """Resolve `model.pretrained: auto` for `n_train` images (`photos` of about `side` px; `cpu_macs`: what a CPU
+    run may spend, 0 off a CPU), then take the weights' data config for the keys the user did not set; returns
+    (and prints) one line for each."""
     from vitcli.config import user_keys
     from vitcli.console import esc, info
 
     mine, lines = user_keys(cfg), []
-    decision = resolve_pretrained(cfg, facts, looks_like_photos(facts))
+    decision = resolve_pretrained(cfg, Facts(n_train, photos, side, cpu_macs))
     if decision is not None:
         cfg.model.pretrained = "true" if decision.pretrained else "false"
         _assign(cfg, decision.values)
