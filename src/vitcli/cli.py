@@ -209,8 +209,9 @@ def eval_cmd(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
-    coverage: Annotated[float, typer.Option(
-        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
+    coverage: Annotated[float | None, typer.Option(
+        help="Target coverage of the conformal prediction sets whose empirical coverage is reported "
+             "(default 0.9; single-label models).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:

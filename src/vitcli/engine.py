@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vitcli.config import Config
 from vitcli.console import console, esc, info, warn
 from vitcli.errors import VitcliError
-from vitcli.multilabel import task_line
+from vitcli.task import Task
 
 if TYPE_CHECKING:
     import torch
@@ -123,14 +123,15 @@ class TrainData:
     counts: list[int]  # training images per class
     bad: BadImageLog
     val_counts: list[int] = field(default_factory=list)  # validation images per class
+    task: Task = None  # type: ignore[assignment]  # single- or multi-label, from the data (set in __post_init__)
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = Task.of_data(self.ds)
 
     @property
     def classes(self) -> list[str]:
         return self.ds.classes
-
-    @property
-    def multilabel(self) -> bool:
-        return self.ds.multilabel
 
 
 @dataclass
@@ -173,9 +174,9 @@ class EpochSums:
         self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
         self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
         self.loss += loss.double() * len(hard)
-        from vitcli.evaluate import hits
+        from vitcli.task import hits
 
-        self.correct += hits(logits.detach(), hard).sum()  # multi-label: hard is the (B, C) label vector
+        self.correct += hits(logits.detach(), hard).sum()  # label vectors: hard is (B, C)
         self.count += len(hard)
 
     def read(self) -> tuple[float, float, float, int, float]:
@@ -206,9 +207,9 @@ class RunState:
     total_steps: int
     warmup_steps: int
     progress: Progress = field(default_factory=Progress)
+    task: Any = None  # the data's task.Task: loss, validation metrics, thresholds tuned at the last validation
     sums: Any = None  # EpochSums of the running epoch
     lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
-    thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned at the last validation
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
     budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
@@ -290,7 +291,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
          "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
-    info(task_line(cfg, ds.multilabel))
+    info(Task.of_data(ds).line(cfg))
     return load_images(cfg, data_dir, ds, counts, env), run_dir
 
 
@@ -347,8 +348,8 @@ def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | 
          f"images in {len(sd.train.shards)} + {len(sd.val.shards)} shards, streamed ({workers} workers per process, "
          f"shuffle buffer {d.shuffle_buffer})")
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(sd.classes, sd.counts, strict=True)))
-    info(task_line(cfg, sd.multilabel))
     ds = D.Dataset(sd.root, sd.classes, D.Split(), D.Split(), multilabel=sd.multilabel, source=sd.root)
+    info(Task.of_data(ds).line(cfg))
     return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad, sd.val_counts), run_dir
 
 
@@ -386,10 +387,9 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     import torch
 
     from vitcli import data as D
-    from vitcli import multilabel as ML
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
-    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer, lr_at
+    from vitcli.optim import EMA, build_mixup, build_optimizer, lr_at
 
     d, t, o = cfg.data, cfg.train, cfg.optim
     model, spec = build_model(cfg.model, len(data.classes), d.img_size)
@@ -407,7 +407,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     info(f"[bold]device[/] {env.device}, precision {env.precision} ({env.why})"
          + (f", {env.world} processes" if env.world > 1 else "") + ("" if fused_attn else f"; attention: {attn_why}"))
     ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-    loss_fn = ML.train_loss(cfg, data.multilabel) or TrainLoss(cfg, data.counts, env.device)
+    loss_fn = data.task.train_loss(cfg, data.counts, env.device)
     if loss_fn.class_w is not None:
         info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
     fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
@@ -421,8 +421,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
         optimizer=build_optimizer(model, o, env.device),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
-        loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
-        mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
+        loss_fn=loss_fn, eval_loss=data.task.eval_loss(), mixup=data.task.mixup(mixup), task=data.task,
         augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
         total_steps=total, warmup_steps=warmup, lr_fn=lambda step: lr_at(step, total, warmup, o))
 
@@ -621,43 +620,19 @@ def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
         if run.ema is not None:
             broadcast_buffers(run.ema.module)
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
-    f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
-                  env.rank, env.world, keep_logits=f1 or data.multilabel)
+                  env.rank, env.world, keep_logits=run.task.keep_val_logits(run.cfg))
     vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
     seconds = p.partial["seconds"]
     row = {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
            "images_per_s": tn / max(seconds, 1e-9)}
-    if data.multilabel:  # val_acc: share of labels right at 0.5; the mAP picks the best epoch
-        from vitcli.multilabel import val_scores
-
-        row["val_map"], run.thresholds = val_scores(ev, env.device, env.world)
-    elif f1:
-        row["val_macro_f1"] = _macro_f1(ev, len(data.classes), env.device)
-    return row
-
-
-def _macro_f1(ev, num_classes: int, device) -> float:
-    """Macro F1 of the validation predictions, from the confusion matrix summed over ranks."""
-    import numpy as np
-
-    from vitcli.distributed import all_reduce_sums
-    from vitcli.evaluate import averages, confusion_matrix, per_class_metrics
-
-    cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
-    cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
-    cm = cm.reshape(num_classes, num_classes)
-    return averages(per_class_metrics(cm), cm)["macro"]["f1"]
+    metric = run.task.best_metric(run.cfg)  # label vectors: val_acc is the share of labels right at 0.5
+    return row | run.task.val_metrics(ev, len(data.classes), env.device, metric, env.world)
 
 
 BEST_SCORE = {"acc": lambda row: row["val_acc"], "loss": lambda row: -row["val_loss"],
               "macro_f1": lambda row: row["val_macro_f1"], "map": lambda row: row["val_map"]}  # higher is better
-
-
-def best_metric(cfg: Config, multilabel: bool) -> str:
-    """train.best_metric, except that multi-label runs rank epochs by validation mAP unless it is loss."""
-    return "map" if multilabel and cfg.train.best_metric != "loss" else cfg.train.best_metric
 
 
 def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
@@ -665,7 +640,7 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     t, p = run.cfg.train, run.progress
     p.history.append(row)
     p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
-    score = BEST_SCORE[best_metric(run.cfg, data.multilabel)](row)
+    score = BEST_SCORE[run.task.best_metric(run.cfg)](row)
     improved = score > p.best_score and _finite(run.eval_model)
     if improved:
         p.best_score, p.best_acc, p.best_epoch, p.since_best = score, row["val_acc"], p.epoch, 0
@@ -684,7 +659,7 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
     if t.patience and p.since_best >= t.patience:
         what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1", "map": "mAP"}[
-            best_metric(run.cfg, data.multilabel)]
+            run.task.best_metric(run.cfg)]
         best = -p.best_score if t.best_metric == "loss" else p.best_score
         info(f"early stop: val {what} did not improve for {t.patience} epochs (best {best:.4f} at epoch "
              f"{p.best_epoch})")
@@ -710,7 +685,7 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
                            state_dict=run.eval_model.state_dict(), config=to_dict(run.cfg),
                            data_dir=str(Path(data.data_dir).resolve()), epoch=epoch, step=run.progress.step,
                            metrics=metrics, train_state=train_state,
-                           task="multilabel" if data.multilabel else "single", thresholds=run.thresholds)
+                           **run.task.checkpoint_meta())
     save_checkpoint(run.run_dir / name, ckpt)
 
 
@@ -721,7 +696,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
-    if run.env.main and run.cfg.train.calibrate and p.history and not data.multilabel:  # multi-label: thresholds
+    if run.env.main and run.cfg.train.calibrate and p.history:
         calibrate_checkpoints(run, data)
     if run.env.world > 1:
         digest = check_replicas(run.eval_model.state_dict(), run.env.world)
@@ -729,7 +704,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     if run.env.main:
         for cb in run.callbacks:
             cb.on_end(run, result)
-        _summary(result, data.classes, data.bad, best_metric(run.cfg, data.multilabel))
+        _summary(result, data.classes, data.bad, run.task.best_metric(run.cfg))
     leave()
     return result
 
@@ -737,11 +712,12 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
     """Fit the temperature and conformal scores of best.pt's and last.pt's weights on the validation split and
     store them in each file (train.calibrate)."""
-    from vitcli.calibrate import fit_calibration
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from vitcli.evaluate import run_eval
 
     env = run.env
+    if not run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
+        return
     if len(data.val) == 0:
         warn("calibration skipped: the validation split is empty")
         return
@@ -753,12 +729,11 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
         model = model_from_checkpoint(ckpt, path).to(env.device)
         ev = run_eval(model, data.val, data.pre, env.device, env.precision, run.cfg.data.batch_size * 2,
                       keep_logits=True)
-        ckpt["calibration"] = cal = fit_calibration(ev.logits, ev.labels)
+        ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
         save_checkpoint(path, ckpt)
-        note = " (no validation mistakes: temperature at its lower bound)" if cal["errors"] == 0 else ""
-        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.4f} -> "
-             f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} on {cal['images']} "
-             f"images{note}")
+        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
+             f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
+             f"{cal['nll_after']:.4f} on {cal['images']} images")
 
 
 # ----------------------------------------------------------------------------------------------- driver

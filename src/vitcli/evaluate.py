@@ -19,42 +19,13 @@ import numpy as np
 
 from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError, at_least
+from vitcli.metrics import averages, confusion_matrix, per_class_metrics  # noqa: F401  (re-exported)
 
 CHUNK = 2048  # images decoded and held in memory at a time
+DEFAULT_COVERAGE = 0.9  # target coverage of the conformal sets eval reports when --coverage is not given
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
-    """(C, C) int64; rows are true classes, columns predicted classes."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
-    return cm
-
-
-def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """precision, recall, f1, support per class; 0 where a ratio is 0/0 (as scikit-learn's zero_division=0)."""
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1)}
-
-
-def averages(pc: dict[str, np.ndarray], cm: np.ndarray) -> dict[str, dict[str, float]]:
-    """Macro and support-weighted averages over the classes that occur in the labels or the predictions."""
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    support = pc["support"][present].astype(np.float64)
-    out = {}
-    for name, weights in (("macro", np.ones_like(support)), ("weighted", support)):
-        total = weights.sum()
-        out[name] = {m: float((pc[m][present] * weights).sum() / total) if total > 0 else 0.0
-                     for m in ("precision", "recall", "f1")}
-        out[name]["support"] = int(pc["support"].sum())
-    return out
-
-
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the k highest probabilities."""
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
@@ -187,33 +158,28 @@ def collect_logits(pred, split, batch_size: int, tta: bool):
     return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
 
 
-def probs_at(logits, flipped, temperature: float) -> np.ndarray:
-    """softmax(logits / T), averaged with the mirrored image's when `flipped` is given; float64 (N, C)."""
-    p = (logits.double() / temperature).softmax(-1)
-    if flipped is not None:
-        p = (p + (flipped.double() / temperature).softmax(-1)) / 2
-    return p.numpy()
+def calibration_report(pred, logits, flipped, probs: np.ndarray, y: np.ndarray, coverage: float | None
+                       ) -> dict[str, Any]:
+    """Temperature, ECE before and after it (`probs`: the calibrated ones), and (with conformal scores)
+    coverage and mean set size."""
+    from vitcli.calibrate import set_metrics
 
-
-def calibration_report(pred, logits, flipped, y: np.ndarray, coverage: float | None) -> dict[str, Any]:
-    """Temperature, ECE before and after it, and (with conformal scores) coverage and mean set size."""
-    from vitcli.calibrate import conformal_threshold, set_metrics
-
-    before = probs_at(logits, flipped, 1.0)
-    rep: dict[str, Any] = {"temperature": pred.temperature, "ece_uncalibrated": calibration(before, y)[0]}
-    if coverage is not None and pred.conformal_scores is not None:
-        thr = conformal_threshold(pred.conformal_scores, coverage)
+    task = pred.task
+    before = type(task)().probs(logits, flipped).numpy()  # the same task without a temperature
+    rep: dict[str, Any] = {"temperature": task.temperature, "ece_uncalibrated": calibration(before, y)[0]}
+    if coverage is not None and task.conformal_scores is not None:
+        thr = task.conformal_threshold(coverage, str(pred.path))
         rep["conformal"] = {"coverage_target": coverage, "threshold": thr,
-                            "calibration_images": len(pred.conformal_scores),
-                            **set_metrics(probs_at(logits, flipped, pred.temperature), y, thr)}
+                            "calibration_images": len(task.conformal_scores), **set_metrics(probs, y, thr)}
     return rep
 
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True, tta: bool = False, coverage: float | None = 0.9) -> dict[str, Any]:
+             figures: bool = True, tta: bool = False, coverage: float | None = None) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
-    split); print, plot and return the report. Probabilities are calibrated by the stored temperature."""
+    split); print, plot and return the report. Probabilities are the task's calibrated ones; `coverage` (default
+    DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported."""
     from vitcli.predict import load_predictor, passive_omp_threads
 
     passive_omp_threads()
@@ -226,10 +192,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     if coverage is not None:
         check_coverage(coverage)
     check_device_args(device, precision)
-    check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
+    one_label = pred.task.one_label
+    if not one_label:
+        refuse_for_label_vectors(pred, output, coverage)
+    check_outputs(data_dir, output if figures and one_label else None, json_path, figures and one_label)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
+    split = D.scan_eval_folder(data_dir, classes, not one_label)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -241,19 +210,17 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
-    if pred.multilabel:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
-        from vitcli.multilabel import report_multilabel
-
-        head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta}
-        return report_multilabel(pred, logits, flipped, labels, bad, head, json_path)
-    probs = probs_at(logits, flipped, pred.temperature)  # (N, C)
+    probs = pred.task.probs(logits, flipped).numpy()  # (N, C)
+    head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
+            "skipped": bad}
+    if not one_label:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
+        return write_json(report_label_vectors(pred, probs, labels, head), json_path)
     y = labels.numpy()  # (N,)
-
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
-              "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
+    cov = DEFAULT_COVERAGE if coverage is None else coverage
+    report = head | report | calibration_report(pred, logits, flipped, probs, y, cov)
     if figures:
         from vitcli.html_report import eval_report, pick_examples
         from vitcli.rundir import new_run_dir
@@ -262,15 +229,31 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"] = write_figures(report, out_dir, pre)
         net = getattr(pred, "model", None)  # exported files: no attention figure
         page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
-                           pick_examples(paths, y))
+                           pick_examples(paths, y), pred.task)
         report["figures"]["report"] = str(page)
     print_report(report)
+    return write_json(report, json_path)
+
+
+def write_json(report: dict[str, Any], json_path: str | Path | None) -> dict[str, Any]:
+    """The report as JSON at --json PATH (when given); returns the report."""
     if json_path:
+        from vitcli.console import esc, info
         from vitcli.files import write_output
 
         write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
         info(f"wrote {esc(str(json_path))}")
     return report
+
+
+def refuse_for_label_vectors(pred, output: str | Path | None, coverage: float | None) -> None:
+    """Multi-label eval has neither conformal sets nor figures: --coverage / --output are refused, not ignored."""
+    if coverage is not None:
+        raise VitcliError(f"--coverage {coverage:g}: '{pred.path}' is multi-label and has no prediction sets (each "
+                          "class is decided at its own tuned threshold); leave --coverage out")
+    if output is not None:
+        raise VitcliError(f"--output '{output}': multi-label eval draws no figures; use --json PATH for the "
+                          "per-class metrics")
 
 
 def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: str | Path | None,
@@ -289,10 +272,10 @@ def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: st
 
 
 def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
-                   where: str | Path = "the data", thresholds: list[float] | None = None):
-    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
-    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
-    at `thresholds`."""
+                   where: str | Path = "the data", *, task):
+    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, calibrated probs (N, C) of
+    `task` (the model's task.Task), labels (N,), the readable paths, skipped-file messages). Label vectors get
+    the multi-label metrics at the task's thresholds."""
     import torch
 
     from vitcli import data as D
@@ -312,13 +295,11 @@ def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, pre
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
-    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
-        from vitcli.multilabel import compute_metrics as multilabel_metrics
+    probs, y = task.probs(torch.cat(logits)).numpy(), torch.cat(labels).numpy()  # (N, C), (N,) or (N, C)
+    if not task.one_label:  # mAP, AP, F1 at the thresholds, exact match
+        from vitcli.metrics import label_vector_metrics
 
-        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
-        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
-    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
-    y = torch.cat(labels).numpy()  # (N,)
+        return label_vector_metrics(probs, y, classes, task.thresholds), probs, y, paths, bad
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
@@ -402,3 +383,37 @@ def print_report(r: dict[str, Any]) -> None:
         out.print(mc)
     if r.get("figures"):
         out.print("figures: " + ", ".join(esc(v) for v in r["figures"].values()))
+
+
+def print_label_vector_report(report: dict[str, Any]) -> None:
+    """`vitcli eval` for a multi-label model: the summary and the per-class table."""
+    from rich.table import Table
+
+    from vitcli.console import esc, out
+
+    summary = Table(title="evaluation (multi-label)", show_header=False, title_justify="left")
+    skipped = f" ({len(report['skipped'])} unreadable skipped)" if report.get("skipped") else ""
+    for k, v in (("images", f"{report['images']}{skipped}"), ("mAP", f"{report['mAP']:.4f}"),
+                 ("micro F1 at the thresholds", f"{report['micro_f1']:.4f}"),
+                 ("macro F1 at the thresholds", f"{report['macro_f1']:.4f}"),
+                 ("exact match", f"{report['exact_match']:.4f}"), ("label accuracy", f"{report['label_accuracy']:.4f}"),
+                 ("loss (binary cross-entropy)", f"{report['loss']:.4f}")):
+        summary.add_row(k, v)
+    out.print(summary)
+    tab = Table(title="per class", title_justify="left")
+    for col in ("class", "AP", "threshold", "precision", "recall", "F1", "support"):
+        tab.add_column(col, justify="left" if col == "class" else "right")
+    for c in report["per_class"]:
+        tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
+                    f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(tab)
+
+
+def report_label_vectors(pred, probs: np.ndarray, labels, head: dict[str, Any]) -> dict[str, Any]:
+    """`vitcli eval` of a multi-label model: the metrics of the task's probabilities at its thresholds."""
+    from vitcli.metrics import label_vector_metrics
+
+    report = head | {"task": pred.task.name} | label_vector_metrics(probs, labels.numpy(), pred.classes,
+                                                                    pred.task.thresholds)
+    print_label_vector_report(report)
+    return report

@@ -92,8 +92,10 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
     ]
 
 
-def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
-    """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
+def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path, task
+                     ) -> Path | None:
+    """Input and attention rollout of up to N_ATTENTION images side by side, titled with the task's calibrated
+    probability (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
     from vitcli.console import visible
     from vitcli.inspect import decode_batch, overlay, panel_figure
@@ -106,7 +108,7 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     except VitcliError:
         return None
     heat = rollout_map(cap, discard_ratio=0.9)  # (B, gh, gw)
-    probs = cap.logits.float().softmax(-1)  # (B, C)
+    probs = task.probs(cap.logits)  # (B, C)
     fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9): input above, rollout below")
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
@@ -135,7 +137,7 @@ def pick_examples(paths: list[Path], labels, n: int = N_ATTENTION) -> list[Path]
 
 
 def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt: dict[str, Any],
-                model_path: Path, examples: list[Path]) -> Path:
+                model_path: Path, examples: list[Path], task) -> Path:
     """report.html beside `vitcli eval`'s figures; curves come from the model's run folder when it has them."""
     from vitcli.config import config_from_dict, to_yaml
     from vitcli.console import command_line
@@ -145,7 +147,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     curves = Path(model_path).parent / "curves.png"
     if curves.is_file():
         figures["curves"] = curves
-    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
+    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png", task):
         figures["attention"] = out_dir / "attention.png"
         r["figures"]["attention"] = str(out_dir / "attention.png")
     history = read_metrics(Path(model_path).parent / "metrics.csv")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from vitcli.task import Task
+
 METHODS = ("all", "rollout", "raw", "grad-rollout", "gradcam", "chefer")
 PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
 
@@ -34,13 +36,15 @@ class Loaded:
     pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
     run_dir: Path
     device: torch.device
-    temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
-    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+    task: Task  # the model's task.Task: its calibrated probabilities
+
+    @property
+    def temperature(self) -> float:
+        return self.task.temperature
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
-        z = logits.float() / self.temperature
-        return z.sigmoid() if self.multilabel else z.softmax(-1)
+        """The task's calibrated probabilities (B, C) (`Task.probs`)."""
+        return self.task.probs(logits)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -54,10 +58,9 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
     pre = dict(ckpt["preprocess"])
     if img_size is not None and img_size != pre["img_size"]:
         pre = set_resolution(model, pre, img_size)
-    from vitcli.calibrate import calibration_of
+    from vitcli.task import Task
 
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
-                  ckpt.get("task") == "multilabel")
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, Task.from_meta(ckpt))
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
@@ -210,7 +213,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
+        probs = ld.probs(cap.logits)  # (B, C), as predict reports them
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped

@@ -36,11 +36,12 @@ class Prediction:
     abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
     set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
     labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
+    unsure: list[tuple[str, float]] | None = None  # multi-label --min-prob: at its threshold, below --min-prob
 
     @property
     def answer(self) -> str:
         """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
-        from vitcli.calibrate import UNKNOWN
+        from vitcli.task import UNKNOWN
 
         if self.labels is not None:
             return "|".join(c for c, _ in self.labels)
@@ -50,8 +51,9 @@ class Prediction:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
         if self.labels is not None:
+            unsure = {"unsure": [{"class": c, "prob": p} for c, p in self.unsure]} if self.unsure else {}
             return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
-                    "top": [{"class": c, "prob": p} for c, p in self.top]}
+                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure
         d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
              "top": [{"class": c, "prob": p} for c, p in self.top]}
         return d | ({"set": self.set} if self.set is not None else {})
@@ -196,8 +198,8 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
                    threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
                    ) -> Iterator[Prediction]:
     """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
-    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
-    conformal threshold) adds the prediction set."""
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown" (multi-label: a label
+    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set."""
     import torch
 
     from vitcli.console import progress_bar
@@ -208,21 +210,18 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
-    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
+    names = pred.classes
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta).double()  # (B, C)
-        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
-        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
-            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
-            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
-            if threshold is not None:
-                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
-            if pred.multilabel:
-                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
+        full = pred.probs(x, tta)  # (B, C) float64
+        for (path, _), pr, d in zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold), strict=True):
+            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained)
+            if d.set is not None:
+                r.set = [names[i] for i in d.set]
+            if d.labels is not None:
+                r.labels = [(names[i], round(pr[i], 6)) for i in d.labels]
+                r.unsure = [(names[i], round(pr[i], 6)) for i in d.unsure]
             yield r
 
     if bar:
@@ -299,7 +298,9 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
         tab.add_column("labels (at or above threshold)")
         for r in results:
             if r.error is None:
-                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                unsure = "".join(f", [yellow]unsure[/] {esc(c)} {p:.3f}" for c, p in r.unsure or [])
+                tab.add_row(esc(r.file), (", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                            + unsure)
         out.print(tab)
         return
     tab.add_column("class")
@@ -359,10 +360,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     thresholds = parse_min_prob(min_prob, pred.classes)
     threshold = pred.conformal_threshold(coverage) if coverage is not None else None
-    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
+    answer = thresholds is not None or not pred.task.one_label  # csv: label vectors have their labels as answer
+    with_set = threshold is not None
     if with_set:
         info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
-             f"(split conformal, {len(pred.conformal_scores)} validation images)")
+             f"(split conformal, {len(pred.task.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli.errors import VitcliError
+from vitcli.task import Task
 
 ALPHA = 0.05  # significance level the verdict line uses
 
@@ -141,20 +142,20 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
     if not run_dir.is_dir():
         raise VitcliError(f"run folder '{run_dir}' does not exist")
     net, ckpt, path = load_model(run_dir)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    if ckpt.get("task") == "multilabel":
-        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
-                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
+    classes, pre, task = list(ckpt["classes"]), dict(ckpt["preprocess"]), Task.from_meta(ckpt)
+    if not task.one_label:
+        raise VitcliError(f"run '{run_dir}' is {task.words}: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives its metrics")
     data_dir, split = val_split(run_dir, ckpt)
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev)
     net.to(dev)
-    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir, task=task)
     r["data"] = str(data_dir)
     figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
     if (run_dir / "curves.png").is_file():
         figures["curves"] = run_dir / "curves.png"
-    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png", task):
         figures["attention"] = run_dir / "attention.png"
     info, history = read_json(run_dir / "run.json"), read_metrics(run_dir / "metrics.csv")
     train_counts = info.get("train_counts") or [""] * len(classes)
@@ -226,7 +227,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     results = []
     for net, ck in ((net_a, ck_a), (net_b, ck_b)):
         net.to(dev)
-        results.append(evaluate_split(net, classes, dict(ck["preprocess"]), split, dev, prec, batch_size, where))
+        results.append(evaluate_split(net, classes, dict(ck["preprocess"]), split, dev, prec, batch_size, where,
+                                      task=Task.from_meta(ck)))
     (ra, pa, y, paths_a, _), (rb, pb, _, paths_b, _) = results
     if paths_a != paths_b:  # decoding is deterministic; this would be a bug, not bad input
         raise VitcliError("the two models saw different images; please report this")
