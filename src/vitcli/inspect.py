@@ -38,10 +38,6 @@ class Loaded:
     device: torch.device
     task: Task  # the model's task.Task: its calibrated probabilities
 
-    @property
-    def temperature(self) -> float:
-        return self.task.temperature
-
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The task's calibrated probabilities (B, C) (`Task.probs`)."""
         return self.task.probs(logits)
@@ -341,7 +337,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
         for start in range(0, len(paths), batch_size):
             yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
 
-    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
+    res = faithfulness(ld.model, batches(), methods, steps, ld.probs, baseline=baseline)
     res = {"model": str(ld.run_dir), "target": "predicted class", **res}
     tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
                       f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
