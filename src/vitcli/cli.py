@@ -180,7 +180,7 @@ def predict(
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
     min_prob: Annotated[list[str] | None, typer.Option(
         "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
-                           "threshold (repeatable).")] = None,
+                           "threshold (repeatable). Multi-label: a label below P is 'unsure'.")] = None,
     coverage: Annotated[float | None, typer.Option(
         help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
              "(split conformal on the validation split).")] = None,
@@ -209,9 +209,8 @@ def eval_cmd(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
-    coverage: Annotated[float | None, typer.Option(
-        help="Target coverage of the conformal prediction sets whose empirical coverage is reported "
-             "(default 0.9; single-label models).")] = None,
+    coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
+                                                      "empirical coverage is reported (default 0.9).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:

@@ -197,7 +197,7 @@ class RunState:
     ema: Any  # optim.EMA or None
     optimizer: Any
     scaler: Any
-    loss_fn: Any  # optim.TrainLoss
+    loss_fn: Any  # the task's training loss (task.TrainLoss or task.SigmoidLoss)
     eval_loss: Any  # plain cross-entropy for validation
     mixup: Any  # timm Mixup or None
     augment: Any  # data.TrainAugment

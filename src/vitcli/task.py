@@ -66,6 +66,28 @@ def mix(mixup, x, y):
     return x, y * lam + y.flip(0) * (1.0 - lam)
 
 
+class TrainLoss:
+    """Cross-entropy with label smoothing and optional class weights; soft (B, C) targets from mixup/cutmix
+    get the same class weights."""
+
+    def __init__(self, cfg, counts: list[int], device):
+        import torch
+
+        self.class_w = None
+        if cfg.data.class_weights == "auto":
+            n = len(counts)
+            self.class_w = torch.tensor([sum(counts) / (n * max(1, c)) for c in counts], device=device)  # (C,)
+        self.ce = torch.nn.CrossEntropyLoss(weight=self.class_w, label_smoothing=cfg.train.label_smoothing)
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 2:  # soft targets (B, C) from mixup / cutmix
+            logp = logits.log_softmax(-1)  # (B, C)
+            if self.class_w is not None:
+                return -(target * logp * self.class_w).sum(-1).mean()
+            return -(target * logp).sum(-1).mean()
+        return self.ce(logits, target)
+
+
 class SigmoidLoss:
     """BCE or asymmetric loss on (B, C) targets; class indices (single-label data) become one-hot vectors."""
 
@@ -176,8 +198,6 @@ class Task:
         kind = self.loss_kind(cfg)
         if kind != "ce":
             return SigmoidLoss(kind, cfg.train.label_smoothing)
-        from vitcli.optim import TrainLoss
-
         return TrainLoss(cfg, counts, device)
 
     def eval_loss(self):
