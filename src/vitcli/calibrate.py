@@ -150,8 +150,7 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
 def temperature_rule(errors: int) -> str:
     """How the temperature was chosen, in words (printed after training, stored in the checkpoint)."""
     if errors < MIN_ERRORS:
-        return (f"kept at 1: {errors} validation mistakes, fewer than the {MIN_ERRORS} a fit needs (the model's own "
-                "probabilities)")
+        return f"kept at 1, the model's own probabilities: {errors} validation mistakes, a fit needs {MIN_ERRORS}"
     return f"fitted on {errors} validation mistakes, bounded to [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}]"
 
 
