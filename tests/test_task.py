@@ -27,9 +27,9 @@ def test_one_image_gets_the_same_probability_on_every_output_path(tmp_path, tmp_
     import torch
 
     from vitcli import data as D
-    from vitcli import report
+    from vitcli import figures
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
-    from vitcli.evaluate import evaluate_split
+    from vitcli.evaluation import evaluate_split
     from vitcli.task import Task
 
     run = calibrated_run(tmp_path_factory)
@@ -59,13 +59,13 @@ def test_one_image_gets_the_same_probability_on_every_output_path(tmp_path, tmp_
 
     # inspect attention: every method's figure title carries the same probability (one decimal of a percent)
     titles: list[str] = []
-    real = report.save_figure
+    real = figures.save_figure
 
     def keep_title(fig, path, **kw):
         titles.append(fig._suptitle.get_text() if fig._suptitle else "")
         return real(fig, path, **kw)
 
-    monkeypatch.setattr(report, "save_figure", keep_title)
+    monkeypatch.setattr(figures, "save_figure", keep_title)
     for method in ("all", "gradcam"):
         res = run_cli("inspect", "attention", image, "--model", run, "--method", method, "--output", tmp_path / method)
         assert res.exit_code == 0, res.output

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitcli import __version__
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 if TYPE_CHECKING:
     from vitcli.task import Task
@@ -106,11 +106,6 @@ class ScriptPredictor(Predictor):
 
         with torch.inference_mode():
             return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)
-
-
-def first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def import_optional(name: str, purpose: str):
