@@ -77,8 +77,8 @@ def test_no_import_cycle_between_vitcli_modules():
 LAYERS: dict[str, set[str]] = {
     "app": {"__main__", "cli"},
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
-    "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "rundir", "figures", "attention", "explain", "optim", "ood"},
+    "services": {"engine", "state", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation",
+                 "inference", "formats", "rundir", "figures", "attention", "explain", "optim", "ood"},
     "core": {"config", "data", "manifest", "shards", "task", "metrics", "calibrate", "models", "vit", "checkpoint",
              "device", "distributed", "files", "console", "signals", "errors", "__init__"},
 }
