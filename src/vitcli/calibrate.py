@@ -2,7 +2,9 @@
 
 - Temperature scaling (Guo et al. 2017): one scalar T > 0 that divides the logits, fitted by minimising the
   negative log-likelihood on the validation split (LBFGS on log T, so T stays positive). It changes no argmax,
-  so accuracy is unchanged; only how sure the probabilities say the model is.
+  so accuracy is unchanged; only how sure the probabilities say the model is. With fewer than MIN_ERRORS
+  validation mistakes the optimum runs off to T -> 0 (every answer certain), so T stays 1; a fit is bounded
+  to T_BOUNDS.
 - Split conformal prediction (Angelopoulos & Bates 2021) with the LAC score s = 1 - p_true (Sadinle et al.
   2019), the score that gives the smallest sets on average. The validation scores are stored; for a coverage
   1 - alpha the threshold is their ceil((n + 1)(1 - alpha)) / n empirical quantile, and an image's set holds

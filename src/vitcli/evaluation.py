@@ -154,7 +154,7 @@ def calibration_report(pred, logits, flipped, probs: np.ndarray, y: np.ndarray, 
     from vitcli.calibrate import set_metrics
 
     task = pred.task
-    before = type(task)().probs(logits, flipped).numpy()  # the same task without a temperature
+    before = task.uncalibrated().probs(logits, flipped).numpy()  # (N, C)
     rep: dict[str, Any] = {"temperature": task.temperature, "ece_uncalibrated": calibration(before, y)[0]}
     if coverage is not None and task.conformal_scores is not None:
         thr = task.conformal_threshold(coverage, str(pred.path))

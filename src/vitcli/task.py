@@ -164,6 +164,10 @@ class Task:
         """The task of a scanned dataset (a label file or shards with label vectors: multi-label)."""
         return TASKS["multilabel" if getattr(ds, "multilabel", False) else "single"]()
 
+    def uncalibrated(self) -> Task:
+        """The same task without a temperature: the model's raw probabilities (eval's "before" ECE)."""
+        return type(self)(thresholds=self.thresholds)
+
     # ---- inference
     def activation(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
