@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from vitcli.console import info
 
 if TYPE_CHECKING:
-    from vitcli.engine import RunState
+    from vitcli.state import RunState
 
 WARM_STEPS = 2  # steps run before timing starts (first-step allocations, lazy init)
 TIMED_STEPS = 8  # steps timed to measure the seconds per step

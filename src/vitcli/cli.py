@@ -243,7 +243,7 @@ def predict(
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
     min_prob: Annotated[list[str] | None, typer.Option(
         "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
-                           "threshold (repeatable).")] = None,
+                           "threshold (repeatable). Multi-label: a label below P is 'unsure'.")] = None,
     coverage: Annotated[float | None, typer.Option(
         help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
              "(split conformal on the validation split).")] = None,
@@ -278,8 +278,8 @@ def eval_cmd(
     json_out: JsonOpt = False,
     json_path: JsonOutOpt = None,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
-    coverage: Annotated[float, typer.Option(
-        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
+    coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
+                                                      "empirical coverage is reported (default 0.9).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:

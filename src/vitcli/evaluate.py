@@ -14,17 +14,19 @@ from vitcli.evaluation import (
     calibration_report,
     collect_logits,
     compute_metrics,
-    probs_at,
     worst_mistakes,
     write_figures,
 )
 
+DEFAULT_COVERAGE = 0.9  # target coverage of the conformal sets eval reports when --coverage is not given
+
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True, tta: bool = False, coverage: float | None = 0.9) -> dict[str, Any]:
+             figures: bool = True, tta: bool = False, coverage: float | None = None) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
-    split); print, plot and return the report. Probabilities are calibrated by the stored temperature."""
+    split); print, plot and return the report. Probabilities are the task's calibrated ones; `coverage` (default
+    DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported."""
     from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
@@ -37,10 +39,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     if coverage is not None:
         check_coverage(coverage)
     check_device_args(device, precision)
-    check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
+    one_label = pred.task.one_label
+    if not one_label:
+        refuse_for_label_vectors(pred, output, coverage)
+    check_outputs(data_dir, output if figures and one_label else None, json_path, figures and one_label)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
+    split = D.scan_eval_folder(data_dir, classes, not one_label)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -52,19 +57,17 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
-    if pred.multilabel:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
-        from vitcli.multilabel import report_multilabel
-
-        head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta}
-        return report_multilabel(pred, logits, flipped, labels, bad, head, json_path)
-    probs = probs_at(logits, flipped, pred.temperature)  # (N, C)
+    probs = pred.task.probs(logits, flipped).numpy()  # (N, C)
+    head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
+            "skipped": bad}
+    if not one_label:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
+        return write_json(report_label_vectors(pred, probs, labels, head), json_path)
     y = labels.numpy()  # (N,)
-
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
-              "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
+    cov = DEFAULT_COVERAGE if coverage is None else coverage
+    report = head | report | calibration_report(pred, logits, flipped, probs, y, cov)
     if figures:
         from vitcli.html_report import eval_report, pick_examples
         from vitcli.rundir import new_run_dir
@@ -73,15 +76,31 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"] = write_figures(report, out_dir, pre)
         net = getattr(pred, "model", None)  # exported files: no attention figure
         page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
-                           pick_examples(paths, y))
+                           pick_examples(paths, y), pred.task)
         report["figures"]["report"] = str(page)
     print_report(report)
+    return write_json(report, json_path)
+
+
+def write_json(report: dict[str, Any], json_path: str | Path | None) -> dict[str, Any]:
+    """The report as JSON at --json PATH (when given); returns the report."""
     if json_path:
+        from vitcli.console import esc, info
         from vitcli.files import write_output
 
         write_output(json_path, json.dumps(report, indent=1).encode(), "--json-out")
         info(f"wrote {esc(str(json_path))}")
     return report
+
+
+def refuse_for_label_vectors(pred, output: str | Path | None, coverage: float | None) -> None:
+    """Multi-label eval has neither conformal sets nor figures: --coverage / --output are refused, not ignored."""
+    if coverage is not None:
+        raise VitcliError(f"--coverage {coverage:g}: '{pred.path}' is multi-label and has no prediction sets (each "
+                          "class is decided at its own tuned threshold); leave --coverage out")
+    if output is not None:
+        raise VitcliError(f"--output '{output}': multi-label eval draws no figures; use --json PATH for the "
+                          "per-class metrics")
 
 
 def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: str | Path | None,
@@ -120,7 +139,7 @@ def print_report(r: dict[str, Any]) -> None:
         rows += [("ECE (15 bins), uncalibrated", f"{r['ece_uncalibrated']:.4f}"),
                  ("ECE (15 bins), calibrated", f"{r['ece']:.4f} (temperature {r['temperature']:.4f})")]
     else:
-        rows.append(("ECE (15 bins)", f"{r['ece']:.4f} (no temperature stored)"))
+        rows.append(("ECE (15 bins)", f"{r['ece']:.4f} (temperature 1: none stored or fitted)"))
     if r.get("conformal"):
         c = r["conformal"]
         rows += [(f"coverage of {c['coverage_target']:g} sets", f"{_pct(c['coverage'])} (mean set size "
@@ -161,3 +180,37 @@ def print_report(r: dict[str, Any]) -> None:
         out.print(mc)
     if r.get("figures"):
         out.print("figures: " + ", ".join(esc(v) for v in r["figures"].values()))
+
+
+def print_label_vector_report(report: dict[str, Any]) -> None:
+    """`vitcli eval` for a multi-label model: the summary and the per-class table."""
+    from rich.table import Table
+
+    from vitcli.console import esc, out
+
+    summary = Table(title="evaluation (multi-label)", show_header=False, title_justify="left")
+    skipped = f" ({len(report['skipped'])} unreadable skipped)" if report.get("skipped") else ""
+    for k, v in (("images", f"{report['images']}{skipped}"), ("mAP", f"{report['mAP']:.4f}"),
+                 ("micro F1 at the thresholds", f"{report['micro_f1']:.4f}"),
+                 ("macro F1 at the thresholds", f"{report['macro_f1']:.4f}"),
+                 ("exact match", f"{report['exact_match']:.4f}"), ("label accuracy", f"{report['label_accuracy']:.4f}"),
+                 ("loss (binary cross-entropy)", f"{report['loss']:.4f}")):
+        summary.add_row(k, v)
+    out.print(summary)
+    tab = Table(title="per class", title_justify="left")
+    for col in ("class", "AP", "threshold", "precision", "recall", "F1", "support"):
+        tab.add_column(col, justify="left" if col == "class" else "right")
+    for c in report["per_class"]:
+        tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
+                    f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(tab)
+
+
+def report_label_vectors(pred, probs, labels, head: dict[str, Any]) -> dict[str, Any]:
+    """`vitcli eval` of a multi-label model: the metrics of the task's probabilities at its thresholds."""
+    from vitcli.metrics import label_vector_metrics
+
+    report = head | {"task": pred.task.name} | label_vector_metrics(probs, labels.numpy(), pred.classes,
+                                                                    pred.task.thresholds)
+    print_label_vector_report(report)
+    return report

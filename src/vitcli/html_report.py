@@ -97,8 +97,10 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
     ]
 
 
-def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
-    """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
+def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path, task
+                     ) -> Path | None:
+    """Input and attention rollout of up to N_ATTENTION images side by side, titled with the task's calibrated
+    probability (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
     from vitcli.figures import decode_batch, fig_label, overlay, panel_figure, save_figure
 
@@ -109,7 +111,7 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     except VitcliError:
         return None
     heat = rollout_map(cap, discard_ratio=0.9)  # (B, gh, gw)
-    probs = cap.logits.float().softmax(-1)  # (B, C)
+    probs = task.probs(cap.logits)  # (B, C)
     fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9): input above, rollout below")
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
@@ -138,7 +140,7 @@ def pick_examples(paths: list[Path], labels, n: int = N_ATTENTION) -> list[Path]
 
 
 def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt: dict[str, Any],
-                model_path: Path, examples: list[Path]) -> Path:
+                model_path: Path, examples: list[Path], task) -> Path:
     """report.html beside `vitcli eval`'s figures; curves come from the model's run folder when it has them."""
     from vitcli.config import config_from_dict, to_yaml
     from vitcli.console import command_line
@@ -148,7 +150,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     curves = Path(model_path).parent / "curves.png"
     if curves.is_file():
         figures["curves"] = curves
-    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
+    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png", task):
         figures["attention"] = out_dir / "attention.png"
         r["figures"]["attention"] = str(out_dir / "attention.png")
     history = read_metrics(Path(model_path).parent / "metrics.csv")
@@ -190,26 +192,27 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
     from vitcli.evaluation import evaluate_split, write_figures
     from vitcli.files import read_text
     from vitcli.rundir import read_metrics, read_run_info
+    from vitcli.task import Task
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitcliError(f"run folder '{run_dir}' does not exist")
     net, ckpt, path = load_model(run_dir)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    if ckpt.get("task") == "multilabel":
-        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
-                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
+    classes, pre, task = list(ckpt["classes"]), dict(ckpt["preprocess"]), Task.from_meta(ckpt)
+    if not task.one_label:
+        raise VitcliError(f"run '{run_dir}' is {task.words}: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives its metrics")
     data_dir, split = val_split(run_dir, ckpt, f"vitcli eval DATA --model {run_dir} writes report.html for the "
                                 "images in DATA")
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev)
     net.to(dev)
-    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir, task=task)
     r["data"] = str(data_dir)
     figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
     if (run_dir / "curves.png").is_file():
         figures["curves"] = run_dir / "curves.png"
-    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png", task):
         figures["attention"] = run_dir / "attention.png"
     info, history = read_run_info(run_dir), read_metrics(run_dir / "metrics.csv")
     train_counts = info.get("train_counts") or []

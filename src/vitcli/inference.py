@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from vitcli.task import Task
+
 
 @dataclass
 class Prediction:
@@ -32,11 +34,12 @@ class Prediction:
     abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
     set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
     labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
+    unsure: list[tuple[str, float]] | None = None  # multi-label --min-prob: at its threshold, below --min-prob
 
     @property
     def answer(self) -> str:
         """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
-        from vitcli.calibrate import UNKNOWN
+        from vitcli.task import UNKNOWN
 
         if self.labels is not None:
             return "|".join(c for c, _ in self.labels)
@@ -46,8 +49,9 @@ class Prediction:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
         if self.labels is not None:
+            unsure = {"unsure": [{"class": c, "prob": p} for c, p in self.unsure]} if self.unsure else {}
             return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
-                    "top": [{"class": c, "prob": p} for c, p in self.top]}
+                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure
         d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
              "top": [{"class": c, "prob": p} for c, p in self.top]}
         return d | ({"set": self.set} if self.set is not None else {})
@@ -142,8 +146,8 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
                    threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
                    ) -> Iterator[Prediction]:
     """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
-    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
-    conformal threshold) adds the prediction set."""
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown" (multi-label: a label
+    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set."""
     import torch
 
     from vitcli.console import progress_bar
@@ -154,21 +158,18 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
-    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
+    names = pred.classes
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta).double()  # (B, C)
-        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
-        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
-            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
-            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
-            if threshold is not None:
-                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
-            if pred.multilabel:
-                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
+        full = pred.probs(x, tta)  # (B, C) float64
+        for (path, _), pr, d in zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold), strict=True):
+            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained)
+            if d.set is not None:
+                r.set = [names[i] for i in d.set]
+            if d.labels is not None:
+                r.labels = [(names[i], round(pr[i], 6)) for i in d.labels]
+                r.unsure = [(names[i], round(pr[i], 6)) for i in d.unsure]
             yield r
 
     if bar:
@@ -203,13 +204,11 @@ class Loaded:
     pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
     run_dir: Path
     device: torch.device
-    temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
-    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+    task: Task  # the model's task.Task: its calibrated probabilities
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
-        z = logits.float() / self.temperature
-        return z.sigmoid() if self.multilabel else z.softmax(-1)
+        """The task's calibrated probabilities (B, C) (`Task.probs`)."""
+        return self.task.probs(logits)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -223,10 +222,9 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
     pre = dict(ckpt["preprocess"])
     if img_size is not None and img_size != pre["img_size"]:
         pre = set_resolution(model, pre, img_size)
-    from vitcli.calibrate import calibration_of
+    from vitcli.task import Task
 
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
-                  ckpt.get("task") == "multilabel")
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, Task.from_meta(ckpt))
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:

@@ -121,7 +121,9 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
         tab.add_column("labels (at or above threshold)")
         for r in results:
             if r.error is None:
-                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                unsure = "".join(f", [yellow]unsure[/] {esc(c)} {p:.3f}" for c, p in r.unsure or [])
+                tab.add_row(esc(r.file), (", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                            + unsure)
         out.print(tab)
         return
     tab.add_column("class")
@@ -181,10 +183,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     thresholds = parse_min_prob(min_prob, pred.classes)
     threshold = pred.conformal_threshold(coverage) if coverage is not None else None
-    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
+    answer = thresholds is not None or not pred.task.one_label  # csv: label vectors have their labels as answer
+    with_set = threshold is not None
     if with_set:
         info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
-             f"(split conformal, {len(pred.conformal_scores)} validation images)")
+             f"(split conformal, {len(pred.task.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:

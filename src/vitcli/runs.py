@@ -170,15 +170,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     from vitcli.device import pick_device, pick_precision
     from vitcli.evaluation import evaluate_split
     from vitcli.html_report import val_split
+    from vitcli.task import Task
 
     (net_a, ck_a, path_a), (net_b, ck_b, path_b) = load_model(run_a), load_model(run_b)
-    classes, multi = list(ck_a["classes"]), ck_a.get("task") == "multilabel"
+    task_a, task_b = Task.from_meta(ck_a), Task.from_meta(ck_b)
+    classes, multi = list(ck_a["classes"]), not task_a.one_label
     if list(ck_b["classes"]) != classes:
         raise VitcliError(f"'{run_a}' and '{run_b}' do not have the same classes ({classes[:6]} vs "
                           f"{list(ck_b['classes'])[:6]}); compare needs models of the same task")
-    if (ck_b.get("task") == "multilabel") != multi:
-        raise VitcliError(f"'{run_a if multi else run_b}' is multi-label and '{run_b if multi else run_a}' is "
-                          "single-label; compare needs models of the same task")
+    if task_b.name != task_a.name:
+        raise VitcliError(f"'{run_a}' is {task_a.words} and '{run_b}' is {task_b.words}; compare needs models of "
+                          "the same task")
     if data is not None:
         where, split = Path(data), scan_eval_folder(data, classes, multi)
         if len(split) == 0:
@@ -194,7 +196,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     for net, ck in ((net_a, ck_a), (net_b, ck_b)):
         net.to(dev)
         results.append(evaluate_split(net, classes, dict(ck["preprocess"]), split, dev, prec, batch_size, where,
-                                      ck.get("thresholds") or None))
+                                      task=Task.from_meta(ck)))
     (ra, pa, y, paths_a, _), (rb, pb, _, paths_b, _) = results
     if paths_a != paths_b:  # decoding is deterministic; this would be a bug, not bad input
         raise VitcliError("the two models saw different images; please report this")
@@ -209,11 +211,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     return {"run_a": str(path_a), "run_b": str(path_b), "data": str(where), "images": int(len(y)),
             "config_diff": config_diff(to_dict(config_from_dict(ck_a.get("config", {}))),
                                        to_dict(config_from_dict(ck_b.get("config", {})))),
-            "task": "multilabel" if multi else "single",
+            "task": task_a.name,
             "accuracy_a": float(np.mean(right_a)), "accuracy_b": float(np.mean(right_b)),
             "macro_f1_a": _macro_f1(ra), "macro_f1_b": _macro_f1(rb), "per_class": per_class,
             "mcnemar": counts | {"p_value": p, "alpha": ALPHA, "significant": p < ALPHA,
-                                 "right_means": RIGHT_MEANS["multilabel" if multi else "single"]}}
+                                 "right_means": RIGHT_MEANS[task_a.name]}}
 
 
 RIGHT_MEANS = {"single": "top-1 class is the label",  # what "right" means in the McNemar test, per task
@@ -231,7 +233,7 @@ def _right(probs, y, report: dict[str, Any]):
 
 
 def _macro_f1(report: dict[str, Any]) -> float:
-    return report["macro_f1"] if report.get("task") == "multilabel" else report["macro"]["f1"]
+    return report["macro_f1"] if "macro_f1" in report else report["macro"]["f1"]
 
 
 def verdict(r: dict[str, Any]) -> str:

@@ -109,7 +109,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
+        probs = ld.probs(cap.logits)  # (B, C), as predict reports them
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
             name = f"{fig_label(path.name)}: {fig_label(ld.classes[int(c)])} ({float(p):.1%})"  # drawn, cut
@@ -237,7 +237,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
         for start in range(0, len(paths), batch_size):
             yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
 
-    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
+    res = faithfulness(ld.model, batches(), methods, steps, ld.probs, baseline=baseline)
     res = {"model": str(ld.run_dir), "target": "predicted class", **res}
     tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
                       f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
