@@ -247,6 +247,12 @@ def predict(
     coverage: Annotated[float | None, typer.Option(
         help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
              "(split conformal on the validation split).")] = None,
+    ood: Annotated[bool, typer.Option(
+        "--ood", help="Score how unlike the training data each image is; answer --ood-word above the model's "
+                      "threshold (which keeps 95% of validation images answered).")] = False,
+    ood_score: Annotated[str, typer.Option(
+        help="auto (knn where the model gives embeddings, else energy), knn or energy.")] = "auto",
+    ood_word: Annotated[str, typer.Option(help="The answer for out-of-distribution images.")] = "unknown",
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -260,7 +266,7 @@ def predict(
                                   f"{format_} or --output")
             format_, output = "json", json_path if json_path is not None else output
         code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
-                           min_prob=min_prob, coverage=coverage)
+                           min_prob=min_prob, coverage=coverage, ood=ood_score if ood else None, unknown=ood_word)
     raise typer.Exit(code)
 
 

@@ -541,14 +541,13 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 
 
 def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
-    """Fit the temperature and conformal scores of best.pt's and last.pt's weights on the validation split and
-    store them in each file (train.calibrate)."""
+    """Fit, for best.pt's and last.pt's weights on the validation split, the temperature and conformal scores
+    (tasks that fit one) and the out-of-distribution thresholds, and store them in each file (train.calibrate)."""
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from vitcli.evaluation import run_eval
+    from vitcli.ood import fit_for_model
 
-    env = run.env
-    if not run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
-        return
+    env, batch = run.env, run.cfg.data.batch_size * 2
     if len(data.val) == 0:
         warn("calibration skipped: the validation split is empty")
         return
@@ -558,13 +557,20 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
             continue
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path).to(env.device)
-        ev = run_eval(model, data.val, data.pre, env.device, env.precision, run.cfg.data.batch_size * 2,
-                      keep_logits=True)
-        ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
+        if run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
+            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True)
+            ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
+            info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
+                 f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
+                 f"{cal['nll_after']:.4f} on {cal['images']} images")
+        temperature = (ckpt.get("calibration") or {}).get("temperature", 1.0)
+        ckpt["ood"] = ood = fit_for_model(model, data.train, data.val, data.pre, env.device, env.precision, batch,
+                                          temperature, run.cfg.train.ood_keep, run.cfg.train.seed)
         save_checkpoint(path, ckpt)
-        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
-             f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
-             f"{cal['nll_after']:.4f} on {cal['images']} images")
+        th = ood["thresholds"]
+        info(f"[bold]out-of-distribution[/] {name}: thresholds keep {ood['keep']:.0%} of {ood['images']} "
+             f"validation images answered: knn {th['knn']:.4f} (k={ood['k']}, {len(ood['bank'])} training "
+             f"embeddings), energy {th['energy']:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------- driver

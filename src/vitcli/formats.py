@@ -35,6 +35,8 @@ class Predictor:
     path: Path
     kind: str
     task: Task  # single- or multi-label, with the temperature / conformal scores / thresholds stored
+    ood: dict[str, Any] | None  # out-of-distribution thresholds (and the kNN bank for checkpoints), or None
+    gives_features = False  # whether `outputs` returns penultimate embeddings (the kNN score needs them)
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
         from vitcli.task import Task
@@ -42,9 +44,14 @@ class Predictor:
         self.path, self.kind = path, kind
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
         self.task = Task.from_meta(meta)
+        self.ood = meta.get("ood")
 
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
+
+    def outputs(self, x):
+        """uint8 (B, 3, S, S) -> (embeddings (B, D) or None, logits (B, C)), both float32 on CPU."""
+        return None, self.logits(x)
 
     def probs(self, x, tta: bool = False):
         """uint8 (B, 3, S, S) -> calibrated probabilities float64 (B, C) (`Task.probs`); with `tta` the mean
@@ -141,6 +148,7 @@ def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
     the task with its calibration (temperature, conformal scores, thresholds) that predictors apply to the
     logits."""
     from vitcli.calibrate import calibration_for_export
+    from vitcli.ood import ood_for_export
     from vitcli.task import Task
 
     pre = ckpt["preprocess"]
@@ -151,7 +159,8 @@ def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
         "input": {"name": "image", "shape": ["batch", 3, pre["img_size"], pre["img_size"]], "dtype": "float32",
                   "meaning": "RGB resized (shorter side to resize_size, interpolation), center-cropped to "
                              "img_size, scaled to [0, 1], then (x - mean) / std per channel"},
-    } | ({"calibration": cal} if cal else {}) | Task.from_meta(ckpt).export_meta(len(ckpt["classes"]))
+    } | ({"calibration": cal} if cal else {}) | Task.from_meta(ckpt).export_meta(len(ckpt["classes"])) | (
+        {"ood": ood_for_export(ckpt["ood"])} if ckpt.get("ood") else {})
 
 
 def export_onnx(model, sample, path: Path, meta: dict[str, Any], opset: int) -> None:

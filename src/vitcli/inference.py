@@ -35,26 +35,32 @@ class Prediction:
     set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
     labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
     unsure: list[tuple[str, float]] | None = None  # multi-label --min-prob: at its threshold, below --min-prob
+    ood_score: float | None = None  # --ood: the out-of-distribution score (higher = less like the training data)
+    ood: bool = False  # --ood: the score is above the model's threshold; the answer is the unknown word
+    unknown: str = "unknown"  # the answer when abstaining or out of distribution (--ood-word)
 
     @property
     def answer(self) -> str:
-        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
-        from vitcli.task import UNKNOWN
-
+        """The predicted class (the unknown word when abstaining or out of distribution); multi-label: the labels
+        joined by '|'."""
+        if self.ood:
+            return self.unknown
         if self.labels is not None:
             return "|".join(c for c, _ in self.labels)
-        return UNKNOWN if self.abstained else self.top[0][0]
+        return self.unknown if self.abstained else self.top[0][0]
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
+        ood = {"ood_score": self.ood_score, "ood": self.ood} if self.ood_score is not None else {}
         if self.labels is not None:
             unsure = {"unsure": [{"class": c, "prob": p} for c, p in self.unsure]} if self.unsure else {}
+            answer = {"answer": self.unknown} if self.ood else {}
             return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
-                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure
+                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure | answer | ood
         d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
              "top": [{"class": c, "prob": p} for c, p in self.top]}
-        return d | ({"set": self.set} if self.set is not None else {})
+        return d | ({"set": self.set} if self.set is not None else {}) | ood
 
 
 def passive_omp_threads() -> None:
@@ -92,6 +98,18 @@ class TorchPredictor(Predictor):
         with self._torch.inference_mode(), autocast(self.device, self.precision):
             x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
             return self.model(x).float().cpu()  # (B, C)
+
+    gives_features = True
+
+    def outputs(self, x):
+        from vitcli.data import eval_transform
+        from vitcli.device import autocast
+        from vitcli.ood import features_and_logits
+
+        with self._torch.inference_mode(), autocast(self.device, self.precision):
+            x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
+            feats, logits = features_and_logits(self.model, x)  # (B, D), (B, C)
+            return feats.cpu(), logits.cpu()
 
 
 def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
@@ -143,11 +161,12 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
 
 
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
-                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
-                   ) -> Iterator[Prediction]:
+                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None,
+                   ood: str | None = None, unknown: str = "unknown") -> Iterator[Prediction]:
     """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
-    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown" (multi-label: a label
-    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set."""
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into `unknown` (multi-label: a label
+    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set; `ood` (a
+    score name) adds the out-of-distribution score and answers `unknown` above the model's threshold."""
     import torch
 
     from vitcli.console import progress_bar
@@ -162,9 +181,14 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta)  # (B, C) float64
-        for (path, _), pr, d in zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold), strict=True):
-            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained)
+        full, scores = scored_probs(pred, x, tta, ood)  # (B, C) float64, (B,) or None
+        for j, ((path, _), pr, d) in enumerate(zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold),
+                                                   strict=True)):
+            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained,
+                           unknown=unknown)
+            if scores is not None:
+                r.ood_score = round(float(scores[j]), 6)
+                r.ood = bool(scores[j] > pred.ood["thresholds"][ood])
             if d.set is not None:
                 r.set = [names[i] for i in d.set]
             if d.labels is not None:
@@ -194,6 +218,17 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
             bar.stop()
 
 
+
+
+def scored_probs(pred: Predictor, x, tta: bool, ood: str | None):
+    """Calibrated probabilities (B, C) and, with `ood`, that out-of-distribution score (B,) from one pass."""
+    if ood is None:
+        return pred.probs(x, tta), None
+    from vitcli.ood import ood_scores
+
+    feats, logits = pred.outputs(x)
+    full = pred.task.probs(logits, pred.logits(x.flip(-1)) if tta else None)
+    return full, ood_scores(pred.ood, feats, logits)[ood]
 
 
 # ----------------------------------------------------------------------------------------------- looking inside
