@@ -192,6 +192,27 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
             yield (p, *fut.result())
 
 
+def answers(pred: Predictor, names: list[str], probs, k: int, min_prob=None, threshold: float | None = None
+            ) -> list[Prediction]:
+    """Probabilities (B, C) of `names` -> their Predictions: top `k`, "unknown" below `min_prob` (C,), the
+    conformal set for `threshold`, and the labels above their thresholds for a multi-label model."""
+    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
+
+    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
+    full = probs.double()  # (B, C)
+    order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
+    out = []
+    for name, pr, ids in zip(names, full.tolist(), order.tolist(), strict=True):
+        r = Prediction(name, [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
+        r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
+        if threshold is not None:
+            r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
+        if pred.multilabel:
+            r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
+        out.append(r)
+    return out
+
+
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
                    threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
                    ) -> Iterator[Prediction]:
@@ -208,22 +229,9 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
-    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
-
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta).double()  # (B, C)
-        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
-        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
-            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
-            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
-            if threshold is not None:
-                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
-            if pred.multilabel:
-                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
-            yield r
+        yield from answers(pred, [str(p) for p, _ in batch], pred.probs(x, tta), k, min_prob, threshold)
 
     if bar:
         bar.start()
