@@ -200,7 +200,7 @@ class Service:
             body = await asyncio.wait_for(read(), self.cfg.read_timeout_s)
         except asyncio.TimeoutError:
             raise Refused(408, f"the body did not arrive within {self.cfg.read_timeout_s:g} s "
-                               "(--read-timeout)") from None
+                               "(--read-timeout)", {"Connection": "close"}) from None
         request._body = body  # starlette's form parser reads it from here
         return body
 
