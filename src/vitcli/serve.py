@@ -274,7 +274,7 @@ async def predict_route(request: Request,
 
     preds = answers(svc.pred, [n for n, _ in files], torch.stack(rows), k, thresholds, threshold)
     svc.served += len(preds)
-    return {"predictions": [p.as_dict() for p in preds]}
+    return JSONResponse({"predictions": [p.as_dict() for p in preds]})  # as is: no re-encoding by FastAPI
 
 
 async def health_route(request: Request):
