@@ -38,7 +38,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model: Path, *args: str, stop: bool = True):
+def served(model: Path, *args: str):
     """`vitcli serve MODEL ARGS` as a process; yields (base url, process) once /health answers (<= 60 s)."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vitcli", "serve", str(model), "--host", HOST, "--port",
@@ -121,6 +121,20 @@ def test_answers_equal_vitcli_predict_on_the_same_files(model, server):
         got += r.json()["predictions"]
     assert got == expected
     assert any("set" in p for p in got) and all(p["class"] in ("red", "green", "blue", "unknown") for p in got)
+
+
+def test_an_exported_torchscript_file_is_served_like_predict_runs_it(model):
+    run, images = model
+    res = run_cli("export", "--model", run, "--format", "torchscript", "--output", "m.pt")
+    assert res.exit_code == 0, res.output
+    files = jpgs(images)[:3]
+    expected = predict_json(Path("m.pt"), files, "--top-k", "2", "--coverage", "0.8")
+    with served(Path("m.pt").resolve()) as (url, _):
+        parts = [("file", (str(f), f.read_bytes(), "image/jpeg")) for f in files]
+        r = httpx.post(f"{url}/predict", params={"top_k": 2, "coverage": 0.8}, files=parts, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == expected
+        assert httpx.get(f"{url}/info").json()["kind"] == "torchscript"
 
 
 def test_concurrent_clients_are_batched_and_all_answered_like_predict(model, server):

@@ -242,7 +242,7 @@ def options(svc: Service, top_k: int, min_prob: list[str] | None, coverage: floa
         thresholds = parse_min_prob(min_prob, svc.pred.classes)
         threshold = svc.pred.conformal_threshold(coverage) if coverage is not None else None
     except VitcliError as e:
-        raise Refused(400, str(e).replace("--", "")) from None
+        raise Refused(400, str(e).replace("--min-prob", "min_prob").replace("--coverage", "coverage")) from None
     return max(1, min(top_k, len(svc.pred.classes))), thresholds, threshold
 
 
