@@ -60,6 +60,8 @@ class TrainResult:
 class Callback:
     """Hooks at the phase boundaries of `train`; every method is optional. Only the main process calls them."""
 
+    def on_open(self, cfg: Config) -> None: ...  # the run's config is known; before any data work
+
     def on_start(self, run: RunState, data: TrainData) -> None: ...
 
     def on_log(self, run: RunState, stats: dict[str, float]) -> None: ...  # every LOG_EVERY batches
@@ -173,7 +175,7 @@ class EpochSums:
         self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
         self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
         self.loss += loss.double() * len(hard)
-        from vitcli.evaluate import hits
+        from vitcli.evaluation import hits
 
         self.correct += hits(logits.detach(), hard).sum()  # multi-label: hard is the (B, C) label vector
         self.count += len(hard)
@@ -219,6 +221,13 @@ class RunState:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def set_schedule(self, total: int, warmup: int) -> None:
+        """The one place the warmup-cosine schedule is (re)planned: at build time and by the time budget."""
+        from vitcli.optim import warmup_cosine
+
+        self.total_steps, self.warmup_steps = total, warmup
+        self.lr_fn = warmup_cosine(total, warmup, self.cfg.optim)
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -389,7 +398,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     from vitcli import multilabel as ML
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
-    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer, lr_at
+    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer
 
     d, t, o = cfg.data, cfg.train, cfg.optim
     model, spec = build_model(cfg.model, len(data.classes), d.img_size)
@@ -417,14 +426,16 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     mixup = build_mixup(cfg, len(data.classes))
     steps_per_epoch = max(1, n_batches // t.accum_steps)
     total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
-    return RunState(
+    run = RunState(
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
         optimizer=build_optimizer(model, o, env.device),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
         loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
         mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
         augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup, lr_fn=lambda step: lr_at(step, total, warmup, o))
+        total_steps=total, warmup_steps=warmup)
+    run.set_schedule(total, warmup)
+    return run
 
 
 def wrap_model(model, ema, cfg: Config, env: Env):
@@ -613,7 +624,7 @@ def stop_run(run: RunState, data: TrainData, code: int, quietly: bool) -> None:
 def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
     """Validation of the weights that are kept (EMA when on), summed over ranks; the epoch's metrics row."""
     from vitcli.distributed import all_reduce_sums, broadcast_buffers
-    from vitcli.evaluate import run_eval
+    from vitcli.evaluation import run_eval
 
     env, p, d = run.env, run.progress, run.cfg.data
     if env.world > 1:  # replicas agree on weights (DDP) and, from here, on BatchNorm statistics too
@@ -643,7 +654,7 @@ def _macro_f1(ev, num_classes: int, device) -> float:
     import numpy as np
 
     from vitcli.distributed import all_reduce_sums
-    from vitcli.evaluate import averages, confusion_matrix, per_class_metrics
+    from vitcli.evaluation import averages, confusion_matrix, per_class_metrics
 
     cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
     cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
@@ -739,7 +750,7 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
     store them in each file (train.calibrate)."""
     from vitcli.calibrate import fit_calibration
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from vitcli.evaluate import run_eval
+    from vitcli.evaluation import run_eval
 
     env = run.env
     if len(data.val) == 0:
@@ -769,22 +780,23 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     `time_override`, fit its rest to a new time budget)."""
     t_start = time.time()
     with contextlib.ExitStack() as hold:  # the run-folder lock, held until the run ends
-        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override)
+        callbacks = [MetricsFiles(), *(callbacks or [])]
+        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override, callbacks)
         return run_epochs(run, data, t_start, stop_after_steps, callbacks)
 
 
 def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
-              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None
-              ) -> tuple[RunState, TrainData]:
+              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None,
+              callbacks: list[Callback] = ()) -> tuple[RunState, TrainData]:
     """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
     (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
     from vitcli.budget import budget_for
-    from vitcli.loggers import check_installed
     from vitcli.signals import Stopped
 
     try:
         cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
-        check_installed(cfg.train.log)  # before any work
+        for cb in callbacks:  # before any work (a tracking server that cannot be reached, say)
+            cb.on_open(cfg)
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
@@ -798,12 +810,11 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
 
 
 def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps: int | None,
-               callbacks: list[Callback] | None) -> TrainResult:
+               callbacks: list[Callback]) -> TrainResult:
     """The epochs of a prepared run, then finish."""
     from vitcli.console import progress_bar
-    from vitcli.loggers import Tracking
 
-    run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
+    run.callbacks = callbacks
     t = run.cfg.train
     if t.log_every_steps and set(t.log) - {"csv"}:  # step logs need the sums that often
         run.log_every = min(LOG_EVERY, t.log_every_steps * t.accum_steps)

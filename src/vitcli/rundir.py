@@ -138,7 +138,7 @@ def draw_curves(run_dir: Path, history: list[dict[str, Any]], force: bool = True
     """curves.png: loss and accuracy per epoch, train and val. Unless forced, an epoch's redraw is skipped
     while the last one is more recent than 10x its cost (drawing takes ~0.3-0.8 s), so with epochs of a few
     seconds the figure costs at most a tenth of the run; the last epoch is always drawn."""
-    from vitcli.report import plot_curves
+    from vitcli.figures import plot_curves
 
     last, cost = _CURVES_DRAWN.get(str(run_dir), (0.0, 0.0))
     if not force and time.time() - last < 10 * cost:

@@ -253,8 +253,7 @@ async def predict_route(request: Request,
                         coverage: float | None = Query(None, gt=0, lt=1, description="add the conformal "
                                                        "prediction set holding the true class this often")):
     """Classify one image (the raw body) or several (multipart file fields); answers as `vitcli predict`."""
-    # TODO(layering): `answers` moves to the inference service (vitcli.inference); import it from there.
-    from vitcli.predict import answers
+    from vitcli.inference import answers
 
     svc: Service = request.app.state.service
     svc.authorise(request)
@@ -345,12 +344,11 @@ class _Server(uvicorn.Server):
 
 def run_serve(model: str | None, cfg: ServeConfig, device: str = "auto", precision: str = "auto") -> int:
     """The `vitcli serve` command: load the model, serve it until SIGTERM / Ctrl-C; returns the exit code."""
-    # TODO(layering): load_predictor / passive_omp_threads move to vitcli.inference; import them from there.
     from PIL import Image
 
     from vitcli.console import info
     from vitcli.device import check_device_args
-    from vitcli.predict import load_predictor, passive_omp_threads
+    from vitcli.inference import load_predictor, passive_omp_threads
 
     cfg.token = cfg.token or os.environ.get(TOKEN_ENV) or None
     cfg.check()
