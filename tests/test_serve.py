@@ -163,8 +163,8 @@ def test_concurrent_clients_are_batched_and_all_answered_like_predict(model, ser
 
 
 @pytest.mark.parametrize("case", ["big body", "chunked big body", "bomb", "not an image", "truncated", "empty",
-                                  "too many files", "no file field", "bad option", "unknown class", "unknown path",
-                                  "wrong method"])
+                                  "too many files", "no file field", "broken multipart", "bad option",
+                                  "unknown class", "unknown path", "wrong method"])
 def test_hostile_request_gets_a_json_error_and_the_next_request_succeeds(model, server, case):
     good = jpgs(model[1])[0].read_bytes()
     post = f"{server}/predict"
@@ -177,6 +177,8 @@ def test_hostile_request_gets_a_json_error_and_the_next_request_succeeds(model, 
         "empty": (400, lambda: httpx.post(post, content=b"")),
         "too many files": (413, lambda: httpx.post(post, files=[("file", (f"{i}.jpg", good)) for i in range(5)])),
         "no file field": (400, lambda: httpx.post(post, files={"x": (None, "text")})),
+        "broken multipart": (400, lambda: httpx.post(post, content=b"garbage--xyz",
+                                                     headers={"Content-Type": "multipart/form-data; boundary=xyz"})),
         "bad option": (422, lambda: httpx.post(post, params={"top_k": 0}, content=good)),
         "unknown class": (400, lambda: httpx.post(post, params={"min_prob": "cat=0.5"}, content=good)),
         "unknown path": (404, lambda: httpx.get(f"{server}/nothing")),

@@ -214,8 +214,9 @@ class Service:
         try:
             form = await request.form(max_files=self.cfg.max_files, max_fields=self.cfg.max_files)
         except HTTPException as e:
-            raise Refused(413 if "Too many" in str(e.detail) else 400,
-                          f"multipart body: {e.detail} (--max-files {self.cfg.max_files})") from None
+            if "Too many" in str(e.detail):
+                raise Refused(413, f"more than {self.cfg.max_files} files in one request (--max-files)") from None
+            raise Refused(400, f"multipart body: {e.detail}") from None
         files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if not isinstance(v, str)]
         if not files:
             raise Refused(400, "the multipart body holds no file field: send images as files, e.g. "
@@ -333,7 +334,17 @@ def build_app(pred, cfg: ServeConfig) -> FastAPI:
 
 class _Server(uvicorn.Server):
     """uvicorn's server, except that a graceful stop on SIGTERM / SIGINT is a normal exit (code 0): uvicorn
-    re-raises the signal once it has shut down, which would end the process as killed."""
+    re-raises the signal once it has shut down, which would end the process as killed. `ready` is printed
+    once the socket listens."""
+
+    ready = ""
+
+    async def startup(self, sockets=None) -> None:
+        from vitcli.console import info
+
+        await super().startup(sockets)
+        if self.started:
+            info(self.ready)
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -360,8 +371,8 @@ def run_serve(model: str | None, cfg: ServeConfig, device: str = "auto", precisi
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                                     limit_concurrency=cfg.max_connections, timeout_graceful_shutdown=30,
                                     timeout_keep_alive=5))
-    info(f"serving on http://{cfg.host}:{cfg.port} (API docs at /docs; batches of up to {cfg.max_batch}, "
-         f"waiting up to {cfg.max_wait_ms:g} ms){'; token required' if cfg.token else ''}")
+    server.ready = (f"serving on http://{cfg.host}:{cfg.port} (API docs at /docs; batches of up to "
+                    f"{cfg.max_batch}, waiting up to {cfg.max_wait_ms:g} ms){'; token required' if cfg.token else ''}")
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind (it has logged why)
