@@ -123,6 +123,18 @@ def test_answers_equal_vitcli_predict_on_the_same_files(model, server):
     assert any("set" in p for p in got) and all(p["class"] in ("red", "green", "blue", "unknown") for p in got)
 
 
+def test_info_health_and_the_openapi_docs_describe_the_service(model, server):
+    info = httpx.get(f"{server}/info", timeout=10).json()
+    assert info["classes"] == ["blue", "green", "red"] and info["input_size"] == 32
+    assert info["calibration"]["conformal_scores"] > 0 and info["limits"]["max_files"] == 4
+    assert httpx.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.get(f"{server}/docs", timeout=10).status_code == 200
+    spec = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
+    assert params == {"top_k", "min_prob", "coverage"}
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+
+
 def test_an_exported_torchscript_file_is_served_like_predict_runs_it(model):
     run, images = model
     res = run_cli("export", "--model", run, "--format", "torchscript", "--output", "m.pt")
