@@ -266,6 +266,17 @@ def test_binding_beyond_loopback_without_a_token_is_refused(model):
     assert "--host 0.0.0.0" in res.output and "--token" in res.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-batch", "0"], "--max-batch 0 must be at least 1"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms -1.0 must be at least 0"),
+    (["--read-timeout", "0"], "--read-timeout 0.0 must be positive"),
+    (["--max-files", "300"], "--max-files 300 exceeds --max-queue 256"),
+])
+def test_bad_serve_options_are_one_line_errors(model, args, message):
+    res = run_cli("serve", model[0], *args)
+    assert res.exit_code == 1 and message in res.output, res.output
+
+
 def test_missing_serve_extra_is_one_line(model):
     code = "import sys; sys.modules['fastapi'] = None; from vitcli.cli import main; main()"
     res = subprocess.run([sys.executable, "-c", code, "serve", str(model[0])], capture_output=True, text=True,

@@ -211,6 +211,7 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Pixels per image (decompression bombs).")] = 40_000_000,
     read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its body.")] = 10.0,
     max_connections: Annotated[int, typer.Option(help="Open connections; beyond them requests get 503.")] = 200,
+    threads: Annotated[int, typer.Option(help="Image decoding threads (0: up to 4, one per CPU).")] = 0,
     token: Annotated[str | None, typer.Option(
         envvar="VITCLI_SERVE_TOKEN", help="Bearer token required on /predict and /info.", show_default=False)
     ] = None,
@@ -223,7 +224,8 @@ def serve(
 
         cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_files=max_files, max_body_mb=max_body_mb, max_pixels=max_pixels,
-                          read_timeout_s=read_timeout, max_connections=max_connections, token=token)
+                          read_timeout_s=read_timeout, max_connections=max_connections, threads=threads,
+                          token=token)
         code = run_serve(model, cfg, device, precision)
     raise typer.Exit(code)
 

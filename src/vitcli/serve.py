@@ -54,11 +54,12 @@ class ServeConfig:
     token: str | None = None  # bearer token required on /predict and /info; None = no authentication
 
     def check(self) -> None:
-        for flag in ("port", "max_batch", "max_queue", "max_files", "max_pixels", "max_connections"):
-            at_least(f"--{flag.replace('_', '-')}", getattr(self, flag), 0 if flag == "port" else 1)
-        for flag in ("max_wait_ms", "max_body_mb", "read_timeout_s"):
-            if not getattr(self, flag) >= (0 if flag == "max_wait_ms" else 1e-3):
-                raise VitcliError(f"--{flag.replace('_', '-')} {getattr(self, flag)} must be positive")
+        for flag in ("port", "threads", "max_batch", "max_queue", "max_files", "max_pixels", "max_connections"):
+            at_least(f"--{flag.replace('_', '-')}", getattr(self, flag), 0 if flag in ("port", "threads") else 1)
+        for flag, low in (("max_wait_ms", 0.0), ("max_body_mb", 1e-3), ("read_timeout_s", 1e-3)):
+            if not getattr(self, flag) >= low:  # also refuses nan
+                raise VitcliError(f"--{flag.removesuffix('_s').replace('_', '-')} {getattr(self, flag)} must be "
+                                  + ("at least 0" if low == 0 else "positive"))
         if self.max_files > self.max_queue:
             raise VitcliError(f"--max-files {self.max_files} exceeds --max-queue {self.max_queue}: such a "
                               "request could never be admitted")
