@@ -87,8 +87,8 @@ class Refused(Exception):
 class Batcher:
     """Gathers the images of concurrent requests into one forward pass, on one worker thread.
 
-    `admit` bounds the images held (waiting or in a forward pass) to `max_queue`; `probs` hands admitted
-    images to the worker and waits for their calibrated probabilities."""
+    `held_for` bounds the images held (being decoded, waiting or in a forward pass) to `max_queue`; `probs`
+    hands images to the worker and waits for their calibrated probabilities."""
 
     def __init__(self, pred, max_batch: int, max_wait_ms: float, max_queue: int):
         self.pred, self.max_batch, self.max_wait, self.max_queue = pred, max_batch, max_wait_ms / 1000, max_queue
@@ -99,24 +99,27 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="vitcli-batcher", daemon=True)
         self.thread.start()
 
-    def admit(self, n: int) -> bool:
+    @contextlib.contextmanager
+    def held_for(self, n: int):
+        """Hold `n` images' places in the queue while the block runs; none left: 503 with Retry-After."""
         with self.lock:
             if self.held + n > self.max_queue:
-                return False
+                raise Refused(503, f"busy: {self.max_queue} images already queued (--max-queue); retry shortly",
+                              {"Retry-After": "1"})
             self.held += n
-            return True
-
-    async def probs(self, imgs: list) -> list:
-        """Admitted uint8 images (3, S, S) -> their probability rows (C,), in order."""
-        loop = asyncio.get_running_loop()
-        futs = [loop.create_future() for _ in imgs]
         try:
-            for img, fut in zip(imgs, futs, strict=True):
-                self.jobs.put((img, fut, loop))
-            return list(await asyncio.gather(*futs))
+            yield
         finally:
             with self.lock:
-                self.held -= len(imgs)
+                self.held -= n
+
+    async def probs(self, imgs: list) -> list:
+        """uint8 images (3, S, S), whose places are held -> their probability rows (C,), in order."""
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in imgs]
+        for img, fut in zip(imgs, futs, strict=True):
+            self.jobs.put((img, fut, loop))
+        return list(await asyncio.gather(*futs))
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -255,25 +258,18 @@ async def predict_route(request: Request,
                         coverage: float | None = Query(None, gt=0, lt=1, description="add the conformal "
                                                        "prediction set holding the true class this often")):
     """Classify one image (the raw body) or several (multipart file fields); answers as `vitcli predict`."""
+    import torch
+
     from vitcli.inference import answers
 
     svc: Service = request.app.state.service
     svc.authorise(request)
     k, thresholds, threshold = options(svc, top_k, min_prob, coverage)
     files = await svc.uploads(request)
-    if not svc.batcher.admit(len(files)):
-        raise Refused(503, f"busy: {svc.cfg.max_queue} images already queued (--max-queue); retry shortly",
-                      {"Retry-After": "1"})
-    try:
+    with svc.batcher.held_for(len(files)):
         imgs = await asyncio.get_running_loop().run_in_executor(svc.pool, svc.decode, files)
-    except BaseException:
-        with svc.batcher.lock:
-            svc.batcher.held -= len(files)
-        raise
-    rows = await svc.batcher.probs(imgs)
-    import torch
-
-    preds = answers(svc.pred, [n for n, _ in files], torch.stack(rows), k, thresholds, threshold)
+        rows = await svc.batcher.probs(imgs)
+    preds = answers(svc.pred, [n for n, _ in files], torch.stack(rows), k, thresholds, threshold)  # rows: (B, C)
     svc.served += len(preds)
     return JSONResponse({"predictions": [p.as_dict() for p in preds]})  # as is: no re-encoding by FastAPI
 
