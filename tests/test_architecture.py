@@ -79,9 +79,9 @@ LAYERS: dict[str, set[str]] = {
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder",
                  "serve"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim", "ood"},
+                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim", "ood", "pretrained"},
     "core": {"config", "data", "manifest", "shards", "multilabel", "models", "vit", "checkpoint", "device",
-             "distributed", "files", "console", "signals", "errors", "__init__"},
+             "distributed", "files", "console", "signals", "errors", "hub", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
 # recipes -> defaults -> config -> models -> files -> errors)
