@@ -270,6 +270,40 @@ def predict(
     raise typer.Exit(code)
 
 
+@app.command(short_help="Serve a model over HTTP (POST /predict), batching concurrent requests.")
+def serve(
+    model: Annotated[str | None, typer.Argument(
+        help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.", show_default=False)
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback requires --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Images per forward pass (1: no batching).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests, ms.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images held at once; beyond them requests get 503.")] = 256,
+    max_files: Annotated[int, typer.Option(help="Images per request.")] = 16,
+    max_body_mb: Annotated[float, typer.Option(help="Request body limit, MiB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Pixels per image (decompression bombs).")] = 40_000_000,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its body.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections; beyond them requests get 503.")] = 200,
+    threads: Annotated[int, typer.Option(help="Image decoding threads (0: up to 4, one per CPU).")] = 0,
+    token: Annotated[str | None, typer.Option(
+        envvar="VITCLI_SERVE_TOKEN", help="Bearer token required on /predict and /info.", show_default=False)
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Serve MODEL: POST /predict, GET /health, GET /info, docs at /docs; SIGTERM finishes requests, exit 0."""
+    with guard():
+        from vitcli.serve import ServeConfig, run_serve
+
+        cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                          max_files=max_files, max_body_mb=max_body_mb, max_pixels=max_pixels,
+                          read_timeout_s=read_timeout, max_connections=max_connections, threads=threads,
+                          token=token)
+        code = run_serve(model, cfg, device, precision)
+    raise typer.Exit(code)
+
+
 @app.command("eval", short_help="Evaluate a model on labelled images.", cls=LegacyJsonPath)
 def eval_cmd(
     data: Annotated[str, typer.Argument(

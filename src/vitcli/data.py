@@ -454,12 +454,14 @@ def resample_filter(name: str) -> int:
     return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[name]
 
 
-def decode_square(path: str | Path, size: int, interpolation: str = "bicubic", data: bytes | None = None):
-    """File (or its bytes) -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop."""
+def decode_square(path: str | Path, size: int, interpolation: str = "bicubic", data: bytes | None = None,
+                  draft: bool = False):
+    """File (or its bytes) -> uint8 tensor (3, size, size): shorter side resized to `size`, center crop.
+    A .jpg file is decoded at a reduced size first (load_rgb_draft); `draft` does the same for JPEG bytes."""
     import numpy as np
     import torch
 
-    img = load_rgb_draft(path, size) if data is None else load_rgb(path, data)
+    img = load_rgb_draft(path, size, data) if data is None or draft else load_rgb(path, data)
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -471,22 +473,26 @@ def decode_square(path: str | Path, size: int, interpolation: str = "bicubic", d
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, size, size)
 
 
-def load_rgb_draft(path: str | Path, size: int):
-    """load_rgb, but let the JPEG decoder downscale by a power of two while staying >= size (much faster)."""
+def load_rgb_draft(path: str | Path, size: int, data: bytes | None = None):
+    """load_rgb, but let the JPEG decoder downscale by a power of two while staying >= size (much faster).
+    Files: those named .jpg / .jpeg; `data` (uploaded bytes): whenever they hold a JPEG."""
+    import io
+
     from PIL import Image
 
     path = Path(path)
-    check_regular(path)
-    if path.suffix.lower() in (".jpg", ".jpeg"):
+    if data is None:
+        check_regular(path)
+    if data is not None or path.suffix.lower() in (".jpg", ".jpeg"):
         try:
-            with Image.open(path, formats=allowed_formats()) as probe:
+            with Image.open(path if data is None else io.BytesIO(data), formats=allowed_formats()) as probe:
                 if probe.format == "JPEG" and not _has_rotation(probe):
                     probe.draft("RGB", (size, size))
                     probe.load()
                     return to_rgb(probe.copy())
         except Exception:
             pass  # let load_rgb produce the precise error
-    return load_rgb(path)
+    return load_rgb(path, data)
 
 
 def _has_rotation(img) -> bool:

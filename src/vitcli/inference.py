@@ -160,6 +160,29 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
             yield (p, *fut.result())
 
 
+def answers(pred: Predictor, names: list[str], full, k: int, min_prob=None, threshold: float | None = None,
+            scores=None, ood: str | None = None, unknown: str = "unknown") -> list[Prediction]:
+    """Calibrated probabilities (B, C) of the images `names` -> their Predictions, as the task decides: top `k`,
+    `unknown` below `min_prob` (C,), the conformal set for `threshold`, the labels at or above their thresholds
+    (multi-label), and with `scores` (B,) of the score `ood`, out of distribution above its threshold."""
+    classes = pred.classes
+    out = []
+    for j, (name, pr, d) in enumerate(zip(names, full.tolist(), pred.task.decide(full, min_prob, threshold),
+                                          strict=True)):
+        r = Prediction(name, [(classes[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained,
+                       unknown=unknown)
+        if scores is not None:
+            r.ood_score = round(float(scores[j]), 6)
+            r.ood = bool(scores[j] > pred.ood["thresholds"][ood])
+        if d.set is not None:
+            r.set = [classes[i] for i in d.set]
+        if d.labels is not None:
+            r.labels = [(classes[i], round(pr[i], 6)) for i in d.labels]
+            r.unsure = [(classes[i], round(pr[i], 6)) for i in d.unsure]
+        out.append(r)
+    return out
+
+
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
                    threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None,
                    ood: str | None = None, unknown: str = "unknown") -> Iterator[Prediction]:
@@ -177,24 +200,10 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
-    names = pred.classes
-
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
         full, scores = scored_probs(pred, x, tta, ood)  # (B, C) float64, (B,) or None
-        for j, ((path, _), pr, d) in enumerate(zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold),
-                                                   strict=True)):
-            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained,
-                           unknown=unknown)
-            if scores is not None:
-                r.ood_score = round(float(scores[j]), 6)
-                r.ood = bool(scores[j] > pred.ood["thresholds"][ood])
-            if d.set is not None:
-                r.set = [names[i] for i in d.set]
-            if d.labels is not None:
-                r.labels = [(names[i], round(pr[i], 6)) for i in d.labels]
-                r.unsure = [(names[i], round(pr[i], 6)) for i in d.unsure]
-            yield r
+        yield from answers(pred, [str(p) for p, _ in batch], full, k, min_prob, threshold, scores, ood, unknown)
 
     if bar:
         bar.start()
