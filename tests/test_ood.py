@@ -152,3 +152,25 @@ def test_ood_in_csv_and_exports_carry_the_logit_score(run_and_data, tmp_path):
     assert res.exit_code == 1 and "use --ood-score energy" in res.output
     res = run_cli("predict", str(data / "blue"), "--model", str(onnx), "--ood", "--json")
     assert res.exit_code == 0 and "energy score above" in res.output, res.output
+
+
+def test_eval_ood_data_reports_auroc_fpr_and_a_histogram(run_and_data, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    run, data = run_and_data
+    other = grey_stripes(tmp_path / "stripes")
+    out, js = tmp_path / "ev", tmp_path / "ev.json"
+    res = run_cli("eval", str(data), "--model", str(run), "--ood-data", str(other), "--output", str(out),
+                  "--json-out", str(js))
+    assert res.exit_code == 0, res.output
+    r = json.loads(js.read_text())["ood"]
+    assert r["ood_images"] == 12 and set(r["scores"]) == {"knn", "energy"}
+    knn = r["scores"]["knn"]
+    assert knn["auroc"] >= 0.9 and knn["ood_unknown"] >= 0.9, knn
+    assert 0 <= knn["fpr_at_95_tpr"] <= 1 and 0 < knn["id_answered"] <= 1
+    assert (out / "ood.png").is_file() and "Out of distribution" in (out / "report.html").read_text()
+    assert "AUROC" in res.output
+    res = run_cli("eval", str(data), "--model", str(run), "--ood-data", str(tmp_path / "nothing"))
+    assert res.exit_code == 1 and "holds no images" in res.output

@@ -320,6 +320,9 @@ def eval_cmd(
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
     coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
                                                       "empirical coverage is reported (default 0.9).")] = None,
+    ood_data: Annotated[Path | None, typer.Option(
+        help="Images of another kind (a folder or file): AUROC and FPR at 95% TPR of each out-of-distribution "
+             "score against DATA's images, and the share answered unknown.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -329,7 +332,7 @@ def eval_cmd(
         from vitcli.evaluate import evaluate
 
         report = evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta,
-                          coverage=coverage)
+                          coverage=coverage, ood_data=ood_data)
     if json_out:
         import json
 

@@ -23,10 +23,12 @@ DEFAULT_COVERAGE = 0.9  # target coverage of the conformal sets eval reports whe
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True, tta: bool = False, coverage: float | None = None) -> dict[str, Any]:
+             figures: bool = True, tta: bool = False, coverage: float | None = None,
+             ood_data: str | Path | None = None) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
     split); print, plot and return the report. Probabilities are the task's calibrated ones; `coverage` (default
-    DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported."""
+    DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported; `ood_data` (images of
+    another kind) measures the out-of-distribution scores against DATA's images."""
     from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
@@ -60,6 +62,8 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     probs = pred.task.probs(logits, flipped).numpy()  # (N, C)
     head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
             "skipped": bad}
+    ood = ood_report(pred, paths, ood_data, batch_size) if ood_data else None  # (report, scores) or None
+    head |= {"ood": ood[0]} if ood else {}
     if not one_label:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
         return write_json(report_label_vectors(pred, probs, labels, head), json_path)
     y = labels.numpy()  # (N,)
@@ -74,12 +78,30 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
 
         out_dir = Path(output) if output else new_run_dir("runs", "eval")
         report["figures"] = write_figures(report, out_dir, pre)
+        if ood:
+            from vitcli.figures import plot_ood
+
+            report["figures"]["ood"] = str(plot_ood(ood[1], ood[0], out_dir / "ood.png"))
         net = getattr(pred, "model", None)  # exported files: no attention figure
         page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
                            pick_examples(paths, y), pred.task)
         report["figures"]["report"] = str(page)
     print_report(report)
     return write_json(report, json_path)
+
+
+def ood_report(pred, paths: list[Path], ood_data: str | Path, batch_size: int):
+    """eval --ood-data: the out-of-distribution measurement, printed one line per score; (report, scores)."""
+    from vitcli.console import esc, info
+    from vitcli.ood import evaluate_ood
+
+    r, scores = evaluate_ood(pred, paths, ood_data, batch_size)
+    info(f"[bold]out of distribution[/] {r['ood_images']} images from {esc(str(ood_data))} against "
+         f"{r['id_images']} labelled ones (thresholds keep {r['keep']:.0%} of validation images):")
+    for name, s in r["scores"].items():
+        info(f"  {name}: AUROC {s['auroc']:.4f}, FPR at 95% TPR {s['fpr_at_95_tpr']:.4f}; at the threshold "
+             f"{s['ood_unknown']:.1%} of OOD images answered unknown, {s['id_answered']:.1%} of labelled answered")
+    return r, scores
 
 
 def write_json(report: dict[str, Any], json_path: str | Path | None) -> dict[str, Any]:

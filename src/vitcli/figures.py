@@ -177,3 +177,23 @@ def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], to
         raise VitcliError("none of the images could be read")
     raw = torch.stack(imgs)  # (B, 3, R, R) uint8
     return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)
+
+
+def plot_ood(scores: dict, report: dict, path: Path) -> Path:
+    """One histogram panel per out-of-distribution score: labelled (in-distribution) vs --ood-data images, with
+    the model's threshold; titled with the AUROC."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.2), squeeze=False)
+    for ax, (name, (s_id, s_ood)) in zip(axes[0], scores.items(), strict=True):
+        bins = np.linspace(min(s_id.min(), s_ood.min()), max(s_id.max(), s_ood.max()), 40)
+        ax.hist(s_id, bins=bins, alpha=0.6, density=True, label=f"labelled ({len(s_id)})")
+        ax.hist(s_ood, bins=bins, alpha=0.6, density=True, label=f"--ood-data ({len(s_ood)})")
+        r = report["scores"][name]
+        ax.axvline(r["threshold"], color="k", linestyle="--", linewidth=1, label="threshold")
+        ax.set_title(f"{name}: AUROC {r['auroc']:.3f}", fontsize=9)
+        ax.set_xlabel("score (higher = less like the training data)", fontsize=8)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return path

@@ -66,7 +66,8 @@ def pct(x: float | None) -> str:
 def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, config_text: str,
                  data_rows: list[list[Any]], data_header: list[str], history: list[dict],
                  extra_metrics: list[list[Any]]) -> list[tuple[str, str, str]]:
-    """The eight sections from an evaluation report `r` (see evaluate.compute_metrics) and the run's files."""
+    """The eight sections (nine with --ood-data) from an evaluation report `r` (see evaluate.compute_metrics)
+    and the run's files."""
     metrics = [*extra_metrics, ["images evaluated", r["images"]], ["loss", f"{r['loss']:.4f}"],
                ["top-1 accuracy", pct(r["top1"])]]
     if r.get("top5") is not None:
@@ -94,7 +95,18 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
                                         + worst) if r["worst"] else '<p class="muted">no mistakes</p>'),
         ("attention", "Attention", figure_or_note(figures, "attention", "attention rollout",
                                                   "attention could not be read for this model")),
-    ]
+    ] + ([ood_section(r["ood"], figures)] if r.get("ood") else [])
+
+
+def ood_section(o: dict[str, Any], figures: dict[str, Any]) -> tuple[str, str, str]:
+    """eval --ood-data: the scores' AUROC / FPR table and their histograms."""
+    rows = [[name, f"{s['auroc']:.4f}", f"{s['fpr_at_95_tpr']:.4f}", f"{s['threshold']:.4f}", pct(s["id_answered"]),
+             pct(s["ood_unknown"])] for name, s in o["scores"].items()]
+    head = ["score", "AUROC", "FPR at 95% TPR", "threshold", "labelled answered", "OOD answered unknown"]
+    note = (f"<p>{o['ood_images']} images from {e(o['ood_data'])} against {o['id_images']} labelled ones; "
+            f"thresholds keep {o['keep']:.0%} of validation images answered.</p>")
+    return "ood", "Out of distribution", note + table(head, rows) + figure_or_note(
+        figures, "ood", "out-of-distribution score histograms", "")
 
 
 def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path, task
