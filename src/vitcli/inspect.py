@@ -688,10 +688,14 @@ def _probe(job: tuple[Path, str, int]) -> FileInfo:
 
 def check_data(root: str | Path) -> DataReport:
     """Read (never write) a dataset folder and collect what could go wrong in training."""
-    from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
+    from vitcli.data import IMAGE_EXTS, is_hidden, open_source
 
     root = Path(root)
-    ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
+    source = open_source(root)
+    if not source.listed:
+        raise VitcliError(f"'{root}' is {source.kind}, whose images are streamed, not files to check; give the "
+                          "folder or label file they were made from")
+    ds = source.scan(0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
     if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:

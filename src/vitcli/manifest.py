@@ -17,7 +17,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitcli.dataset import Dataset, Split, stratified_split
 from vitcli.errors import VitcliError
+from vitcli.store import ListedSource
 
 MANIFEST_EXTS = (".csv", ".tsv", ".jsonl")
 PATH_COLUMNS = ("path", "filepath", "file_path", "file", "filename", "file_name", "image", "image_path",
@@ -208,3 +210,33 @@ def _ordered(rows, classes: list[str], multilabel: bool) -> tuple[list[Path], li
     else:
         items.sort(key=lambda it: (it[1], str(it[0])))
     return [p for p, _ in items], [y for _, y in items]
+
+
+class LabelFileSource(ListedSource):
+    """DATA is a label file: its split column, or `data.val_csv`, or a seeded stratified split (of its train
+    rows when the split column names no val rows)."""
+
+    kind = "label file"
+
+    def __init__(self, where: Path, val_csv: str | Path | None = None):
+        self.where, self.val_csv = where, val_csv
+
+    def scan(self, val_fraction: float, seed: int) -> Dataset:
+        path = self.where
+        m = read_manifest(path, self.val_csv)
+        parts = {k: Split(*v) for k, v in m.parts.items()}
+        kw = {"multilabel": m.multilabel, "source": path}
+        test = parts.get("test") or None
+        if "all" in parts or (not len(parts["val"]) and val_fraction > 0):
+            pool = parts.get("all", parts.get("train"))
+            tr, va = stratified_split(pool.labels, val_fraction, seed)
+            return Dataset(path.parent, m.classes, pool.subset(tr), pool.subset(va), test, split_made=True, **kw)
+        return Dataset(path.parent, m.classes, parts["train"], parts["val"], test, **kw)
+
+    def eval_split(self, classes: list[str], multilabel: bool) -> Split:
+        """The split column's test rows, else its val rows, else every row."""
+        parts = read_manifest(self.where, classes=classes, multilabel=multilabel).parts
+        for name in ("test", "val", "all"):
+            if len(parts.get(name, ((), ()))[0]):
+                return Split(*parts[name])
+        return Split()

@@ -24,17 +24,17 @@ ALPHA = 0.05  # significance level the verdict line uses
 def val_split(run_dir: Path, ckpt: dict[str, Any]):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
     from vitcli.config import config_from_dict
-    from vitcli.data import scan_dataset
-    from vitcli.shards import is_shard_source
+    from vitcli.sources import open_source
 
     cfg = config_from_dict(ckpt.get("config", {}))
     data_dir = ckpt.get("data_dir")
     if not data_dir or not Path(data_dir).exists():
         raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; give DATA")
-    if is_shard_source(data_dir):
-        raise VitcliError(f"run '{run_dir}' streamed tar shards, whose images have no files to show; give DATA "
+    source = open_source(data_dir, cfg.data.val_csv or None)
+    if not source.listed:
+        raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; give DATA "
                           "(the folder or label file the shards were made from)")
-    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed, cfg.data.val_csv or None)
+    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; give DATA")
