@@ -104,18 +104,15 @@ def load_rgb(path: str | Path, data: bytes | None = None):
 
 
 def to_rgb(img):
-    """Any PIL mode -> RGB; 16/32-bit grey is scaled by its bit depth, not clipped."""
+    """Any PIL mode -> RGB. Grey modes by their range (`grey_range`), never by an image's own maximum."""
     import numpy as np
     from PIL import Image
 
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if arr.max(initial=0) > 65535:
-            top = float(arr.max())
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.clip(arr / grey_range(img.mode, arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -124,6 +121,16 @@ def to_rgb(img):
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def grey_range(mode: str, arr) -> float:
+    """The value that maps to white: I;16* -> 65535; I (32-bit int) -> 255 when every value fits 8 bits, else
+    65535 (brighter values clip); F (float) -> 1.0 when every value lies in 0..1, else 255 (values clip to 0..255).
+    NaN and infinities are black."""
+    top = float(arr.max(initial=0))
+    if mode == "F":
+        return 1.0 if float(arr.min(initial=0)) >= 0 and top <= 1.0 else 255.0
+    return 255.0 if mode == "I" and top <= 255 else 65535.0
 
 
 def resample_filter(name: str) -> int:
