@@ -201,6 +201,7 @@ def read_index(root: Path) -> dict[str, Any]:
         raise VitcliError(f"'{path}': 'classes' names a class twice ({_short(classes)})")
     if not isinstance(multilabel, bool):
         raise VitcliError(f"'{path}': 'multilabel' must be true or false, got {_short(multilabel)}")
+    index["multilabel"] = multilabel  # absent: single-label
     splits, counts = index.get("splits"), index.get("class_counts")
     if not isinstance(splits, dict) or not isinstance(counts, dict):
         raise VitcliError(f"'{path}': 'splits' and 'class_counts' must be objects keyed by train / val / test")
