@@ -8,7 +8,8 @@ import pytest
 
 from conftest import make_dataset, run_cli
 from vitcli.errors import VitcliError
-from vitcli.shards import expand_braces, parse_size
+from vitcli.shard_writer import parse_size
+from vitcli.shards import expand_braces
 from vitcli.sources import open_source
 
 
