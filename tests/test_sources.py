@@ -193,3 +193,35 @@ def test_foreign_member_names_stop_with_one_line(shards, tmp_path, name):
     with pytest.raises(VitcliError, match="member") as e:
         stream_all(out)
     assert "train-000000.tar" in str(e.value) and "\n" not in str(e.value)
+
+
+def _public(cls) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_") or n == "__len__"}
+
+
+def test_every_row_of_the_table_implements_the_source_protocol():
+    import inspect as pyinspect
+
+    from vitcli.dataset import Source
+    from vitcli.sources import SOURCES
+
+    wanted = {"scan", "eval_split", "sample_sizes", "stores"}
+    for _, cls in SOURCES:
+        assert wanted <= _public(cls) and isinstance(cls.kind, str) and isinstance(cls.listed, bool), cls
+        for name in wanted:
+            assert list(pyinspect.signature(getattr(cls, name)).parameters)[1:] == \
+                list(pyinspect.signature(getattr(Source, name)).parameters)[1:], (cls, name)
+
+
+def test_image_and_shard_stores_share_the_store_protocol():
+    import inspect as pyinspect
+
+    from vitcli.dataset import Store
+    from vitcli.shards import ShardStore
+    from vitcli.store import ImageStore
+
+    methods = {"__len__", "to", "steps", "train_batches", "eval_batches", "epoch_check"}
+    for cls in (ImageStore, ShardStore):
+        for name in methods:
+            assert list(pyinspect.signature(getattr(cls, name)).parameters) == \
+                list(pyinspect.signature(getattr(Store, name)).parameters), (cls, name)

@@ -340,7 +340,9 @@ def _ordered(rows, classes: list[str], multilabel: bool) -> tuple[list[Path], li
         unknown = [c for c in labels if c not in index]
         if unknown:
             raise VitcliError(f"'{p}': label(s) {unknown[:5]} are not among the classes {classes[:10]}")
-        if not multilabel and len(labels) != 1:
+        if not multilabel and not labels:
+            raise VitcliError(f"'{p}' has no label; a single-label model is evaluated on images with one label each")
+        if not multilabel and len(labels) > 1:
             raise VitcliError(f"'{p}' has {len(labels)} labels {list(labels)[:5]}; this model predicts one label per "
                               "image (train on this label file to get a multi-label model)")
         items.append((p, tuple(int(c in labels) for c in classes) if multilabel else index[labels[0]]))
