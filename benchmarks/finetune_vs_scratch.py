@@ -33,7 +33,7 @@ def compare(work: Path, *, img_size: int = 64, pretrain_per_class: int = 200, pr
             lr: float = 0.0) -> dict:
     """Pretrain, then fine-tune and train from scratch with the same steps; returns the accuracies."""
     from vitcli.config import load_config
-    from vitcli.engine import train
+    from vitcli.train import train
 
     t0 = time.time()
     pre = make_shapes(work / "pretrain", PRETRAIN_SHAPES, pretrain_per_class, img_size, seed=seed)

@@ -92,7 +92,7 @@ def pretrain(data: Path, weights: Path, *, img_size: int, epochs: int, output: P
 
     from vitcli.checkpoint import load_checkpoint
     from vitcli.config import load_config
-    from vitcli.engine import train
+    from vitcli.train import train
 
     cfg = load_config(flags={"model.name": "timm/test_vit", "data.img_size": img_size, "train.epochs": epochs,
                              "train.output": str(output), "train.name": "pretrain", "data.batch_size": 32},

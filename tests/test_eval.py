@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_dataset, run_cli
 from test_predict import CLASSES, fitted_checkpoint
-from vitcli.evaluate import calibration, compute_metrics, most_confused, topk_accuracy
+from vitcli.evaluation import calibration, compute_metrics, most_confused, topk_accuracy
 
 # 10 fixed predictions over 3 classes (a, b, c); argmax per row is given in the comment.
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])

@@ -326,7 +326,7 @@ def test_random_index_json_and_shard_members_stream_or_stop_with_one_error(tmp_p
                 source = open_source(out)
                 ds = source.scan(0.2, 0)
                 train, val = source.stores(ds, DataConfig(num_workers=0), {"resize_size": 16}, None,
-                                           torch.device("cpu"))
+                                           torch.device("cpu"), 0)
                 for store in (train, val):
                     for _ in store.train_batches(4, 0, 0, 0, 1):
                         pass

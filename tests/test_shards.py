@@ -22,7 +22,7 @@ def open_shards(data, *, size: int, interpolation: str, num_workers: int, shuffl
     source = open_source(data)
     ds = source.scan(0.2, 0)
     d = DataConfig(interpolation=interpolation, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
-    train, val = source.stores(ds, d, {"resize_size": size}, None, torch.device("cpu"))
+    train, val = source.stores(ds, d, {"resize_size": size}, None, torch.device("cpu"), 2)
     return SimpleNamespace(train=train, val=val, classes=ds.classes, multilabel=ds.multilabel, counts=ds.counts()[0])
 
 
@@ -157,8 +157,8 @@ def test_resume_mid_epoch_from_shards_matches_the_uninterrupted_run(tmp_path, ca
     import torch
 
     from conftest import tiny_config
-    from vitcli.engine import train
     from vitcli.files import safe_torch_load
+    from vitcli.train import train
 
     data = make_dataset(tmp_path / "d", per_class=12)
     assert run_cli("shard", data, tmp_path / "s", "--size", "4KB").exit_code == 0

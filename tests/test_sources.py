@@ -168,7 +168,7 @@ def stream_all(data):
 
     source = open_source(data)
     ds = source.scan(0.2, 0)
-    train, _ = source.stores(ds, DataConfig(num_workers=0), {"resize_size": 16}, None, torch.device("cpu"))
+    train, _ = source.stores(ds, DataConfig(num_workers=0), {"resize_size": 16}, None, torch.device("cpu"), 0)
     return sum(len(y) for _, y in train.train_batches(4, 0, 0, 0, 1))
 
 

@@ -15,7 +15,6 @@ import math
 import time
 from typing import TYPE_CHECKING
 
-from vitcli.config import parse_duration
 from vitcli.console import info
 
 if TYPE_CHECKING:
@@ -61,9 +60,7 @@ class TimeBudget:
 
     def fit(self, run: RunState, shrink_only: bool = False) -> None:
         """Set epochs, total and warmup steps so training, validation and the end fit before the deadline."""
-        from vitcli.optim import lr_at
-
-        t, o, p = run.cfg.train, run.cfg.optim, run.progress
+        t, p = run.cfg.train, run.progress
         spe = run.steps_per_epoch
         self.epoch_s = max(self.epoch_s, spe * self.step_s + self._eval_s(run))
         left = self.deadline - time.time() - self._finish_s(run)
@@ -77,8 +74,7 @@ class TimeBudget:
         total = spe * epochs
         warmup = min(run.warmup_steps, total // 5) if shrink_only else round(run.warmup_steps * epochs / before)
         warmup = max(warmup, min(run.warmup_steps, p.step))  # a warmup under way is not cut short
-        run.total_steps, run.warmup_steps = total, warmup
-        run.lr_fn = lambda step: lr_at(step, total, warmup, o)
+        run.set_schedule(total, warmup)
         p.plan = {"epochs": epochs, "total_steps": total, "warmup_steps": warmup}
         if self.bar is not None:
             self.bar.update(self.epoch_task, total=epochs)
@@ -119,7 +115,6 @@ def budget_for(run: RunState, started: float, val_images: int, time_override: st
     unless a new `--time` fits the rest of it again (or extends a finished run); a run stopped before its plan
     was made plans now."""
     from vitcli.config import user_keys
-    from vitcli.optim import lr_at
 
     t = run.cfg.train
     progress = ckpt["train_state"]["progress"] if ckpt is not None else {}
@@ -128,14 +123,13 @@ def budget_for(run: RunState, started: float, val_images: int, time_override: st
         t.time = time_override
         t.epochs += progress.get("epoch", 0)  # room for as many epochs again; the measured plan sets the number
     if plan and not time_override:
-        total, warmup, o = plan["total_steps"], plan["warmup_steps"], run.cfg.optim
-        t.epochs, run.total_steps, run.warmup_steps = plan["epochs"], total, warmup
-        run.lr_fn = lambda step: lr_at(step, total, warmup, o)
+        t.epochs = plan["epochs"]
+        run.set_schedule(plan["total_steps"], plan["warmup_steps"])
         return None
     if not t.time:
         return None
     cap = t.epochs if "train.epochs" in user_keys(run.cfg) and ckpt is None else MAX_EPOCHS
-    return TimeBudget(parse_duration(t.time), started, val_images, cap)
+    return TimeBudget(t.seconds, started, val_images, cap)
 
 
 def _synced(run: RunState) -> float:

@@ -107,7 +107,7 @@ def train(
                 from vitcli.config import parse_duration
 
                 parse_duration(time, "--time")
-            from vitcli.engine import train as run_train
+            from vitcli.train import train as run_train
 
             run_train(None, data, resume=resume, epochs_override=epochs, time_override=time)
             return
@@ -117,7 +117,7 @@ def train(
 
             run_find_lr(cfg, data)
             return
-        from vitcli.engine import train as run_train
+        from vitcli.train import train as run_train
 
         run_train(cfg, data)
 
@@ -289,7 +289,7 @@ def report(
     """Evaluate the run's best.pt on its validation images and write figures and a self-contained report.html
     into the run folder (training does this at the end unless train.report is false)."""
     with guard():
-        from vitcli.runs import run_report
+        from vitcli.html_report import run_report
 
         _print_paths([run_report(run, device, precision)["report"]])
 
@@ -336,7 +336,7 @@ def inspect_attention_cmd(
 ) -> None:
     """Attention overlays on each image, with the predicted class and its probability in the title."""
     with guard():
-        from vitcli.inspect import inspect_attention
+        from vitcli.views import inspect_attention
 
         paths = [data_path(i, "IMAGE") for i in images]
         _print_paths(inspect_attention(paths, model=model, output=output, method=method, layer=layer,
@@ -363,7 +363,7 @@ def inspect_faithfulness_cmd(
 ) -> None:
     """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
     with guard():
-        from vitcli.inspect import inspect_faithfulness
+        from vitcli.views import inspect_faithfulness
 
         images = [data_path(d) for d in data]
         _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
@@ -384,7 +384,7 @@ def inspect_model_cmd(
 ) -> None:
     """Architecture summary: parameters per part, FLOPs per image, tokens, patch grid, per-block table."""
     with guard():
-        from vitcli.inspect import inspect_model
+        from vitcli.views import inspect_model
 
         inspect_model(model=model, config=config, img_size=img_size, num_classes=num_classes)
 
@@ -393,7 +393,7 @@ def inspect_model_cmd(
 def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -> None:
     """Cosine similarity of each patch's position embedding with every other (ViT paper, figure 7 centre)."""
     with guard():
-        from vitcli.inspect import inspect_posembed
+        from vitcli.views import inspect_posembed
 
         _print_paths(inspect_posembed(model=model, output=output))
 
@@ -409,7 +409,7 @@ def inspect_distance_cmd(
 ) -> None:
     """Mean attention distance per head and block (ViT paper, figure 7 right): scatter PNG, CSV and table."""
     with guard():
-        from vitcli.inspect import inspect_distance
+        from vitcli.views import inspect_distance
 
         _print_paths(inspect_distance([data_path(d) for d in data], model=model, output=output, max_images=max_images,
                                       img_size=img_size, device=device))
@@ -423,7 +423,7 @@ def inspect_filters_cmd(
 ) -> None:
     """Principal components of the patch-embedding filters as RGB tiles (ViT paper, figure 7 left)."""
     with guard():
-        from vitcli.inspect import inspect_filters
+        from vitcli.views import inspect_filters
 
         _print_paths(inspect_filters(model=model, output=output, components=components))
 
@@ -434,7 +434,7 @@ def inspect_data_cmd(
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
     with guard():
-        from vitcli.inspect import inspect_data
+        from vitcli.datacheck import inspect_data
 
         inspect_data(data_path(data))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli.console import CONTROL
-from vitcli.errors import VitcliError, clip, shown
+from vitcli.errors import VitcliError, clip, first_line, shown
 
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config file
 MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laughs" file expands to 10^9)
@@ -104,6 +104,11 @@ class TrainConfig:
     log: list[str] = field(default_factory=lambda: ["csv"])  # metric sinks: csv (always) + tensorboard, mlflow
     log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
     report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
+
+    @property
+    def seconds(self) -> float:
+        """`time` in seconds (0 when off): the one reading of the budget string."""
+        return parse_duration(self.time) if self.time else 0.0
 
 
 @dataclass
@@ -341,7 +346,7 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         problem = problem[:200]
         context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if context and cmark and mark and cmark.line != mark.line:  # where the unclosed thing was opened

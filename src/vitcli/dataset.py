@@ -142,5 +142,7 @@ class Source(Protocol):
     def sample_sizes(self, ds: Dataset, seed: int) -> list[tuple[int, int]]:
         """(width, height) of a sample of the training images, from headers only (for the data-aware defaults)."""
 
-    def stores(self, ds: Dataset, d: DataConfig, pre: dict[str, Any], on_bad, device) -> tuple[Store, Store]:
-        """The train and val stores, on `device` where they hold images; prints how the images are read."""
+    def stores(self, ds: Dataset, d: DataConfig, pre: dict[str, Any], on_bad, device, workers: int
+               ) -> tuple[Store, Store]:
+        """The train and val stores, on `device` where they hold images; prints how the images are read.
+        `workers`: DataLoader workers per process when `data.num_workers` is -1 (auto) and they are needed."""

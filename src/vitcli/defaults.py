@@ -87,13 +87,15 @@ def forward_macs(img_size: int, patch: int, dim: int, depth: int, stem: str, mlp
 def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[Choice]:
     """The data-aware values for a from-scratch run, each group with its reason (before the user's keys)."""
     from vitcli.config import user_keys
+    from vitcli.models import PRESETS, parse_preset, with_patch
 
     mine = user_keys(cfg)
     side = median_side(facts.sizes)
     out: list[Choice] = []
     img = cfg.data.img_size if "data.img_size" in mine else input_size(side)
-    base, _, given = cfg.model.name.partition("/")
-    patch = int(given) if "model.name" in mine and given.isdigit() else patch_size(img)
+    base, given = parse_preset(cfg.model.name)
+    given = given if "model.name" in mine else None
+    patch = given or patch_size(img)
     if "data.img_size" in mine:
         while img % patch and patch > 1:  # the user's size: a patch that divides it
             patch //= 2
@@ -104,7 +106,7 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
                                                           ": small images are not blown up to 224 px")))
     # token grid, stem, width and depth: a ladder by training-set size, one rung down when a CPU step is dear
     if "model.name" not in mine:
-        out.append(Choice({"model.name": f"{base}/{patch}"},
+        out.append(Choice({"model.name": with_patch(cfg.model.name, patch)},
                           f"patch {patch}: a {img // patch}x{img // patch} token grid on {img} px"))
     stem = cfg.model.stem
     if recipe == "scratch-small" and "model.stem" not in mine and patch & (patch - 1) == 0:
@@ -122,8 +124,6 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
                           f"width {dim}, {depth} blocks for {facts.n_train:,} training images"
                           + (" and a CPU" if cpu else "")))
     else:
-        from vitcli.models import PRESETS
-
         dim, depth, _ = PRESETS.get(base, PRESETS["vit-tiny"])
         dim, depth = cfg.model.embed_dim or dim, cfg.model.depth or depth  # the preset's size unless overridden
     macs = forward_macs(img, patch, dim, depth, stem)
@@ -153,9 +153,7 @@ def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choi
     epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(TARGET_STEPS / steps)))
     why = f"~{TARGET_STEPS} steps of {steps} an epoch"
     if cfg.train.time and macs:  # a first guess; the budget fixes the number once it has timed some steps
-        from vitcli.config import parse_duration
-
-        guess = int(parse_duration(cfg.train.time) * CPU_MACS_PER_S / (3 * macs * facts.n_train))
+        guess = int(cfg.train.seconds * CPU_MACS_PER_S / (3 * macs * facts.n_train))
         epochs = max(1, min(epochs, guess))
         return [Choice({"train.epochs": epochs}, f"about what fits in {cfg.train.time} on a CPU (the time budget "
                                                  "sets the number after timing the first steps)")]

@@ -33,8 +33,9 @@ from vitcli.multilabel import task_line
 if TYPE_CHECKING:
     import torch
 
-    from vitcli.data import BadImageLog, Dataset, Store
+    from vitcli.dataset import Dataset, Store
     from vitcli.defaults import DataFacts
+    from vitcli.store import BadImageLog
 
 LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
 
@@ -59,6 +60,8 @@ class TrainResult:
 
 class Callback:
     """Hooks at the phase boundaries of `train`; every method is optional. Only the main process calls them."""
+
+    def on_open(self, cfg: Config) -> None: ...  # the run's config is known; before any data work
 
     def on_start(self, run: RunState, data: TrainData) -> None: ...
 
@@ -173,7 +176,7 @@ class EpochSums:
         self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
         self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
         self.loss += loss.double() * len(hard)
-        from vitcli.evaluate import hits
+        from vitcli.evaluation import hits
 
         self.correct += hits(logits.detach(), hard).sum()  # multi-label: hard is the (B, C) label vector
         self.count += len(hard)
@@ -219,6 +222,13 @@ class RunState:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def set_schedule(self, total: int, warmup: int) -> None:
+        """The one place the warmup-cosine schedule is (re)planned: at build time and by the time budget."""
+        from vitcli.optim import warmup_cosine
+
+        self.total_steps, self.warmup_steps = total, warmup
+        self.lr_fn = warmup_cosine(total, warmup, self.cfg.optim)
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -267,7 +277,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     (`recipe`: not for a resumed run, whose config is final), write config.yaml / split.csv, open the stores.
     Returns the data and the run folder (created when `run_dir` is None, and locked into `hold`). A resumed
     run's classes must match its checkpoint's (`resumed_classes`), checked before anything is written."""
-    from vitcli import data as D
+    from vitcli.dataset import check_val_split
     from vitcli.defaults import DataFacts
     from vitcli.rundir import check_resumed_data, write_split
     from vitcli.sources import open_source
@@ -275,7 +285,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     d, t = cfg.data, cfg.train
     source = open_source(data_dir, d.val_csv or None)
     ds = source.scan(d.val_fraction, t.seed)
-    D.check_val_split(ds, d.val_fraction)
+    check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
@@ -323,16 +333,19 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
 def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: tuple[list[int], list[int]],
                 env: Env) -> TrainData:
     """The source's train and val stores; unreadable images are counted against data.max_bad_fraction."""
-    from vitcli import data as D
+    from vitcli.dataset import Split
+    from vitcli.decode import preprocess_info
+    from vitcli.device import cpu_count
+    from vitcli.store import BadImageLog
 
     d = cfg.data
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    bad = D.BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    train, val = source.stores(ds, d, pre, bad.add, env.device)
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
     if len(train) == 0 or len(val) == 0:
         raise VitcliError(f"'{data_dir}': no readable images left in the {'val' if len(train) else 'train'} split")
-    ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
+    ds.train, ds.val = Split(), Split()  # the stores hold the images now: let the scan's Path lists go
     return TrainData(data_dir, ds, train, val, pre, counts[0], bad, counts[1])
 
 
@@ -340,11 +353,11 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     """Model, optimiser, schedule, EMA, scaler, loss and augmentation for a run (`wrap`: DDP / compile)."""
     import torch
 
-    from vitcli import data as D
     from vitcli import multilabel as ML
+    from vitcli.augment import TrainAugment
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
-    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer, lr_at
+    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer
 
     d, t, o = cfg.data, cfg.train, cfg.optim
     model, spec = build_model(cfg.model, len(data.classes), d.img_size)
@@ -372,14 +385,16 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     mixup = build_mixup(cfg, len(data.classes))
     steps_per_epoch = max(1, n_batches // t.accum_steps)
     total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
-    return RunState(
+    run = RunState(
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
         optimizer=build_optimizer(model, o, env.device),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
         loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
         mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
-        augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup, lr_fn=lambda step: lr_at(step, total, warmup, o))
+        augment=TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
+        total_steps=total, warmup_steps=warmup)
+    run.set_schedule(total, warmup)
+    return run
 
 
 def wrap_model(model, ema, cfg: Config, env: Env):
@@ -568,7 +583,7 @@ def stop_run(run: RunState, data: TrainData, code: int, quietly: bool) -> None:
 def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
     """Validation of the weights that are kept (EMA when on), summed over ranks; the epoch's metrics row."""
     from vitcli.distributed import all_reduce_sums, broadcast_buffers
-    from vitcli.evaluate import run_eval
+    from vitcli.evaluation import run_eval
 
     env, p, d = run.env, run.progress, run.cfg.data
     if env.world > 1:  # replicas agree on weights (DDP) and, from here, on BatchNorm statistics too
@@ -598,7 +613,7 @@ def _macro_f1(ev, num_classes: int, device) -> float:
     import numpy as np
 
     from vitcli.distributed import all_reduce_sums
-    from vitcli.evaluate import averages, confusion_matrix, per_class_metrics
+    from vitcli.evaluation import averages, confusion_matrix, per_class_metrics
 
     cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
     cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
@@ -694,7 +709,7 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
     store them in each file (train.calibrate)."""
     from vitcli.calibrate import fit_calibration
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from vitcli.evaluate import run_eval
+    from vitcli.evaluation import run_eval
 
     env = run.env
     if len(data.val) == 0:
@@ -724,22 +739,23 @@ def train(cfg: Config, data_dir: str | Path | None, resume: str | Path | None = 
     `time_override`, fit its rest to a new time budget)."""
     t_start = time.time()
     with contextlib.ExitStack() as hold:  # the run-folder lock, held until the run ends
-        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override)
+        callbacks = [MetricsFiles(), *(callbacks or [])]
+        run, data = start_run(cfg, data_dir, resume, epochs_override, hold, t_start, time_override, callbacks)
         return run_epochs(run, data, t_start, stop_after_steps, callbacks)
 
 
 def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None, epochs: int | None,
-              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None
-              ) -> tuple[RunState, TrainData]:
+              hold: contextlib.ExitStack, t_start: float, time_override: str | None = None,
+              callbacks: list[Callback] = ()) -> tuple[RunState, TrainData]:
     """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
     (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
     from vitcli.budget import budget_for
-    from vitcli.loggers import check_installed
     from vitcli.signals import Stopped
 
     try:
         cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
-        check_installed(cfg.train.log)  # before any work
+        for cb in callbacks:  # before any work (a tracking server that cannot be reached, say)
+            cb.on_open(cfg)
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
@@ -753,12 +769,11 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
 
 
 def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps: int | None,
-               callbacks: list[Callback] | None) -> TrainResult:
+               callbacks: list[Callback]) -> TrainResult:
     """The epochs of a prepared run, then finish."""
     from vitcli.console import progress_bar
-    from vitcli.loggers import Tracking
 
-    run.callbacks = [MetricsFiles(), Tracking(), *(callbacks or [])]
+    run.callbacks = callbacks
     t = run.cfg.train
     if t.log_every_steps and set(t.log) - {"csv"}:  # step logs need the sums that often
         run.log_every = min(LOG_EVERY, t.log_every_steps * t.accum_steps)

@@ -1,212 +1,23 @@
-"""Evaluation: the loop that runs a model over a labelled store (used by training too), and `vitcli eval`:
-how good a model is on a labelled folder and where it fails.
-
-Metrics are plain functions of (probabilities, labels) so they can be checked by hand: confusion matrix,
-per-class precision / recall / F1 with macro and weighted averages, top-k accuracy, expected calibration
-error, most-confused class pairs and the highest-loss mistakes. `evaluate` runs the model, prints rich
-tables, writes figures to a new folder and, with `json_path`, everything machine-readable.
-"""
+"""`vitcli eval`: how good a model is on a labelled folder and where it fails. Runs the model through the inference
+service, prints rich tables, writes figures and report.html to a new folder and, with `json_path`, everything
+machine-readable."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError, at_least
-
-CHUNK = 2048  # images decoded and held in memory at a time
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
-    """(C, C) int64; rows are true classes, columns predicted classes."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
-    return cm
-
-
-def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """precision, recall, f1, support per class; 0 where a ratio is 0/0 (as scikit-learn's zero_division=0)."""
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1)}
-
-
-def averages(pc: dict[str, np.ndarray], cm: np.ndarray) -> dict[str, dict[str, float]]:
-    """Macro and support-weighted averages over the classes that occur in the labels or the predictions."""
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    support = pc["support"][present].astype(np.float64)
-    out = {}
-    for name, weights in (("macro", np.ones_like(support)), ("weighted", support)):
-        total = weights.sum()
-        out[name] = {m: float((pc[m][present] * weights).sum() / total) if total > 0 else 0.0
-                     for m in ("precision", "recall", "f1")}
-        out[name]["support"] = int(pc["support"].sum())
-    return out
-
-
-def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of rows whose label is among the k highest probabilities."""
-    topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
-    return float((topk == labels[:, None]).any(1).mean()) if len(labels) else 0.0
-
-
-def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
-    """The off-diagonal cells with the most images: (true, predicted, count), largest first."""
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:n]
-    pairs = []
-    for flat in order:
-        t, p = divmod(int(flat), cm.shape[1])
-        if off[t, p] == 0:
-            break
-        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
-                      "share_of_true": float(off[t, p] / max(1, cm[t].sum()))})
-    return pairs
-
-
-def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict[str, Any]:
-    """Everything `vitcli eval` reports, from probabilities (N, C) and integer labels (N,)."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    n_cls = len(classes)
-    preds = probs.argmax(1)
-    cm = confusion_matrix(labels, preds, n_cls)
-    pc = per_class_metrics(cm)
-    ece, table = calibration(probs, labels, bins)
-    eps = 1e-12
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None))  # (N,) cross-entropy
-    out: dict[str, Any] = {
-        "images": len(labels),
-        "loss": float(losses.mean()) if len(labels) else 0.0,
-        "top1": float((preds == labels).mean()) if len(labels) else 0.0,
-        "top5": topk_accuracy(probs, labels, 5) if n_cls >= 5 else None,
-        "per_class": [{"class": c, "precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
-                       "f1": float(pc["f1"][i]), "support": int(pc["support"][i])} for i, c in enumerate(classes)],
-        **averages(pc, cm),
-        "classes": list(classes),
-        "confusion_matrix": cm.tolist(),
-        "most_confused": most_confused(cm, classes),
-        "ece": ece,
-        "calibration_bins": table,
-    }
-    return out | {"_losses": losses, "_preds": preds}
-
-
-def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                   paths: list[Path], classes: list[str], n: int = 16) -> list[dict[str, Any]]:
-    """The wrong predictions with the highest loss, highest first."""
-    wrong = np.flatnonzero(preds != labels)
-    wrong = wrong[np.argsort(-losses[wrong], kind="stable")][:n]
-    return [{"file": str(paths[i]), "true": classes[labels[i]], "predicted": classes[preds[i]],
-             "prob_predicted": float(probs[i, preds[i]]), "prob_true": float(probs[i, labels[i]]),
-             "loss": float(losses[i])} for i in wrong]
-
-
-# ----------------------------------------------------------------------------------------------- running
-@dataclass
-class EvalOutput:
-    logits: Any  # float (N, C) on CPU (empty unless keep_logits)
-    labels: Any  # long (N,), or multi-hot float (N, C), on CPU (empty unless keep_logits)
-    loss_sum: float
-    correct: float  # images whose top class is right (multi-label: summed share of classes right)
-    count: int
-
-
-def hits(logits, y):
-    """Per image: 1 when the top class is the label; multi-label (y (B, C)): the share of classes whose
-    sigmoid > 0.5 agrees with the label vector."""
-    if y.ndim == 2:
-        return ((logits > 0) == (y > 0.5)).float().mean(1)  # (B,)
-    return logits.argmax(1) == y  # (B,)
-
-
-def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
-             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
-    """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
-    and are read once at the end."""
-    import torch
-
-    from vitcli.data import eval_transform
-    from vitcli.device import autocast
-
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    all_logits, all_labels = [], []
-    with torch.inference_mode():
-        for x, y in store.eval_batches(batch_size, rank, world):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(eval_transform(x, pre)).float()  # (B, C)
-            if loss_fn is not None:
-                loss_sum += loss_fn(logits, y).double() * len(y)
-            correct += hits(logits, y).sum()
-            count += len(y)
-            if keep_logits:
-                all_logits.append(logits.cpu())
-                all_labels.append(y.cpu())
-    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
-    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
-    return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
-
-
-def collect_logits(pred, split, batch_size: int, tta: bool):
-    """Run `pred` over a Split in bounded chunks: (logits (N, C), mirrored-image logits (N, C) or None,
-    labels (N,), readable paths, unreadable-file messages)."""
-    import torch
-
-    from vitcli import data as D
-
-    pre = pred.preprocess
-    bad: list[str] = []
-    logits, flipped, labels, paths = [], [], [], []
-    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
-                             on_bad=bad.append, progress_label="decoding")
-        for x, y in store.batches(D.sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
-            logits.append(pred.logits(x).float())
-            if tta:
-                flipped.append(pred.logits(x.flip(-1)).float())
-            labels.append(y)
-        paths += store.paths
-    if not paths:
-        return None, None, None, paths, bad
-    return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
-
-
-def probs_at(logits, flipped, temperature: float) -> np.ndarray:
-    """softmax(logits / T), averaged with the mirrored image's when `flipped` is given; float64 (N, C)."""
-    p = (logits.double() / temperature).softmax(-1)
-    if flipped is not None:
-        p = (p + (flipped.double() / temperature).softmax(-1)) / 2
-    return p.numpy()
-
-
-def calibration_report(pred, logits, flipped, y: np.ndarray, coverage: float | None) -> dict[str, Any]:
-    """Temperature, ECE before and after it, and (with conformal scores) coverage and mean set size."""
-    from vitcli.calibrate import conformal_threshold, set_metrics
-
-    before = probs_at(logits, flipped, 1.0)
-    rep: dict[str, Any] = {"temperature": pred.temperature, "ece_uncalibrated": calibration(before, y)[0]}
-    if coverage is not None and pred.conformal_scores is not None:
-        thr = conformal_threshold(pred.conformal_scores, coverage)
-        rep["conformal"] = {"coverage_target": coverage, "threshold": thr,
-                            "calibration_images": len(pred.conformal_scores),
-                            **set_metrics(probs_at(logits, flipped, pred.temperature), y, thr)}
-    return rep
+from vitcli.evaluation import (
+    calibration_report,
+    collect_logits,
+    compute_metrics,
+    probs_at,
+    worst_mistakes,
+    write_figures,
+)
 
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
@@ -214,13 +25,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
              figures: bool = True, tta: bool = False, coverage: float | None = 0.9) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
     split); print, plot and return the report. Probabilities are calibrated by the stored temperature."""
-    from vitcli.predict import load_predictor, passive_omp_threads
+    from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
-    from vitcli import data as D
     from vitcli.calibrate import check_coverage
     from vitcli.console import esc, info, warn
     from vitcli.device import check_device_args
+    from vitcli.sources import scan_eval_folder
 
     at_least("--batch-size", batch_size)
     if coverage is not None:
@@ -229,7 +40,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
+    split = scan_eval_folder(data_dir, classes, pred.multilabel)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -286,58 +97,6 @@ def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: st
         if Path(json_path).is_dir():
             raise VitcliError(f"--json '{json_path}' is a folder; give a file name")
         refuse_inside(json_path, data_dir, "--json")
-
-
-def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
-                   where: str | Path = "the data", thresholds: list[float] | None = None):
-    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
-    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
-    at `thresholds`."""
-    import torch
-
-    from vitcli import data as D
-    from vitcli.console import warn
-
-    bad: list[str] = []
-    logits, labels, paths = [], [], []
-    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
-                             on_bad=bad.append, progress_label="decoding")
-        res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
-        logits.append(res.logits)
-        labels.append(res.labels)
-        paths += store.paths
-    for msg in bad:
-        warn(f"skipped {msg}")
-    if not paths:
-        raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
-    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
-        from vitcli.multilabel import compute_metrics as multilabel_metrics
-
-        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
-        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
-    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
-    y = torch.cat(labels).numpy()  # (N,)
-    report = compute_metrics(probs, y, classes)
-    losses, preds = report.pop("_losses"), report.pop("_preds")
-    report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    return report, probs, y, paths, bad
-
-
-def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
-    from vitcli.report import plot_confusion, plot_mistakes, plot_reliability
-
-    cm, classes = np.asarray(report["confusion_matrix"]), report["classes"]
-    figs = {"confusion": out_dir / "confusion.png", "confusion_normalized": out_dir / "confusion_normalized.png",
-            "reliability": out_dir / "reliability.png"}
-    plot_confusion(cm, classes, figs["confusion"], normalize=False)
-    plot_confusion(cm, classes, figs["confusion_normalized"], normalize=True)
-    plot_reliability(report["calibration_bins"], report["ece"], figs["reliability"])
-    if report["worst"]:
-        figs["worst"] = out_dir / "worst.png"
-        plot_mistakes(report["worst"], figs["worst"], pre)
-    return {k: str(v) for k, v in figs.items()}
 
 
 def _pct(x: float | None) -> str:

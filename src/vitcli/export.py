@@ -21,7 +21,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
     on random images at two batch sizes (so a batch size baked into the graph is caught)."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
 
     runner = fmt.predictor(path, device)
     g = torch.Generator().manual_seed(0)
@@ -42,7 +42,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
 def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path | None = None,
                  opset: int = 17) -> dict[str, Any]:
     """Export the checkpoint `model` resolves to; returns {"path", "sidecar", "max_abs_diff"}."""
-    from vitcli.predict import passive_omp_threads
+    from vitcli.inference import passive_omp_threads
 
     passive_omp_threads()
     import torch

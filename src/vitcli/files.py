@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 LOCK_NAME = ".vitcli.lock"  # in a run folder while a process trains in it; holds that process's PID
 
@@ -163,7 +163,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
         if "write" not in str(e).lower():
             raise
         kept = " (the previous file is kept)" if Path(path).is_file() else ""
-        raise VitcliError(f"cannot write '{path}': {str(e).splitlines()[0][:200]}{kept}") from None
+        raise VitcliError(f"cannot write '{path}': {first_line(e)[:200]}{kept}") from None
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -219,7 +219,7 @@ def safe_torch_load(path: str | Path) -> Any:
                               "vitcli refuses (weights_only=True); nothing from the file was run") from None
         raise VitcliError(f"'{p}' is not a readable checkpoint (not written by torch.save, or damaged)") from None
     except Exception as e:  # zip, EOF, storage errors of a truncated or foreign file
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        first = first_line(e).split(". ")[0]
         if p.stat().st_size == 0:
             first = "the file is empty"
         raise VitcliError(f"'{p}' is not a readable checkpoint (truncated or not made by torch): {first}") from None

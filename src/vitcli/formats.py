@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli import __version__
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 EXPORT_FORMAT = "vitcli-export-v1"
 EXPORT_META_KEY = "vitcli"  # ONNX metadata_props key / TorchScript extra file stem holding the metadata json
@@ -87,7 +87,7 @@ class OnnxPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         xf = eval_transform(x, self.preprocess).contiguous().numpy()  # (B, 3, H, W) float32
         return torch.from_numpy(self.session.run(None, {self.input_name: xf})[0])  # (B, C)
@@ -115,15 +115,10 @@ class ScriptPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         with torch.inference_mode():
             return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)
-
-
-def first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def import_optional(name: str, purpose: str):

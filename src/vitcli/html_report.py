@@ -1,4 +1,5 @@
-"""report.html: one self-contained page per run (or per `vitcli eval`) that opens from a file with no server.
+"""report.html: one self-contained page per run (or per `vitcli eval`) that opens from a file with no server;
+`run_report` builds a run's page (at the end of training and for `vitcli report`).
 
 Figures are PNGs embedded as base64 data URIs; a Content-Security-Policy meta tag forbids every network
 request, scripts included, so the page shows the same offline as online. Sections: command and config, data,
@@ -96,8 +97,7 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
     from vitcli.console import visible
-    from vitcli.inspect import decode_batch, overlay, panel_figure
-    from vitcli.report import save_figure
+    from vitcli.figures import decode_batch, overlay, panel_figure, save_figure
 
     try:
         keep, photos, x = decode_batch(paths[:N_ATTENTION], pre)  # uint8 (B, 3, S, S), normalised (B, 3, S, S)
@@ -155,3 +155,68 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
                             data_header=["class", "images"], history=history,
                             extra_metrics=[["model", str(model_path)], ["data", r["data"]]])
     return write_page(out_dir / "report.html", f"vitcli eval: {Path(r['data']).name}", sections)
+
+
+# ----------------------------------------------------------------------------------------------- a run's page
+def val_split(run_dir: Path, ckpt: dict[str, Any]):
+    """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
+    from vitcli.config import config_from_dict
+    from vitcli.sources import open_source
+
+    cfg = config_from_dict(ckpt.get("config", {}))
+    data_dir = ckpt.get("data_dir")
+    if not data_dir or not Path(data_dir).exists():
+        raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; give DATA")
+    source = open_source(data_dir, cfg.data.val_csv or None)
+    if not source.listed:
+        raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; give DATA "
+                          "(the folder or label file the shards were made from)")
+    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
+    if ds.classes != list(ckpt["classes"]):
+        raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
+                          f"{list(ckpt['classes'])[:10]}; give DATA")
+    return Path(data_dir), ds.val
+
+
+def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
+    """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
+    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
+    from vitcli.checkpoint import load_model
+    from vitcli.device import pick_device, pick_precision
+    from vitcli.evaluation import evaluate_split, write_figures
+    from vitcli.rundir import read_json, read_metrics
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitcliError(f"run folder '{run_dir}' does not exist")
+    net, ckpt, path = load_model(run_dir)
+    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    if ckpt.get("task") == "multilabel":
+        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
+    data_dir, split = val_split(run_dir, ckpt)
+    dev = pick_device(device)
+    prec, _ = pick_precision(precision, dev)
+    net.to(dev)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
+    r["data"] = str(data_dir)
+    figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
+    if (run_dir / "curves.png").is_file():
+        figures["curves"] = run_dir / "curves.png"
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
+        figures["attention"] = run_dir / "attention.png"
+    info, history = read_json(run_dir / "run.json"), read_metrics(run_dir / "metrics.csv")
+    train_counts = info.get("train_counts") or [""] * len(classes)
+    rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
+    extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
+    if history:
+        best = max(history, key=lambda h: h["val_acc"])
+        extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
+    if info.get("wall_s"):
+        extra.append(["wall time", f"{info['wall_s']:.1f} s"])
+    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
+                            data_rows=rows, data_header=["class", "train images", "val images"],
+                            history=history, extra_metrics=extra)
+    figures["report"] = write_page(run_dir / "report.html", f"vitcli run: {run_dir.name}", sections)
+    return figures

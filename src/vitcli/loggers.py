@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # train.log entry -> the package it needs
 METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
@@ -133,7 +133,7 @@ class MlflowLogger(Logger):
             exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
             self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
         except Exception as e:  # a bad URI, a server that does not answer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            first = first_line(e)
             raise VitcliError(f"mlflow at '{uri}': {first}") from None
         params = [Param(f"{s}.{k}", str(v)) for s, sec in to_dict(cfg).items() for k, v in sec.items()]
         self.client.log_batch(self.run_id, params=[*params, Param("data", str(meta["data_dir"]))])
@@ -166,6 +166,9 @@ class Tracking:
     def __init__(self):
         self.sinks: list[Logger] = []
         self.window = (0.0, 0.0, 0)  # (loss sum, images, step) at the last step log
+
+    def on_open(self, cfg) -> None:
+        check_installed(cfg.train.log)  # before any data work
 
     def on_start(self, run, data) -> None:
         from vitcli.console import command_line
@@ -201,7 +204,7 @@ class Tracking:
         figures: dict[str, Path] = {"curves": curves} if curves.is_file() else {}
         if run.cfg.train.report and result.history:
             from vitcli.console import esc, info, warn
-            from vitcli.runs import run_report
+            from vitcli.html_report import run_report
 
             try:
                 figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
@@ -220,6 +223,6 @@ class Tracking:
             except Exception as e:
                 from vitcli.console import warn
 
-                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                first = first_line(e)
                 warn(f"{type(s).__name__} could not record the stop: {first}")
         self.sinks = []

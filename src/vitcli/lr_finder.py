@@ -114,8 +114,8 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
 
 
 def _write(res: LRFindResult) -> None:
+    from vitcli.figures import pyplot, save_figure
     from vitcli.files import atomic_write_text
-    from vitcli.report import pyplot, save_figure
 
     rows = "lr,loss,smoothed_loss\n" + "".join(
         f"{lr:.6g},{loss:.6g},{s:.6g}\n" for lr, loss, s in zip(res.lrs, res.losses, res.smoothed, strict=True))

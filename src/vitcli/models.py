@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +29,17 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "vit-base": (768, 12, 12),
     "vit-large": (1024, 24, 16),
 }
+
+
+def parse_preset(name: str) -> tuple[str, int | None]:
+    """A preset name -> (base, patch size): `vit-tiny/4` -> ('vit-tiny', 4); no or no valid patch -> None."""
+    base, _, patch = name.partition("/")
+    return base, int(patch) if patch.isdigit() and int(patch) > 0 else None
+
+
+def with_patch(name: str, patch: int) -> str:
+    """The preset name with another patch size (`vit-tiny/16`, 4 -> `vit-tiny/4`)."""
+    return f"{name.partition('/')[0]}/{patch}"
 
 
 def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
@@ -223,7 +234,7 @@ class TimmBackend(Backend):
         except Exception as e:  # network failures of pretrained=True and the like
             if pretrained:
                 raise VitcliError(f"could not download pretrained weights for {TIMM_PREFIX}{name}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; set "
+                                  f"{first_line(e)}; set "
                                   "'model.pretrained_file' to a local weights file instead") from None
             raise
 

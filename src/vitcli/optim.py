@@ -24,6 +24,13 @@ def lr_at(step: int, total: int, warmup: int, o: OptimConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def warmup_cosine(total: int, warmup: int, o: OptimConfig):
+    """The schedule as a function step -> lr (`lr_at` with the plan bound)."""
+    import functools
+
+    return functools.partial(lr_at, total=total, warmup=warmup, o=o)
+
+
 def param_groups(model: nn.Module, o: OptimConfig) -> list[dict]:
     """No weight decay on biases, norms and tokens; layer-wise lr decay when o.layer_decay > 0."""
     from vitcli.models import backend_of

@@ -123,8 +123,9 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     if small and scratch_backend:
         values["model.global_pool"] = "avg"
         values["model.pos_embed"] = "sincos"
-        base, _, patch = m.name.partition("/")
-        values["model.name"] = f"{base}/{patch_for(d.img_size, int(patch) if patch.isdigit() else 16)}"
+        from vitcli.models import parse_preset, with_patch
+
+        values["model.name"] = with_patch(m.name, patch_for(d.img_size, parse_preset(m.name)[1] or 16))
     return values
 
 

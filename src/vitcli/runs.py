@@ -21,26 +21,6 @@ ALPHA = 0.05  # significance level the verdict line uses
 
 
 # ----------------------------------------------------------------------------------------------- runs
-def val_split(run_dir: Path, ckpt: dict[str, Any]):
-    """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
-    from vitcli.config import config_from_dict
-    from vitcli.sources import open_source
-
-    cfg = config_from_dict(ckpt.get("config", {}))
-    data_dir = ckpt.get("data_dir")
-    if not data_dir or not Path(data_dir).exists():
-        raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; give DATA")
-    source = open_source(data_dir, cfg.data.val_csv or None)
-    if not source.listed:
-        raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; give DATA "
-                          "(the folder or label file the shards were made from)")
-    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
-    if ds.classes != list(ckpt["classes"]):
-        raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
-                          f"{list(ckpt['classes'])[:10]}; give DATA")
-    return Path(data_dir), ds.val
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -127,52 +107,6 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ----------------------------------------------------------------------------------------------- report
-def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
-    """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
-    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
-    from vitcli.checkpoint import load_model
-    from vitcli.device import pick_device, pick_precision
-    from vitcli.evaluate import evaluate_split, write_figures
-    from vitcli.html_report import attention_figure, pick_examples, sections_for, write_page
-    from vitcli.rundir import read_json, read_metrics
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise VitcliError(f"run folder '{run_dir}' does not exist")
-    net, ckpt, path = load_model(run_dir)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    if ckpt.get("task") == "multilabel":
-        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
-                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
-    data_dir, split = val_split(run_dir, ckpt)
-    dev = pick_device(device)
-    prec, _ = pick_precision(precision, dev)
-    net.to(dev)
-    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
-    r["data"] = str(data_dir)
-    figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
-    if (run_dir / "curves.png").is_file():
-        figures["curves"] = run_dir / "curves.png"
-    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
-        figures["attention"] = run_dir / "attention.png"
-    info, history = read_json(run_dir / "run.json"), read_metrics(run_dir / "metrics.csv")
-    train_counts = info.get("train_counts") or [""] * len(classes)
-    rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
-    extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
-    if history:
-        best = max(history, key=lambda h: h["val_acc"])
-        extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
-    if info.get("wall_s"):
-        extra.append(["wall time", f"{info['wall_s']:.1f} s"])
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-    sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
-                            data_rows=rows, data_header=["class", "train images", "val images"],
-                            history=history, extra_metrics=extra)
-    figures["report"] = write_page(run_dir / "report.html", f"vitcli run: {run_dir.name}", sections)
-    return figures
-
-
 # ----------------------------------------------------------------------------------------------- compare
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for b images only A gets right and c only B gets right:
@@ -203,9 +137,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
 
     from vitcli.checkpoint import load_model
     from vitcli.config import config_from_dict, to_dict
-    from vitcli.data import scan_eval_folder
     from vitcli.device import pick_device, pick_precision
-    from vitcli.evaluate import evaluate_split
+    from vitcli.evaluation import evaluate_split
+    from vitcli.html_report import val_split
+    from vitcli.sources import scan_eval_folder
 
     (net_a, ck_a, path_a), (net_b, ck_b, path_b) = load_model(run_a), load_model(run_b)
     classes = list(ck_a["classes"])

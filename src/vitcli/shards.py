@@ -205,14 +205,13 @@ class ShardSource:
         """Header sizes of the first images of the train shards (in file order: no seed needed)."""
         return sample_sizes(ds.root, (self.opened or open_index(self.where))[2])
 
-    def stores(self, ds, d, pre: dict[str, Any], on_bad, device) -> tuple[ShardStore, ShardStore]:
+    def stores(self, ds, d, pre: dict[str, Any], on_bad, device, workers: int) -> tuple[ShardStore, ShardStore]:
         from vitcli.console import info
-        from vitcli.device import cpu_count
 
         if d.balanced_sampler:
             raise VitcliError("'data.balanced_sampler' needs random access to the images; turn it off for shards")
         root, index, train, val = self.opened or open_index(self.where)
-        workers = d.num_workers if d.num_workers >= 0 else min(8, max(1, cpu_count() - 1))
+        workers = d.num_workers if d.num_workers >= 0 else workers
         kw = {"size": pre["resize_size"], "interpolation": d.interpolation, "num_workers": workers,
               "on_bad": on_bad, "n_classes": len(index["classes"]), "multilabel": index["multilabel"]}
         info(f"[bold]images[/] streamed from {len(train)} + {len(val)} shards ({workers} workers per process, "

@@ -228,14 +228,13 @@ class ListedSource:
 
         return probe_sizes(ds.train.paths, seed=seed)
 
-    def stores(self, ds, d, pre: dict[str, Any], on_bad, device) -> tuple[ImageStore, ImageStore]:
+    def stores(self, ds, d, pre: dict[str, Any], on_bad, device, workers: int) -> tuple[ImageStore, ImageStore]:
         from vitcli.console import info
-        from vitcli.device import cpu_count
 
         size = pre["resize_size"]
         est_gb = (len(ds.train) + len(ds.val)) * 3 * size * size / 2**30
         cache = d.cache == "on" or (d.cache == "auto" and est_gb <= d.cache_max_gb)
-        workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, cpu_count() - 1)))
+        workers = d.num_workers if d.num_workers >= 0 else (0 if cache else workers)
         info(f"[bold]images[/] decoded once to {size}x{size} uint8"
              + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
         pin = device.type == "cuda"
