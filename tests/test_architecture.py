@@ -78,10 +78,10 @@ LAYERS: dict[str, set[str]] = {
     "app": {"__main__", "cli"},
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder", "shard_writer"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim", "ood"},
+                 "formats", "rundir", "figures", "attention", "explain", "calibrate", "optim", "ood", "pretrained"},
     "core": {"config", "data", "sources", "dataset", "folders", "manifest", "shards", "decode", "store", "augment",
-             "multilabel", "models", "vit", "checkpoint", "device",
-             "distributed", "files", "console", "signals", "errors", "__init__"},
+             "multilabel", "models", "vit", "checkpoint", "device", "distributed", "files", "console", "signals",
+             "errors", "hub", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
 # recipes -> defaults -> config -> models -> files -> errors)
