@@ -197,7 +197,7 @@ def shard(
 
     with guard():
         cfg = load_config(config, set_)
-        from vitcli.shards import write_shards
+        from vitcli.shard_writer import write_shards
 
         write_shards(data, out, size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
                      val_csv=cfg.data.val_csv or None, max_bad_fraction=cfg.data.max_bad_fraction)

@@ -33,8 +33,9 @@ from vitcli.task import Task
 if TYPE_CHECKING:
     import torch
 
-    from vitcli.data import BadImageLog, Dataset, ImageStore
+    from vitcli.dataset import Dataset, Store
     from vitcli.defaults import DataFacts
+    from vitcli.store import BadImageLog
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving last.pt; `code` is the exit code (130 / 143)."""
@@ -116,8 +117,8 @@ class TrainData:
 
     data_dir: str | Path
     ds: Dataset
-    train: ImageStore
-    val: ImageStore
+    train: Store
+    val: Store
     pre: dict[str, Any]  # eval preprocessing, stored in checkpoints
     counts: list[int]  # training images per class
     bad: BadImageLog
@@ -179,35 +180,35 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
 def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
                  hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
                  ) -> tuple[TrainData, Path]:
-    """Scan the dataset, fill the recipe (`recipe`: not for a resumed run, whose config is final), write
-    config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
-    `run_dir` is None, and locked into `hold`). A resumed run's classes must match its checkpoint's
-    (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
-    from vitcli import data as D
+    """Scan the source (sources.py decides what DATA is), fill the data-aware defaults and the recipe
+    (`recipe`: not for a resumed run, whose config is final), write config.yaml / split.csv, open the stores.
+    Returns the data and the run folder (created when `run_dir` is None, and locked into `hold`). A resumed
+    run's classes must match its checkpoint's (`resumed_classes`), checked before anything is written."""
+    from vitcli.dataset import check_val_split
     from vitcli.defaults import DataFacts
     from vitcli.rundir import check_resumed_data, write_split
-    from vitcli.shards import is_shard_source
+    from vitcli.sources import open_source
 
     d, t = cfg.data, cfg.train
-    if is_shard_source(data_dir):
-        return prepare_shards(cfg, data_dir, env, run_dir, recipe, hold, resumed_classes)
-    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed, d.val_csv or None)
-    D.check_val_split(ds, d.val_fraction)
+    source = open_source(data_dir, d.val_csv or None)
+    ds = source.scan(d.val_fraction, t.seed)
+    check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
+    n_train, n_val = ds.sizes()
     facts = None  # for the data-aware defaults (a resumed run's config is final)
     if recipe:
-        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold, facts)
-    if env.main and ds.split_made and not resumed:
+        facts = DataFacts(n_train, source.sample_sizes(ds, t.seed), env.device.type, str(data_dir))
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, n_train if recipe else None, hold, facts)
+    if env.main and ds.split_made and source.listed and not resumed:
         write_split(run_dir / "split.csv", ds)
-    counts = D.class_counts(ds.train.labels, len(ds.classes))
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
-         "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
+    counts, val_counts = ds.counts()
+    info(f"[bold]data[/] {esc(str(data_dir))} ({source.kind}): {len(ds.classes)} classes, {n_train} train / {n_val} "
+         "val images" + (" (seeded split of the class folders)" if ds.split_made and source.listed else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
     info(Task.of_data(ds).line(cfg))
-    return load_images(cfg, data_dir, ds, counts, env), run_dir
+    return open_stores(cfg, data_dir, source, ds, (counts, val_counts), env), run_dir
 
 
 def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None,
@@ -237,65 +238,23 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     return run_dir
 
 
-def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
-                   hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
-                   ) -> tuple[TrainData, Path]:
-    """prepare_data for tar shards (`vitcli shard`): nothing is listed or decoded up front; every rank streams
-    its own shards through DataLoader workers, so memory does not grow with the number of images."""
-    from vitcli import data as D
+def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: tuple[list[int], list[int]],
+                env: Env) -> TrainData:
+    """The source's train and val stores; unreadable images are counted against data.max_bad_fraction."""
+    from vitcli.dataset import Split
+    from vitcli.decode import preprocess_info
     from vitcli.device import cpu_count
-    from vitcli.shards import open_shards
+    from vitcli.store import BadImageLog
 
     d = cfg.data
-    if d.balanced_sampler:
-        raise VitcliError("'data.balanced_sampler' needs random access to the images; turn it off for shards")
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    workers = d.num_workers if d.num_workers >= 0 else min(8, max(1, cpu_count() - 1))
-    bad = D.BadImageLog(total=0, max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    sd = open_shards(data_dir, size=pre["resize_size"], interpolation=d.interpolation, num_workers=workers,
-                     shuffle_buffer=d.shuffle_buffer, on_bad=bad.add)
-    if resumed_classes is not None and list(resumed_classes) != sd.classes:
-        raise VitcliError(f"--resume: the shards '{data_dir}' hold the classes {sd.classes[:10]}, but the run was "
-                          f"trained on {list(resumed_classes)[:10]}; resume with the run's data")
-    bad.total = len(sd.train) + len(sd.val)
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(sd.train) if recipe else None, hold)
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(sd.classes)} classes, {len(sd.train)} train / {len(sd.val)} val "
-         f"images in {len(sd.train.shards)} + {len(sd.val.shards)} shards, streamed ({workers} workers per process, "
-         f"shuffle buffer {d.shuffle_buffer})")
-    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(sd.classes, sd.counts, strict=True)))
-    ds = D.Dataset(sd.root, sd.classes, D.Split(), D.Split(), multilabel=sd.multilabel, source=sd.root)
-    info(Task.of_data(ds).line(cfg))
-    return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad, sd.val_counts), run_dir
-
-
-def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int], env: Env) -> TrainData:
-    """Decode both splits once to uint8 at the resize side; cached in memory when they fit."""
-    from vitcli import data as D
-    from vitcli.device import cpu_count
-
-    d = cfg.data
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    size = pre["resize_size"]
-    total = len(ds.train) + len(ds.val)
-    est_gb = total * 3 * size * size / 2**30
-    cache = d.cache == "on" or (d.cache == "auto" and est_gb <= d.cache_max_gb)
-    workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, cpu_count() - 1)))
-    info(f"[bold]images[/] decoded once to {size}x{size} uint8"
-         + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
-    bad = D.BadImageLog(total=total, max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    pin = env.device.type == "cuda"
-    train = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.add, "decoding train", pin)
-    val = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.add, "decoding val", pin)
-    bad.check()  # uncached: files that only fail while decoding are checked again as they turn up
     if len(train) == 0 or len(val) == 0:
         raise VitcliError(f"'{data_dir}': no readable images left in the {'val' if len(train) else 'train'} split")
-    if cache and env.device.type != "cpu":
-        train.to(env.device)
-        val.to(env.device)
-    val_counts = D.class_counts(ds.val.labels, len(ds.classes))
-    ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
-    return TrainData(data_dir, ds, train, val, pre, counts, bad, val_counts)
+    ds.train, ds.val = Split(), Split()  # the stores hold the images now: let the scan's Path lists go
+    return TrainData(data_dir, ds, train, val, pre, counts[0], bad, counts[1])
 
 
 def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:

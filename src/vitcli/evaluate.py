@@ -32,10 +32,10 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
-    from vitcli import data as D
     from vitcli.calibrate import check_coverage
     from vitcli.console import esc, info, warn
     from vitcli.device import check_device_args
+    from vitcli.sources import scan_eval_folder
 
     at_least("--batch-size", batch_size)
     if coverage is not None:
@@ -47,7 +47,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         refuse_for_label_vectors(pred, output, coverage)
     check_outputs(data_dir, output if figures and one_label else None, json_path, figures and one_label)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes, not one_label)
+    split = scan_eval_folder(data_dir, classes, not one_label)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -93,7 +93,6 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
 def ood_report(pred, paths: list[Path], ood_data: str | Path, batch_size: int):
     """eval --ood-data: the out-of-distribution measurement, printed one line per score; (report, scores)."""
     from vitcli.console import esc, info
-    from vitcli.ood import evaluate_ood
 
     r, scores = evaluate_ood(pred, paths, ood_data, batch_size)
     info(f"[bold]out of distribution[/] {r['ood_images']} images from {esc(str(ood_data))} against "
@@ -102,6 +101,70 @@ def ood_report(pred, paths: list[Path], ood_data: str | Path, batch_size: int):
         info(f"  {name}: AUROC {s['auroc']:.4f}, FPR at 95% TPR {s['fpr_at_95_tpr']:.4f}; at the threshold "
              f"{s['ood_unknown']:.1%} of OOD images answered unknown, {s['id_answered']:.1%} of labelled answered")
     return r, scores
+
+
+def score_images(pred, paths: list, batch_size: int) -> tuple[dict[str, Any], list[str]]:
+    """Every out-of-distribution score the predictor gives for image files: ({name: (N,) array}, skipped)."""
+    import numpy as np
+    import torch
+
+    from vitcli.inference import decoded
+    from vitcli.ood import ood_scores
+
+    pre, bad = pred.preprocess, []
+    parts: dict[str, list] = {}
+    imgs: list = []
+
+    def flush() -> None:
+        feats, logits = pred.outputs(torch.stack(imgs))
+        for name, s in ood_scores(pred.ood, feats, logits).items():
+            parts.setdefault(name, []).append(s.numpy())
+        imgs.clear()
+
+    for _, img, err in decoded(paths, pre["resize_size"], pre["interpolation"], 4, 2 * batch_size):
+        if err is not None:
+            bad.append(err)
+            continue
+        imgs.append(img)
+        if len(imgs) == batch_size:
+            flush()
+    if imgs:
+        flush()
+    return {n: np.concatenate(v) for n, v in parts.items()}, bad
+
+
+def evaluate_ood(pred, id_paths: list, ood_dir, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`vitcli eval --ood-data`: per score, AUROC and FPR at 95% TPR of telling OOD_DATA's images from the
+    labelled ones, and at the model's stored threshold the shares answered (ID) and called unknown (OOD).
+    Returns (the report, {score: (ID scores, OOD scores)} for the histogram)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from vitcli.console import warn
+    from vitcli.folders import list_images
+    from vitcli.ood import auroc, check_score, fpr_at_tpr
+
+    if pred.ood is None:
+        check_score("energy", None, False, str(pred.path))
+    ood_dir = Path(ood_dir)
+    ood_paths = list_images(ood_dir) if ood_dir.is_dir() else [ood_dir] if ood_dir.is_file() else []
+    if not ood_paths:
+        raise VitcliError(f"--ood-data '{ood_dir}' holds no images")
+    id_scores, _ = score_images(pred, id_paths, batch_size)
+    ood_scores_, bad = score_images(pred, ood_paths, batch_size)
+    for msg in bad:
+        warn(f"skipped {msg}")
+    if not len(next(iter(ood_scores_.values()), [])):
+        raise VitcliError(f"none of the {len(ood_paths)} images in --ood-data '{ood_dir}' could be read")
+    out = {"ood_data": str(ood_dir), "id_images": len(id_paths), "ood_images": int(len(next(iter(
+        ood_scores_.values())))), "keep": pred.ood["keep"], "scores": {}}
+    for name, s_id in id_scores.items():
+        s_ood, t = ood_scores_[name], pred.ood["thresholds"][name]
+        out["scores"][name] = {"auroc": auroc(s_id, s_ood), "fpr_at_95_tpr": fpr_at_tpr(s_id, s_ood, 0.95),
+                               "threshold": t, "id_answered": float(np.mean(s_id <= t)),
+                               "ood_unknown": float(np.mean(s_ood > t))}
+    return out, {n: (s, ood_scores_[n]) for n, s in id_scores.items()}
 
 
 def write_json(report: dict[str, Any], json_path: str | Path | None) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
     and are read once at the end."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
     from vitcli.device import autocast
     from vitcli.task import hits
 
@@ -127,16 +127,17 @@ def collect_logits(pred, split, batch_size: int, tta: bool):
     labels (N,), readable paths, unreadable-file messages)."""
     import torch
 
-    from vitcli import data as D
+    from vitcli.dataset import Split
+    from vitcli.store import ImageStore, sequential_batches
 
     pre = pred.preprocess
     bad: list[str] = []
     logits, flipped, labels, paths = [], [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+        part = Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                              on_bad=bad.append, progress_label="decoding")
-        for x, y in store.batches(D.sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
+        for x, y in store.batches(sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
             logits.append(pred.logits(x).float())
             if tta:
                 flipped.append(pred.logits(x.flip(-1)).float())
@@ -170,14 +171,15 @@ def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, pre
     the multi-label metrics at the task's thresholds."""
     import torch
 
-    from vitcli import data as D
     from vitcli.console import warn
+    from vitcli.dataset import Split
+    from vitcli.store import ImageStore
 
     bad: list[str] = []
     logits, labels, paths = [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+        part = Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                              on_bad=bad.append, progress_label="decoding")
         res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
         logits.append(res.logits)

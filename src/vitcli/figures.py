@@ -110,7 +110,8 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
     """Gallery of mistakes (file, true, predicted, prob_predicted, loss), as the model sees them."""
     import math
 
-    from vitcli.data import BadImage, center_crop, decode_square
+    from vitcli.augment import center_crop
+    from vitcli.decode import BadImage, decode_square
 
     plt = pyplot()
     cols = min(4, len(items))
@@ -164,7 +165,8 @@ def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], to
     unreadable files are skipped with a warning."""
     import torch
 
-    from vitcli.data import BadImage, center_crop, decode_square, eval_transform
+    from vitcli.augment import center_crop, eval_transform
+    from vitcli.decode import BadImage, decode_square
 
     keep, imgs = [], []
     for p in paths:

@@ -81,7 +81,7 @@ class OnnxPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         xf = eval_transform(x, self.preprocess).contiguous().numpy()  # (B, 3, H, W) float32
         return torch.from_numpy(self.session.run(None, {self.input_name: xf})[0])  # (B, C)
@@ -109,7 +109,7 @@ class ScriptPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         with torch.inference_mode():
             return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)

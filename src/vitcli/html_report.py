@@ -179,17 +179,17 @@ def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed). `remedy`
     ends the message when that is impossible: what the calling command offers instead."""
     from vitcli.config import config_from_dict
-    from vitcli.data import scan_dataset
-    from vitcli.shards import is_shard_source
+    from vitcli.sources import open_source
 
     cfg = config_from_dict(ckpt.get("config", {}))
     data_dir = ckpt.get("data_dir")
     if not data_dir or not Path(data_dir).exists():
         raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; {remedy}")
-    if is_shard_source(data_dir):
-        raise VitcliError(f"run '{run_dir}' streamed tar shards, whose images have no files to show; {remedy} "
+    source = open_source(data_dir, cfg.data.val_csv or None)
+    if not source.listed:
+        raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; {remedy} "
                           "(the folder or label file the shards were made from)")
-    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed, cfg.data.val_csv or None)
+    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; {remedy}")

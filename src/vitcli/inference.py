@@ -92,7 +92,7 @@ class TorchPredictor(Predictor):
         self._torch = torch
 
     def logits(self, x):
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
         from vitcli.device import autocast
 
         with self._torch.inference_mode(), autocast(self.device, self.precision):
@@ -102,7 +102,7 @@ class TorchPredictor(Predictor):
     gives_features = True
 
     def outputs(self, x):
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
         from vitcli.device import autocast
         from vitcli.ood import features_and_logits
 
@@ -128,7 +128,7 @@ def load_predictor(model: str | None, device: str = "auto", precision: str = "au
 
 # ----------------------------------------------------------------------------------------------- inference
 def _decode(path: Path, size: int, interpolation: str):
-    from vitcli.data import BadImage, decode_square
+    from vitcli.decode import BadImage, decode_square
 
     try:
         return decode_square(path, size, interpolation), None  # uint8 (3, S, S)
@@ -274,7 +274,7 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
     """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
     switched with `set_input_size`. Returns the preprocessing for that side."""
-    from vitcli.data import resize_size_for
+    from vitcli.decode import resize_size_for
     from vitcli.models import backend_of
 
     backend = backend_of(model)

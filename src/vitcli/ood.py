@@ -123,7 +123,7 @@ def store_outputs(model, store, pre: dict, device, precision: str, batch_size: i
     random subset of at most that many (stores that cannot index stream all and keep a random share)."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
     from vitcli.device import autocast
 
     n = len(store)
@@ -154,66 +154,3 @@ def fit_for_model(model, train_store, val_store, pre: dict, device, precision: s
     train_feats, _ = store_outputs(model, train_store, pre, device, precision, batch_size, BANK_MAX, seed)
     val_feats, val_logits = store_outputs(model, val_store, pre, device, precision, batch_size)
     return fit_ood(train_feats, val_feats, val_logits, temperature, keep, seed)
-
-
-# ----------------------------------------------------------------------------------------------- eval --ood-data
-def score_images(pred, paths: list, batch_size: int) -> tuple[dict[str, Any], list[str]]:
-    """Every out-of-distribution score the predictor gives for image files: ({name: (N,) array}, skipped)."""
-    import numpy as np
-    import torch
-
-    from vitcli.inference import decoded
-
-    pre, bad = pred.preprocess, []
-    parts: dict[str, list] = {}
-    imgs: list = []
-
-    def flush() -> None:
-        feats, logits = pred.outputs(torch.stack(imgs))
-        for name, s in ood_scores(pred.ood, feats, logits).items():
-            parts.setdefault(name, []).append(s.numpy())
-        imgs.clear()
-
-    for _, img, err in decoded(paths, pre["resize_size"], pre["interpolation"], 4, 2 * batch_size):
-        if err is not None:
-            bad.append(err)
-            continue
-        imgs.append(img)
-        if len(imgs) == batch_size:
-            flush()
-    if imgs:
-        flush()
-    return {n: np.concatenate(v) for n, v in parts.items()}, bad
-
-
-def evaluate_ood(pred, id_paths: list, ood_dir, batch_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`vitcli eval --ood-data`: per score, AUROC and FPR at 95% TPR of telling OOD_DATA's images from the
-    labelled ones, and at the model's stored threshold the shares answered (ID) and called unknown (OOD).
-    Returns (the report, {score: (ID scores, OOD scores)} for the histogram)."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from vitcli.console import warn
-    from vitcli.data import list_images
-
-    if pred.ood is None:
-        check_score("energy", None, False, str(pred.path))
-    ood_dir = Path(ood_dir)
-    ood_paths = list_images(ood_dir) if ood_dir.is_dir() else [ood_dir] if ood_dir.is_file() else []
-    if not ood_paths:
-        raise VitcliError(f"--ood-data '{ood_dir}' holds no images")
-    id_scores, _ = score_images(pred, id_paths, batch_size)
-    ood_scores_, bad = score_images(pred, ood_paths, batch_size)
-    for msg in bad:
-        warn(f"skipped {msg}")
-    if not len(next(iter(ood_scores_.values()), [])):
-        raise VitcliError(f"none of the {len(ood_paths)} images in --ood-data '{ood_dir}' could be read")
-    out = {"ood_data": str(ood_dir), "id_images": len(id_paths), "ood_images": int(len(next(iter(
-        ood_scores_.values())))), "keep": pred.ood["keep"], "scores": {}}
-    for name, s_id in id_scores.items():
-        s_ood, t = ood_scores_[name], pred.ood["thresholds"][name]
-        out["scores"][name] = {"auroc": auroc(s_id, s_ood), "fpr_at_95_tpr": fpr_at_tpr(s_id, s_ood, 0.95),
-                               "threshold": t, "id_answered": float(np.mean(s_id <= t)),
-                               "ood_unknown": float(np.mean(s_ood > t))}
-    return out, {n: (s, ood_scores_[n]) for n, s in id_scores.items()}

@@ -27,7 +27,8 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
     kept whatever its extension (decoding says whether it is an image); folders and globs keep image
     extensions only.
     """
-    from vitcli.data import IMAGE_EXTS, list_images
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import list_images
 
     paths: list[Path] = []
     errors: list[Prediction] = []

@@ -19,7 +19,7 @@ from vitcli.files import atomic_write_text, ensure_dir, os_reason, read_text, re
 
 if TYPE_CHECKING:
     from vitcli.config import Config
-    from vitcli.data import Dataset
+    from vitcli.dataset import Dataset
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 EXTRA_METRIC_FIELDS = ["val_map"]  # multi-label runs: validation mean average precision
@@ -101,14 +101,14 @@ def cfg_data_dir(run_dir: Path) -> str | None:
 def write_split(path: Path, ds: Dataset) -> None:
     """split.csv: which image went to train and which to val (relative to the dataset folder, or to the label
     file's folder; multi-label: classes joined by '|')."""
-    from vitcli import data as D
+    from vitcli.dataset import label_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "class", "path"])
     for name, split in (("train", ds.train), ("val", ds.val)):
         for p, y in zip(split.paths, split.labels, strict=True):
-            w.writerow([name, D.label_text(ds.classes, y), Path(os.path.relpath(p, ds.root)).as_posix()])
+            w.writerow([name, label_text(ds.classes, y), Path(os.path.relpath(p, ds.root)).as_posix()])
     atomic_write_text(path, buf.getvalue())
 
 

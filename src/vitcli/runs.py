@@ -166,10 +166,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
 
     from vitcli.checkpoint import load_model
     from vitcli.config import config_from_dict, to_dict
-    from vitcli.data import scan_eval_folder
     from vitcli.device import pick_device, pick_precision
     from vitcli.evaluation import evaluate_split
     from vitcli.html_report import val_split
+    from vitcli.sources import scan_eval_folder
     from vitcli.task import Task
 
     (net_a, ck_a, path_a), (net_b, ck_b, path_b) = load_model(run_a), load_model(run_b)

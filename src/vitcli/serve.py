@@ -234,7 +234,7 @@ class Service:
 
     def decode(self, uploads: list[tuple[str, bytes]]) -> list:
         """Uploaded bytes -> uint8 images (3, S, S), decoded as `vitcli predict` decodes files."""
-        from vitcli.data import BadImage, decode_square
+        from vitcli.decode import BadImage, decode_square
 
         pre = self.pred.preprocess
         try:

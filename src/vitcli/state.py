@@ -120,7 +120,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     """Model, optimiser, schedule, EMA, scaler, loss and augmentation for a run (`wrap`: DDP / compile)."""
     import torch
 
-    from vitcli import data as D
+    from vitcli.augment import TrainAugment
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
     from vitcli.optim import EMA, build_mixup, build_optimizer
@@ -156,7 +156,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
         optimizer=build_optimizer(model, o, env.device),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
         loss_fn=loss_fn, eval_loss=data.task.eval_loss(), mixup=data.task.mixup(mixup), task=data.task,
-        augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
+        augment=TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
         total_steps=total, warmup_steps=warmup)
     run.set_schedule(total, warmup)
     return run

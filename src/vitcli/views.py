@@ -31,7 +31,8 @@ def output_dir(output: str | Path | None, run_dir: Path) -> Path:
 
 def collect_images(items: list[Path]) -> list[Path]:
     """Image files named directly, plus every image under named folders."""
-    from vitcli.data import IMAGE_EXTS, list_images
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import list_images
 
     found: list[Path] = []
     for item in items:
