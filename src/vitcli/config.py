@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit-tiny/16"  # vit-tiny/16, vit-small/16, vit-base/16 (any /patch), or timm/<timm model name>
-    pretrained: bool = False  # timm backend: download pretrained weights through timm (needs internet)
+    pretrained: str = "auto"  # timm weights: true | false | auto (photos: a small pretrained ViT when cached or online)
     pretrained_file: str = ""  # local .safetensors/.pth/.pt weights to start from; head adapted if needed
     embed_dim: int = 0  # token width; 0 = from the preset
     depth: int = 0  # number of encoder blocks; 0 = from the preset
@@ -92,6 +92,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without a better val best_metric; 0 = off
     best_metric: str = "acc"  # acc | loss | macro_f1: validation metric that picks best.pt and drives patience
     calibrate: bool = True  # at the end, fit a temperature and conformal scores on val (stored in best/last.pt)
+    ood_keep: float = 0.95  # out-of-distribution thresholds keep this share of validation images answered
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
     compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
     channels_last: bool = False  # channels-last memory format for the patch embedding input
@@ -124,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bicubic", "bilinear", "nearest"),
     "data.class_weights": ("none", "auto"),
+    "model.pretrained": ("auto", "true", "false"),
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
@@ -216,6 +218,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return value
         if isinstance(value, bool) and "on" in CHOICES.get(key, ()):  # YAML 1.1 reads on / off as booleans
             return "on" if value else "off"
+        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # true / false among other words
+            return "true" if value else "false"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     name = getattr(tp, "__name__", str(tp))
@@ -422,6 +426,7 @@ RANGES: dict[str, str] = {
     "train.epochs": "[1, 1000000]",
     "train.seed": "[0, 4294967295]",
     "train.label_smoothing": "[0, 1)",
+    "train.ood_keep": "(0, 1)",
     "train.ema_decay": "[0, 1) (0 = off)",
     "train.patience": "[0, 1000000] (0 = off)",
     "train.accum_steps": "[1, 65536]",

@@ -54,7 +54,7 @@ class OutOfFold:
 
 
 def pool_of(data: str | Path) -> Pool:
-    from vitcli.data import scan_dataset
+    from vitcli.sources import scan_dataset
 
     ds = scan_dataset(data, 0.0, 0)
     return Pool(ds.classes, ds.train.paths + ds.val.paths, ds.train.labels + ds.val.labels, ds.multilabel)
@@ -92,7 +92,7 @@ def make_folds(pool: Pool, k: int, seed: int) -> list[int]:
 
 def write_fold_file(path: Path, pool: Pool, folds: list[int], k: int) -> None:
     """A label file for fold k: every pooled image, split 'val' when fold k holds it out, else 'train'."""
-    from vitcli.data import label_text
+    from vitcli.dataset import label_text
     from vitcli.files import write_csv
 
     write_csv(path, ["path", "label", "split"], [[str(Path(p).resolve()), label_text(pool.classes, y),
@@ -103,7 +103,7 @@ def write_fold_file(path: Path, pool: Pool, folds: list[int], k: int) -> None:
 def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str, precision: str,
                batch_size: int = 64) -> tuple[list[int], np.ndarray]:
     """(pool indices, calibrated probabilities (n, C)) of fold k's best.pt on the images fold k held out."""
-    from vitcli.data import Split
+    from vitcli.dataset import Split
     from vitcli.evaluation import collect_logits
     from vitcli.inference import TorchPredictor
 
@@ -113,8 +113,7 @@ def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str,
                                                         [pool.labels[i] for i in held]), batch_size, False)
     if logits is None:
         return [], np.zeros((0, len(pool.classes)))
-    z = logits.double() / pred.temperature  # (n, C)
-    probs = z.sigmoid() if pred.multilabel else z.softmax(-1)
+    probs = pred.task.probs(logits)  # (n, C) calibrated
     index = {str(pool.paths[i]): i for i in held}
     return [index[str(p)] for p in paths], probs.numpy()
 
@@ -122,9 +121,9 @@ def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str,
 def fold_metrics(probs: np.ndarray, labels: list, classes: list[str], multilabel: bool) -> dict[str, float]:
     """Every scalar metric `vitcli eval` reports (macro / weighted averages as macro_f1, ...)."""
     if multilabel:
-        from vitcli.multilabel import compute_metrics as ml_metrics
+        from vitcli.metrics import label_vector_metrics
 
-        m = ml_metrics(probs, np.asarray(labels, dtype=np.float64), classes)
+        m = label_vector_metrics(probs, np.asarray(labels, dtype=np.float64), classes)
     else:
         from vitcli.evaluation import compute_metrics
 
@@ -260,7 +259,7 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
 
 def write_oof(path: Path, oof: OutOfFold) -> None:
     """oof.csv: path, label, fold and one probability column per class (p_<class>)."""
-    from vitcli.data import label_text
+    from vitcli.dataset import label_text
     from vitcli.files import write_csv
 
     write_csv(path, ["path", "label", "fold", *(f"p_{c}" for c in oof.classes)],

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vitcli.console import esc, out
-from vitcli.data import label_text
+from vitcli.dataset import label_text
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class DataReport:
 def _probe(job: tuple[Path, str, int]) -> FileInfo:
     from PIL import Image
 
-    from vitcli.data import BadImage, allowed_formats, check_regular, load_rgb
+    from vitcli.decode import BadImage, allowed_formats, check_regular, load_rgb
 
     path, split, label = job
     h = hashlib.sha256()
@@ -85,10 +85,16 @@ def _probe(job: tuple[Path, str, int]) -> FileInfo:
 def check_data(root: str | Path, near: float = 0.97, model: str | None = None, device: str = "auto") -> DataReport:
     """Read (never write) a dataset folder and collect what could go wrong in training; images in different
     splits whose cosine similarity is >= `near` (pixel thumbnails, or `model`'s embeddings) are near-duplicates."""
-    from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import is_hidden
+    from vitcli.sources import open_source
 
     root = Path(root)
-    ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
+    source = open_source(root)
+    if not source.listed:
+        raise VitcliError(f"'{root}' is {source.kind}, whose images are streamed, not files to check; give the "
+                          "folder or label file they were made from")
+    ds = source.scan(0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
     if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:
@@ -257,8 +263,8 @@ def label_errors(root: str | Path, from_run: Path | None = None, folds: int = 5,
 def write_corrected(path: Path, root: str | Path, fixes: dict[str, str], classes: list[str]) -> int:
     """Every image of DATA with its label (the suggested one where `fixes` has it) and, when DATA fixes the
     splits, its split: a label file `vitcli train` takes as it is. Returns the labels changed."""
-    from vitcli.data import scan_dataset
     from vitcli.files import write_csv
+    from vitcli.sources import scan_dataset
 
     ds = scan_dataset(root, 0.0, 0)
     fixes = {str(Path(p).resolve()): v for p, v in fixes.items()}

@@ -32,7 +32,7 @@ class Embedded:
 
 def image_paths(source: str | Path) -> list[Path]:
     """The images a DATA argument names: an image file, a folder (recursive, every split) or a label file."""
-    from vitcli.data import list_images
+    from vitcli.folders import list_images
     from vitcli.manifest import is_manifest, parse_manifest
 
     source = Path(source)
@@ -53,8 +53,8 @@ def embed_images(loaded: Loaded, paths: list[Path], batch_size: int = 64, progre
     listed in `bad` and left out)."""
     import torch
 
+    from vitcli.augment import eval_transform
     from vitcli.console import progress_bar
-    from vitcli.data import eval_transform
     from vitcli.inference import decoded
 
     pre, model = loaded.pre, loaded.model
@@ -92,7 +92,7 @@ def thumbnails(paths: list[Path], side: int = THUMB) -> Embedded:
     """Model-free features: each image shrunk to side x side RGB, minus its own mean, flattened (cosine
     similarity is then the correlation of the thumbnails; re-encoded, resized or slightly edited copies of an
     image score near 1)."""
-    from vitcli.data import BadImage, decode_square
+    from vitcli.decode import BadImage, decode_square
 
     feats, keep, bad = [], [], []
     for p in paths:

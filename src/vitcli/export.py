@@ -21,7 +21,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
     on random images at two batch sizes (so a batch size baked into the graph is caught)."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
 
     runner = fmt.predictor(path, device)
     g = torch.Generator().manual_seed(0)

@@ -60,8 +60,9 @@ def run_select(unlabelled: Path, model: str | None, n: int, output: Path | None 
     loaded = load(model, device=device)
     emb = embed_images(loaded, image_paths(unlabelled), batch_size)
     known = embed_images(loaded, image_paths(labelled), batch_size, progress=False) if labelled else None
-    picked = pick(emb, known, n, strategy, pool, loaded.multilabel, seed)
-    unsure = uncertainty(emb.probs, loaded.multilabel)  # (N,)
+    multilabel = not loaded.task.one_label
+    picked = pick(emb, known, n, strategy, pool, multilabel, seed)
+    unsure = uncertainty(emb.probs, multilabel)  # (N,)
     top = emb.probs.argmax(1)
     rows = [{"rank": r, "path": str(emb.paths[i]), "uncertainty": round(float(unsure[i]), 6),
              "predicted": loaded.classes[int(top[i])], "prob": round(float(emb.probs[i, top[i]]), 6)}
