@@ -211,7 +211,7 @@ def cv(
 
         flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
                  "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
-        show(run_cv(data_path(data), folds, config, set_, flags, resume, run_train), json_out, print_cv)
+        show(run_cv(data_path(data), folds, config, set_, flags, resume, run_train), json_out, None, print_cv)
 
 
 @app.command(short_help="Pack a dataset into tar shards for streaming.")
@@ -475,7 +475,7 @@ def search(
         from vitcli.embed import print_search, run_search
 
         show(run_search([data_path(i, "IMAGE") for i in images], data_path(in_, "--in"), model, k, output,
-                        batch_size, device), json_out, print_search)
+                        batch_size, device), json_out, None, print_search)
 
 
 @app.command("select", short_help="Pick the unlabelled images most worth labelling next.")
@@ -504,7 +504,8 @@ def select_cmd(
         from vitcli.selection import print_select, run_select
 
         show(run_select(data_path(unlabelled, "UNLABELLED"), model, n, output, pool,
-                        data_path(labelled, "--labelled"), batch_size, device, strategy, seed), json_out, print_select)
+                        data_path(labelled, "--labelled"), batch_size, device, strategy, seed), json_out, None,
+             print_select)
 
 
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
@@ -688,7 +689,7 @@ def inspect_data_cmd(
         if label_errors:
             rep = find_errors(data_path(data), from_run, folds, config, set_,
                               {"train.epochs": epochs, "train.time": time}, rank_by, output, run_train)
-            show(rep, json_out, print_label_errors)
+            show(rep, json_out, None, print_label_errors)
 
 
 def main() -> None:

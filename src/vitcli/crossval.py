@@ -102,13 +102,14 @@ def write_fold_file(path: Path, pool: Pool, folds: list[int], k: int) -> None:
 
 def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str, precision: str,
                batch_size: int = 64) -> tuple[list[int], np.ndarray]:
-    """(pool indices, calibrated probabilities (n, C)) of fold k's best.pt on the images fold k held out."""
+    """(pool indices, calibrated probabilities (n, C)) of fold k's last.pt on the images fold k held out: the
+    weights of the last epoch, not best.pt, which was chosen on these very images (an optimistic estimate)."""
     from vitcli.dataset import Split
     from vitcli.evaluation import collect_logits
     from vitcli.inference import TorchPredictor
 
     held = [i for i, f in enumerate(folds) if f == k]
-    pred = TorchPredictor(run_dir / "best.pt", device, precision)
+    pred = TorchPredictor(run_dir / "last.pt", device, precision)
     logits, _, _, paths, _ = collect_logits(pred, Split([pool.paths[i] for i in held],
                                                         [pool.labels[i] for i in held]), batch_size, False)
     if logits is None:
@@ -241,7 +242,7 @@ def fold_oof(parent: Path, state: dict[str, Any], pool: Pool, folds: list[int], 
     if spec.time_s:  # what is left of the budget, shared by the folds still to run
         left = spec.time_s - sum(state["spent_s"].values())
         cfg.train.time = f"{max(1, int(left / (spec.folds - k + 1)))}s"
-    if read_json(fold_dir / "run.json").get("status") == "finished" and (fold_dir / "best.pt").is_file():
+    if read_json(fold_dir / "run.json").get("status") == "finished" and (fold_dir / "last.pt").is_file():
         pass  # trained; stopped while predicting its held-out images
     elif (fold_dir / "last.pt").is_file():
         train(None, fold_file, resume=fold_dir)
