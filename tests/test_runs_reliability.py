@@ -78,13 +78,13 @@ def test_a_starting_run_shows_as_running_before_its_images_are_decoded(tmp_path,
 
     data = make_dataset(tmp_path / "d", classes=("red", "green"), per_class=4)
     seen = []
-    real = engine.load_images
+    real = engine.open_stores
 
     def decode(*args, **kwargs):
         seen.extend(list_runs(tmp_path / "runs"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "load_images", decode)
+    monkeypatch.setattr(engine, "open_stores", decode)
     res = run_cli("train", data, *TINY, "--epochs", "1", "--batch-size", "4")
     assert res.exit_code == 0, res.output
     assert [(r["name"], r["status"]) for r in seen] == [("train", "running")]
