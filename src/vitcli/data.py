@@ -565,6 +565,23 @@ def probe_sizes(paths: list[Path], sample: int = 256, seed: int = 0) -> list[tup
         return [s for s in pool.map(size, picked) if s is not None]
 
 
+def probe_pixels(split: Split, side: int, sample: int = 512, seed: int = 0):
+    """A seeded sample of the images decoded small and grey: (uint8 array (N, side, side), their labels);
+    unreadable files are left out (they are reported when the images are decoded)."""
+    import numpy as np
+
+    n = len(split)
+    picked = random.Random(seed).sample(range(n), sample) if n > sample else list(range(n))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        got = list(pool.map(_decode_or_none, [(split.paths[i], side, "bilinear") for i in picked]))
+    keep = [k for k, (x, _) in enumerate(got) if x is not None]
+    if not keep:
+        return np.zeros((0, side, side), np.uint8), []
+    rgb = np.stack([got[k][0].numpy() for k in keep]).astype(np.float32)  # (N, 3, side, side)
+    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # (N, side, side)
+    return grey.round().astype(np.uint8), [split.labels[picked[k]] for k in keep]
+
+
 def probe_many(paths: list[Path]) -> list[str | None]:
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
         return list(pool.map(probe_image, paths, chunksize=64))
@@ -869,11 +886,24 @@ class TrainAugment:
         grid = crop_grid(theta, size, dev, rotated=cfg.rotate > 0)  # (B, size, size, 2)
         pad = "border" if cfg.translate > 0 or cfg.rotate > 0 else "reflection"
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=pad, align_corners=False)
+        if cfg.color_jitter > 0:
+            out = self._jitter(out)
         out = normalize_(out, cfg.mean, cfg.std)  # bilinear weights sum to 1: same as normalising first, cheaper
         if self.erase is not None:
             self.erase.device = out.device
             out = self.erase(out)
         return out  # (B, 3, img_size, img_size)
+
+    def _jitter(self, x):
+        """Brightness, contrast and saturation of each image times a random factor in [1 - j, 1 + j]."""
+        import torch
+
+        j, g, B = self.cfg.color_jitter, self.g, x.shape[0]
+        b, c, s = (torch.empty(B, 1, 1, 1).uniform_(1 - j, 1 + j, generator=g).to(x.device) for _ in range(3))
+        grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = grey + (x - grey) * s  # (B, 3, H, W): saturation about each pixel's grey
+        mean = grey.mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
+        return ((x - mean) * c + mean * b).clamp_(0, 255)  # contrast about the image's mean, then brightness
 
     def _randaugment(self, x):
         import numpy as np

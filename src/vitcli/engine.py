@@ -269,6 +269,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
     from vitcli import data as D
     from vitcli.defaults import DataFacts
+    from vitcli.looks import SIDE
     from vitcli.rundir import check_resumed_data, write_split
     from vitcli.shards import is_shard_source
 
@@ -280,13 +281,14 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
+    counts = D.class_counts(ds.train.labels, len(ds.classes))
     facts = None  # for the data-aware defaults (a resumed run's config is final)
     if recipe:
-        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
+        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir),
+                          counts=[] if ds.multilabel else counts, pixels=D.probe_pixels(ds.train, SIDE, seed=t.seed))
     run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold, facts)
     if env.main and ds.split_made and not resumed:
         write_split(run_dir / "split.csv", ds)
-    counts = D.class_counts(ds.train.labels, len(ds.classes))
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
          "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
