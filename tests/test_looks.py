@@ -174,3 +174,18 @@ def test_colour_jitter_changes_colour_images_keeps_grey_ones_grey_and_stays_in_r
     grey = x[:, :1].expand(-1, 3, -1, -1).contiguous()
     g = TrainAugment(d, torch.Generator().manual_seed(0))(grey)
     assert torch.allclose(g[:, 0], g[:, 1], atol=1e-3) and torch.allclose(g[:, 1], g[:, 2], atol=1e-3)
+
+
+def test_the_default_cpu_time_cap_only_shortens_the_chosen_epochs_while_a_users_budget_sets_them():
+    import time
+    from types import SimpleNamespace
+
+    from vitcli.budget import MAX_EPOCHS, budget_for
+
+    facts = DataFacts(6_400, [(32, 32)] * 8, "cpu", counts=[640] * 10)
+    chosen, mine = load_config(), load_config(overrides=["train.time=9m"])
+    for cfg in (chosen, mine):
+        apply_recipe(cfg, n_train=6_400, quiet=True, facts=facts)
+    assert chosen.train.time == mine.train.time == "9m"
+    assert budget_for(SimpleNamespace(cfg=chosen), time.time(), 1_600, None, None).max_epochs == chosen.train.epochs
+    assert budget_for(SimpleNamespace(cfg=mine), time.time(), 1_600, None, None).max_epochs == MAX_EPOCHS
