@@ -74,7 +74,7 @@ def run_vitcli(size: str, data: Path, work: Path, epochs: int, overrides: list[s
     import contextlib
     import io
 
-    from vitcli.engine import train
+    from vitcli.train import train
 
     cfg = vitcli_config(size, work, epochs, overrides)
     with contextlib.redirect_stderr(io.StringIO()):  # progress bars and the summary table

@@ -72,6 +72,52 @@ def test_no_import_cycle_between_vitcli_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+# The layers, top to bottom (README, "How the code is laid out"): a module imports only from its own layer or
+# below, and command modules (one per CLI verb) never import one another. A new module must be placed here.
+LAYERS: dict[str, set[str]] = {
+    "app": {"__main__", "cli"},
+    "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
+    "services": {"engine", "state", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation",
+                 "inference", "formats", "rundir", "figures", "attention", "explain", "optim", "ood", "pretrained"},
+    "core": {"config", "data", "looks", "manifest", "shards", "task", "metrics", "calibrate", "models", "vit", "checkpoint",
+             "device", "distributed", "files", "console", "signals", "errors", "hub", "__init__"},
+}
+MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
+# recipes -> defaults -> config -> models -> files -> errors)
+
+
+def longest_chain(graph: dict[str, set[str]]) -> list[str]:
+    memo: dict[str, list[str]] = {}
+
+    def walk(m: str) -> list[str]:
+        if m not in memo:
+            memo[m] = [m] + max((walk(n) for n in graph.get(m, ())), key=len, default=[])
+        return memo[m]
+
+    return max((walk(m) for m in graph), key=len)
+
+
+def test_every_module_has_one_layer():
+    placed = [m for names in LAYERS.values() for m in names]
+    assert len(placed) == len(set(placed))
+    assert set(import_graph()) == set(placed), set(import_graph()) ^ set(placed)
+
+
+def test_modules_import_only_their_layer_or_below_and_commands_never_each_other():
+    rank = {m: i for i, names in enumerate(LAYERS.values()) for m in names}
+    bad = [f"{m} -> {n}" for m, deps in import_graph().items() for n in deps
+           if rank[n] < rank[m] or (n != m and n in LAYERS["commands"] and m in LAYERS["commands"])]
+    assert not bad, bad
+
+
+def test_the_import_house_is_low():
+    assert len(longest_chain({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"c"}})) == 3
+    graph = import_graph()
+    del graph["__main__"]  # `python -m vitcli`: two lines that call cli
+    chain = longest_chain(graph)
+    assert len(chain) <= MAX_CHAIN, " -> ".join(chain)
+
+
 def test_no_function_is_longer_than_the_limit():
     long = []
     for path in SRC.glob("*.py"):

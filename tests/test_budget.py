@@ -9,9 +9,9 @@ import pytest
 
 from conftest import TINY, make_dataset, run_cli, tiny_config
 from vitcli.config import parse_duration
-from vitcli.engine import train
 from vitcli.errors import VitcliError
 from vitcli.files import safe_torch_load
+from vitcli.train import train
 
 
 def test_durations_take_s_m_h_and_bad_ones_name_the_key():

@@ -99,7 +99,7 @@ def test_torchrun_checkpoint_loads_in_one_process_and_val_metric_matches_its_eva
 
     from vitcli.checkpoint import load_model
     from vitcli.data import ImageStore, scan_dataset
-    from vitcli.evaluate import run_eval
+    from vitcli.evaluation import run_eval
 
     model, ckpt, _ = load_model(finished / "runs" / "train" / "best.pt")
     cfg = ckpt["config"]

@@ -44,7 +44,8 @@ def fd_grad(model, x, targets, module, shape) -> np.ndarray:
 
 def test_gradient_maps_match_a_hand_computation_on_a_tiny_vit():
     model = tiny64()
-    model.set_fused_attn(False)
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
     targets = torch.tensor([0, 2])
@@ -166,7 +167,7 @@ def test_inspect_attention_class_and_faithfulness_commands(tmp_path, tmp_path_fa
     assert res.exit_code == 1 and "--class explains one class" in res.output
 
     res = run_cli("inspect", "faithfulness", image.parent, "--model", run, "--max-images", "4", "--steps", "4",
-                  "--json", tmp_path / "f.json", "-o", out, "--device", "cpu")
+                  "--json-out", tmp_path / "f.json", "-o", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "f.json").read_text())
     assert data["images"] == 4 and set(data["methods"]) == {"rollout", "grad-rollout", "gradcam", "chefer", "random"}

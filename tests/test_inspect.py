@@ -134,7 +134,7 @@ def test_model_summary_from_a_run_a_config_and_timm_names(trained, tmp_path):
 
 
 def test_flops_match_the_formula_for_a_scratch_vit():
-    from vitcli.inspect import count_flops
+    from vitcli.views import count_flops
     from vitcli.vit import VisionTransformer
 
     D, N, depth, classes = 32, 1 + 16, 2, 3
@@ -164,7 +164,7 @@ def test_posembed_distance_and_filters_write_their_figures(trained, tmp_path):
 
 
 def test_posembed_similarity_of_a_position_with_itself_is_one():
-    from vitcli.inspect import filter_components, posembed_similarity
+    from vitcli.views import filter_components, posembed_similarity
     from vitcli.vit import VisionTransformer
 
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos_embed="sincos")
@@ -197,7 +197,7 @@ def test_data_check_finds_duplicates_disguised_and_unreadable_files_without_writ
     assert "exact duplicates across splits" in out and "leak.png" in out
     assert "ignored 1 file(s)" in out
     assert "L (1)" in out and "40x24" in out
-    from vitcli.inspect import check_data
+    from vitcli.datacheck import check_data
 
     rep = check_data(data)
     assert rep.classes == ["green", "red"]
@@ -207,7 +207,7 @@ def test_data_check_finds_duplicates_disguised_and_unreadable_files_without_writ
 
 
 def test_inspect_data_of_class_folders_reports_one_split(shapes):
-    from vitcli.inspect import check_data
+    from vitcli.datacheck import check_data
 
     rep = check_data(shapes)
     assert rep.counts == {"all": [30, 30, 30]} and rep.imbalance == {"all": 1.0}

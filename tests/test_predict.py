@@ -86,8 +86,8 @@ def test_predict_matches_the_validation_pipeline_of_training(tmp_path, run):
 
     from vitcli import data as D
     from vitcli.checkpoint import load_model
-    from vitcli.evaluate import run_eval
-    from vitcli.predict import load_predictor, predict_images
+    from vitcli.evaluation import run_eval
+    from vitcli.inference import load_predictor, predict_images
 
     fresh = make_dataset(tmp_path / "fresh", CLASSES, per_class=3, size=57, seed=3)
     model, ckpt, _ = load_model(run)

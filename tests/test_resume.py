@@ -12,8 +12,8 @@ import torch
 
 from conftest import TINY, make_dataset, run_cli, tiny_config
 from vitcli.checkpoint import save_checkpoint
-from vitcli.engine import train
 from vitcli.files import atomic_write, safe_torch_load
+from vitcli.train import train
 
 # everything random at once: dropout, stochastic depth, EMA, mixup / cutmix, RandAugment, random erasing
 RANDOM_SETS = ["model.drop_rate=0.1", "model.drop_path_rate=0.1", "train.ema_decay=0.9", "data.mixup=0.2",

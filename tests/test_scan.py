@@ -176,7 +176,8 @@ def test_hostile_class_names_from_a_checkpoint_print_escaped(tmp_path):
 def test_csv_on_a_terminal_escapes_control_characters_and_stays_raw_in_a_pipe():
     import io
 
-    from vitcli.predict import Prediction, write_results
+    from vitcli.inference import Prediction
+    from vitcli.predict import write_results
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -141,8 +141,8 @@ def test_resume_mid_epoch_from_shards_matches_the_uninterrupted_run(tmp_path, ca
     import torch
 
     from conftest import tiny_config
-    from vitcli.engine import train
     from vitcli.files import safe_torch_load
+    from vitcli.train import train
 
     data = make_dataset(tmp_path / "d", per_class=12)
     assert run_cli("shard", data, tmp_path / "s", "--size", "4KB").exit_code == 0

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import TINY, DatasetsUntouched, make_dataset, tiny_config
-from vitcli.engine import train
 from vitcli.files import safe_torch_load
+from vitcli.train import train
 
 EPOCHS = 3
 # 18 train / 6 val images, 2 per step: 9 steps per epoch, 27 in all; last.pt after every step

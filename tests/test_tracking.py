@@ -24,7 +24,7 @@ VAL_COUNTS = {"blue": 10, "green": 4, "red": 10}  # the validation folder, sorte
 def trained(tmp_path_factory):
     """A 2-epoch run logging to csv, TensorBoard and MLflow (default ./mlruns file store in a temp folder),
     with report.html; data has train/ (20 per class) and val/ (VAL_COUNTS)."""
-    from vitcli.engine import train
+    from vitcli.train import train
 
     root = tmp_path_factory.mktemp("tracking")
     data = make_dataset(root / "data", per_class=20, splits=("train", "val"), seed=3)
@@ -108,7 +108,7 @@ def test_missing_tracking_package_is_a_one_line_error(shapes, monkeypatch):
 def test_runs_table_shows_status_newest_first(trained, tmp_path):
     import time
 
-    from vitcli.engine import train
+    from vitcli.train import train
 
     runs = tmp_path / "runs"
     shutil.copytree(trained["run"], runs / "done")

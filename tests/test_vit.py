@@ -21,7 +21,8 @@ def timm_pair(global_pool: str = "token", **kw):
 def test_timm_weights_load_strictly_and_give_same_logits(global_pool, fused):
     torch.manual_seed(0)
     ref, ours = timm_pair(global_pool)
-    ours.set_fused_attn(fused)
+    for blk in ours.blocks:
+        blk.attn.fused_attn = fused
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         diff = (ref(x) - ours(x)).abs().max().item()
@@ -39,14 +40,16 @@ def test_fused_and_explicit_attention_agree():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused = m(x)
-        m.set_fused_attn(False)
+        for blk in m.blocks:
+            blk.attn.fused_attn = False
         explicit = m(x)
     assert (fused - explicit).abs().max().item() <= 1e-5
 
 
 def test_attention_probabilities_are_hookable_on_explicit_path():
     m = VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=1, num_heads=2).eval()
-    m.set_fused_attn(False)
+    for blk in m.blocks:
+        blk.attn.fused_attn = False
     seen = []
     m.blocks[0].attn.attn_probs.register_forward_hook(lambda mod, inp, out: seen.append(out))
     with torch.no_grad():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli import __version__
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 from vitcli.files import atomic_write, safe_torch_load
 
 FORMAT = "vitcli-checkpoint-v1"
@@ -101,7 +101,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint")
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
         raise VitcliError(f"'{path}': weights do not match the model it describes: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
     return model.eval()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from vitcli.errors import VitcliError
 
@@ -51,11 +52,69 @@ def guard():
         raise
 
 
+@contextlib.contextmanager
+def results_on_stderr(active: bool):
+    """While JSON goes to stdout (--json), what a command prints for people goes to stderr."""
+    if not active:
+        yield
+        return
+    from vitcli.console import out
+
+    out.stderr = True  # rich then writes to whatever sys.stderr is at each print
+    try:
+        yield
+    finally:
+        out.stderr = False
+
+
 def data_path(data: str | None, name: str = "DATA") -> Path | None:
     """A path argument; '' is an error (Path('') would silently mean the current folder)."""
     if data is not None and not data.strip():
         raise VitcliError(f"{name} is empty (''); give a path (use . for the current folder)")
     return None if data is None else Path(data)
+
+
+# Machine-readable output, one convention for every command: --json prints JSON on stdout (anything for people
+# then goes to stderr), --json-out PATH writes it to a file.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (tables go to stderr).")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Write the results as JSON to this file.")]
+
+
+class LegacyJsonPath(TyperCommand):
+    """Reads the old `--json PATH` of eval and inspect faithfulness as `--json-out PATH`, with a one-line
+    deprecation warning: when the word after --json is not an option and ends in .json or is no existing path
+    (DATA and images exist), it is the old file argument."""
+
+    def parse_args(self, ctx, args):
+        from vitcli.console import warn
+
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            value = a[len("--json="):] if a.startswith("--json=") else args[i + 1] if a == "--json" and \
+                i + 1 < len(args) and not args[i + 1].startswith("-") else None
+            if value is not None and (value.lower().endswith(".json") or not Path(value).exists()):
+                warn(f"--json PATH is deprecated: use --json-out {value} (--json alone prints JSON on stdout)")
+                args[i] = "--json-out" if a == "--json" else f"--json-out={value}"
+        return super().parse_args(ctx, args)
+
+
+def show(result, json_out: bool, json_path: Path | None, printer) -> None:
+    """A command's result: JSON on stdout (--json) or through its rich printer; with --json-out also to a file."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if json_path is not None:
+        from vitcli.console import esc, info
+        from vitcli.files import write_output
+
+        write_output(json_path, (text + "\n").encode(), "--json-out")
+        info(f"wrote {esc(str(json_path))}")
+    if json_out:
+        typer.echo(text)
+    else:
+        printer(result)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
@@ -107,7 +166,7 @@ def train(
                 from vitcli.config import parse_duration
 
                 parse_duration(time, "--time")
-            from vitcli.engine import train as run_train
+            from vitcli.train import train as run_train
 
             run_train(None, data, resume=resume, epochs_override=epochs, time_override=time)
             return
@@ -117,7 +176,7 @@ def train(
 
             run_find_lr(cfg, data)
             return
-        from vitcli.engine import train as run_train
+        from vitcli.train import train as run_train
 
         run_train(cfg, data)
 
@@ -176,11 +235,15 @@ def predict(
     format_: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl or csv.")] = "table",
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results to this file instead of stdout.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout (same as --format json).")
+                        ] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json-out", help="Write JSON to this file (same as --format json -o PATH).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
     min_prob: Annotated[list[str] | None, typer.Option(
         "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
-                           "threshold (repeatable).")] = None,
+                           "threshold (repeatable). Multi-label: a label below P is 'unsure'.")] = None,
     coverage: Annotated[float | None, typer.Option(
         help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
              "(split conformal on the validation split).")] = None,
@@ -191,12 +254,17 @@ def predict(
     with guard():
         from vitcli.predict import run_predict
 
+        if json_out or json_path is not None:
+            if format_ not in ("table", "json") or (output is not None and json_path is not None):
+                raise VitcliError("--json / --json-out print or write JSON; they do not go with --format "
+                                  f"{format_} or --output")
+            format_, output = "json", json_path if json_path is not None else output
         code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
                            min_prob=min_prob, coverage=coverage)
     raise typer.Exit(code)
 
 
-@app.command("eval", short_help="Evaluate a model on labelled images.")
+@app.command("eval", short_help="Evaluate a model on labelled images.", cls=LegacyJsonPath)
 def eval_cmd(
     data: Annotated[str, typer.Argument(
         help="Class subfolders, a dataset folder with test/ (else val/), or a .csv/.tsv/.jsonl label file.",
@@ -207,19 +275,25 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
-    coverage: Annotated[float, typer.Option(
-        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
+    coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
+                                                      "empirical coverage is reported (default 0.9).")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration, prediction-set coverage and worst
     mistakes on labelled data."""
-    with guard():
+    with guard(), results_on_stderr(json_out):
         from vitcli.evaluate import evaluate
 
-        evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
+        report = evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta,
+                          coverage=coverage)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(report, indent=1))
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -238,27 +312,18 @@ def export(
         export_model(model, format_, output, opset)
 
 
-def show(result, json_out: bool, printer) -> None:
-    """A command's result as JSON on stdout (--json) or through its rich printer."""
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(result, indent=1))
-    else:
-        printer(result)
-
-
 @app.command("runs", short_help="List training runs, newest first.")
 def runs_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder that holds run folders.")] = Path("runs"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
 ) -> None:
     """Name, date, model, data, epochs, best val accuracy, wall time and status (finished / interrupted /
-    running) of every run folder under FOLDER."""
+    running / unreadable) of every run folder under FOLDER."""
     with guard():
         from vitcli.runs import list_runs, print_runs
 
-        show(list_runs(folder), json_out, print_runs)
+        show(list_runs(folder), json_out, json_path, print_runs)
 
 
 @app.command(short_help="Compare two runs on the same images (McNemar test).")
@@ -268,16 +333,19 @@ def compare(
     data: Annotated[str | None, typer.Argument(
         help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Config diff, per-class metric deltas and an exact McNemar test on the paired predictions."""
+    """Config diff, per-class metric deltas and an exact McNemar test on the paired predictions (multi-label
+    models: on exact matches, every label of an image right)."""
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, print_compare)
+        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, json_path,
+             print_compare)
 
 
 @app.command(short_help="Write report.html for a run folder.")
@@ -289,7 +357,7 @@ def report(
     """Evaluate the run's best.pt on its validation images and write figures and a self-contained report.html
     into the run folder (training does this at the end unless train.report is false)."""
     with guard():
-        from vitcli.runs import run_report
+        from vitcli.html_report import run_report
 
         _print_paths([run_report(run, device, precision)["report"]])
 
@@ -336,7 +404,7 @@ def inspect_attention_cmd(
 ) -> None:
     """Attention overlays on each image, with the predicted class and its probability in the title."""
     with guard():
-        from vitcli.inspect import inspect_attention
+        from vitcli.views import inspect_attention
 
         paths = [data_path(i, "IMAGE") for i in images]
         _print_paths(inspect_attention(paths, model=model, output=output, method=method, layer=layer,
@@ -344,7 +412,8 @@ def inspect_attention_cmd(
                                        device=device, target=class_))
 
 
-@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
+@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).",
+                     cls=LegacyJsonPath)
 def inspect_faithfulness_cmd(
     data: ImagesArg,
     model: ModelOpt = None,
@@ -356,20 +425,24 @@ def inspect_faithfulness_cmd(
     baseline: Annotated[str, typer.Option(
         help="What a removed patch shows: blur (the image blurred, sigma = one patch), noise (random pixels) "
              "or mean (the dataset mean).")] = "blur",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
-                         ] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
-    with guard():
-        from vitcli.inspect import inspect_faithfulness
+    with guard(), results_on_stderr(json_out):
+        from vitcli.views import inspect_faithfulness
 
         images = [data_path(d) for d in data]
-        _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
-                                        steps=steps, img_size=img_size, device=device, json_path=json_path,
-                                        baseline=baseline)
+        res, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
+                                          steps=steps, img_size=img_size, device=device, json_path=json_path,
+                                          baseline=baseline)
         _print_paths(paths)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(res, indent=1))
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")
@@ -384,7 +457,7 @@ def inspect_model_cmd(
 ) -> None:
     """Architecture summary: parameters per part, FLOPs per image, tokens, patch grid, per-block table."""
     with guard():
-        from vitcli.inspect import inspect_model
+        from vitcli.views import inspect_model
 
         inspect_model(model=model, config=config, img_size=img_size, num_classes=num_classes)
 
@@ -393,7 +466,7 @@ def inspect_model_cmd(
 def inspect_posembed_cmd(model: ModelOpt = None, output: InspectOutOpt = None) -> None:
     """Cosine similarity of each patch's position embedding with every other (ViT paper, figure 7 centre)."""
     with guard():
-        from vitcli.inspect import inspect_posembed
+        from vitcli.views import inspect_posembed
 
         _print_paths(inspect_posembed(model=model, output=output))
 
@@ -409,7 +482,7 @@ def inspect_distance_cmd(
 ) -> None:
     """Mean attention distance per head and block (ViT paper, figure 7 right): scatter PNG, CSV and table."""
     with guard():
-        from vitcli.inspect import inspect_distance
+        from vitcli.views import inspect_distance
 
         _print_paths(inspect_distance([data_path(d) for d in data], model=model, output=output, max_images=max_images,
                                       img_size=img_size, device=device))
@@ -423,7 +496,7 @@ def inspect_filters_cmd(
 ) -> None:
     """Principal components of the patch-embedding filters as RGB tiles (ViT paper, figure 7 left)."""
     with guard():
-        from vitcli.inspect import inspect_filters
+        from vitcli.views import inspect_filters
 
         _print_paths(inspect_filters(model=model, output=output, components=components))
 
@@ -434,7 +507,7 @@ def inspect_data_cmd(
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, duplicates."""
     with guard():
-        from vitcli.inspect import inspect_data
+        from vitcli.datacheck import inspect_data
 
         inspect_data(data_path(data))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcli.console import CONTROL
-from vitcli.errors import VitcliError, clip, shown
+from vitcli.errors import VitcliError, clip, first_line, shown
 
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config file
 MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laughs" file expands to 10^9)
@@ -55,7 +55,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit-tiny/16"  # vit-tiny/16, vit-small/16, vit-base/16 (any /patch), or timm/<timm model name>
-    pretrained: bool = False  # timm backend: download pretrained weights through timm (needs internet)
+    pretrained: str = "auto"  # timm weights: true | false | auto (photos: a small pretrained ViT when cached or online)
     pretrained_file: str = ""  # local .safetensors/.pth/.pt weights to start from; head adapted if needed
     embed_dim: int = 0  # token width; 0 = from the preset
     depth: int = 0  # number of encoder blocks; 0 = from the preset
@@ -106,6 +106,11 @@ class TrainConfig:
     log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
     report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
 
+    @property
+    def seconds(self) -> float:
+        """`time` in seconds (0 when off): the one reading of the budget string."""
+        return parse_duration(self.time) if self.time else 0.0
+
 
 @dataclass
 class Config:
@@ -120,6 +125,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bicubic", "bilinear", "nearest"),
     "data.class_weights": ("none", "auto"),
+    "model.pretrained": ("auto", "true", "false"),
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
@@ -212,6 +218,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return value
         if isinstance(value, bool) and "on" in CHOICES.get(key, ()):  # YAML 1.1 reads on / off as booleans
             return "on" if value else "off"
+        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # true / false among other words
+            return "true" if value else "false"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     name = getattr(tp, "__name__", str(tp))
@@ -342,7 +350,7 @@ def read_yaml(path: str | Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         problem = problem[:200]
         context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if context and cmark and mark and cmark.line != mark.line:  # where the unclosed thing was opened

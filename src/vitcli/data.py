@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError, shown
+from vitcli.errors import VitcliError, first_line, shown
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 PIL_FORMATS = ["JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decoders vitcli opens files with
@@ -421,7 +421,7 @@ def load_rgb(path: str | Path, data: bytes | None = None):
     except IsADirectoryError:
         raise BadImage(f"{path}: is a folder, not an image") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise BadImage(f"{path}: unreadable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        raise BadImage(f"{path}: unreadable image ({first_line(e)})"
                        ) from None
 
 

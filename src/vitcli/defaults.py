@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vitcli.config import Config
+    from vitcli.looks import Looks
 
 PHOTO_SIDE = 160  # median shorter side (px) from which images count as photos: they train at 224 px
 PHOTO_SIZE = 224  # input side for photos, pixels
@@ -50,6 +51,7 @@ class DataFacts:
     data_dir: str = "DATA"  # for the printed hint
     counts: list[int] = field(default_factory=list)  # training images per class; empty: multi-label (not judged)
     pixels: tuple | None = None  # (uint8 grey sample (N, 32, 32), its labels) from data.probe_pixels; None: unseen
+    looks: Looks | None = None  # photos or glyphs, from `pixels` (looks_of fills it)
 
 
 @dataclass
@@ -98,13 +100,15 @@ def forward_macs(img_size: int, patch: int, dim: int, depth: int, stem: str, mlp
 def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[Choice]:
     """The data-aware values for a from-scratch run, each group with its reason (before the user's keys)."""
     from vitcli.config import user_keys
+    from vitcli.models import PRESETS, parse_preset, with_patch
 
     mine = user_keys(cfg)
     side = median_side(facts.sizes)
     out: list[Choice] = []
     img = cfg.data.img_size if "data.img_size" in mine else input_size(side)
-    base, _, given = cfg.model.name.partition("/")
-    patch = int(given) if "model.name" in mine and given.isdigit() else patch_size(img)
+    base, given = parse_preset(cfg.model.name)
+    given = given if "model.name" in mine else None
+    patch = given or patch_size(img)
     if "data.img_size" in mine:
         while img % patch and patch > 1:  # the user's size: a patch that divides it
             patch //= 2
@@ -115,7 +119,7 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
                                                           ": small images are not blown up to 224 px")))
     # token grid, stem, width and depth: a ladder by training-set size, one rung down when a CPU step is dear
     if "model.name" not in mine:
-        out.append(Choice({"model.name": f"{base}/{patch}"},
+        out.append(Choice({"model.name": with_patch(cfg.model.name, patch)},
                           f"patch {patch}: a {img // patch}x{img // patch} token grid on {img} px"))
     stem = cfg.model.stem
     if recipe == "scratch-small" and "model.stem" not in mine and patch & (patch - 1) == 0:
@@ -131,8 +135,6 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
                           f"width {dim}, {depth} blocks for {facts.n_train:,} training images"
                           + (" and a CPU" if cpu else "") + grown))
     else:
-        from vitcli.models import PRESETS
-
         dim, depth, _ = PRESETS.get(base, PRESETS["vit-tiny"])
         dim, depth = cfg.model.embed_dim or dim, cfg.model.depth or depth  # the preset's size unless overridden
     macs = forward_macs(img, patch, dim, depth, stem)
@@ -158,7 +160,7 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
     """The LADDER rung for the training-set size; on a CPU one down while a step is dear or a default run
     (CPU_RUN_MACS) would train it for fewer than ENOUGH_EPOCHS, and with a time budget one up while the larger
     model still gets ROOMY_EPOCHS in it. Returns (rung, '' or why it grew)."""
-    from vitcli.config import parse_duration, user_keys
+    from vitcli.config import user_keys
 
     rung = next(i for i, r in enumerate(LADDER) if facts.n_train < r[0])
     if facts.device_type != "cpu":
@@ -168,7 +170,7 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
         rung -= 1
     if not cfg.train.time or "train.epochs" in user_keys(cfg):
         return rung, ""
-    seconds, grown = parse_duration(cfg.train.time), ""
+    seconds, grown = cfg.train.seconds, ""
     while (rung + 1 < len(LADDER) and macs[rung + 1] <= CPU_STEP_MACS
            and seconds * CPU_MACS_PER_S / (3 * macs[rung + 1] * facts.n_train) >= ROOMY_EPOCHS):
         rung, grown = rung + 1, f", one size up: {cfg.train.time} trains it for {ROOMY_EPOCHS}+ epochs"
@@ -178,9 +180,7 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
 def _augment(side: int, facts: DataFacts, epochs: int) -> list[Choice]:
     """Photos: mirror, crops and colour jitter; glyphs: no mirror, and small ones shift, scale and rotate a little.
     Without a pixel sample (shards), small images are taken for glyphs and larger ones keep the usual crops."""
-    from vitcli.looks import image_kind
-
-    looks = image_kind(*facts.pixels) if facts.pixels is not None and len(facts.pixels[1]) else None
+    looks = looks_of(facts)
     if looks is not None and looks.kind == "photo":
         level = strength(epochs)
         scale, jitter = PHOTO_AUG[level]
@@ -231,12 +231,12 @@ def _balance(counts: list[int]) -> list[Choice]:
 
 def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choice]:
     """On a CPU (`macs` > 0) as many epochs as fit the time budget or CPU_RUN_MACS; elsewhere TARGET_STEPS."""
-    from vitcli.config import parse_duration, user_keys
+    from vitcli.config import user_keys
 
     if "train.epochs" in user_keys(cfg):
         return []
     if cfg.train.time and macs:  # a first guess; the budget fixes the number once it has timed some steps
-        guess = int(parse_duration(cfg.train.time) * CPU_MACS_PER_S / (3 * macs * facts.n_train))
+        guess = int(cfg.train.seconds * CPU_MACS_PER_S / (3 * macs * facts.n_train))
         return [Choice({"train.epochs": max(1, min(MAX_EPOCHS, guess))},
                        f"about what fits in {cfg.train.time} on a CPU (the time budget sets the number after timing "
                        "the first steps)")]
@@ -268,6 +268,29 @@ def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -
                 setattr(getattr(cfg, section), attr, value)
                 choice.applied[key] = value
     return [c for c in made if c.applied]
+
+
+def finetune_facts(cfg: Config, facts: DataFacts | None) -> dict[str, Any]:
+    """What `model.pretrained: auto` (pretrained.py) needs from the scan: whether the images are photos, their
+    median shorter side, and the multiply-adds a CPU run may spend (0 when not on a CPU or without a scan)."""
+    if facts is None:
+        return {"photos": False, "side": PHOTO_SIZE, "cpu_macs": 0.0}
+    side = median_side(facts.sizes)
+    budget = cfg.train.seconds * CPU_MACS_PER_S if cfg.train.time else CPU_RUN_MACS
+    looks = looks_of(facts)
+    photos = looks.kind == "photo" if looks is not None else side >= PHOTO_SIDE
+    return {"photos": photos, "side": side, "cpu_macs": budget if facts.device_type == "cpu" else 0.0}
+
+
+def looks_of(facts: DataFacts) -> Looks | None:
+    """Photos or glyphs from the scan's pixel sample (looks.py), worked out once; None without a sample."""
+    from vitcli.looks import image_kind
+
+    if facts.pixels is None or not len(facts.pixels[1]):
+        return None
+    if facts.looks is None:
+        facts.looks = image_kind(*facts.pixels)
+    return facts.looks
 
 
 def photo_hint(cfg: Config, facts: DataFacts) -> str | None:

@@ -16,10 +16,6 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def dist_info() -> DistInfo:
     """Rank information from torchrun's environment variables."""

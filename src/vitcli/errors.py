@@ -18,6 +18,12 @@ def shown(value: object, limit: int = 80) -> str:
         return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
 def at_least(flag: str, value: int, minimum: int = 1) -> None:
     """The usual one-line error for a command-line number below its minimum."""
     if value < minimum:

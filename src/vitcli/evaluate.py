@@ -1,220 +1,33 @@
-"""Evaluation: the loop that runs a model over a labelled store (used by training too), and `vitcli eval`:
-how good a model is on a labelled folder and where it fails.
-
-Metrics are plain functions of (probabilities, labels) so they can be checked by hand: confusion matrix,
-per-class precision / recall / F1 with macro and weighted averages, top-k accuracy, expected calibration
-error, most-confused class pairs and the highest-loss mistakes. `evaluate` runs the model, prints rich
-tables, writes figures to a new folder and, with `json_path`, everything machine-readable.
-"""
+"""`vitcli eval`: how good a model is on a labelled folder and where it fails. Runs the model through the inference
+service, prints rich tables, writes figures and report.html to a new folder and, with `json_path`, everything
+machine-readable."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError, at_least
+from vitcli.evaluation import (
+    calibration_report,
+    collect_logits,
+    compute_metrics,
+    worst_mistakes,
+    write_figures,
+)
 
-CHUNK = 2048  # images decoded and held in memory at a time
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
-    """(C, C) int64; rows are true classes, columns predicted classes."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
-    return cm
-
-
-def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """precision, recall, f1, support per class; 0 where a ratio is 0/0 (as scikit-learn's zero_division=0)."""
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1)}
-
-
-def averages(pc: dict[str, np.ndarray], cm: np.ndarray) -> dict[str, dict[str, float]]:
-    """Macro and support-weighted averages over the classes that occur in the labels or the predictions."""
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    support = pc["support"][present].astype(np.float64)
-    out = {}
-    for name, weights in (("macro", np.ones_like(support)), ("weighted", support)):
-        total = weights.sum()
-        out[name] = {m: float((pc[m][present] * weights).sum() / total) if total > 0 else 0.0
-                     for m in ("precision", "recall", "f1")}
-        out[name]["support"] = int(pc["support"].sum())
-    return out
-
-
-def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of rows whose label is among the k highest probabilities."""
-    topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
-    return float((topk == labels[:, None]).any(1).mean()) if len(labels) else 0.0
-
-
-def most_confused(cm: np.ndarray, classes: list[str], n: int = 10) -> list[dict[str, Any]]:
-    """The off-diagonal cells with the most images: (true, predicted, count), largest first."""
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:n]
-    pairs = []
-    for flat in order:
-        t, p = divmod(int(flat), cm.shape[1])
-        if off[t, p] == 0:
-            break
-        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
-                      "share_of_true": float(off[t, p] / max(1, cm[t].sum()))})
-    return pairs
-
-
-def compute_metrics(probs: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict[str, Any]:
-    """Everything `vitcli eval` reports, from probabilities (N, C) and integer labels (N,)."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    n_cls = len(classes)
-    preds = probs.argmax(1)
-    cm = confusion_matrix(labels, preds, n_cls)
-    pc = per_class_metrics(cm)
-    ece, table = calibration(probs, labels, bins)
-    eps = 1e-12
-    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None))  # (N,) cross-entropy
-    out: dict[str, Any] = {
-        "images": len(labels),
-        "loss": float(losses.mean()) if len(labels) else 0.0,
-        "top1": float((preds == labels).mean()) if len(labels) else 0.0,
-        "top5": topk_accuracy(probs, labels, 5) if n_cls >= 5 else None,
-        "per_class": [{"class": c, "precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
-                       "f1": float(pc["f1"][i]), "support": int(pc["support"][i])} for i, c in enumerate(classes)],
-        **averages(pc, cm),
-        "classes": list(classes),
-        "confusion_matrix": cm.tolist(),
-        "most_confused": most_confused(cm, classes),
-        "ece": ece,
-        "calibration_bins": table,
-    }
-    return out | {"_losses": losses, "_preds": preds}
-
-
-def worst_mistakes(losses: np.ndarray, preds: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                   paths: list[Path], classes: list[str], n: int = 16) -> list[dict[str, Any]]:
-    """The wrong predictions with the highest loss, highest first."""
-    wrong = np.flatnonzero(preds != labels)
-    wrong = wrong[np.argsort(-losses[wrong], kind="stable")][:n]
-    return [{"file": str(paths[i]), "true": classes[labels[i]], "predicted": classes[preds[i]],
-             "prob_predicted": float(probs[i, preds[i]]), "prob_true": float(probs[i, labels[i]]),
-             "loss": float(losses[i])} for i in wrong]
-
-
-# ----------------------------------------------------------------------------------------------- running
-@dataclass
-class EvalOutput:
-    logits: Any  # float (N, C) on CPU (empty unless keep_logits)
-    labels: Any  # long (N,), or multi-hot float (N, C), on CPU (empty unless keep_logits)
-    loss_sum: float
-    correct: float  # images whose top class is right (multi-label: summed share of classes right)
-    count: int
-
-
-def hits(logits, y):
-    """Per image: 1 when the top class is the label; multi-label (y (B, C)): the share of classes whose
-    sigmoid > 0.5 agrees with the label vector."""
-    if y.ndim == 2:
-        return ((logits > 0) == (y > 0.5)).float().mean(1)  # (B,)
-    return logits.argmax(1) == y  # (B,)
-
-
-def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
-             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
-    """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
-    and are read once at the end."""
-    import torch
-
-    from vitcli.data import eval_transform
-    from vitcli.device import autocast
-
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    all_logits, all_labels = [], []
-    with torch.inference_mode():
-        for x, y in store.eval_batches(batch_size, rank, world):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(eval_transform(x, pre)).float()  # (B, C)
-            if loss_fn is not None:
-                loss_sum += loss_fn(logits, y).double() * len(y)
-            correct += hits(logits, y).sum()
-            count += len(y)
-            if keep_logits:
-                all_logits.append(logits.cpu())
-                all_labels.append(y.cpu())
-    logits = torch.cat(all_logits) if all_logits else torch.empty(0, 0)
-    labels = torch.cat(all_labels) if all_labels else torch.empty(0)
-    return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
-
-
-def collect_logits(pred, split, batch_size: int, tta: bool):
-    """Run `pred` over a Split in bounded chunks: (logits (N, C), mirrored-image logits (N, C) or None,
-    labels (N,), readable paths, unreadable-file messages)."""
-    import torch
-
-    from vitcli import data as D
-
-    pre = pred.preprocess
-    bad: list[str] = []
-    logits, flipped, labels, paths = [], [], [], []
-    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
-                             on_bad=bad.append, progress_label="decoding")
-        for x, y in store.batches(D.sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
-            logits.append(pred.logits(x).float())
-            if tta:
-                flipped.append(pred.logits(x.flip(-1)).float())
-            labels.append(y)
-        paths += store.paths
-    if not paths:
-        return None, None, None, paths, bad
-    return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
-
-
-def probs_at(logits, flipped, temperature: float) -> np.ndarray:
-    """softmax(logits / T), averaged with the mirrored image's when `flipped` is given; float64 (N, C)."""
-    p = (logits.double() / temperature).softmax(-1)
-    if flipped is not None:
-        p = (p + (flipped.double() / temperature).softmax(-1)) / 2
-    return p.numpy()
-
-
-def calibration_report(pred, logits, flipped, y: np.ndarray, coverage: float | None) -> dict[str, Any]:
-    """Temperature, ECE before and after it, and (with conformal scores) coverage and mean set size."""
-    from vitcli.calibrate import conformal_threshold, set_metrics
-
-    before = probs_at(logits, flipped, 1.0)
-    rep: dict[str, Any] = {"temperature": pred.temperature, "ece_uncalibrated": calibration(before, y)[0]}
-    if coverage is not None and pred.conformal_scores is not None:
-        thr = conformal_threshold(pred.conformal_scores, coverage)
-        rep["conformal"] = {"coverage_target": coverage, "threshold": thr,
-                            "calibration_images": len(pred.conformal_scores),
-                            **set_metrics(probs_at(logits, flipped, pred.temperature), y, thr)}
-    return rep
+DEFAULT_COVERAGE = 0.9  # target coverage of the conformal sets eval reports when --coverage is not given
 
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True, tta: bool = False, coverage: float | None = 0.9) -> dict[str, Any]:
+             figures: bool = True, tta: bool = False, coverage: float | None = None) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
-    split); print, plot and return the report. Probabilities are calibrated by the stored temperature."""
-    from vitcli.predict import load_predictor, passive_omp_threads
+    split); print, plot and return the report. Probabilities are the task's calibrated ones; `coverage` (default
+    DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported."""
+    from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
     from vitcli import data as D
@@ -226,10 +39,13 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     if coverage is not None:
         check_coverage(coverage)
     check_device_args(device, precision)
-    check_outputs(data_dir, output if figures else None, json_path, figures)
     pred = load_predictor(model, device, precision)
+    one_label = pred.task.one_label
+    if not one_label:
+        refuse_for_label_vectors(pred, output, coverage)
+    check_outputs(data_dir, output if figures and one_label else None, json_path, figures and one_label)
     classes, pre = pred.classes, pred.preprocess
-    split = D.scan_eval_folder(data_dir, classes, pred.multilabel)
+    split = D.scan_eval_folder(data_dir, classes, not one_label)
     if len(split) == 0:
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
@@ -241,19 +57,17 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
-    if pred.multilabel:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
-        from vitcli.multilabel import report_multilabel
-
-        head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta}
-        return report_multilabel(pred, logits, flipped, labels, bad, head, json_path)
-    probs = probs_at(logits, flipped, pred.temperature)  # (N, C)
+    probs = pred.task.probs(logits, flipped).numpy()  # (N, C)
+    head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
+            "skipped": bad}
+    if not one_label:  # a sigmoid per class: mAP, per-class AP, F1 at the stored thresholds, exact match
+        return write_json(report_label_vectors(pred, probs, labels, head), json_path)
     y = labels.numpy()  # (N,)
-
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    report = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
-              "skipped": bad} | report | calibration_report(pred, logits, flipped, y, coverage)
+    cov = DEFAULT_COVERAGE if coverage is None else coverage
+    report = head | report | calibration_report(pred, logits, flipped, probs, y, cov)
     if figures:
         from vitcli.html_report import eval_report, pick_examples
         from vitcli.rundir import new_run_dir
@@ -262,15 +76,31 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         report["figures"] = write_figures(report, out_dir, pre)
         net = getattr(pred, "model", None)  # exported files: no attention figure
         page = eval_report(report, out_dir, net, pre, {"config": getattr(pred, "config", {})}, pred.path,
-                           pick_examples(paths, y))
+                           pick_examples(paths, y), pred.task)
         report["figures"]["report"] = str(page)
     print_report(report)
+    return write_json(report, json_path)
+
+
+def write_json(report: dict[str, Any], json_path: str | Path | None) -> dict[str, Any]:
+    """The report as JSON at --json PATH (when given); returns the report."""
     if json_path:
+        from vitcli.console import esc, info
         from vitcli.files import write_output
 
-        write_output(json_path, json.dumps(report, indent=1).encode(), "--json")
+        write_output(json_path, json.dumps(report, indent=1).encode(), "--json-out")
         info(f"wrote {esc(str(json_path))}")
     return report
+
+
+def refuse_for_label_vectors(pred, output: str | Path | None, coverage: float | None) -> None:
+    """Multi-label eval has neither conformal sets nor figures: --coverage / --output are refused, not ignored."""
+    if coverage is not None:
+        raise VitcliError(f"--coverage {coverage:g}: '{pred.path}' is multi-label and has no prediction sets (each "
+                          "class is decided at its own tuned threshold); leave --coverage out")
+    if output is not None:
+        raise VitcliError(f"--output '{output}': multi-label eval draws no figures; use --json PATH for the "
+                          "per-class metrics")
 
 
 def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: str | Path | None,
@@ -284,60 +114,8 @@ def check_outputs(data_dir: str | Path, output: str | Path | None, json_path: st
             ensure_dir(output, "--output")
     if json_path is not None:
         if Path(json_path).is_dir():
-            raise VitcliError(f"--json '{json_path}' is a folder; give a file name")
-        refuse_inside(json_path, data_dir, "--json")
-
-
-def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
-                   where: str | Path = "the data", thresholds: list[float] | None = None):
-    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
-    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
-    at `thresholds`."""
-    import torch
-
-    from vitcli import data as D
-    from vitcli.console import warn
-
-    bad: list[str] = []
-    logits, labels, paths = [], [], []
-    for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
-                             on_bad=bad.append, progress_label="decoding")
-        res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
-        logits.append(res.logits)
-        labels.append(res.labels)
-        paths += store.paths
-    for msg in bad:
-        warn(f"skipped {msg}")
-    if not paths:
-        raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
-    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
-        from vitcli.multilabel import compute_metrics as multilabel_metrics
-
-        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
-        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
-    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
-    y = torch.cat(labels).numpy()  # (N,)
-    report = compute_metrics(probs, y, classes)
-    losses, preds = report.pop("_losses"), report.pop("_preds")
-    report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
-    return report, probs, y, paths, bad
-
-
-def write_figures(report: dict[str, Any], out_dir: Path, pre: dict[str, Any]) -> dict[str, str]:
-    from vitcli.report import plot_confusion, plot_mistakes, plot_reliability
-
-    cm, classes = np.asarray(report["confusion_matrix"]), report["classes"]
-    figs = {"confusion": out_dir / "confusion.png", "confusion_normalized": out_dir / "confusion_normalized.png",
-            "reliability": out_dir / "reliability.png"}
-    plot_confusion(cm, classes, figs["confusion"], normalize=False)
-    plot_confusion(cm, classes, figs["confusion_normalized"], normalize=True)
-    plot_reliability(report["calibration_bins"], report["ece"], figs["reliability"])
-    if report["worst"]:
-        figs["worst"] = out_dir / "worst.png"
-        plot_mistakes(report["worst"], figs["worst"], pre)
-    return {k: str(v) for k, v in figs.items()}
+            raise VitcliError(f"--json-out '{json_path}' is a folder; give a file name")
+        refuse_inside(json_path, data_dir, "--json-out")
 
 
 def _pct(x: float | None) -> str:
@@ -361,7 +139,7 @@ def print_report(r: dict[str, Any]) -> None:
         rows += [("ECE (15 bins), uncalibrated", f"{r['ece_uncalibrated']:.4f}"),
                  ("ECE (15 bins), calibrated", f"{r['ece']:.4f} (temperature {r['temperature']:.4f})")]
     else:
-        rows.append(("ECE (15 bins)", f"{r['ece']:.4f} (no temperature stored)"))
+        rows.append(("ECE (15 bins)", f"{r['ece']:.4f} (temperature 1: none stored or fitted)"))
     if r.get("conformal"):
         c = r["conformal"]
         rows += [(f"coverage of {c['coverage_target']:g} sets", f"{_pct(c['coverage'])} (mean set size "
@@ -402,3 +180,37 @@ def print_report(r: dict[str, Any]) -> None:
         out.print(mc)
     if r.get("figures"):
         out.print("figures: " + ", ".join(esc(v) for v in r["figures"].values()))
+
+
+def print_label_vector_report(report: dict[str, Any]) -> None:
+    """`vitcli eval` for a multi-label model: the summary and the per-class table."""
+    from rich.table import Table
+
+    from vitcli.console import esc, out
+
+    summary = Table(title="evaluation (multi-label)", show_header=False, title_justify="left")
+    skipped = f" ({len(report['skipped'])} unreadable skipped)" if report.get("skipped") else ""
+    for k, v in (("images", f"{report['images']}{skipped}"), ("mAP", f"{report['mAP']:.4f}"),
+                 ("micro F1 at the thresholds", f"{report['micro_f1']:.4f}"),
+                 ("macro F1 at the thresholds", f"{report['macro_f1']:.4f}"),
+                 ("exact match", f"{report['exact_match']:.4f}"), ("label accuracy", f"{report['label_accuracy']:.4f}"),
+                 ("loss (binary cross-entropy)", f"{report['loss']:.4f}")):
+        summary.add_row(k, v)
+    out.print(summary)
+    tab = Table(title="per class", title_justify="left")
+    for col in ("class", "AP", "threshold", "precision", "recall", "F1", "support"):
+        tab.add_column(col, justify="left" if col == "class" else "right")
+    for c in report["per_class"]:
+        tab.add_row(esc(c["class"]), "-" if c["ap"] is None else f"{c['ap']:.3f}", f"{c['threshold']:.3f}",
+                    f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+    out.print(tab)
+
+
+def report_label_vectors(pred, probs, labels, head: dict[str, Any]) -> dict[str, Any]:
+    """`vitcli eval` of a multi-label model: the metrics of the task's probabilities at its thresholds."""
+    from vitcli.metrics import label_vector_metrics
+
+    report = head | {"task": pred.task.name} | label_vector_metrics(probs, labels.numpy(), pred.classes,
+                                                                    pred.task.thresholds)
+    print_label_vector_report(report)
+    return report

@@ -42,7 +42,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
 def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path | None = None,
                  opset: int = 17) -> dict[str, Any]:
     """Export the checkpoint `model` resolves to; returns {"path", "sidecar", "max_abs_diff"}."""
-    from vitcli.predict import passive_omp_threads
+    from vitcli.inference import passive_omp_threads
 
     passive_omp_threads()
     import torch

@@ -1,4 +1,5 @@
-"""report.html: one self-contained page per run (or per `vitcli eval`) that opens from a file with no server.
+"""report.html: one self-contained page per run (or per `vitcli eval`) that opens from a file with no server;
+`run_report` builds a run's page (at the end of training and for `vitcli report`).
 
 Figures are PNGs embedded as base64 data URIs; a Content-Security-Policy meta tag forbids every network
 request, scripts included, so the page shows the same offline as online. Sections: command and config, data,
@@ -25,7 +26,11 @@ N_ATTENTION = 4  # validation images shown with their attention rollout
 
 
 def e(x: Any) -> str:
-    return html.escape(str(x))
+    """User text for the page: markup escaped, and control and bidi characters (U+202E would show 'rtl\u202eexe.txt'
+    as 'rtltxt.exe') shown as escapes the way the console shows them; newlines and tabs kept for <pre>."""
+    from vitcli.console import CONTROL, visible
+
+    return html.escape(CONTROL.sub(lambda m: m[0] if m[0] in "\n\t" else visible(m[0]), str(x)))
 
 
 def img_tag(path: str | Path, alt: str) -> str:
@@ -92,12 +97,12 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
     ]
 
 
-def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
-    """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
+def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path, task
+                     ) -> Path | None:
+    """Input and attention rollout of up to N_ATTENTION images side by side, titled with the task's calibrated
+    probability (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
-    from vitcli.console import visible
-    from vitcli.inspect import decode_batch, overlay, panel_figure
-    from vitcli.report import save_figure
+    from vitcli.figures import decode_batch, fig_label, overlay, panel_figure, save_figure
 
     try:
         keep, photos, x = decode_batch(paths[:N_ATTENTION], pre)  # uint8 (B, 3, S, S), normalised (B, 3, S, S)
@@ -106,14 +111,14 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     except VitcliError:
         return None
     heat = rollout_map(cap, discard_ratio=0.9)  # (B, gh, gw)
-    probs = cap.logits.float().softmax(-1)  # (B, C)
+    probs = task.probs(cap.logits)  # (B, C)
     fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9): input above, rollout below")
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
         axes[0, b].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
-        axes[0, b].set_title(visible(p.name[:24]), fontsize=7)  # control characters drawn as escapes
+        axes[0, b].set_title(fig_label(p.name, 24), fontsize=7)
         axes[1, b].imshow(overlay(photos[b], heat[b]))
-        axes[1, b].set_title(f"{visible(classes[int(c)][:16])} ({float(q):.0%})", fontsize=7)
+        axes[1, b].set_title(f"{fig_label(classes[int(c)], 16)} ({float(q):.0%})", fontsize=7)
     save_figure(fig, path, dpi=100, tight=False)
     return path
 
@@ -135,7 +140,7 @@ def pick_examples(paths: list[Path], labels, n: int = N_ATTENTION) -> list[Path]
 
 
 def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt: dict[str, Any],
-                model_path: Path, examples: list[Path]) -> Path:
+                model_path: Path, examples: list[Path], task) -> Path:
     """report.html beside `vitcli eval`'s figures; curves come from the model's run folder when it has them."""
     from vitcli.config import config_from_dict, to_yaml
     from vitcli.console import command_line
@@ -145,7 +150,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     curves = Path(model_path).parent / "curves.png"
     if curves.is_file():
         figures["curves"] = curves
-    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
+    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png", task):
         figures["attention"] = out_dir / "attention.png"
         r["figures"]["attention"] = str(out_dir / "attention.png")
     history = read_metrics(Path(model_path).parent / "metrics.csv")
@@ -155,3 +160,73 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
                             data_header=["class", "images"], history=history,
                             extra_metrics=[["model", str(model_path)], ["data", r["data"]]])
     return write_page(out_dir / "report.html", f"vitcli eval: {Path(r['data']).name}", sections)
+
+
+# ----------------------------------------------------------------------------------------------- a run's page
+def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
+    """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed). `remedy`
+    ends the message when that is impossible: what the calling command offers instead."""
+    from vitcli.config import config_from_dict
+    from vitcli.data import scan_dataset
+    from vitcli.shards import is_shard_source
+
+    cfg = config_from_dict(ckpt.get("config", {}))
+    data_dir = ckpt.get("data_dir")
+    if not data_dir or not Path(data_dir).exists():
+        raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; {remedy}")
+    if is_shard_source(data_dir):
+        raise VitcliError(f"run '{run_dir}' streamed tar shards, whose images have no files to show; {remedy} "
+                          "(the folder or label file the shards were made from)")
+    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed, cfg.data.val_csv or None)
+    if ds.classes != list(ckpt["classes"]):
+        raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
+                          f"{list(ckpt['classes'])[:10]}; {remedy}")
+    return Path(data_dir), ds.val
+
+
+def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
+    """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
+    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
+    from vitcli.checkpoint import load_model
+    from vitcli.device import pick_device, pick_precision
+    from vitcli.evaluation import evaluate_split, write_figures
+    from vitcli.files import read_text
+    from vitcli.rundir import read_metrics, read_run_info
+    from vitcli.task import Task
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise VitcliError(f"run folder '{run_dir}' does not exist")
+    net, ckpt, path = load_model(run_dir)
+    classes, pre, task = list(ckpt["classes"]), dict(ckpt["preprocess"]), Task.from_meta(ckpt)
+    if not task.one_label:
+        raise VitcliError(f"run '{run_dir}' is {task.words}: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives its metrics")
+    data_dir, split = val_split(run_dir, ckpt, f"vitcli eval DATA --model {run_dir} writes report.html for the "
+                                "images in DATA")
+    dev = pick_device(device)
+    prec, _ = pick_precision(precision, dev)
+    net.to(dev)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir, task=task)
+    r["data"] = str(data_dir)
+    figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
+    if (run_dir / "curves.png").is_file():
+        figures["curves"] = run_dir / "curves.png"
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png", task):
+        figures["attention"] = run_dir / "attention.png"
+    info, history = read_run_info(run_dir), read_metrics(run_dir / "metrics.csv")
+    train_counts = info.get("train_counts") or []
+    train_counts = train_counts if len(train_counts) == len(classes) else [""] * len(classes)
+    rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
+    extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
+    if history:
+        best = max(history, key=lambda h: h["val_acc"])
+        extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
+    if info.get("wall_s"):
+        extra.append(["wall time", f"{info['wall_s']:.1f} s"])
+    config_text = read_text(run_dir / "config.yaml") or ""
+    sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
+                            data_rows=rows, data_header=["class", "train images", "val images"],
+                            history=history, extra_metrics=extra)
+    figures["report"] = write_page(run_dir / "report.html", f"vitcli run: {run_dir.name}", sections)
+    return figures

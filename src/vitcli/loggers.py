@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # train.log entry -> the package it needs
 METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
@@ -24,12 +24,40 @@ TB_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "va
            "lr": "lr/epoch", "seconds": "time/epoch_seconds", "images_per_s": "time/images_per_s"}
 
 
+CONNECT_TIMEOUT_S = 3.0  # an MLflow server must accept a connection within this, checked before any work
+
+
 def check_installed(log: list[str]) -> None:
-    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing)."""
+    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing), or
+    when MLFLOW_TRACKING_URI names a server nothing answers at (MLflow itself retries for minutes)."""
     for name in log:
         package = TRACKERS.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise VitcliError(f"train.log: {name} needs the '{package}' package: pip install 'vitcli[track]'")
+    if "mlflow" in log:
+        check_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def check_server(uri: str) -> None:
+    """One TCP connection to an http(s) tracking URI, with a short timeout; a refusal is one line."""
+    from urllib.parse import urlsplit
+
+    from vitcli.files import os_reason
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number or out of range
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': {e}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        return  # a file store or a database: MLflow opens it itself
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else os_reason(e)
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': cannot connect to {host}:{port} ({why}; timeout "
+                          f"{CONNECT_TIMEOUT_S:g} s); start the server, or unset the variable to log to ./mlruns"
+                          ) from None
 
 
 class Logger:
@@ -49,14 +77,12 @@ class RunInfoLogger(Logger):
     time and wall time summed over resumed sessions. `vitcli runs` reads it."""
 
     def on_start(self, cfg, run_dir, meta):
-        from vitcli.rundir import read_json
+        from vitcli.rundir import mark_running
 
-        self.path, self.t0 = run_dir / "run.json", time.time()
-        self.info = read_json(self.path)
+        self.run_dir, self.t0 = run_dir, time.time()
+        self.info = mark_running(run_dir)
         self.before = float(self.info.get("wall_s", 0.0))  # earlier sessions of a resumed run
-        self.info |= meta | {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                             "started": self.info.get("started", self.t0), "model": cfg.model.name,
-                             "epochs": cfg.train.epochs}
+        self.info |= meta | {"model": cfg.model.name, "epochs": cfg.train.epochs}
         self._write()
 
     def on_epoch(self, row):
@@ -68,9 +94,9 @@ class RunInfoLogger(Logger):
         self._write()
 
     def _write(self) -> None:
-        from vitcli.files import atomic_write_text
+        from vitcli.rundir import write_run_info
 
-        atomic_write_text(self.path, json.dumps(self.info, indent=1))
+        write_run_info(self.run_dir, self.info)
 
 
 class TensorBoardLogger(Logger):
@@ -133,7 +159,7 @@ class MlflowLogger(Logger):
             exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
             self.run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
         except Exception as e:  # a bad URI, a server that does not answer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            first = first_line(e)
             raise VitcliError(f"mlflow at '{uri}': {first}") from None
         params = [Param(f"{s}.{k}", str(v)) for s, sec in to_dict(cfg).items() for k, v in sec.items()]
         self.client.log_batch(self.run_id, params=[*params, Param("data", str(meta["data_dir"]))])
@@ -166,6 +192,9 @@ class Tracking:
     def __init__(self):
         self.sinks: list[Logger] = []
         self.window = (0.0, 0.0, 0)  # (loss sum, images, step) at the last step log
+
+    def on_open(self, cfg) -> None:
+        check_installed(cfg.train.log)  # before any data work
 
     def on_start(self, run, data) -> None:
         from vitcli.console import command_line
@@ -201,7 +230,7 @@ class Tracking:
         figures: dict[str, Path] = {"curves": curves} if curves.is_file() else {}
         if run.cfg.train.report and result.history:
             from vitcli.console import esc, info, warn
-            from vitcli.runs import run_report
+            from vitcli.html_report import run_report
 
             try:
                 figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
@@ -220,6 +249,6 @@ class Tracking:
             except Exception as e:
                 from vitcli.console import warn
 
-                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                first = first_line(e)
                 warn(f"{type(s).__name__} could not record the stop: {first}")
         self.sinks = []

@@ -54,8 +54,9 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
         beta: smoothing of the loss curve (exponential moving average factor).
     """
     from vitcli.console import esc, info, progress_bar
-    from vitcli.engine import EMPTY_PARTIAL, EpochSums, build_state, open_run, prepare_data, train_step
+    from vitcli.engine import open_run, prepare_data, train_step
     from vitcli.rundir import new_run_dir
+    from vitcli.state import EMPTY_PARTIAL, EpochSums, build_state
 
     if not (0 < lr_min < lr_max):
         raise VitcliError(f"lr finder: need 0 < lr_min < lr_max, got lr_min {lr_min:g}, lr_max {lr_max:g}")
@@ -114,8 +115,8 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
 
 
 def _write(res: LRFindResult) -> None:
+    from vitcli.figures import pyplot, save_figure
     from vitcli.files import atomic_write_text
-    from vitcli.report import pyplot, save_figure
 
     rows = "lr,loss,smoothed_loss\n" + "".join(
         f"{lr:.6g},{loss:.6g},{s:.6g}\n" for lr, loss, s in zip(res.lrs, res.losses, res.smoothed, strict=True))

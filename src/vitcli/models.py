@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.errors import VitcliError
+from vitcli.errors import VitcliError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +29,17 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "vit-base": (768, 12, 12),
     "vit-large": (1024, 24, 16),
 }
+
+
+def parse_preset(name: str) -> tuple[str, int | None]:
+    """A preset name -> (base, patch size): `vit-tiny/4` -> ('vit-tiny', 4); no or no valid patch -> None."""
+    base, _, patch = name.partition("/")
+    return base, int(patch) if patch.isdigit() and int(patch) > 0 else None
+
+
+def with_patch(name: str, patch: int) -> str:
+    """The preset name with another patch size (`vit-tiny/16`, 4 -> `vit-tiny/4`)."""
+    return f"{name.partition('/')[0]}/{patch}"
 
 
 def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
@@ -67,7 +78,7 @@ class Backend:
 
     name = ""  # key in BACKENDS and the spec's "backend" value
     from_scratch = True  # built from a vitcli preset (the small-data recipe may pick patch, pooling, positions)
-    downloads_pretrained = False  # `model.pretrained: true` fetches weights through the library
+    downloads_pretrained = False  # `model.pretrained: true` fetches weights (Hugging Face cache, else download)
 
     def claims(self, model_name: str) -> bool:
         """Whether `model.name` names a model of this family."""
@@ -212,6 +223,10 @@ class TimmBackend(Backend):
             hint = f" (similar: {', '.join(close)})" if close else ""
             raise VitcliError(f"'model.name' {TIMM_PREFIX}{name}: timm has no model called {name!r}{hint}")
         kwargs = dict(spec["kwargs"])
+        if pretrained:  # timm loads (head dropped, positions resampled) the file from the Hugging Face cache
+            from vitcli.hub import weights_file
+
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file(name)), "custom_load": False}
         if spec.get("img_size"):
             kwargs["img_size"] = spec["img_size"]
         try:
@@ -220,10 +235,9 @@ class TimmBackend(Backend):
             kwargs.pop("img_size", None)
             spec.pop("img_size", None)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as e:  # network failures of pretrained=True and the like
+        except Exception as e:  # a cached weights file that does not fit, and the like
             if pretrained:
-                raise VitcliError(f"could not download pretrained weights for {TIMM_PREFIX}{name}: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; set "
+                raise VitcliError(f"could not load pretrained weights for {TIMM_PREFIX}{name}: {first_line(e)}; set "
                                   "'model.pretrained_file' to a local weights file instead") from None
             raise
 
@@ -324,11 +338,11 @@ def model_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
 def build_model(m: ModelConfig, num_classes: int, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
     """Model + spec from the config; loads `pretrained_file` when set."""
     backend = backend_for_name(m.name)
-    if m.pretrained and not backend.downloads_pretrained and not m.pretrained_file:
+    if m.pretrained == "true" and not backend.downloads_pretrained and not m.pretrained_file:
         raise VitcliError(f"'model.pretrained' needs a timm model ({TIMM_PREFIX}<name>) or 'model.pretrained_file'; "
                           f"{m.name!r} is built from scratch")
     spec = backend.spec(m, num_classes, img_size)
-    model = backend.create(spec, pretrained=m.pretrained and backend.downloads_pretrained)
+    model = backend.create(spec, pretrained=m.pretrained == "true" and backend.downloads_pretrained)
     if m.pretrained_file:
         load_pretrained_file(model, m.pretrained_file)
     return model, spec

@@ -1,10 +1,4 @@
-"""Classify images: collect files / folders / globs, decode in threads while the model runs, write results.
-
-The model is a vitcli checkpoint, an exported ONNX file (run by onnxruntime) or an exported TorchScript file;
-class names and preprocessing always come from the model file, so prediction repeats training's eval
-transform exactly. Only torch, PIL and numpy are imported for a from-scratch checkpoint: no timm, no
-torchvision (they cost seconds of start-up).
-"""
+"""`vitcli predict`: collect files / folders / globs, run them through the inference service, write results."""
 
 from __future__ import annotations
 
@@ -13,48 +7,16 @@ import glob
 import io
 import itertools
 import json
-import os
 import sys
-from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitcli.errors import VitcliError, at_least
-from vitcli.formats import Predictor
+from vitcli.inference import Prediction, load_predictor, passive_omp_threads, predict_images
 
 FORMATS = ("table", "json", "jsonl", "csv")
 EXIT_SOME_FAILED = 2  # exit code when at least one input could not be predicted
-
-
-@dataclass
-class Prediction:
-    file: str
-    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
-    error: str | None = None
-    abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
-    set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
-    labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
-
-    @property
-    def answer(self) -> str:
-        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
-        from vitcli.calibrate import UNKNOWN
-
-        if self.labels is not None:
-            return "|".join(c for c, _ in self.labels)
-        return UNKNOWN if self.abstained else self.top[0][0]
-
-    def as_dict(self) -> dict[str, Any]:
-        if self.error is not None:
-            return {"file": self.file, "error": self.error}
-        if self.labels is not None:
-            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
-                    "top": [{"class": c, "prob": p} for c, p in self.top]}
-        d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
-             "top": [{"class": c, "prob": p} for c, p in self.top]}
-        return d | ({"set": self.set} if self.set is not None else {})
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -105,146 +67,6 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
         else:
             errors.append(Prediction(arg, error=f"{arg}: no such file or folder"))
     return paths, errors
-
-
-def passive_omp_threads() -> None:
-    """Let idle OpenMP threads sleep instead of spin (unless the user chose otherwise).
-
-    With spinning threads, a machine whose cores are busy with other work runs a one-image forward pass
-    ~30x slower (a waiting thread steals the core the working one needs); large batches lose little to
-    passive waiting. Only takes effect when called before torch is first imported.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-# ----------------------------------------------------------------------------------------------- models
-class TorchPredictor(Predictor):
-    """A vitcli checkpoint (scratch or timm model) on the chosen device and precision."""
-
-    def __init__(self, path: Path, device: str, precision: str):
-        import torch
-
-        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
-        from vitcli.device import pick_device, pick_precision
-
-        ckpt = load_checkpoint(path)
-        self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
-        self.config = ckpt.get("config", {})  # the training config (eval's report.html shows it)
-        self.device = pick_device(device)
-        self.precision, _ = pick_precision(precision, self.device)
-        self.model = model_from_checkpoint(ckpt, path).to(self.device)
-        self._torch = torch
-
-    def logits(self, x):
-        from vitcli.data import eval_transform
-        from vitcli.device import autocast
-
-        with self._torch.inference_mode(), autocast(self.device, self.precision):
-            x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
-            return self.model(x).float().cpu()  # (B, C)
-
-
-def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
-                   runs_dir: str = "runs") -> Predictor:
-    """--model as a checkpoint, run folder, .onnx or TorchScript file; None -> the newest run."""
-    from vitcli.checkpoint import resolve_model_path
-    from vitcli.console import esc, info
-    from vitcli.formats import format_of
-
-    path = resolve_model_path(model, runs_dir)
-    fmt = format_of(path)
-    pred = fmt.predictor(path, device) if fmt else TorchPredictor(path, device, precision)
-    info(f"[bold]model[/] {esc(str(path))} ({pred.kind}, {len(pred.classes)} classes)")
-    return pred
-
-
-# ----------------------------------------------------------------------------------------------- inference
-def _decode(path: Path, size: int, interpolation: str):
-    from vitcli.data import BadImage, decode_square
-
-    try:
-        return decode_square(path, size, interpolation), None  # uint8 (3, S, S)
-    except BadImage as e:
-        return None, str(e)
-
-
-def decoded(paths: list[Path], size: int, interpolation: str, threads: int, window: int) -> Iterator:
-    """(path, uint8 image or None, error or None) in input order; at most `window` images decoded ahead,
-    in a thread pool (PIL releases the GIL) so decoding overlaps with the model."""
-    if threads <= 1 or len(paths) <= 1:
-        for p in paths:
-            yield (p, *_decode(p, size, interpolation))
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        todo = iter(paths)
-        pending: deque = deque()
-        for p in todo:
-            pending.append((p, pool.submit(_decode, p, size, interpolation)))
-            if len(pending) >= window:
-                break
-        while pending:
-            p, fut = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(_decode, nxt, size, interpolation)))
-            yield (p, *fut.result())
-
-
-def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
-                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
-                   ) -> Iterator[Prediction]:
-    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
-    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
-    conformal threshold) adds the prediction set."""
-    import torch
-
-    from vitcli.console import progress_bar
-
-    pre = pred.preprocess
-    k = max(1, min(top_k, len(pred.classes)))
-    threads = threads or min(4, os.cpu_count() or 1)
-    bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
-    task = bar.add_task("predicting", total=len(paths)) if bar else None
-
-    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
-
-    def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
-        x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta).double()  # (B, C)
-        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
-        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
-            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
-            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
-            if threshold is not None:
-                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
-            if pred.multilabel:
-                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
-            yield r
-
-    if bar:
-        bar.start()
-    try:
-        batch: list[tuple[Path, Any]] = []
-        for path, img, err in decoded(paths, pre["resize_size"], pre["interpolation"], threads,
-                                      window=2 * batch_size):
-            if err is not None:
-                yield Prediction(str(path), error=err)
-            else:
-                batch.append((path, img))
-            if len(batch) == batch_size:
-                yield from flush(batch)
-                batch = []
-            if bar:
-                bar.advance(task)
-        if batch:
-            yield from flush(batch)
-    finally:
-        if bar:
-            bar.stop()
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -299,7 +121,9 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
         tab.add_column("labels (at or above threshold)")
         for r in results:
             if r.error is None:
-                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                unsure = "".join(f", [yellow]unsure[/] {esc(c)} {p:.3f}" for c, p in r.unsure or [])
+                tab.add_row(esc(r.file), (", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                            + unsure)
         out.print(tab)
         return
     tab.add_column("class")
@@ -359,10 +183,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     thresholds = parse_min_prob(min_prob, pred.classes)
     threshold = pred.conformal_threshold(coverage) if coverage is not None else None
-    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
+    answer = thresholds is not None or not pred.task.one_label  # csv: label vectors have their labels as answer
+    with_set = threshold is not None
     if with_set:
         info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
-             f"(split conformal, {len(pred.conformal_scores)} validation images)")
+             f"(split conformal, {len(pred.task.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:

@@ -236,11 +236,6 @@ class VisionTransformer(nn.Module):
                 self.pos_embed[0, :1] = 0.0
             self.pos_embed.requires_grad_(False)
 
-    def set_fused_attn(self, fused: bool) -> None:
-        """Pick the fused SDPA path (True) or the explicit softmax path (False) in every block."""
-        for blk in self.blocks:
-            blk.attn.fused_attn = fused
-
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed  # (1, 1 + gh*gw, D)
         if grid != self.grid_size:  # another resolution: resample the patch positions bicubically
@@ -272,12 +267,3 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
-
-    def group_matcher(self) -> list[str]:
-        """Parameter-name prefixes from input to output, for layer-wise lr decay."""
-        return ["patch_embed", "cls_token", "pos_embed"] + [f"blocks.{i}." for i in range(len(self.blocks))]
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

@@ -6,72 +6,21 @@ Both model backends go through the same code: `vitcli.attention` reads any suppo
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.console import esc, out, visible, warn
+from vitcli.console import esc, out
 from vitcli.errors import VitcliError, at_least
+from vitcli.figures import DPI, decode_batch, fig_label, overlay, panel_figure
+from vitcli.inference import Loaded, load
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
 METHODS = ("all", "rollout", "raw", "grad-rollout", "gradcam", "chefer")
-PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
-
-
-# ----------------------------------------------------------------------------------------------- loading
-@dataclass
-class Loaded:
-    model: nn.Module
-    classes: list[str]
-    pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
-    run_dir: Path
-    device: torch.device
-    temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
-    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
-        z = logits.float() / self.temperature
-        return z.sigmoid() if self.multilabel else z.softmax(-1)
-
-
-def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
-    """The checkpoint's model (newest run when `model_arg` is None) in fp32 eval mode, at `img_size`."""
-    from vitcli.checkpoint import load_model
-    from vitcli.device import pick_device
-
-    model, ckpt, path = load_model(model_arg)
-    dev = pick_device(device)
-    model = model.float().eval().to(dev)
-    pre = dict(ckpt["preprocess"])
-    if img_size is not None and img_size != pre["img_size"]:
-        pre = set_resolution(model, pre, img_size)
-    from vitcli.calibrate import calibration_of
-
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
-                  ckpt.get("task") == "multilabel")
-
-
-def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
-    """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
-    switched with `set_input_size`. Returns the preprocessing for that side."""
-    from vitcli.data import resize_size_for
-    from vitcli.models import backend_of
-
-    backend = backend_of(model)
-    ph, pw = backend.patch_size(model)
-    if img_size < 1 or img_size % ph or img_size % pw:
-        raise VitcliError(f"--img-size {img_size} must be a positive multiple of the patch size {ph}")
-    backend.set_input_size(model, img_size)
-    return dict(pre, img_size=img_size, resize_size=resize_size_for(img_size, pre["crop_pct"]))
 
 
 def output_dir(output: str | Path | None, run_dir: Path) -> Path:
@@ -101,26 +50,6 @@ def collect_images(items: list[Path]) -> list[Path]:
     return found
 
 
-def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
-    """(readable paths, uint8 crops (B, 3, S, S) exactly as the model sees them, normalised (B, 3, S, S));
-    unreadable files are skipped with a warning."""
-    import torch
-
-    from vitcli.data import BadImage, center_crop, decode_square, eval_transform
-
-    keep, imgs = [], []
-    for p in paths:
-        try:
-            imgs.append(decode_square(p, pre["resize_size"], pre.get("interpolation", "bicubic")))
-            keep.append(p)
-        except BadImage as e:
-            warn(f"skipped {e}")
-    if not imgs:
-        raise VitcliError("none of the images could be read")
-    raw = torch.stack(imgs)  # (B, 3, R, R) uint8
-    return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)
-
-
 # ----------------------------------------------------------------------------------------------- attention
 def parse_indices(text: str | None, n: int, flag: str, default: str) -> list[int]:
     """'all' | 'last' | 'N' | 'N,M,...' (0-based, negative counts from the end) -> sorted indices < n."""
@@ -141,36 +70,6 @@ def parse_indices(text: str | None, n: int, flag: str, default: str) -> list[int
     return sorted(set(idx))
 
 
-def overlay(photo: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5):
-    """uint8 photo (3, H, W) + heat map (gh, gw) -> float RGB (H, W, 3): the map upsampled bilinearly,
-    scaled to [0, 1], coloured with 'jet' and blended over the photo."""
-    import matplotlib
-    import torch.nn.functional as F
-
-    H, W = photo.shape[-2:]
-    h = F.interpolate(heat[None, None].float().cpu(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
-    h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)  # (H, W)
-    colour = matplotlib.colormaps["jet"](h.numpy())[..., :3]  # (H, W, 3)
-    img = photo.permute(1, 2, 0).float().cpu().numpy() / 255.0  # (H, W, 3)
-    return (1 - alpha) * img + alpha * colour
-
-
-def panel_figure(rows: int, cols: int, title: str):
-    """A figure of rows x cols image panels of exactly (cols * 200) x (rows * 225 + 50) pixels."""
-    from vitcli.report import pyplot
-
-    plt = pyplot()
-    w, h = cols * PANEL_IN, rows * (PANEL_IN + TITLE_IN) + SUPTITLE_IN
-    fig = plt.figure(figsize=(w, h), dpi=DPI)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (SUPTITLE_IN + TITLE_IN) / h, wspace=0.04,
-                        hspace=TITLE_IN / PANEL_IN)  # the band above each row holds its panel titles
-    fig.suptitle(title, fontsize=9)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    return fig, axes
-
-
 def _unique_stem(path: Path, used: set[str]) -> str:
     stem, n = path.stem, 2
     while stem in used:
@@ -188,7 +87,7 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
     class) (`method` picks). Returns the PNG paths written."""
     from vitcli.attention import FUSIONS, capture_attention, head_maps, rollout_map
     from vitcli.explain import CLASS_METHODS
-    from vitcli.report import save_figure
+    from vitcli.figures import save_figure
 
     if method not in METHODS:
         raise VitcliError(f"--method {method!r} is not valid; use one of {', '.join(METHODS)}")
@@ -210,10 +109,10 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
+        probs = ld.probs(cap.logits)  # (B, C), as predict reports them
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
-            name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
+            name = f"{fig_label(path.name)}: {fig_label(ld.classes[int(c)])} ({float(p):.1%})"  # drawn, cut
             stem = _unique_stem(path, used)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
@@ -273,7 +172,7 @@ def explain_images(images: list[Path], *, model: str | None, output: str | Path 
     named <image>_<method>_<class>.png."""
     import re
 
-    from vitcli.report import save_figure
+    from vitcli.figures import save_figure
 
     ld, out_dir, batches = loaded_batches(images, model, img_size, device, output, batch_size)
     written: list[Path] = []
@@ -338,7 +237,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
         for start in range(0, len(paths), batch_size):
             yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
 
-    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
+    res = faithfulness(ld.model, batches(), methods, steps, ld.probs, baseline=baseline)
     res = {"model": str(ld.run_dir), "target": "predicted class", **res}
     tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
                       f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
@@ -357,13 +256,13 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     if json_path:
         from vitcli.files import write_output  # a file the user named: written through, never replaced
 
-        write_output(json_path, json.dumps(res, indent=1).encode(), "--json")
+        write_output(json_path, json.dumps(res, indent=1).encode(), "--json-out")
         written.append(Path(json_path))
     return res, written
 
 
 def _draw_curves(res: dict[str, Any], path: Path) -> None:
-    from vitcli.report import pyplot, save_figure
+    from vitcli.figures import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -381,7 +280,7 @@ def _draw_curves(res: dict[str, Any], path: Path) -> None:
 
 def _draw_heads(cap, b: int, photo, layers: list[int], heads: list[int], name: str, path: Path,
                 head_maps) -> Path:
-    from vitcli.report import save_figure
+    from vitcli.figures import save_figure
 
     src = "patch tokens" if cap.source is None else "class token"
     fig, axes = panel_figure(len(layers), len(heads), f"{name}\nattention of the {src} per block and head")
@@ -507,7 +406,7 @@ def posembed_similarity(model: nn.Module) -> tuple[torch.Tensor, tuple[int, int]
 
 def inspect_posembed(*, model: str | None = None, output: str | Path | None = None) -> list[Path]:
     """One PNG: for each patch position, a tile of its position embedding's similarity with all others."""
-    from vitcli.report import pyplot, save_figure
+    from vitcli.figures import pyplot, save_figure
 
     ld = load(model)
     sim, (gh, gw) = posembed_similarity(ld.model)
@@ -550,7 +449,7 @@ def inspect_distance(data: list[Path], *, model: str | None = None, output: str 
     (evenly spread over the sorted list); prints the table."""
     from rich.table import Table
 
-    from vitcli.report import pyplot, save_figure
+    from vitcli.figures import pyplot, save_figure
 
     at_least("--max-images", max_images)
     paths = collect_images(data)
@@ -605,7 +504,7 @@ def filter_components(model: nn.Module, k: int) -> torch.Tensor:
 def inspect_filters(*, model: str | None = None, output: str | Path | None = None,
                     components: int = 28) -> list[Path]:
     """One PNG of the principal components of the patch-embedding filters (the ViT paper's figure 7, left)."""
-    from vitcli.report import pyplot, save_figure
+    from vitcli.figures import pyplot, save_figure
 
     at_least("--components", components)
     ld = load(model)
@@ -625,151 +524,3 @@ def inspect_filters(*, model: str | None = None, output: str | Path | None = Non
     return [path]
 
 
-# ----------------------------------------------------------------------------------------------- data
-FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".bmp": {"BMP"},
-                 ".gif": {"GIF"}, ".webp": {"WEBP"}, ".tif": {"TIFF"}, ".tiff": {"TIFF"}}
-
-
-@dataclass
-class FileInfo:
-    path: Path
-    split: str
-    label: int | tuple[int, ...]  # class index, or multi-hot
-    sha256: str
-    format: str | None = None
-    mode: str | None = None
-    size: tuple[int, int] | None = None
-    error: str | None = None  # why the file cannot be used as an image
-
-
-@dataclass
-class DataReport:
-    root: Path
-    classes: list[str]
-    counts: dict[str, list[int]]  # split -> images per class
-    imbalance: dict[str, float]  # split -> largest / smallest class count (inf when a class is empty)
-    sizes: Counter  # (width, height) -> files
-    modes: Counter  # PIL mode -> files
-    formats: Counter  # PIL format -> files
-    unreadable: list[str] = field(default_factory=list)  # one message per file
-    disguised: list[str] = field(default_factory=list)  # readable, but the extension names another format
-    dup_within: list[list[FileInfo]] = field(default_factory=list)  # identical files inside one split
-    dup_across: list[list[FileInfo]] = field(default_factory=list)  # identical files in several splits
-    ignored: int = 0  # files without an image extension
-
-
-def _probe(job: tuple[Path, str, int]) -> FileInfo:
-    from PIL import Image
-
-    from vitcli.data import BadImage, allowed_formats, check_regular, load_rgb
-
-    path, split, label = job
-    h = hashlib.sha256()
-    try:
-        check_regular(path)  # a FIFO swapped in after the scan would block the read
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except (OSError, BadImage) as e:  # unreadable (permissions, I/O error) or vanished since the scan
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return FileInfo(path, split, label, f"unreadable:{path}", error=f"{path}: cannot be read ({reason})")
-    info = FileInfo(path, split, label, h.hexdigest())
-    try:
-        with Image.open(path, formats=allowed_formats()) as im:
-            info.format, info.mode, info.size = im.format, im.mode, im.size
-    except Exception:  # load_rgb below explains why
-        pass
-    try:
-        load_rgb(path)
-    except BadImage as e:
-        info.error = str(e)
-    return info
-
-
-def check_data(root: str | Path) -> DataReport:
-    """Read (never write) a dataset folder and collect what could go wrong in training."""
-    from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
-
-    root = Path(root)
-    ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
-    if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
-        splits = {"train": ds.train, "val": ds.val, "test": ds.test}
-    else:
-        splits = {"all": ds.train}
-    splits = {k: v for k, v in splits.items() if v is not None and len(v)}
-    jobs = [(p, name, y) for name, s in splits.items() for p, y in zip(s.paths, s.labels, strict=True)]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        infos = list(pool.map(_probe, jobs, chunksize=16))
-    n = len(ds.classes)
-    counts = {k: [0] * n for k in splits}  # readable images only
-    for i in infos:
-        for c in ([k for k, v in enumerate(i.label) if v] if isinstance(i.label, tuple) else [i.label]):
-            counts[i.split][c] += i.error is None  # multi-label: images holding the class
-    imbalance = {k: (max(c) / min(c) if min(c) else math.inf) for k, c in counts.items()}
-    good = [i for i in infos if i.error is None]
-    rep = DataReport(root, ds.classes, counts, imbalance, Counter(i.size for i in good if i.size),
-                     Counter(i.mode for i in good if i.mode), Counter(i.format for i in good if i.format))
-    rep.unreadable = [i.error for i in infos if i.error]
-    for i in good:
-        if i.format and i.format not in FORMAT_OF_EXT.get(i.path.suffix.lower(), {i.format}):
-            rep.disguised.append(f"{i.path}: named {i.path.suffix} but is {i.format}")
-    groups: dict[str, list[FileInfo]] = defaultdict(list)
-    for i in infos:
-        groups[i.sha256].append(i)
-    for g in groups.values():
-        if len(g) < 2:
-            continue
-        if len({i.split for i in g}) > 1:
-            rep.dup_across.append(g)
-        else:
-            rep.dup_within.append(g)
-    for _dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        rep.ignored += sum(1 for f in filenames if not is_hidden(f) and Path(f).suffix.lower() not in IMAGE_EXTS)
-    return rep
-
-
-def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
-    from vitcli.data import label_text
-
-    labels = {i.label for i in g}
-    where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])
-    where += " ..." if len(g) > 4 else ""
-    return where + ("  [different classes]" if len(labels) > 1 else "")
-
-
-def inspect_data(root: str | Path, show: int = 10) -> DataReport:
-    """Print the dataset check; returns the report."""
-    from rich.table import Table
-
-    rep = check_data(root)
-    t = Table("class", *rep.counts, title=f"images per class in '{esc(str(rep.root))}'")
-    for c, name in enumerate(rep.classes):
-        t.add_row(esc(name), *[str(v[c]) for v in rep.counts.values()])
-    t.add_row("[bold]total[/]", *[str(sum(v)) for v in rep.counts.values()])
-    t.add_row("[bold]imbalance (max/min)[/]", *[f"{r:.2f}" if math.isfinite(r) else "a class is empty"
-                                               for r in rep.imbalance.values()])
-    out.print(t)
-    if rep.sizes:
-        ws = sorted(w for (w, _), k in rep.sizes.items() for _ in range(k))
-        hs = sorted(h for (_, h), k in rep.sizes.items() for _ in range(k))
-        common = ", ".join(f"{w}x{h} ({k})" for (w, h), k in rep.sizes.most_common(3))
-        out.print(f"sizes: width {ws[0]}-{ws[-1]} (median {ws[len(ws) // 2]}), height {hs[0]}-{hs[-1]} "
-                  f"(median {hs[len(hs) // 2]}); {len(rep.sizes)} distinct, most common {common}")
-    out.print("modes: " + ", ".join(f"{esc(str(m))} ({k})" for m, k in rep.modes.most_common()))
-    out.print("formats: " + ", ".join(f"{esc(str(m))} ({k})" for m, k in rep.formats.most_common()))
-    sections = [("unreadable files", rep.unreadable),
-                ("disguised files (extension does not match the content)", rep.disguised),
-                ("exact duplicates within a split", [_dup_line(g, rep.classes) for g in rep.dup_within]),
-                ("exact duplicates across splits (leak between train and evaluation)",
-                 [_dup_line(g, rep.classes) for g in rep.dup_across])]
-    for title, items in sections:
-        colour = "green" if not items else "yellow"
-        out.print(f"[{colour}]{title}: {len(items)}[/]")
-        for line in items[:show]:
-            out.print(f"  {esc(line)}")
-        if len(items) > show:
-            out.print(f"  ... and {len(items) - show} more")
-    if rep.ignored:
-        out.print(f"ignored {rep.ignored} file(s) without an image extension")
-    return rep

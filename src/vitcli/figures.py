@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from vitcli.console import visible
+from vitcli.console import visible, warn
+from vitcli.errors import VitcliError
+
+if TYPE_CHECKING:
+    import torch
+
+PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
+
+LABEL_CHARS = 32  # a class or file name drawn in a figure is cut to this many characters
+
+
+def fig_label(text: object, limit: int = LABEL_CHARS) -> str:
+    """A name as drawn in a figure: control characters as escapes, cut to `limit` characters with '...'."""
+    from vitcli.errors import clip
+
+    return clip(visible(text), limit)
 
 
 def pyplot():
@@ -60,7 +76,7 @@ def plot_confusion(cm, classes: list[str], path: str | Path, normalize: bool = F
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
            title="confusion matrix" + (" (row-normalised)" if normalize else ""))
-    labels = [visible(c) for c in classes]  # control characters in a class name drawn as escapes
+    labels = [fig_label(c) for c in classes]
     ax.set_xticklabels(labels, rotation=90 if n > 6 else 0, fontsize=8)
     ax.set_yticklabels(labels, fontsize=8)
     if n <= 30:
@@ -108,7 +124,56 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
             ax.imshow(img.permute(1, 2, 0).numpy())
         except BadImage:
             pass
-        ax.set_title(f"true {visible(it['true'])}\npred {visible(it['predicted'])} ({it['prob_predicted']:.2f})\n"
+        ax.set_title(f"true {fig_label(it['true'])}\npred {fig_label(it['predicted'])} "
+                     f"({it['prob_predicted']:.2f})\n"
                      f"loss {it['loss']:.2f}", fontsize=8)
     fig.suptitle("highest-loss mistakes")
     save_figure(fig, path)
+
+
+def overlay(photo: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5):
+    """uint8 photo (3, H, W) + heat map (gh, gw) -> float RGB (H, W, 3): the map upsampled bilinearly,
+    scaled to [0, 1], coloured with 'jet' and blended over the photo."""
+    import matplotlib
+    import torch.nn.functional as F
+
+    H, W = photo.shape[-2:]
+    h = F.interpolate(heat[None, None].float().cpu(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
+    h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)  # (H, W)
+    colour = matplotlib.colormaps["jet"](h.numpy())[..., :3]  # (H, W, 3)
+    img = photo.permute(1, 2, 0).float().cpu().numpy() / 255.0  # (H, W, 3)
+    return (1 - alpha) * img + alpha * colour
+
+
+def panel_figure(rows: int, cols: int, title: str):
+    """A figure of rows x cols image panels of exactly (cols * 200) x (rows * 225 + 50) pixels."""
+    plt = pyplot()
+    w, h = cols * PANEL_IN, rows * (PANEL_IN + TITLE_IN) + SUPTITLE_IN
+    fig = plt.figure(figsize=(w, h), dpi=DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (SUPTITLE_IN + TITLE_IN) / h, wspace=0.04,
+                        hspace=TITLE_IN / PANEL_IN)  # the band above each row holds its panel titles
+    fig.suptitle(title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], torch.Tensor, torch.Tensor]:
+    """(readable paths, uint8 crops (B, 3, S, S) exactly as the model sees them, normalised (B, 3, S, S));
+    unreadable files are skipped with a warning."""
+    import torch
+
+    from vitcli.data import BadImage, center_crop, decode_square, eval_transform
+
+    keep, imgs = [], []
+    for p in paths:
+        try:
+            imgs.append(decode_square(p, pre["resize_size"], pre.get("interpolation", "bicubic")))
+            keep.append(p)
+        except BadImage as e:
+            warn(f"skipped {e}")
+    if not imgs:
+        raise VitcliError("none of the images could be read")
+    raw = torch.stack(imgs)  # (B, 3, R, R) uint8
+    return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)

@@ -1,0 +1,241 @@
+"""Run a model on images: the Prediction record, loading any model file as a predictor, decoding in threads
+while the model runs, batched inference with abstention and prediction sets.
+
+A service shared by `vitcli predict`, `eval`, `export`'s check and `serve`. The model is a vitcli checkpoint, an
+exported ONNX file (run by onnxruntime) or an exported TorchScript file; class names and preprocessing always
+come from the model file, so prediction repeats training's eval transform exactly. Only torch, PIL and numpy are
+imported for a from-scratch checkpoint: no timm, no torchvision (they cost seconds of start-up).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcli.errors import VitcliError
+from vitcli.formats import Predictor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vitcli.task import Task
+
+
+@dataclass
+class Prediction:
+    file: str
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
+    error: str | None = None
+    abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
+    set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
+    labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
+    unsure: list[tuple[str, float]] | None = None  # multi-label --min-prob: at its threshold, below --min-prob
+
+    @property
+    def answer(self) -> str:
+        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
+        from vitcli.task import UNKNOWN
+
+        if self.labels is not None:
+            return "|".join(c for c, _ in self.labels)
+        return UNKNOWN if self.abstained else self.top[0][0]
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"file": self.file, "error": self.error}
+        if self.labels is not None:
+            unsure = {"unsure": [{"class": c, "prob": p} for c, p in self.unsure]} if self.unsure else {}
+            return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
+                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure
+        d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
+             "top": [{"class": c, "prob": p} for c, p in self.top]}
+        return d | ({"set": self.set} if self.set is not None else {})
+
+
+def passive_omp_threads() -> None:
+    """Let idle OpenMP threads sleep instead of spin (unless the user chose otherwise).
+
+    With spinning threads, a machine whose cores are busy with other work runs a one-image forward pass
+    ~30x slower (a waiting thread steals the core the working one needs); large batches lose little to
+    passive waiting. Only takes effect when called before torch is first imported.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ----------------------------------------------------------------------------------------------- models
+class TorchPredictor(Predictor):
+    """A vitcli checkpoint (scratch or timm model) on the chosen device and precision."""
+
+    def __init__(self, path: Path, device: str, precision: str):
+        import torch
+
+        from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
+        from vitcli.device import pick_device, pick_precision
+
+        ckpt = load_checkpoint(path)
+        self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
+        self.config = ckpt.get("config", {})  # the training config (eval's report.html shows it)
+        self.device = pick_device(device)
+        self.precision, _ = pick_precision(precision, self.device)
+        self.model = model_from_checkpoint(ckpt, path).to(self.device)
+        self._torch = torch
+
+    def logits(self, x):
+        from vitcli.data import eval_transform
+        from vitcli.device import autocast
+
+        with self._torch.inference_mode(), autocast(self.device, self.precision):
+            x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
+            return self.model(x).float().cpu()  # (B, C)
+
+
+def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
+                   runs_dir: str = "runs") -> Predictor:
+    """--model as a checkpoint, run folder, .onnx or TorchScript file; None -> the newest run."""
+    from vitcli.checkpoint import resolve_model_path
+    from vitcli.console import esc, info
+    from vitcli.formats import format_of
+
+    path = resolve_model_path(model, runs_dir)
+    fmt = format_of(path)
+    pred = fmt.predictor(path, device) if fmt else TorchPredictor(path, device, precision)
+    info(f"[bold]model[/] {esc(str(path))} ({pred.kind}, {len(pred.classes)} classes)")
+    return pred
+
+
+# ----------------------------------------------------------------------------------------------- inference
+def _decode(path: Path, size: int, interpolation: str):
+    from vitcli.data import BadImage, decode_square
+
+    try:
+        return decode_square(path, size, interpolation), None  # uint8 (3, S, S)
+    except BadImage as e:
+        return None, str(e)
+
+
+def decoded(paths: list[Path], size: int, interpolation: str, threads: int, window: int) -> Iterator:
+    """(path, uint8 image or None, error or None) in input order; at most `window` images decoded ahead,
+    in a thread pool (PIL releases the GIL) so decoding overlaps with the model."""
+    if threads <= 1 or len(paths) <= 1:
+        for p in paths:
+            yield (p, *_decode(p, size, interpolation))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        todo = iter(paths)
+        pending: deque = deque()
+        for p in todo:
+            pending.append((p, pool.submit(_decode, p, size, interpolation)))
+            if len(pending) >= window:
+                break
+        while pending:
+            p, fut = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_decode, nxt, size, interpolation)))
+            yield (p, *fut.result())
+
+
+def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
+                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
+                   ) -> Iterator[Prediction]:
+    """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown" (multi-label: a label
+    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set."""
+    import torch
+
+    from vitcli.console import progress_bar
+
+    pre = pred.preprocess
+    k = max(1, min(top_k, len(pred.classes)))
+    threads = threads or min(4, os.cpu_count() or 1)
+    bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
+    task = bar.add_task("predicting", total=len(paths)) if bar else None
+
+    names = pred.classes
+
+    def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
+        x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
+        full = pred.probs(x, tta)  # (B, C) float64
+        for (path, _), pr, d in zip(batch, full.tolist(), pred.task.decide(full, min_prob, threshold), strict=True):
+            r = Prediction(str(path), [(names[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained)
+            if d.set is not None:
+                r.set = [names[i] for i in d.set]
+            if d.labels is not None:
+                r.labels = [(names[i], round(pr[i], 6)) for i in d.labels]
+                r.unsure = [(names[i], round(pr[i], 6)) for i in d.unsure]
+            yield r
+
+    if bar:
+        bar.start()
+    try:
+        batch: list[tuple[Path, Any]] = []
+        for path, img, err in decoded(paths, pre["resize_size"], pre["interpolation"], threads,
+                                      window=2 * batch_size):
+            if err is not None:
+                yield Prediction(str(path), error=err)
+            else:
+                batch.append((path, img))
+            if len(batch) == batch_size:
+                yield from flush(batch)
+                batch = []
+            if bar:
+                bar.advance(task)
+        if batch:
+            yield from flush(batch)
+    finally:
+        if bar:
+            bar.stop()
+
+
+
+
+# ----------------------------------------------------------------------------------------------- looking inside
+@dataclass
+class Loaded:
+    model: nn.Module
+    classes: list[str]
+    pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
+    run_dir: Path
+    device: torch.device
+    task: Task  # the model's task.Task: its calibrated probabilities
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The task's calibrated probabilities (B, C) (`Task.probs`)."""
+        return self.task.probs(logits)
+
+
+def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
+    """The checkpoint's model (newest run when `model_arg` is None) in fp32 eval mode, at `img_size`."""
+    from vitcli.checkpoint import load_model
+    from vitcli.device import pick_device
+
+    model, ckpt, path = load_model(model_arg)
+    dev = pick_device(device)
+    model = model.float().eval().to(dev)
+    pre = dict(ckpt["preprocess"])
+    if img_size is not None and img_size != pre["img_size"]:
+        pre = set_resolution(model, pre, img_size)
+    from vitcli.task import Task
+
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, Task.from_meta(ckpt))
+
+
+def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
+    """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
+    switched with `set_input_size`. Returns the preprocessing for that side."""
+    from vitcli.data import resize_size_for
+    from vitcli.models import backend_of
+
+    backend = backend_of(model)
+    ph, pw = backend.patch_size(model)
+    if img_size < 1 or img_size % ph or img_size % pw:
+        raise VitcliError(f"--img-size {img_size} must be a positive multiple of the patch size {ph}")
+    backend.set_input_size(model, img_size)
+    return dict(pre, img_size=img_size, resize_size=resize_size_for(img_size, pre["crop_pct"]))
