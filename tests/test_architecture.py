@@ -79,8 +79,8 @@ LAYERS: dict[str, set[str]] = {
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
     "services": {"engine", "state", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation",
                  "inference", "formats", "rundir", "figures", "attention", "explain", "optim", "ood", "pretrained"},
-    "core": {"config", "data", "looks", "manifest", "shards", "task", "metrics", "calibrate", "models", "vit", "checkpoint",
-             "device", "distributed", "files", "console", "signals", "errors", "hub", "__init__"},
+    "core": {"config", "data", "looks", "manifest", "shards", "task", "metrics", "calibrate", "models", "vit",
+             "checkpoint", "device", "distributed", "files", "console", "signals", "errors", "hub", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
 # recipes -> defaults -> config -> models -> files -> errors)
