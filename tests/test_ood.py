@@ -59,7 +59,7 @@ def test_far_images_score_higher_than_near_ones():
     assert ood.auroc(s_near.numpy(), s_far.numpy()) > 0.95
 
 
-@pytest.mark.parametrize("backend", ["scratch", "timm"])
+@pytest.mark.parametrize("backend", ["scratch", "timm", "deit-distilled"])
 def test_embeddings_and_logits_come_from_one_pass_of_either_backend(backend):
     torch.manual_seed(0)
     if backend == "scratch":
@@ -69,8 +69,9 @@ def test_embeddings_and_logits_come_from_one_pass_of_either_backend(backend):
     else:
         import timm
 
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=4, img_size=32,
-                                  patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        name = "vit_tiny_patch16_224" if backend == "timm" else "deit_tiny_distilled_patch16_224"
+        model = timm.create_model(name, pretrained=False, num_classes=4, img_size=32, patch_size=8, embed_dim=32,
+                                  depth=1, num_heads=2)
     model.eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

@@ -56,6 +56,7 @@ def embed_images(loaded: Loaded, paths: list[Path], batch_size: int = 64, progre
     from vitcli.augment import eval_transform
     from vitcli.console import progress_bar
     from vitcli.inference import decoded
+    from vitcli.ood import features_and_logits
 
     pre, model = loaded.pre, loaded.model
     feats, probs, keep, bad, batch = [], [], [], [], []
@@ -63,9 +64,9 @@ def embed_images(loaded: Loaded, paths: list[Path], batch_size: int = 64, progre
     def flush() -> None:
         x = eval_transform(torch.stack([img for _, img in batch]).to(loaded.device), pre)  # (B, 3, H, W)
         with torch.inference_mode():
-            tokens = model.forward_features(x)  # (B, 1 + N, D) for a ViT
-            feats.append(model.forward_head(tokens, pre_logits=True).float().cpu())  # (B, D)
-            probs.append(loaded.probs(model.forward_head(tokens)).cpu())  # (B, C)
+            f, logits = features_and_logits(model, x)  # (B, D), (B, C)
+            feats.append(f.cpu())
+            probs.append(loaded.probs(logits).cpu())
         keep.extend(p for p, _ in batch)
         batch.clear()
 

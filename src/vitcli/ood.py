@@ -24,12 +24,10 @@ K = 10  # neighbour whose distance is the kNN score (Sun et al. use 50 with full
 
 
 def features_and_logits(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate embedding (B, D) and logits (B, C) in one pass, for both model backends."""
-    tokens = model.forward_features(x)  # (B, T, D), or pooled already for some timm models
-    feats = model.forward_head(tokens, pre_logits=True)  # (B, D)
-    head = getattr(model, "get_classifier", None)
-    logits = head()(feats) if head is not None else model.head(feats)  # (B, C)
-    return feats.float(), logits.float()
+    """Penultimate embedding (B, D) and logits (B, C) from one pass of the blocks, for both model backends
+    (the head runs twice: `forward_head` also averages a distilled DeiT's two heads)."""
+    tokens = model.forward_features(x)  # (B, 1 + N, D) for a ViT
+    return model.forward_head(tokens, pre_logits=True).float(), model.forward_head(tokens).float()
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
