@@ -40,8 +40,10 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
 
 
 def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path | None = None,
-                 opset: int = 17) -> dict[str, Any]:
-    """Export the checkpoint `model` resolves to; returns {"path", "sidecar", "max_abs_diff"}."""
+                 opset: int = 17, precision: str = "fp32", int8_method: str = "auto", max_drop: float = 1.0,
+                 force: bool = False) -> dict[str, Any]:
+    """Export the checkpoint `model` resolves to, in fp32 or (ONNX) as an int8 / fp16 file gated on its accuracy;
+    returns {"path", "sidecar", "max_abs_diff"} (+ "fidelity" for a reduced file)."""
     from vitcli.inference import passive_omp_threads
 
     passive_omp_threads()
@@ -51,26 +53,98 @@ def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path
     from vitcli.console import esc, info
     from vitcli.files import atomic_write_text, regular_target
 
-    if fmt not in EXPORT_FORMATS:
-        raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(EXPORT_FORMATS)}")
-    form = EXPORT_FORMATS[fmt]
+    form = check_options(fmt, precision, int8_method, max_drop)
     net, ckpt, src = load_model(model)
     net = net.float().eval()
     info(f"[bold]model[/] {esc(str(src))} ({ckpt['model_spec']['backend']}, {len(ckpt['classes'])} classes)")
-    path = regular_target(output) if output else src.parent / f"model{form.suffix}"  # a link is kept
+    stem = "model" if precision == "fp32" else f"model.{precision}"
+    path = regular_target(output) if output else src.parent / f"{stem}{form.suffix}"  # a link is kept
     meta = export_metadata(ckpt, src)
     pre = ckpt["preprocess"]
+    fp32 = path if precision == "fp32" else path.with_name(f".{path.name}.fp32{form.suffix}")
     sample = torch.randn(2, 3, pre["img_size"], pre["img_size"], generator=torch.Generator().manual_seed(0))
-    form.export(net, sample, path, meta, opset)
+    try:
+        form.export(net, sample, fp32, meta, opset)
+        diff = verify(fp32, form, net, pre)
+        info(f"check: max abs logit difference of the fp32 file to PyTorch {diff:.2e} at batch sizes 1 and 3 "
+             f"({'[green]ok[/]' if diff <= TOLERANCE else '[red]too large[/]'}, tolerance {TOLERANCE:g})")
+        if diff > TOLERANCE:
+            raise VitcliError(f"'{fp32}' disagrees with PyTorch by {diff:.2e} (> {TOLERANCE:g}); the file is kept "
+                              "for inspection, do not deploy it")
+        fid = None if precision == "fp32" else reduced_export(net, ckpt, src, fp32, path, precision, int8_method,
+                                                              max_drop, force)
+    finally:
+        if fp32 != path:
+            fp32.unlink(missing_ok=True)
+    if fid is not None:
+        from vitcli.quantize import set_metadata
+
+        meta |= {"precision": precision, "fidelity": fid.as_meta()}
+        set_metadata(path, meta)
     side = sidecar_path(path)
     atomic_write_text(side, json.dumps(meta, indent=1))
-    diff = verify(path, form, net, pre)
-    mb = path.stat().st_size / 2**20
-    info(f"wrote {esc(str(path))} ({mb:.1f} MiB) and {esc(str(side))}")
-    verdict = "[green]ok[/]" if diff <= TOLERANCE else "[red]too large[/]"
-    info(f"check: max abs logit difference to PyTorch {diff:.2e} at batch sizes 1 and 3 ({verdict}, "
-         f"tolerance {TOLERANCE:g})")
-    if diff > TOLERANCE:
-        raise VitcliError(f"'{path}' disagrees with PyTorch by {diff:.2e} (> {TOLERANCE:g}); the file is kept "
-                          "for inspection, do not deploy it")
-    return {"path": path, "sidecar": side, "max_abs_diff": diff}
+    info(f"wrote {esc(str(path))} ({path.stat().st_size / 2**20:.1f} MiB) and {esc(str(side))}")
+    return {"path": path, "sidecar": side, "max_abs_diff": diff} | ({"fidelity": fid} if fid else {})
+
+
+def check_options(fmt: str, precision: str, int8_method: str, max_drop: float) -> ExportFormat:
+    from vitcli.quantize import INT8_METHODS
+
+    if fmt not in EXPORT_FORMATS:
+        raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(EXPORT_FORMATS)}")
+    if precision not in ("fp32", "int8", "fp16"):
+        raise VitcliError(f"precision {precision!r} is not valid; use fp32, int8 (--int8) or fp16 (--fp16)")
+    if precision != "fp32" and fmt != "onnx":
+        raise VitcliError(f"--{precision} needs --format onnx, got --format {fmt}")
+    if int8_method not in INT8_METHODS:
+        raise VitcliError(f"--int8-method {int8_method!r} is not valid; use one of {', '.join(INT8_METHODS)}")
+    if not max_drop >= 0:
+        raise VitcliError(f"--max-drop {max_drop} is not valid; give top-1 points >= 0 (e.g. 1.0)")
+    return EXPORT_FORMATS[fmt]
+
+
+def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path, precision: str, int8_method: str,
+                   max_drop: float, force: bool):
+    """Write the int8 / fp16 version of the checked fp32 file `fp32` to `path`, after measuring it against the
+    float model on the run's validation images; refused (file removed) when it loses more than `max_drop` top-1
+    points, unless `force`. With int8 method auto, static and dynamic are both measured and the better kept."""
+    import torch
+
+    from vitcli import quantize as Q
+    from vitcli.console import esc, info
+    from vitcli.data import eval_transform
+    from vitcli.html_report import run_dataset
+
+    if ckpt.get("task") == "multilabel":
+        raise VitcliError(f"--{precision}: the accuracy check compares top-1 and '{src}' is multi-label; export "
+                          "it in fp32")
+    ds = run_dataset(src.parent, ckpt)
+    pre = ckpt["preprocess"]
+    x, y = Q.decode_images(ds.val, pre)  # uint8 (N, 3, S, S), (N,)
+    if len(y) == 0:
+        raise VitcliError(f"run '{src.parent}': no readable validation images to check the {precision} file on")
+    with torch.inference_mode():
+        ref = Q.batched_logits(lambda b: net(eval_transform(b, pre)), x)  # (N, C)
+    methods = ["fp16"] if precision == "fp16" else ["static", "dynamic"] if int8_method == "auto" else [int8_method]
+    calib = Q.calibration_images(ds.train, pre) if "static" in methods else None
+    results = {}
+    for m in methods:
+        out = path if len(methods) == 1 else path.with_name(f".{path.name}.{m}")
+        Q.reduce(fp32, out, m, calib)
+        results[m] = (Q.fidelity(out, m, ref, x, y), out)
+        f = results[m][0]
+        info(f"{m}: top-1 {f.top1:.2f}% (float {f.top1_float:.2f}%, {-f.drop:+.2f} points), agreement with the "
+             f"float model {f.agreement:.2f}% on {f.images} validation images, {f.ms_batch1:.1f} ms/image")
+    fid = results[methods[0]][0] if len(methods) == 1 else Q.better(results["static"][0], results["dynamic"][0])
+    for m, (_, out) in results.items():
+        if out != path:
+            out.replace(path) if m == fid.method else out.unlink(missing_ok=True)
+    if len(methods) > 1:
+        info(f"kept {fid.method} int8 (the higher agreement with the float model; the faster on a tie)")
+    if fid.drop > max_drop and not force:
+        path.unlink(missing_ok=True)
+        raise VitcliError(f"--{precision} ({fid.method}) loses {fid.drop:.2f} top-1 points (> --max-drop {max_drop:g}) "
+                          f"on {fid.images} validation images of '{ds.root}'; not written (--force writes it)")
+    info(f"{esc(precision)} file within --max-drop {max_drop:g}" if fid.drop <= max_drop else
+         f"[red]{esc(precision)} file loses {fid.drop:.2f} points[/], written because of --force")
+    return fid

@@ -160,6 +160,12 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
 # ----------------------------------------------------------------------------------------------- a run's page
 def val_split(run_dir: Path, ckpt: dict[str, Any]):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
+    ds = run_dataset(run_dir, ckpt)
+    return Path(ckpt["data_dir"]), ds.val
+
+
+def run_dataset(run_dir: Path, ckpt: dict[str, Any]):
+    """The run's Dataset (train and validation Splits), rebuilt the way training made it (same seed)."""
     from vitcli.config import config_from_dict
     from vitcli.data import scan_dataset
     from vitcli.shards import is_shard_source
@@ -175,7 +181,7 @@ def val_split(run_dir: Path, ckpt: dict[str, Any]):
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; give DATA")
-    return Path(data_dir), ds.val
+    return ds
 
 
 def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
