@@ -78,7 +78,7 @@ LAYERS: dict[str, set[str]] = {
     "app": {"__main__", "cli"},
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "quantize", "rundir", "figures", "attention", "explain", "calibrate", "optim"},
+                 "formats", "quantize", "distill", "rundir", "figures", "attention", "explain", "calibrate", "optim"},
     "core": {"config", "data", "manifest", "shards", "multilabel", "models", "vit", "checkpoint", "device",
              "distributed", "files", "console", "signals", "errors", "__init__"},
 }

@@ -214,6 +214,7 @@ class RunState:
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
     budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
+    distiller: Any = None  # distill.Distiller while `train.teacher` is set: the loss with the teacher
 
     @property
     def eval_model(self):
@@ -397,11 +398,12 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     from vitcli import data as D
     from vitcli import multilabel as ML
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
+    from vitcli.distill import build_distiller
     from vitcli.models import build_model
     from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer
 
     d, t, o = cfg.data, cfg.train, cfg.optim
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size)
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
@@ -419,6 +421,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     loss_fn = ML.train_loss(cfg, data.multilabel) or TrainLoss(cfg, data.counts, env.device)
     if loss_fn.class_w is not None:
         info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
+    distiller = build_distiller(cfg, data.classes, data.pre, env.device, model, data.multilabel)
     fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
     aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
     sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
@@ -433,7 +436,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
         loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
         mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
         augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup)
+        total_steps=total, warmup_steps=warmup, distiller=distiller)
     run.set_schedule(total, warmup)
     return run
 
@@ -499,9 +502,13 @@ def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> t
         xb, target = run.mixup(xb, y)  # target (B, C) soft labels
     try:
         with autocast(env.device, env.precision):
-            logits = run.fwd_model(xb).float()  # (B, C)
-            # an empty batch (a rank out of shard images pads the epoch so all ranks step together): zero grads
-            loss = run.loss_fn(logits, target) if len(y) else logits.sum() * 0.0
+            out = run.fwd_model(xb)  # (B, C), or (class head, distillation head) logits while distilling
+            if run.distiller is not None:
+                logits, loss = run.distiller(out, xb, target, run.loss_fn)
+            else:
+                logits = out.float()  # (B, C)
+                # an empty batch (a rank out of shard images pads the epoch so all ranks step together): zero grads
+                loss = run.loss_fn(logits, target) if len(y) else logits.sum() * 0.0
     except torch.OutOfMemoryError:
         raise VitcliError(f"out of memory at batch size {d.batch_size} on {env.device}; try --batch-size "
                           f"{max(1, d.batch_size // 2)} (or train.accum_steps {t.accum_steps * 2} to keep the "
