@@ -105,4 +105,9 @@ def test_reduced_export_options_are_checked(fitted_run):
     ckpt["data_dir"] = "/nonexistent/data"
     save_checkpoint(moved / "best.pt", ckpt)
     res = run_cli("export", "-m", moved, "--int8")
-    assert res.exit_code == 1 and "is not there any more" in res.output, res.output
+    assert res.exit_code == 1 and "is not there any more" in res.output and "--data DIR" in res.output, res.output
+    images = make_dataset(Path("elsewhere"), CLASSES, per_class=4, seed=8, splits=("test",))
+    res = run_cli("export", "-m", moved, "--int8", "--data", images, "-o", "m.onnx")
+    assert res.exit_code == 0, res.output
+    assert "calibrating on images of" in res.output and f"12 images of '{images}'" in res.output
+    assert json.loads(Path("m.onnx.json").read_text())["fidelity"]["images"] == 12

@@ -239,6 +239,9 @@ def export(
         help="Refuse an --int8/--fp16 file losing more top-1 points than this on the run's validation images.")
     ] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="Write an --int8/--fp16 file even past --max-drop.")] = False,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Labelled images for the --int8/--fp16 check (class folders, or test/ else val/), instead "
+                       "of the run's validation split.")] = None,
 ) -> None:
     """Export to ONNX (dynamic batch) or TorchScript with class names and preprocessing; verified by running it.
     --int8 / --fp16 files are checked against the float model on the run's validation images."""
@@ -248,7 +251,7 @@ def export(
         if int8 and fp16:
             raise VitcliError("--int8 and --fp16 are exclusive; give one")
         precision = "int8" if int8 else "fp16" if fp16 else "fp32"
-        export_model(model, format_, output, opset, precision, int8_method, max_drop, force)
+        export_model(model, format_, output, opset, precision, int8_method, max_drop, force, data_path(data, "--data"))
 
 
 def show(result, json_out: bool, printer) -> None:

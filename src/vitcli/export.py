@@ -41,7 +41,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
 
 def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path | None = None,
                  opset: int = 17, precision: str = "fp32", int8_method: str = "auto", max_drop: float = 1.0,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, data: str | Path | None = None) -> dict[str, Any]:
     """Export the checkpoint `model` resolves to, in fp32 or (ONNX) as an int8 / fp16 file gated on its accuracy;
     returns {"path", "sidecar", "max_abs_diff"} (+ "fidelity" for a reduced file)."""
     from vitcli.inference import passive_omp_threads
@@ -72,7 +72,7 @@ def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path
             raise VitcliError(f"'{fp32}' disagrees with PyTorch by {diff:.2e} (> {TOLERANCE:g}); the file is kept "
                               "for inspection, do not deploy it")
         fid = None if precision == "fp32" else reduced_export(net, ckpt, src, fp32, path, precision, int8_method,
-                                                              max_drop, force)
+                                                              max_drop, force, data)
     finally:
         if fp32 != path:
             fp32.unlink(missing_ok=True)
@@ -103,8 +103,33 @@ def check_options(fmt: str, precision: str, int8_method: str, max_drop: float) -
     return EXPORT_FORMATS[fmt]
 
 
+def check_images(src: Path, ckpt: dict[str, Any], data: str | Path | None, calibrate: bool):
+    """(labelled images to check on, training images to calibrate on or None, where the first come from): the
+    run's validation and training splits, or `data` (its test/ else val/ split) and the run's training split,
+    else `data` again when the run's dataset is gone."""
+    from vitcli.console import esc, info
+    from vitcli.data import scan_eval_folder
+    from vitcli.html_report import run_dataset
+
+    if data is None:
+        try:
+            ds = run_dataset(src.parent, ckpt)
+        except VitcliError as e:
+            raise VitcliError(f"{e} (export: --data DIR)") from None
+        return ds.val, ds.train if calibrate else None, f"validation images of '{ds.root}'"
+    split = scan_eval_folder(data, list(ckpt["classes"]))
+    if not calibrate:
+        return split, None, f"images of '{data}'"
+    try:
+        calib = run_dataset(src.parent, ckpt).train
+    except VitcliError as e:
+        info(f"calibrating on images of {esc(str(data))}: {esc(str(e))}")
+        calib = split
+    return split, calib, f"images of '{data}'"
+
+
 def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path, precision: str, int8_method: str,
-                   max_drop: float, force: bool):
+                   max_drop: float, force: bool, data: str | Path | None = None):
     """Write the int8 / fp16 version of the checked fp32 file `fp32` to `path`, after measuring it against the
     float model on the run's validation images; refused (file removed) when it loses more than `max_drop` top-1
     points, unless `force`. With int8 method auto, static and dynamic are both measured and the better kept."""
@@ -113,20 +138,19 @@ def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path,
     from vitcli import quantize as Q
     from vitcli.console import esc, info
     from vitcli.data import eval_transform
-    from vitcli.html_report import run_dataset
 
     if ckpt.get("task") == "multilabel":
         raise VitcliError(f"--{precision}: the accuracy check compares top-1 and '{src}' is multi-label; export "
                           "it in fp32")
-    ds = run_dataset(src.parent, ckpt)
+    methods = ["fp16"] if precision == "fp16" else ["static", "dynamic"] if int8_method == "auto" else [int8_method]
+    check, calib_split, where = check_images(src, ckpt, data, "static" in methods)
     pre = ckpt["preprocess"]
-    x, y = Q.decode_images(ds.val, pre)  # uint8 (N, 3, S, S), (N,)
+    x, y = Q.decode_images(check, pre)  # uint8 (N, 3, S, S), (N,)
     if len(y) == 0:
-        raise VitcliError(f"run '{src.parent}': no readable validation images to check the {precision} file on")
+        raise VitcliError(f"no readable {where} to check the {precision} file on")
     with torch.inference_mode():
         ref = Q.batched_logits(lambda b: net(eval_transform(b, pre)), x)  # (N, C)
-    methods = ["fp16"] if precision == "fp16" else ["static", "dynamic"] if int8_method == "auto" else [int8_method]
-    calib = Q.calibration_images(ds.train, pre) if "static" in methods else None
+    calib = Q.calibration_images(calib_split, pre) if calib_split is not None else None
     results = {}
     for m in methods:
         out = path if len(methods) == 1 else path.with_name(f".{path.name}.{m}")
@@ -134,7 +158,7 @@ def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path,
         results[m] = (Q.fidelity(out, m, ref, x, y), out)
         f = results[m][0]
         info(f"{m}: top-1 {f.top1:.2f}% (float {f.top1_float:.2f}%, {-f.drop:+.2f} points), agreement with the "
-             f"float model {f.agreement:.2f}% on {f.images} validation images, {f.ms_batch1:.1f} ms/image")
+             f"float model {f.agreement:.2f}% on {f.images} {where}, {f.ms_batch1:.1f} ms/image")
     fid = results[methods[0]][0] if len(methods) == 1 else Q.better(results["static"][0], results["dynamic"][0])
     for m, (_, out) in results.items():
         if out != path:
@@ -144,7 +168,7 @@ def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path,
     if fid.drop > max_drop and not force:
         path.unlink(missing_ok=True)
         raise VitcliError(f"--{precision} ({fid.method}) loses {fid.drop:.2f} top-1 points (> --max-drop {max_drop:g}) "
-                          f"on {fid.images} validation images of '{ds.root}'; not written (--force writes it)")
+                          f"on {fid.images} {where}; not written (--force writes it)")
     info(f"{esc(precision)} file within --max-drop {max_drop:g}" if fid.drop <= max_drop else
          f"[red]{esc(precision)} file loses {fid.drop:.2f} points[/], written because of --force")
     return fid
