@@ -1,10 +1,11 @@
 """Speed and accuracy of one vitcli run in every precision it ships in, on the same validation images.
 
-    python benchmarks/export_speed.py RUN [--threads 1] [--seconds 10]
+    python benchmarks/export_speed.py RUN [--data DIR] [--threads 1] [--seconds 10]
 
 For torch fp32, torch bf16 (autocast, as `vitcli predict --precision bf16`), ONNX fp32, ONNX fp16 and ONNX int8
 (static and dynamic): images/s at batch 1 and 64, p50/p99 latency of one image, and top-1 on the run's
-validation images (the split rebuilt as training made it). Files go to a temporary folder; the ONNX files are
+validation images (the split rebuilt as training made it), or on --data (class folders, or its test/ else val/),
+as `vitcli export --data` takes them. Files go to a temporary folder; the ONNX files are
 made by `vitcli export` (with --force, so every variant is measured even past --max-drop). Preprocessing
 (crop, normalise) is inside the timed call, as `vitcli predict` runs it; decoding is not.
 """
@@ -45,6 +46,7 @@ def measure(name: str, logits_of, x, y, seconds: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a vitcli run folder (its dataset folder must still exist)")
+    ap.add_argument("--data", type=Path, help="labelled images instead of the run's validation split")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime (default 1)")
     ap.add_argument("--seconds", type=float, default=10.0, help="timing per measurement (default 10)")
     args = ap.parse_args()
@@ -53,22 +55,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from vitcli.checkpoint import load_checkpoint, resolve_model_path
-    from vitcli.export import export_model
+    from vitcli.export import check_images, export_model
     from vitcli.formats import OnnxPredictor
-    from vitcli.html_report import run_dataset
     from vitcli.inference import TorchPredictor
     from vitcli.quantize import decode_images
 
     path = resolve_model_path(args.run)
     ckpt = load_checkpoint(path)
-    x, y = decode_images(run_dataset(path.parent, ckpt).val, ckpt["preprocess"])  # uint8 (N, 3, S, S), (N,)
+    x, y = decode_images(check_images(path, ckpt, args.data, False)[0], ckpt["preprocess"])  # (N, 3, S, S), (N,)
     rows = [measure(f"torch {p}", TorchPredictor(path, "cpu", p).logits, x, y, args.seconds) for p in ("fp32", "bf16")]
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"ONNX fp32": export_model(str(path), output=Path(tmp) / "m.onnx")["path"]}
+        files = {"ONNX fp32": export_model(str(path), output=Path(tmp) / "m.onnx", data=args.data)["path"]}
         for label, precision, method in (("fp16", "fp16", "auto"), ("int8 static", "int8", "static"),
                                          ("int8 dynamic", "int8", "dynamic")):
             files[f"ONNX {label}"] = export_model(str(path), output=Path(tmp) / f"{method}.{precision}.onnx",
-                                                  precision=precision, int8_method=method, force=True)["path"]
+                                                  precision=precision, int8_method=method, force=True,
+                                                  data=args.data)["path"]
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -79,7 +81,7 @@ def main() -> None:
             rows.append(measure(name, runner.logits, x, y, args.seconds) | {"mib": f.stat().st_size / 2**20})
     spec = ckpt["model_spec"]["kwargs"]
     print(f"\n{path}: width {spec.get('embed_dim')}, {spec.get('depth')} blocks, {ckpt['preprocess']['img_size']} px, "
-          f"{len(y)} validation images, {args.threads} thread(s), {os.cpu_count()} CPU(s)")
+          f"{len(y)} labelled images, {args.threads} thread(s), {os.cpu_count()} CPU(s), load {os.getloadavg()[0]:.1f}")
     base = next(r for r in rows if r["name"] == "ONNX fp32")
     print("\n| model | top-1 | img/s batch 1 | img/s batch 64 | p50 ms | p99 ms | vs ONNX fp32 (batch 1) | MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -43,7 +43,8 @@ def compare(work: Path, *, img_size: int = 64, pretrain_per_class: int = 200, pr
     data = make_finetune_set(work / "finetune", train_per_class, val_per_class, img_size, seed=seed + 100)
     out = {"pretrain_val_acc": pre_acc, "pretrain_s": t_pre}
     ft_lr = [f"optim.lr={lr}"] if lr else []  # 0: the finetune recipe's lr
-    for name, extra in (("finetune", [f"model.pretrained_file={weights}", *ft_lr]), ("scratch", [])):
+    runs = (("finetune", [f"model.pretrained_file={weights}", *ft_lr]), ("scratch", ["model.pretrained=false"]))
+    for name, extra in runs:
         cfg = load_config(flags={"model.name": "timm/test_vit", "data.img_size": img_size, "train.epochs": epochs,
                                  "train.output": str(work / "runs"), "train.name": name, "data.batch_size": 16},
                           overrides=["data.crop_pct=1.0", "data.scale_min=0.6", "train.precision=fp32",

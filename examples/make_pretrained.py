@@ -96,8 +96,8 @@ def pretrain(data: Path, weights: Path, *, img_size: int, epochs: int, output: P
 
     cfg = load_config(flags={"model.name": "timm/test_vit", "data.img_size": img_size, "train.epochs": epochs,
                              "train.output": str(output), "train.name": "pretrain", "data.batch_size": 32},
-                      overrides=["data.crop_pct=1.0", "data.scale_min=0.6", "optim.lr=2e-3", "train.precision=fp32",
-                                 "train.threads=1"])
+                      overrides=["model.pretrained=false", "data.crop_pct=1.0", "data.scale_min=0.6", "optim.lr=2e-3",
+                                 "train.precision=fp32", "train.threads=1"])
     res = train(cfg, data)
     state = load_checkpoint(res.run_dir / "best.pt")["model"]
     weights.parent.mkdir(parents=True, exist_ok=True)

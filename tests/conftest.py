@@ -129,9 +129,12 @@ def _one_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _outputs_in_tmp(tmp_path, monkeypatch):
-    """Run every test from tmp_path so default output folders (runs/) land there."""
+    """Run every test from tmp_path so default output folders (runs/) land there; an empty, offline Hugging Face
+    cache there too, so `model.pretrained: auto` never touches the network or the user's cache."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
 
 
 # A tiny from-scratch ViT that trains in seconds on the generated 32 px images.

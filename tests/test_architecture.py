@@ -78,9 +78,10 @@ LAYERS: dict[str, set[str]] = {
     "app": {"__main__", "cli"},
     "commands": {"train", "predict", "evaluate", "export", "runs", "views", "datacheck", "lr_finder"},
     "services": {"engine", "budget", "recipes", "defaults", "loggers", "html_report", "evaluation", "inference",
-                 "formats", "quantize", "distill", "rundir", "figures", "attention", "explain", "calibrate", "optim"},
+                 "formats", "quantize", "distill", "rundir", "figures", "attention", "explain", "calibrate", "optim",
+                 "ood", "pretrained"},
     "core": {"config", "data", "manifest", "shards", "multilabel", "models", "vit", "checkpoint", "device",
-             "distributed", "files", "console", "signals", "errors", "__init__"},
+             "distributed", "files", "console", "signals", "errors", "hub", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
 # recipes -> defaults -> config -> models -> files -> errors)

@@ -54,7 +54,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "vit-tiny/16"  # vit-tiny/16, vit-small/16, vit-base/16 (any /patch), or timm/<timm model name>
-    pretrained: bool = False  # timm backend: download pretrained weights through timm (needs internet)
+    pretrained: str = "auto"  # timm weights: true | false | auto (photos: a small pretrained ViT when cached or online)
     pretrained_file: str = ""  # local .safetensors/.pth/.pt weights to start from; head adapted if needed
     embed_dim: int = 0  # token width; 0 = from the preset
     depth: int = 0  # number of encoder blocks; 0 = from the preset
@@ -128,6 +128,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cache": ("auto", "on", "off"),
     "data.interpolation": ("bicubic", "bilinear", "nearest"),
     "data.class_weights": ("none", "auto"),
+    "model.pretrained": ("auto", "true", "false"),
     "model.global_pool": ("token", "avg"),
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
@@ -221,6 +222,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return value
         if isinstance(value, bool) and "on" in CHOICES.get(key, ()):  # YAML 1.1 reads on / off as booleans
             return "on" if value else "off"
+        if isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # true / false among other words
+            return "true" if value else "false"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     name = getattr(tp, "__name__", str(tp))

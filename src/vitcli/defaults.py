@@ -180,6 +180,16 @@ def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -
     return [c for c in made if c.applied]
 
 
+def finetune_facts(cfg: Config, facts: DataFacts | None) -> dict[str, Any]:
+    """What `model.pretrained: auto` (pretrained.py) needs from the scan: whether the images are photos, their
+    median shorter side, and the multiply-adds a CPU run may spend (0 when not on a CPU or without a scan)."""
+    if facts is None:
+        return {"photos": False, "side": PHOTO_SIZE, "cpu_macs": 0.0}
+    side = median_side(facts.sizes)
+    budget = cfg.train.seconds * CPU_MACS_PER_S if cfg.train.time else CPU_RUN_MACS
+    return {"photos": side >= PHOTO_SIDE, "side": side, "cpu_macs": budget if facts.device_type == "cpu" else 0.0}
+
+
 def photo_hint(cfg: Config, facts: DataFacts) -> str | None:
     """For few photo-sized images from scratch: the command that fine-tunes pretrained timm weights instead."""
     if median_side(facts.sizes) < PHOTO_SIDE or facts.n_train >= FEW_PHOTOS:

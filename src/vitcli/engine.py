@@ -405,7 +405,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     d, t, o = cfg.data, cfg.train, cfg.optim
     model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
     model.to(env.device)
-    source = " from pretrained weights" if cfg.model.pretrained or cfg.model.pretrained_file else ""
+    source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
     shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
     info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "

@@ -78,7 +78,7 @@ class Backend:
 
     name = ""  # key in BACKENDS and the spec's "backend" value
     from_scratch = True  # built from a vitcli preset (the small-data recipe may pick patch, pooling, positions)
-    downloads_pretrained = False  # `model.pretrained: true` fetches weights through the library
+    downloads_pretrained = False  # `model.pretrained: true` fetches weights (Hugging Face cache, else download)
     has_distill_token = False  # can add DeiT's distillation token (else a teacher distils into the one head)
 
     def claims(self, model_name: str) -> bool:
@@ -225,6 +225,10 @@ class TimmBackend(Backend):
             hint = f" (similar: {', '.join(close)})" if close else ""
             raise VitcliError(f"'model.name' {TIMM_PREFIX}{name}: timm has no model called {name!r}{hint}")
         kwargs = dict(spec["kwargs"])
+        if pretrained:  # timm loads (head dropped, positions resampled) the file from the Hugging Face cache
+            from vitcli.hub import weights_file
+
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file(name)), "custom_load": False}
         if spec.get("img_size"):
             kwargs["img_size"] = spec["img_size"]
         try:
@@ -233,10 +237,9 @@ class TimmBackend(Backend):
             kwargs.pop("img_size", None)
             spec.pop("img_size", None)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except Exception as e:  # network failures of pretrained=True and the like
+        except Exception as e:  # a cached weights file that does not fit, and the like
             if pretrained:
-                raise VitcliError(f"could not download pretrained weights for {TIMM_PREFIX}{name}: "
-                                  f"{first_line(e)}; set "
+                raise VitcliError(f"could not load pretrained weights for {TIMM_PREFIX}{name}: {first_line(e)}; set "
                                   "'model.pretrained_file' to a local weights file instead") from None
             raise
 
@@ -339,13 +342,13 @@ def build_model(m: ModelConfig, num_classes: int, img_size: int, distill_token: 
     """Model + spec from the config (with a distillation token when asked and the backend has one); loads
     `pretrained_file` when set."""
     backend = backend_for_name(m.name)
-    if m.pretrained and not backend.downloads_pretrained and not m.pretrained_file:
+    if m.pretrained == "true" and not backend.downloads_pretrained and not m.pretrained_file:
         raise VitcliError(f"'model.pretrained' needs a timm model ({TIMM_PREFIX}<name>) or 'model.pretrained_file'; "
                           f"{m.name!r} is built from scratch")
     spec = backend.spec(m, num_classes, img_size)
     if distill_token and backend.has_distill_token:
         spec["kwargs"]["distill_token"] = True
-    model = backend.create(spec, pretrained=m.pretrained and backend.downloads_pretrained)
+    model = backend.create(spec, pretrained=m.pretrained == "true" and backend.downloads_pretrained)
     if m.pretrained_file:
         load_pretrained_file(model, m.pretrained_file)
     return model, spec

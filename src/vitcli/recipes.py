@@ -48,7 +48,7 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     m = cfg.model
     if cfg.train.recipe != "auto":
         return cfg.train.recipe, f"'train.recipe' is {cfg.train.recipe}"
-    if m.pretrained or m.pretrained_file:
+    if m.pretrained == "true" or m.pretrained_file:
         source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
         return "finetune", f"the model starts from {source}"
     length = f"{cfg.train.epochs} epochs: {strength(cfg.train.epochs)} augmentation"
@@ -135,9 +135,11 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
 
     With `facts` from the data scan, a from-scratch run first gets the data-aware defaults (defaults.py):
     input size, token grid, model size, stem, small-image augmentation and epochs; the recipe leaves those."""
-    from vitcli.defaults import apply_defaults, photo_hint
+    from vitcli.defaults import apply_defaults, finetune_facts, photo_hint
     from vitcli.models import backend_for_name
+    from vitcli.pretrained import apply_pretrained
 
+    apply_pretrained(cfg, n_train, **finetune_facts(cfg, facts), quiet=quiet)  # `model.pretrained: auto`; data config
     name, why = choose(cfg, n_train)
     mine = user_keys(cfg)
     recipe = Recipe(name, why)
