@@ -150,10 +150,11 @@ def timm_teacher(name: str, device, classes: list[str]) -> tuple[Callable, dict[
     import timm
 
     from vitcli.data import preprocess_info
+    from vitcli.hub import weights_file
 
     try:
-        net = timm.create_model(name, pretrained=True)
-    except Exception as e:
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights_file(name))})
+    except Exception as e:  # no such model, no weights, offline without them in the cache
         raise VitcliError(f"'train.teacher' {TIMM_PREFIX}{name}: {first_line(e)}") from None
     cfg = net.pretrained_cfg
     pre = preprocess_info(cfg["input_size"][-1], cfg.get("crop_pct", 1.0), cfg.get("interpolation", "bicubic"),
