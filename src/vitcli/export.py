@@ -66,7 +66,7 @@ def export_model(model: str | None = None, fmt: str = "onnx", output: str | Path
     try:
         form.export(net, sample, fp32, meta, opset)
         diff = verify(fp32, form, net, pre)
-        info(f"check: max abs logit difference of the fp32 file to PyTorch {diff:.2e} at batch sizes 1 and 3 "
+        info(f"check: max abs logit difference to PyTorch {diff:.2e} at batch sizes 1 and 3 "
              f"({'[green]ok[/]' if diff <= TOLERANCE else '[red]too large[/]'}, tolerance {TOLERANCE:g})")
         if diff > TOLERANCE:
             raise VitcliError(f"'{fp32}' disagrees with PyTorch by {diff:.2e} (> {TOLERANCE:g}); the file is kept "
