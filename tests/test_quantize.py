@@ -82,7 +82,7 @@ def test_an_int8_export_that_loses_accuracy_is_refused_unless_forced(tmp_path, f
     res = run_cli("export", "-m", bad, "--int8", "--int8-method", "dynamic", "-o", "bad.onnx")
     assert res.exit_code == 1
     assert "error: --int8 (dynamic) loses" in res.output and "(> --max-drop 1)" in res.output, res.output
-    assert not Path("bad.onnx").exists() and not Path("bad.onnx.json").exists()
+    assert not Path("bad.onnx").exists() and not Path("bad.onnx.json").exists() and not list(Path().glob(".bad*"))
     res = run_cli("export", "-m", bad, "--int8", "--int8-method", "dynamic", "-o", "bad.onnx", "--force")
     assert res.exit_code == 0, res.output
     assert json.loads(Path("bad.onnx.json").read_text())["fidelity"]["drop"] > 1.0

@@ -151,24 +151,25 @@ def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path,
     with torch.inference_mode():
         ref = Q.batched_logits(lambda b: net(eval_transform(b, pre)), x)  # (N, C)
     calib = Q.calibration_images(calib_split, pre) if calib_split is not None else None
-    results = {}
-    for m in methods:
-        out = path if len(methods) == 1 else path.with_name(f".{path.name}.{m}")
-        Q.reduce(fp32, out, m, calib)
-        results[m] = (Q.fidelity(out, m, ref, x, y), out)
-        f = results[m][0]
-        info(f"{m}: top-1 {f.top1:.2f}% (float {f.top1_float:.2f}%, {-f.drop:+.2f} points), agreement with the "
-             f"float model {f.agreement:.2f}% on {f.images} {where}, {f.ms_batch1:.1f} ms/image")
-    fid = results[methods[0]][0] if len(methods) == 1 else Q.better(results["static"][0], results["dynamic"][0])
-    for m, (_, out) in results.items():
-        if out != path:
-            out.replace(path) if m == fid.method else out.unlink(missing_ok=True)
-    if len(methods) > 1:
-        info(f"kept {fid.method} int8 (the higher agreement with the float model; the faster on a tie)")
-    if fid.drop > max_drop and not force:
-        path.unlink(missing_ok=True)
-        raise VitcliError(f"--{precision} ({fid.method}) loses {fid.drop:.2f} top-1 points (> --max-drop {max_drop:g}) "
-                          f"on {fid.images} {where}; not written (--force writes it)")
+    results = {}  # method -> (Fidelity, temporary file); `path` is replaced only by an accepted file
+    try:
+        for m in methods:
+            out = path.with_name(f".{path.name}.{m}")
+            Q.reduce(fp32, out, m, calib)
+            f = Q.fidelity(out, m, ref, x, y)
+            results[m] = (f, out)
+            info(f"{m}: top-1 {f.top1:.2f}% (float {f.top1_float:.2f}%, {-f.drop:+.2f} points), agreement with "
+                 f"the float model {f.agreement:.2f}% on {f.images} {where}, {f.ms_batch1:.1f} ms/image")
+        fid = results[methods[0]][0] if len(methods) == 1 else Q.better(results["static"][0], results["dynamic"][0])
+        if len(methods) > 1:
+            info(f"kept {fid.method} int8 (the higher agreement with the float model; the faster on a tie)")
+        if fid.drop > max_drop and not force:
+            raise VitcliError(f"--{precision} ({fid.method}) loses {fid.drop:.2f} top-1 points (> --max-drop "
+                              f"{max_drop:g}) on {fid.images} {where}; not written (--force writes it)")
+        results.pop(fid.method)[1].replace(path)
+    finally:
+        for _, out in results.values():
+            out.unlink(missing_ok=True)
     info(f"{esc(precision)} file within --max-drop {max_drop:g}" if fid.drop <= max_drop else
          f"[red]{esc(precision)} file loses {fid.drop:.2f} points[/], written because of --force")
     return fid
