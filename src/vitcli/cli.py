@@ -227,7 +227,8 @@ def export(
     model: ModelOpt = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="File to write (default: model.onnx / model.torchscript.pt beside the model).")
+        "--output", "-o", help="File to write (default beside the model: model.onnx, model.int8.onnx, "
+                               "model.fp16.onnx or model.torchscript.pt).")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
     int8: Annotated[bool, typer.Option("--int8", help="ONNX with int8 weights and activations.")] = False,
