@@ -283,3 +283,21 @@ def test_other_commands_skip_and_name_each_bad_file_and_leave_the_dataset_untouc
         assert len(lines) == 1 and phrase in lines[0], (name, lines, res.output)
     assert "Traceback" not in res.output
     assert tree_hash(root) == before
+
+
+@pytest.mark.parametrize("mode,values,want", [
+    ("I", [70000, 32768, 0], [255, 128, 0]),  # 32-bit grey: 16-bit range, brighter clips (not scaled by its max)
+    ("I", [200, 100, 0], [200, 100, 0]),  # 32-bit grey holding 8-bit values: as stored
+    ("F", [1.0, 0.5, 0.0], [255, 128, 0]),  # float in 0..1: not black
+    ("F", [300.0, 100.0, -5.0], [255, 100, 0]),  # float beyond 0..1: read as 0..255, clipped
+    ("F", [float("nan"), 1.0, 0.0], [0, 255, 0]),  # NaN is black
+])
+def test_grey_modes_decode_by_their_declared_range(mode, values, want):
+    from PIL import Image
+
+    from vitcli.decode import to_rgb
+
+    img = Image.new(mode, (3, 1))
+    for x, v in enumerate(values):
+        img.putpixel((x, 0), v)
+    assert [to_rgb(img).getpixel((x, 0))[0] for x in range(3)] == want

@@ -102,11 +102,19 @@ def test_min_prob_takes_one_threshold_and_per_class_overrides():
         parse_min_prob(["high"], ["cat", "dog"])
 
 
-def test_temperature_is_clipped_when_the_validation_split_has_no_mistakes():
+def test_temperature_stays_1_with_too_few_validation_mistakes_and_is_bounded_otherwise():
     import torch
 
-    from vitcli.calibrate import T_BOUNDS
+    from vitcli.calibrate import MIN_ERRORS, T_BOUNDS
 
-    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
-    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == pytest.approx(T_BOUNDS[0])
-    assert fit_calibration(logits, torch.tensor([0, 1, 0]))["errors"] == 0
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]] * 10)  # (30, 2)
+    labels = torch.tensor([0, 1, 0] * 10)
+    cal = fit_calibration(logits, labels)  # no mistakes: the NLL falls all the way to T -> 0
+    assert cal["temperature"] == 1.0 and cal["errors"] == 0 and "kept at 1" in cal["rule"]
+    labels[:MIN_ERRORS - 1] = 1 - labels[:MIN_ERRORS - 1]
+    assert fit_temperature(logits, labels) == 1.0  # still too few to trust a fit
+    labels[:MIN_ERRORS] = torch.tensor([1, 0, 1, 1, 0])  # exactly MIN_ERRORS mistakes
+    t = fit_temperature(logits, labels)
+    assert T_BOUNDS[0] <= t <= T_BOUNDS[1] and t != 1.0
+    many = torch.tensor([[40.0, 0.0]] * 50 + [[0.0, 40.0]] * 5)  # confident and 5 wrong: a huge T would fit
+    assert fit_temperature(many, torch.zeros(55, dtype=torch.long)) == T_BOUNDS[1]

@@ -88,7 +88,7 @@ def test_eval_reports_metrics_figures_and_json(tmp_path, tmp_path_factory):
     run = fitted_checkpoint(tmp_path_factory)
     data = make_dataset(tmp_path / "ds", CLASSES, per_class=5, seed=11, splits=("train", "test"))
     (data / "test" / "red" / "unreadable.png").write_bytes(b"nope")
-    res = run_cli("eval", data, "--model", run, "--json", "eval.json", "--output", "figs",
+    res = run_cli("eval", data, "--model", run, "--json-out", "eval.json", "--output", "figs",
                   "--precision", "fp32", "--batch-size", "4")
     assert res.exit_code == 0, res.output
     for word in ("top-1 accuracy", "macro avg", "weighted avg", "confusion matrix", "ECE"):
@@ -108,7 +108,7 @@ def test_eval_reports_metrics_figures_and_json(tmp_path, tmp_path_factory):
 def test_eval_accepts_a_subset_of_classes_and_rejects_unknown_ones(tmp_path, tmp_path_factory):
     run = fitted_checkpoint(tmp_path_factory)
     subset = make_dataset(tmp_path / "subset", ("red", "blue"), per_class=2, seed=4)
-    res = run_cli("eval", subset, "-m", run, "--json", "e.json", "-o", "figs")
+    res = run_cli("eval", subset, "-m", run, "--json-out", "e.json", "-o", "figs")
     assert res.exit_code == 0, res.output
     assert json.loads(Path("e.json").read_text())["images"] == 4
     unknown = make_dataset(tmp_path / "unknown", ("red", "yellow"), per_class=2, seed=4)

@@ -167,7 +167,7 @@ def test_inspect_attention_class_and_faithfulness_commands(tmp_path, tmp_path_fa
     assert res.exit_code == 1 and "--class explains one class" in res.output
 
     res = run_cli("inspect", "faithfulness", image.parent, "--model", run, "--max-images", "4", "--steps", "4",
-                  "--json", tmp_path / "f.json", "-o", out, "--device", "cpu")
+                  "--json-out", tmp_path / "f.json", "-o", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "f.json").read_text())
     assert data["images"] == 4 and set(data["methods"]) == {"rollout", "grad-rollout", "gradcam", "chefer", "random"}

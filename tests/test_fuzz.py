@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import shutil
 
@@ -163,3 +164,175 @@ def test_random_bytes_in_a_run_folder_then_resume(tmp_path, data):
                 if name == "config.yaml":
                     (run / "last.pt").unlink()  # the config is only read when there is no last.pt
                 assert_clean(run_cli("train", "--resume", run, "--epochs", "2"))
+
+
+# ----------------------------------------------------------------------------------------------- data sources
+def fuzz_for(seconds: float):
+    """Trial numbers until `seconds` have passed (a time bound for a seeded fuzz loop)."""
+    import time
+
+    end = time.monotonic() + seconds
+    trial = 0
+    while time.monotonic() < end:
+        yield trial
+        trial += 1
+
+
+def random_cell(rng: random.Random, paths: list[str]) -> str:
+    return rng.choice([
+        rng.choice(paths), rng.choice(paths), "missing.png", "", " ", "http://x/a.png", "/dev/null", ".", "..",
+        "a|b", "red|", "|", ";;", "red;blue", "train", "val", "test", "holdout", "0", "1", "1.0", "2", "-1",
+        '"', "\n", "red\nblue", "\u2028", "\x85", "\x00", "\x1b[2J", "x" * 3000, "\ufeff",
+        "".join(chr(rng.randint(1, 0x2FFF)) for _ in range(rng.randint(1, 12)))])
+
+
+def random_label_file(rng: random.Random, folder, paths: list[str]):
+    """A label file of random structure: known and unknown columns, random cells, then random byte edits."""
+    import csv
+    import io
+    import json
+
+    names = ["path", "label", "labels", "split", "file", "class", "red", "blue", "x", "Path", "LABEL", ""]
+    header = [rng.choice(names) for _ in range(rng.randint(1, 5))]
+    rows = [[random_cell(rng, paths) for _ in header] for _ in range(rng.randint(0, 12))]
+    ext = rng.choice([".csv", ".tsv", ".jsonl"])
+    if ext == ".jsonl":
+        values = [None, True, 1, 2.5, [], {}, ["red", "blue"], [["x"]], {"a": 1}, "red", "blue"]
+        text = "".join(json.dumps({h: rng.choice([c, c, rng.choice(values)])
+                                   for h, c in zip(header, r, strict=True)}) + "\n" for r in rows)
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, delimiter="\t" if ext == ".tsv" else ",")
+        w.writerows([header, *rows] if rng.random() < 0.9 else rows)
+        text = buf.getvalue()
+    data = bytearray(text.encode("utf-8", "surrogatepass"))
+    for _ in range(rng.choice([0, 0, 1, 3])):  # byte edits: flips, inserts, cuts
+        if data:
+            i = rng.randrange(len(data))
+            op = rng.random()
+            if op < 0.4:
+                data[i] = rng.randrange(256)
+            elif op < 0.7:
+                data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+            else:
+                del data[i:]
+    path = folder / f"l{rng.randrange(10**6)}{ext}"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_random_label_files_scan_or_stop_with_one_error(tmp_path):
+    from test_scan import no_hang
+    from vitcli.data import scan_dataset, scan_eval_folder
+    from vitcli.errors import VitcliError
+
+    root = make_dataset(tmp_path / "d", classes=("red", "blue"), per_class=3)
+    os.mkfifo(tmp_path / "fifo.png")
+    paths = [p.relative_to(tmp_path).as_posix() for p in root.rglob("*.png")] + ["fifo.png", "d", "d/red"]
+    rng = random.Random(SEED)
+    outcomes = {"ok": 0, "refused": 0}
+    with no_hang(120):
+        for _ in fuzz_for(15):
+            path = random_label_file(rng, tmp_path, paths)
+            try:
+                ds = scan_dataset(path, rng.choice([0.0, 0.25, 0.5]), 0)
+                scan_eval_folder(path, ds.classes, ds.multilabel)
+                outcomes["ok"] += 1
+            except VitcliError as e:
+                assert str(e), path
+                outcomes["refused"] += 1
+    assert outcomes["ok"] and outcomes["refused"], outcomes  # the fuzz reached both outcomes
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzzshards")
+    data = make_dataset(root / "d", classes=("red", "blue"), per_class=6)
+    res = run_cli("shard", data, root / "s", "--size", "4KB")
+    assert res.exit_code == 0, res.output
+    return root / "s"
+
+
+def random_json(rng: random.Random, depth: int = 0):
+    leaves = [None, True, False, 0, -1, 1, 2**70, 0.5, float(2**31), "", "abc", "train-000000.tar", "../x.tar",
+              "vitcli-shards-v1", "\x00", "a" * 500]
+    if depth > 3 or rng.random() < 0.5:
+        return rng.choice(leaves)
+    if rng.random() < 0.5:
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(["file", "count", "first", "train", "val", "x"]): random_json(rng, depth + 1)
+            for _ in range(rng.randint(0, 4))}
+
+
+def mutate_index(rng: random.Random, index: dict) -> None:
+    """Replace one random node of the index (a key, a list item) with random JSON, or delete it."""
+    node, key = index, rng.choice(list(index))
+    for _ in range(rng.randint(0, 3)):
+        child = node[key]
+        if not isinstance(child, dict | list) or not child or rng.random() < 0.3:
+            break
+        node, key = child, rng.choice(list(child) if isinstance(child, dict) else range(len(child)))
+    if rng.random() < 0.2 and isinstance(node, dict):
+        del node[key]
+    else:
+        node[key] = random_json(rng)
+
+
+def random_member_tar(rng: random.Random, path, first: int, count: int, png: bytes) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for _ in range(rng.randint(0, 2 * count)):
+            key = rng.choice([f"{first + rng.randrange(max(1, count)):09d}", f"{rng.randrange(10**9):09d}", "img_3",
+                              "/abs", "../up", "", "a.b.c"])
+            ext = rng.choice(["png", "cls", "cls", "jpg", "exe", ""])
+            payload = rng.choice([png, png[: rng.randrange(len(png))], bytes(rng.randrange(256) for _ in range(40)),
+                                  b"0", b"1", b"99", b"-1", b"cat", b"", b"9" * 40, b"0,1", b"\xff\xfe"])
+            ti = tarfile.TarInfo(f"{key}.{ext}" if ext else key or "x")
+            ti.size = len(payload)
+            tar.addfile(ti, io.BytesIO(payload))
+
+
+def test_random_index_json_and_shard_members_stream_or_stop_with_one_error(tmp_path, shard_folder):
+    import copy
+    import json
+
+    import torch
+
+    from test_scan import no_hang
+    from vitcli.config import DataConfig
+    from vitcli.errors import VitcliError
+    from vitcli.sources import open_source
+
+    good = json.loads((shard_folder / "index.json").read_text())
+    png = next((shard_folder.parent / "d").rglob("*.png")).read_bytes()
+    rng = random.Random(SEED)
+    outcomes = {"ok": 0, "refused": 0}
+    with no_hang(120):
+        for trial in fuzz_for(20):
+            out = tmp_path / f"s{trial}"
+            shutil.copytree(shard_folder, out)
+            index = copy.deepcopy(good)
+            if rng.random() < 0.5:
+                for _ in range(rng.randint(1, 3)):
+                    mutate_index(rng, index)
+            else:
+                sh = good["splits"]["train"][0]
+                random_member_tar(rng, out / sh["file"], sh["first"], sh["count"], png)
+            text = json.dumps(index) if rng.random() < 0.9 else json.dumps(index)[: rng.randrange(50)]
+            (out / "index.json").write_text(text)
+            try:
+                source = open_source(out)
+                ds = source.scan(0.2, 0)
+                train, val = source.stores(ds, DataConfig(num_workers=0), {"resize_size": 16}, None,
+                                           torch.device("cpu"), 0)
+                for store in (train, val):
+                    for _ in store.train_batches(4, 0, 0, 0, 1):
+                        pass
+                outcomes["ok"] += 1
+            except VitcliError as e:
+                assert str(e) and "\n" not in str(e), str(e)
+                outcomes["refused"] += 1
+            shutil.rmtree(out)
+    assert outcomes["ok"] and outcomes["refused"], outcomes

@@ -5,7 +5,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from vitcli import multilabel as ML
+from vitcli import metrics as ML
+from vitcli import task as T
+from vitcli.task import MultiLabel
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def test_average_precision_and_f1_match_scikit_learn(scored):
         assert ML.average_precision(probs[:, c], targets[:, c]) == pytest.approx(
             average_precision_score(targets[:, c], probs[:, c]), abs=1e-12)
     assert np.isnan(ML.average_precision(probs[:, 2], targets[:, 2]))
-    m = ML.compute_metrics(probs, targets, list("abcd"), [0.5, 0.4, 0.5, 0.6])
+    m = ML.label_vector_metrics(probs, targets, list("abcd"), [0.5, 0.4, 0.5, 0.6])
     pred = probs >= np.array([0.5, 0.4, 0.5, 0.6])
     assert m["micro_f1"] == pytest.approx(f1_score(targets, pred, average="micro"))
     assert m["mAP"] == pytest.approx(np.mean([average_precision_score(targets[:, c], probs[:, c]) for c in (0, 1, 3)]))
@@ -43,22 +45,32 @@ def test_tuned_thresholds_give_the_best_f1_per_class(scored):
 def test_asymmetric_loss_is_bce_without_focusing_and_mixup_mixes_label_vectors():
     logits, target = torch.randn(6, 5), (torch.rand(6, 5) < 0.4).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
-    assert ML.asymmetric_loss(logits, target, gamma_neg=0, clip=0) == pytest.approx(float(bce), rel=1e-5)
-    assert ML.asymmetric_loss(logits, target) < bce  # easy negatives down-weighted
+    assert T.asymmetric_loss(logits, target, gamma_neg=0, clip=0) == pytest.approx(float(bce), rel=1e-5)
+    assert T.asymmetric_loss(logits, target) < bce  # easy negatives down-weighted
     from timm.data import Mixup
 
     torch.manual_seed(0)
     x = torch.rand(4, 3, 8, 8)
     y = torch.tensor([[1.0, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]])
-    xm, ym = ML.mix(Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3), x.clone(), y)
+    xm, ym = T.mix(Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=3), x.clone(), y)
     lam = float(ym[0, 0])  # row 0 mixes with row 3: (1, 0, 0) * lam + (0, 0, 1) * (1 - lam)
     assert torch.allclose(ym[0], torch.tensor([lam, 0.0, 1 - lam])) and 0 < lam <= 1
     assert torch.allclose(ym, y * lam + y.flip(0) * (1 - lam))
 
 
-def test_above_threshold_lists_every_label_over_its_own_threshold():
-    got = ML.above_threshold([0.9, 0.3, 0.6], ["a", "b", "c"], [0.5, 0.2, 0.7])
-    assert got == [("a", 0.9), ("b", 0.3)]
+def test_labels_are_every_class_over_its_own_threshold_and_min_prob_makes_them_unsure():
+    task = MultiLabel(thresholds=[0.5, 0.2, 0.7])
+    (d,) = task.decide(np.array([[0.9, 0.3, 0.6]]))
+    assert d.labels == [0, 1] and d.unsure == [] and d.order == [0, 2, 1]
+    (d,) = task.decide(np.array([[0.9, 0.3, 0.6]]), min_prob=np.array([0.0, 0.5, 0.0]))
+    assert d.labels == [0] and d.unsure == [1]  # b passes its threshold 0.2 but not its --min-prob 0.5
+
+
+def test_a_class_with_too_few_validation_positives_keeps_the_default_threshold():
+    probs = np.array([[0.9], [0.8], [0.3], [0.2], [0.1]])
+    targets = np.array([[1], [1], [0], [0], [0]])  # 2 positives: a tuned cut-off would fit exactly these two
+    assert ML.tune_thresholds(probs, targets) == [ML.DEFAULT_THRESHOLD]
+    assert ML.tune_thresholds(np.tile(probs, (3, 1)), np.tile(targets, (3, 1)))[0] == pytest.approx(0.55)
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -146,7 +158,7 @@ def test_multilabel_eval_export_and_class_attention(ml_run):
 
     root, _, _ = ml_run
     run = root / "runs" / "train"
-    res = run_cli("eval", root / "d" / "labels.csv", "--model", run, "--json", root / "ev.json")
+    res = run_cli("eval", root / "d" / "labels.csv", "--model", run, "--json-out", root / "ev.json")
     assert res.exit_code == 0, res.output
     ev = json.loads((root / "ev.json").read_text())
     assert ev["task"] == "multilabel" and ev["mAP"] >= 0.9 and 0 <= ev["exact_match"] <= 1

@@ -84,7 +84,93 @@ def test_scores_a_model_cannot_give_are_refused_in_one_line():
 
     with pytest.raises(VitcliError, match="no out-of-distribution thresholds"):
         ood.check_score("knn", None, True, "model.onnx")
-    with pytest.raises(VitcliError, match="use one of knn, energy"):
+    with pytest.raises(VitcliError, match="use auto or one of knn, energy"):
         ood.check_score("mahalanobis", {"k": 1}, True, "best.pt")
     with pytest.raises(VitcliError, match="--ood-score energy"):
-        ood.check_score("knn", {"k": 1}, False, "model.onnx")
+        ood.check_score("knn", {"k": 1, "bank": None}, True, "model.onnx")
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory):
+    from conftest import trained_run
+
+    return trained_run(tmp_path_factory.mktemp("ood"), "--epochs", "6", per_class=20)
+
+
+def grey_stripes(root, n: int = 12):
+    """Images of another kind: grey stripes, no coloured shape on noise."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.zeros((32, 32), np.uint8)
+        a[:, (np.arange(32) // (2 + i % 4)) % 2 == 0] = 200 + i
+        Image.fromarray(a).convert("RGB").save(root / f"s{i:02d}.png")
+    return root
+
+
+def test_training_stores_thresholds_and_predict_answers_unknown_for_another_kind(run_and_data, tmp_path):
+    import json
+
+    from conftest import run_cli
+    from vitcli.checkpoint import load_checkpoint
+
+    run, data = run_and_data
+    meta = load_checkpoint(run / "best.pt")["ood"]
+    assert set(meta["thresholds"]) == {"knn", "energy"} and meta["bank"].dtype == torch.float16
+    assert meta["keep"] == 0.95 and meta["images"] > 0
+    other = grey_stripes(tmp_path / "stripes")
+    res = run_cli("predict", str(other), str(data / "red"), "--model", str(run), "--ood", "--ood-word", "other",
+                  "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout[res.stdout.index("["):])
+    far = [r for r in rows if "stripes" in r["file"]]
+    near = [r for r in rows if "stripes" not in r["file"]]
+    assert all("ood_score" in r for r in rows)
+    assert sum(r["ood"] for r in far) >= 0.9 * len(far), far  # another kind of image: unknown
+    assert all(r["class"] == "other" for r in far if r["ood"])
+    assert sum(not r["ood"] for r in near) >= 0.8 * len(near)  # training-like images: answered
+    assert min(r["ood_score"] for r in far) > np.median([r["ood_score"] for r in near])
+
+
+def test_ood_in_csv_and_exports_carry_the_logit_score(run_and_data, tmp_path):
+    import csv
+
+    from conftest import run_cli
+
+    run, data = run_and_data
+    out = tmp_path / "p.csv"
+    res = run_cli("predict", str(data / "blue"), "--model", str(run), "--ood", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(r["ood_score"] and r["answer"] for r in rows)
+    onnx = tmp_path / "m.onnx"
+    res = run_cli("export", "--model", str(run), "--format", "onnx", "-o", str(onnx))
+    assert res.exit_code == 0, res.output
+    res = run_cli("predict", str(data / "blue"), "--model", str(onnx), "--ood", "--ood-score", "knn")
+    assert res.exit_code == 1 and "use --ood-score energy" in res.output
+    res = run_cli("predict", str(data / "blue"), "--model", str(onnx), "--ood", "--json")
+    assert res.exit_code == 0 and "energy score above" in res.output, res.output
+
+
+def test_eval_ood_data_reports_auroc_fpr_and_a_histogram(run_and_data, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    run, data = run_and_data
+    other = grey_stripes(tmp_path / "stripes")
+    out, js = tmp_path / "ev", tmp_path / "ev.json"
+    res = run_cli("eval", str(data), "--model", str(run), "--ood-data", str(other), "--output", str(out),
+                  "--json-out", str(js))
+    assert res.exit_code == 0, res.output
+    r = json.loads(js.read_text())["ood"]
+    assert r["ood_images"] == 12 and set(r["scores"]) == {"knn", "energy"}
+    knn = r["scores"]["knn"]
+    assert knn["auroc"] >= 0.9 and knn["ood_unknown"] >= 0.9, knn
+    assert 0 <= knn["fpr_at_95_tpr"] <= 1 and 0 < knn["id_answered"] <= 1
+    assert (out / "ood.png").is_file() and "Out of distribution" in (out / "report.html").read_text()
+    assert "AUROC" in res.output
+    res = run_cli("eval", str(data), "--model", str(run), "--ood-data", str(tmp_path / "nothing"))
+    assert res.exit_code == 1 and "holds no images" in res.output

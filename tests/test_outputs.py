@@ -75,7 +75,7 @@ def test_output_through_a_link_to_a_device_writes_through_it(setup, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
-@pytest.mark.parametrize("command", ["predict", "eval --json"])
+@pytest.mark.parametrize("command", ["predict", "eval --json-out"])
 def test_disk_full_output_is_one_line(setup, tmp_path, command):
     os.symlink("/dev/full", tmp_path / "full.out")  # writes fail with ENOSPC, like a full disk
     model, data = setup
@@ -83,7 +83,7 @@ def test_disk_full_output_is_one_line(setup, tmp_path, command):
         res = predict(setup, "-o", tmp_path / "full.out", "-f", "json")
     else:
         res = run_cli("eval", data, "--model", model, "--device", "cpu", "--output", tmp_path / "ev",
-                      "--json", tmp_path / "full.out")
+                      "--json-out", tmp_path / "full.out")
     assert res.exit_code == 1, res.output
     line = one_error_line(res.output)
     assert "full.out" in line and "No space left on device" in line
@@ -123,7 +123,7 @@ def test_dev_stdout_through_a_link_writes_to_the_pipe(setup, tmp_path):
 
 @pytest.mark.parametrize("args, phrase", [
     (["predict", "-o", "{dir}"], "is a folder; give a file name"),
-    (["eval", "--json", "{dir}"], "is a folder; give a file name"),
+    (["eval", "--json-out", "{dir}"], "is a folder; give a file name"),
     (["eval", "--output", "{file}"], "is a file; give a folder"),
     (["eval", "--output", "/proc/vitcli-test/figures"], "cannot create the folder"),
     (["predict", "-o", "/proc/vitcli-test.csv"], "cannot write there"),

@@ -2,12 +2,28 @@
 
 import json
 import tarfile
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import make_dataset, run_cli
 from vitcli.errors import VitcliError
-from vitcli.shards import expand_braces, open_shards, parse_size
+from vitcli.shard_writer import parse_size
+from vitcli.shards import expand_braces
+from vitcli.sources import open_source
+
+
+def open_shards(data, *, size: int, interpolation: str, num_workers: int, shuffle_buffer: int):
+    """The train and val stores the source table opens for `data` (as training does)."""
+    import torch
+
+    from vitcli.config import DataConfig
+
+    source = open_source(data)
+    ds = source.scan(0.2, 0)
+    d = DataConfig(interpolation=interpolation, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+    train, val = source.stores(ds, d, {"resize_size": size}, None, torch.device("cpu"), 2)
+    return SimpleNamespace(train=train, val=val, classes=ds.classes, multilabel=ds.multilabel, counts=ds.counts()[0])
 
 
 def test_shard_command_writes_tar_shards_and_an_index_without_touching_data(tmp_path):

@@ -4,7 +4,8 @@ The budget counts from the start of the training command, so scanning, decoding 
 After a few timed steps the run knows its seconds per step; validation is estimated from it (a forward pass
 costs about a third of a training step). The epochs that fit are set, the warmup-cosine schedule is stretched
 or shrunk to end with them, and the estimate is printed. At every epoch end the plan is checked against the
-real epoch time and shrunk if the machine got slower, so the run still ends in time. The plan is saved in
+real epoch time: shrunk if the machine got slower, so the run still ends in time, and grown when the run is
+ahead of its first plan (whose estimate of validation and per-epoch overhead is only a guess). The plan is saved in
 last.pt: a resumed run keeps it, and `--time` with `--resume` fits the rest of the run to a new budget.
 Under torchrun every process times its steps and all take the slowest figure, so they agree on the plan.
 """
@@ -18,13 +19,15 @@ from typing import TYPE_CHECKING
 from vitcli.console import info
 
 if TYPE_CHECKING:
-    from vitcli.engine import RunState
+    from vitcli.state import RunState
 
 WARM_STEPS = 2  # steps run before timing starts (first-step allocations, lazy init)
 TIMED_STEPS = 8  # steps timed to measure the seconds per step
-EPOCH_OVERHEAD_S = 0.25  # per epoch besides training and validation: checkpoints, metrics, the log line, seconds
+EPOCH_OVERHEAD_S = 0.08  # per epoch besides training and validation: checkpoints, metrics, the log line, seconds
+# (measured ~0.05-0.1 s for a tiny model on CPU; the first plan only needs it until real epochs are timed)
 FINISH_S = 1.5  # kept free at the end: the summary, curves.png, interpreter exit, seconds
 REPORT_S = 8.0  # kept free for `train.report` besides its validation pass: figures and report.html, seconds
+GROW_SLACK = 1.1  # the plan grows at an epoch end only to the epochs that would fit were they this much slower
 MARGIN = 0.03  # share of the budget kept free for timer noise and other processes
 MAX_EPOCHS = 10_000  # upper bound on the epochs a long budget may choose
 
@@ -41,11 +44,15 @@ class TimeBudget:
         self.step_s = 0.0  # measured seconds per optimiser step (0 until measured)
         self.epoch_s = 0.0  # estimated seconds per epoch: training, validation, overhead
         self.last_end = 0.0  # when the previous epoch ended (0: none yet in this command)
+        self.epoch_start = 0.0  # when the running epoch's first batch ended (0: not yet)
+        self.epoch_times: list[float] = []  # seconds of each epoch this command ran, measured at its end
 
     def after_step(self, run: RunState) -> bool:
         """Called after every batch: times the first steps, then fits the plan. True: end this epoch now,
         because not even the running epoch fits (one process only; several keep their epochs whole)."""
         accum = run.cfg.train.accum_steps
+        if not self.epoch_start:
+            self.epoch_start = time.time()
         if not self.step_s:
             now = _synced(run)
             self.seen += 1
@@ -58,29 +65,33 @@ class TimeBudget:
         return bool(self.step_s) and run.env.world == 1 and run.cfg.train.epochs == run.progress.epoch + 1 \
             and time.time() + self._eval_s(run) + self._finish_s(run) > self.deadline
 
-    def fit(self, run: RunState, shrink_only: bool = False) -> None:
-        """Set epochs, total and warmup steps so training, validation and the end fit before the deadline."""
+    def fit(self, run: RunState, refit: bool = False) -> None:
+        """Set epochs, total and warmup steps so training, validation and the end fit before the deadline
+        (`refit`: at an epoch end, with `epoch_s` measured; the warmup is kept, the cosine moves its end)."""
         t, p = run.cfg.train, run.progress
         spe = run.steps_per_epoch
-        self.epoch_s = max(self.epoch_s, spe * self.step_s + self._eval_s(run))
+        if not refit:
+            self.epoch_s = max(self.epoch_s, spe * self.step_s + self._eval_s(run))
         left = self.deadline - time.time() - self._finish_s(run)
         running = 1 if p.batch else 0  # an epoch under way finishes whatever the plan
         this_epoch = (spe - p.batch // t.accum_steps) * self.step_s + self._eval_s(run) if running else 0.0
         more = max(0, math.floor((left - this_epoch) / self.epoch_s))
         epochs = max(1, p.epoch + running, min(self.max_epochs, p.epoch + running + more))
-        if shrink_only and epochs >= t.epochs:
+        if refit and epochs > t.epochs:  # grow only to what fits with epochs 10% slower: no +1 / -1 flapping
+            epochs = max(t.epochs, min(epochs, p.epoch + math.floor((left - this_epoch) / (GROW_SLACK * self.epoch_s))))
+        if refit and epochs == t.epochs:
             return
         before, t.epochs = t.epochs, epochs
         total = spe * epochs
-        warmup = min(run.warmup_steps, total // 5) if shrink_only else round(run.warmup_steps * epochs / before)
+        warmup = min(run.warmup_steps, total // 5) if refit else round(run.warmup_steps * epochs / before)
         warmup = max(warmup, min(run.warmup_steps, p.step))  # a warmup under way is not cut short
         run.set_schedule(total, warmup)
         p.plan = {"epochs": epochs, "total_steps": total, "warmup_steps": warmup}
         if self.bar is not None:
             self.bar.update(self.epoch_task, total=epochs)
         ends = time.strftime("%H:%M:%S", time.localtime(self.deadline + self.seconds * MARGIN))
-        if shrink_only:
-            info(f"[bold]time[/] an epoch takes {self.epoch_s:.1f} s now: {epochs} epochs fit (was {before}); the "
+        if refit:
+            info(f"[bold]time[/] an epoch takes {self.epoch_s:.2f} s now: {epochs} epochs fit (was {before}); the "
                  f"schedule ends with them, by {ends}")
         else:
             info(f"[bold]time[/] budget {_fmt(self.seconds)}: {self.step_s * 1000:.0f} ms a step, ~{self.epoch_s:.1f} "
@@ -88,16 +99,20 @@ class TimeBudget:
                  f"ending by {ends}")
 
     def after_epoch(self, run: RunState) -> None:
-        """An epoch ended: time it, and shrink the plan if the rest no longer fits."""
+        """An epoch ended: time it, and fit the plan again: shrink it if the rest no longer fits, grow it when
+        the run is ahead (the first plan's estimate is a guess). The estimate is the slower of this epoch and
+        the mean since the first timed one, so one quick epoch does not grow the plan past what fits."""
         now, self.prev = time.time(), 0.0
-        if self.last_end and self.step_s:
-            self.epoch_s = _slowest(now - self.last_end, run)
-            self.fit(run, shrink_only=True)
+        if self.epoch_start and self.step_s:  # + the first batch, which ran before epoch_start was taken
+            self.epoch_times.append(now - self.epoch_start + self.step_s / run.cfg.train.accum_steps)
+            mean = sum(self.epoch_times) / len(self.epoch_times)
+            self.epoch_s = _slowest(max(self.epoch_times[-1], mean), run)
+            self.fit(run, refit=True)
         elif self.last_end:  # epochs too short to time steps inside one: a whole epoch, in units of steps
             batches = math.ceil(self.val_images / (run.cfg.data.batch_size * 2 * run.env.world))
             self.step_s = _slowest(now - self.last_end, run) / (run.steps_per_epoch + batches * 2 / 3)
             self.fit(run)
-        self.last_end = now
+        self.last_end, self.epoch_start = now, 0.0
 
     def _finish_s(self, run: RunState) -> float:
         """After the last epoch: the summary, and the report (a validation pass of best.pt and figures)."""

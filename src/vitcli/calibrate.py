@@ -2,7 +2,9 @@
 
 - Temperature scaling (Guo et al. 2017): one scalar T > 0 that divides the logits, fitted by minimising the
   negative log-likelihood on the validation split (LBFGS on log T, so T stays positive). It changes no argmax,
-  so accuracy is unchanged; only how sure the probabilities say the model is.
+  so accuracy is unchanged; only how sure the probabilities say the model is. With fewer than MIN_ERRORS
+  validation mistakes the optimum runs off to T -> 0 (every answer certain), so T stays 1; a fit is bounded
+  to T_BOUNDS.
 - Split conformal prediction (Angelopoulos & Bates 2021) with the LAC score s = 1 - p_true (Sadinle et al.
   2019), the score that gives the smallest sets on average. The validation scores are stored; for a coverage
   1 - alpha the threshold is their ceil((n + 1)(1 - alpha)) / n empirical quantile, and an image's set holds
@@ -27,19 +29,21 @@ import numpy as np
 
 from vitcli.errors import VitcliError
 
+UNKNOWN = "unknown"  # the answer when the top probability is below its --min-prob threshold
+
 if TYPE_CHECKING:
     import torch
 
-UNKNOWN = "unknown"  # the answer when the top probability is below its --min-prob threshold
-T_BOUNDS = (0.05, 20.0)  # fitted temperatures are clipped to this range (no minimum exists without mistakes)
+T_BOUNDS = (0.25, 10.0)  # fitted temperatures are clipped to this range: logits at most 4x sharper, 10x flatter
+MIN_ERRORS = 5  # validation mistakes needed to fit a temperature; with fewer T stays 1 (the model's own probabilities)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
     """The T > 0 that minimises mean cross-entropy of softmax(logits / T) against `labels` (N,).
 
     LBFGS with a strong-Wolfe line search on log T in float64; the NLL is convex in 1/T, so this finds the
-    global minimum, clipped to T_BOUNDS. When no validation image is misclassified the NLL keeps falling as
-    T -> 0, and the lower bound is returned."""
+    global minimum, clipped to T_BOUNDS. With fewer than MIN_ERRORS misclassified validation images the NLL
+    falls (nearly) all the way to T -> 0, which would make every answer certain: T = 1 is kept instead."""
     import torch
     import torch.nn.functional as F
 
@@ -47,8 +51,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     y = labels.detach().long().cpu()  # (N,)
     if z.ndim != 2 or len(z) != len(y) or len(y) == 0:
         raise VitcliError(f"temperature fit needs logits (N, C) and N labels, got {tuple(z.shape)} and {len(y)}")
-    if bool((z.argmax(1) == y).all()):  # no mistakes: the NLL falls all the way to T -> 0
-        return T_BOUNDS[0]
+    if int((z.argmax(1) != y).sum()) < MIN_ERRORS:  # too few mistakes: no finite optimum worth trusting
+        return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
@@ -140,10 +144,18 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
     after = (logits / t).softmax(-1).numpy()
     y = labels.numpy()
     scores = np.sort(lac_scores(after, y))
-    return {"temperature": t, "images": len(y), "errors": int((before.argmax(1) != y).sum()), "score": "lac",
+    errors = int((before.argmax(1) != y).sum())
+    return {"temperature": t, "images": len(y), "rule": temperature_rule(errors), "errors": errors, "score": "lac",
             "conformal_scores": torch.from_numpy(scores),
             "nll_before": nll(logits, labels), "nll_after": nll(logits, labels, t),
             "ece_before": calibration(before, y, bins)[0], "ece_after": calibration(after, y, bins)[0]}
+
+
+def temperature_rule(errors: int) -> str:
+    """How the temperature was chosen, in words (printed after training, stored in the checkpoint)."""
+    if errors < MIN_ERRORS:
+        return f"kept at 1, the model's own probabilities: {errors} validation mistakes, a fit needs {MIN_ERRORS}"
+    return f"fitted on {errors} validation mistakes, bounded to [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}]"
 
 
 def calibration_of(meta: dict[str, Any]) -> tuple[float, np.ndarray | None]:
@@ -171,6 +183,10 @@ def parse_min_prob(values: list[str] | None, classes: list[str]) -> np.ndarray |
     """--min-prob P (all classes) and/or CLASS=P (one class; wins over P) -> thresholds (C,), None if unset."""
     if not values:
         return None
+    if UNKNOWN in classes:
+        raise VitcliError(f"--min-prob: the model has a class named '{UNKNOWN}', the answer --min-prob gives when "
+                          "it abstains, so the two could not be told apart; leave out --min-prob, or rename that "
+                          "class (e.g. its folder to unknown_class) and retrain")
     thr = np.zeros(len(classes), dtype=np.float64)
     per: dict[int, float] = {}
     for v in values:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from vitcli.errors import VitcliError
 
@@ -51,11 +52,69 @@ def guard():
         raise
 
 
+@contextlib.contextmanager
+def results_on_stderr(active: bool):
+    """While JSON goes to stdout (--json), what a command prints for people goes to stderr."""
+    if not active:
+        yield
+        return
+    from vitcli.console import out
+
+    out.stderr = True  # rich then writes to whatever sys.stderr is at each print
+    try:
+        yield
+    finally:
+        out.stderr = False
+
+
 def data_path(data: str | None, name: str = "DATA") -> Path | None:
     """A path argument; '' is an error (Path('') would silently mean the current folder)."""
     if data is not None and not data.strip():
         raise VitcliError(f"{name} is empty (''); give a path (use . for the current folder)")
     return None if data is None else Path(data)
+
+
+# Machine-readable output, one convention for every command: --json prints JSON on stdout (anything for people
+# then goes to stderr), --json-out PATH writes it to a file.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout (tables go to stderr).")]
+JsonOutOpt = Annotated[Path | None, typer.Option("--json-out", help="Write the results as JSON to this file.")]
+
+
+class LegacyJsonPath(TyperCommand):
+    """Reads the old `--json PATH` of eval and inspect faithfulness as `--json-out PATH`, with a one-line
+    deprecation warning: when the word after --json is not an option and ends in .json or is no existing path
+    (DATA and images exist), it is the old file argument."""
+
+    def parse_args(self, ctx, args):
+        from vitcli.console import warn
+
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--":
+                break
+            value = a[len("--json="):] if a.startswith("--json=") else args[i + 1] if a == "--json" and \
+                i + 1 < len(args) and not args[i + 1].startswith("-") else None
+            if value is not None and (value.lower().endswith(".json") or not Path(value).exists()):
+                warn(f"--json PATH is deprecated: use --json-out {value} (--json alone prints JSON on stdout)")
+                args[i] = "--json-out" if a == "--json" else f"--json-out={value}"
+        return super().parse_args(ctx, args)
+
+
+def show(result, json_out: bool, json_path: Path | None, printer) -> None:
+    """A command's result: JSON on stdout (--json) or through its rich printer; with --json-out also to a file."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if json_path is not None:
+        from vitcli.console import esc, info
+        from vitcli.files import write_output
+
+        write_output(json_path, (text + "\n").encode(), "--json-out")
+        info(f"wrote {esc(str(json_path))}")
+    if json_out:
+        typer.echo(text)
+    else:
+        printer(result)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
@@ -138,7 +197,7 @@ def shard(
 
     with guard():
         cfg = load_config(config, set_)
-        from vitcli.shards import write_shards
+        from vitcli.shard_writer import write_shards
 
         write_shards(data, out, size, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
                      val_csv=cfg.data.val_csv or None, max_bad_fraction=cfg.data.max_bad_fraction)
@@ -176,14 +235,24 @@ def predict(
     format_: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl or csv.")] = "table",
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Write results to this file instead of stdout.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout (same as --format json).")
+                        ] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json-out", help="Write JSON to this file (same as --format json -o PATH).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
     min_prob: Annotated[list[str] | None, typer.Option(
         "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
-                           "threshold (repeatable).")] = None,
+                           "threshold (repeatable). Multi-label: a label below P is 'unsure'.")] = None,
     coverage: Annotated[float | None, typer.Option(
         help="Add the smallest set of classes that holds the true class with this probability, e.g. 0.9 "
              "(split conformal on the validation split).")] = None,
+    ood: Annotated[bool, typer.Option(
+        "--ood", help="Score how unlike the training data each image is; answer --ood-word above the model's "
+                      "threshold (which keeps 95% of validation images answered).")] = False,
+    ood_score: Annotated[str, typer.Option(
+        help="auto (knn where the model gives embeddings, else energy), knn or energy.")] = "auto",
+    ood_word: Annotated[str, typer.Option(help="The answer for out-of-distribution images.")] = "unknown",
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -191,12 +260,51 @@ def predict(
     with guard():
         from vitcli.predict import run_predict
 
+        if json_out or json_path is not None:
+            if format_ not in ("table", "json") or (output is not None and json_path is not None):
+                raise VitcliError("--json / --json-out print or write JSON; they do not go with --format "
+                                  f"{format_} or --output")
+            format_, output = "json", json_path if json_path is not None else output
         code = run_predict(inputs or [], model, top_k, format_, output, batch_size, tta, device, precision,
-                           min_prob=min_prob, coverage=coverage)
+                           min_prob=min_prob, coverage=coverage, ood=ood_score if ood else None, unknown=ood_word)
     raise typer.Exit(code)
 
 
-@app.command("eval", short_help="Evaluate a model on labelled images.")
+@app.command(short_help="Serve a model over HTTP (POST /predict), batching concurrent requests.")
+def serve(
+    model: Annotated[str | None, typer.Argument(
+        help="Checkpoint, run folder, .onnx or TorchScript file; default: the newest run.", show_default=False)
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; any but loopback requires --token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Images per forward pass (1: no batching).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests, ms.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Images held at once; beyond them requests get 503.")] = 256,
+    max_files: Annotated[int, typer.Option(help="Images per request.")] = 16,
+    max_body_mb: Annotated[float, typer.Option(help="Request body limit, MiB.")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Pixels per image (decompression bombs).")] = 40_000_000,
+    read_timeout: Annotated[float, typer.Option(help="Seconds a client may take to send its body.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections; beyond them requests get 503.")] = 200,
+    threads: Annotated[int, typer.Option(help="Image decoding threads (0: up to 4, one per CPU).")] = 0,
+    token: Annotated[str | None, typer.Option(
+        envvar="VITCLI_SERVE_TOKEN", help="Bearer token required on /predict and /info.", show_default=False)
+    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Serve MODEL: POST /predict, GET /health, GET /info, docs at /docs; SIGTERM finishes requests, exit 0."""
+    with guard():
+        from vitcli.serve import ServeConfig, run_serve
+
+        cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                          max_files=max_files, max_body_mb=max_body_mb, max_pixels=max_pixels,
+                          read_timeout_s=read_timeout, max_connections=max_connections, threads=threads,
+                          token=token)
+        code = run_serve(model, cfg, device, precision)
+    raise typer.Exit(code)
+
+
+@app.command("eval", short_help="Evaluate a model on labelled images.", cls=LegacyJsonPath)
 def eval_cmd(
     data: Annotated[str, typer.Argument(
         help="Class subfolders, a dataset folder with test/ (else val/), or a .csv/.tsv/.jsonl label file.",
@@ -207,19 +315,28 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write every metric to this JSON file.")] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
-    coverage: Annotated[float, typer.Option(
-        help="Target coverage of the conformal prediction sets whose empirical coverage is reported.")] = 0.9,
+    coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
+                                                      "empirical coverage is reported (default 0.9).")] = None,
+    ood_data: Annotated[Path | None, typer.Option(
+        help="Images of another kind (a folder or file): AUROC and FPR at 95% TPR of each out-of-distribution "
+             "score against DATA's images, and the share answered unknown.")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Loss, top-1/top-5, per-class P/R/F1, confusion matrix, calibration, prediction-set coverage and worst
     mistakes on labelled data."""
-    with guard():
+    with guard(), results_on_stderr(json_out):
         from vitcli.evaluate import evaluate
 
-        evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta, coverage=coverage)
+        report = evaluate(data_path(data), model, batch_size, device, precision, output, json_path, tta=tta,
+                          coverage=coverage, ood_data=ood_data)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(report, indent=1))
 
 
 @app.command(short_help="Export to ONNX or TorchScript.")
@@ -255,27 +372,18 @@ def export(
         export_model(model, format_, output, opset, precision, int8_method, max_drop, force, data_path(data, "--data"))
 
 
-def show(result, json_out: bool, printer) -> None:
-    """A command's result as JSON on stdout (--json) or through its rich printer."""
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(result, indent=1))
-    else:
-        printer(result)
-
-
 @app.command("runs", short_help="List training runs, newest first.")
 def runs_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder that holds run folders.")] = Path("runs"),
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
 ) -> None:
     """Name, date, model, data, epochs, best val accuracy, wall time and status (finished / interrupted /
-    running) of every run folder under FOLDER."""
+    running / unreadable) of every run folder under FOLDER."""
     with guard():
         from vitcli.runs import list_runs, print_runs
 
-        show(list_runs(folder), json_out, print_runs)
+        show(list_runs(folder), json_out, json_path, print_runs)
 
 
 @app.command(short_help="Compare two runs on the same images (McNemar test).")
@@ -285,16 +393,19 @@ def compare(
     data: Annotated[str | None, typer.Argument(
         help="Labelled images (class folders, or test/ else val/); default: the runs' validation images.")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
-    """Config diff, per-class metric deltas and an exact McNemar test on the paired predictions."""
+    """Config diff, per-class metric deltas and an exact McNemar test on the paired predictions (multi-label
+    models: on exact matches, every label of an image right)."""
     with guard():
         from vitcli.runs import compare_runs, print_compare
 
-        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, print_compare)
+        show(compare_runs(run_a, run_b, data_path(data), device, precision, batch_size), json_out, json_path,
+             print_compare)
 
 
 @app.command(short_help="Write report.html for a run folder.")
@@ -361,7 +472,8 @@ def inspect_attention_cmd(
                                        device=device, target=class_))
 
 
-@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).")
+@inspect_app.command("faithfulness", short_help="How faithful each explanation is (deletion/insertion).",
+                     cls=LegacyJsonPath)
 def inspect_faithfulness_cmd(
     data: ImagesArg,
     model: ModelOpt = None,
@@ -373,20 +485,24 @@ def inspect_faithfulness_cmd(
     baseline: Annotated[str, typer.Option(
         help="What a removed patch shows: blur (the image blurred, sigma = one patch), noise (random pixels) "
              "or mean (the dataset mean).")] = "blur",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the AUCs and curves to this file.")
-                         ] = None,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Deletion and insertion tests (RISE): AUC per explanation method beside a random patch order."""
-    with guard():
+    with guard(), results_on_stderr(json_out):
         from vitcli.views import inspect_faithfulness
 
         images = [data_path(d) for d in data]
-        _, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
-                                        steps=steps, img_size=img_size, device=device, json_path=json_path,
-                                        baseline=baseline)
+        res, paths = inspect_faithfulness(images, model=model, output=output, method=method, max_images=max_images,
+                                          steps=steps, img_size=img_size, device=device, json_path=json_path,
+                                          baseline=baseline)
         _print_paths(paths)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(res, indent=1))
 
 
 @inspect_app.command("model", short_help="Architecture, parameters and FLOPs.")

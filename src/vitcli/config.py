@@ -92,6 +92,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without a better val best_metric; 0 = off
     best_metric: str = "acc"  # acc | loss | macro_f1: validation metric that picks best.pt and drives patience
     calibrate: bool = True  # at the end, fit a temperature and conformal scores on val (stored in best/last.pt)
+    ood_keep: float = 0.95  # out-of-distribution thresholds keep this share of validation images answered
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
     compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
     channels_last: bool = False  # channels-last memory format for the patch embedding input
@@ -430,6 +431,7 @@ RANGES: dict[str, str] = {
     "train.epochs": "[1, 1000000]",
     "train.seed": "[0, 4294967295]",
     "train.label_smoothing": "[0, 1)",
+    "train.ood_keep": "(0, 1)",
     "train.ema_decay": "[0, 1) (0 = off)",
     "train.patience": "[0, 1000000] (0 = off)",
     "train.accum_steps": "[1, 65536]",

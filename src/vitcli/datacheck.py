@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitcli.console import esc, out
+from vitcli.errors import VitcliError
 
 # ----------------------------------------------------------------------------------------------- data
 FORMAT_OF_EXT = {".jpg": {"JPEG", "MPO"}, ".jpeg": {"JPEG", "MPO"}, ".png": {"PNG"}, ".bmp": {"BMP"},
@@ -49,7 +50,7 @@ class DataReport:
 def _probe(job: tuple[Path, str, int]) -> FileInfo:
     from PIL import Image
 
-    from vitcli.data import BadImage, allowed_formats, check_regular, load_rgb
+    from vitcli.decode import BadImage, allowed_formats, check_regular, load_rgb
 
     path, split, label = job
     h = hashlib.sha256()
@@ -76,10 +77,16 @@ def _probe(job: tuple[Path, str, int]) -> FileInfo:
 
 def check_data(root: str | Path) -> DataReport:
     """Read (never write) a dataset folder and collect what could go wrong in training."""
-    from vitcli.data import IMAGE_EXTS, is_hidden, scan_dataset
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import is_hidden
+    from vitcli.sources import open_source
 
     root = Path(root)
-    ds = scan_dataset(root, 0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
+    source = open_source(root)
+    if not source.listed:
+        raise VitcliError(f"'{root}' is {source.kind}, whose images are streamed, not files to check; give the "
+                          "folder or label file they were made from")
+    ds = source.scan(0.0, 0)  # no split of its own: val_fraction 0 keeps every image in train
     if (root / "train").is_dir() or (ds.source is not None and (len(ds.val) or ds.test)):
         splits = {"train": ds.train, "val": ds.val, "test": ds.test}
     else:
@@ -118,7 +125,7 @@ def check_data(root: str | Path) -> DataReport:
 
 
 def _dup_line(g: list[FileInfo], classes: list[str]) -> str:
-    from vitcli.data import label_text
+    from vitcli.dataset import label_text
 
     labels = {i.label for i in g}
     where = ", ".join(f"{i.split}/{label_text(classes, i.label)}/{i.path.name}" for i in g[:4])

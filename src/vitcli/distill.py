@@ -149,7 +149,7 @@ def timm_teacher(name: str, device, classes: list[str]) -> tuple[Callable, dict[
     names: the run's own are assumed, in order, when the count matches)."""
     import timm
 
-    from vitcli.data import preprocess_info
+    from vitcli.decode import preprocess_info
     from vitcli.hub import weights_file
 
     try:

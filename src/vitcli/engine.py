@@ -3,8 +3,8 @@ finder) can call alone:
 
     open_run      resume lookup, device and processes, seeding
     prepare_data  scan the dataset, choose the recipe, write the run folder, decode the images
-    build_state   model, optimiser, schedule, EMA, scaler, loss, augmentation  (-> RunState)
-    restore       a resumed run's weights, optimiser, RNGs and progress
+    build_state   model, optimiser, schedule, EMA, scaler, loss, augmentation  (-> RunState; state.py)
+    restore       a resumed run's weights, optimiser, RNGs and progress (state.py)
     per epoch:    train_epoch (train_step per batch) -> evaluate_epoch -> end_epoch (best, checkpoints, log)
     finish        replica check, summary
 
@@ -18,7 +18,6 @@ accuracy and loss finiteness are summed on it and read once every LOG_EVERY batc
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,16 +27,15 @@ from typing import TYPE_CHECKING, Any
 from vitcli.config import Config
 from vitcli.console import console, esc, info, warn
 from vitcli.errors import VitcliError
-from vitcli.multilabel import task_line
+from vitcli.state import EMPTY_PARTIAL, LOG_EVERY, EpochSums, RunState, build_state, restore
+from vitcli.task import Task
 
 if TYPE_CHECKING:
     import torch
 
-    from vitcli.data import BadImageLog, Dataset, ImageStore
+    from vitcli.dataset import Dataset, Store
     from vitcli.defaults import DataFacts
-
-LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
-
+    from vitcli.store import BadImageLog
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving last.pt; `code` is the exit code (130 / 143)."""
@@ -119,116 +117,21 @@ class TrainData:
 
     data_dir: str | Path
     ds: Dataset
-    train: ImageStore
-    val: ImageStore
+    train: Store
+    val: Store
     pre: dict[str, Any]  # eval preprocessing, stored in checkpoints
     counts: list[int]  # training images per class
     bad: BadImageLog
     val_counts: list[int] = field(default_factory=list)  # validation images per class
+    task: Task = None  # type: ignore[assignment]  # single- or multi-label, from the data (set in __post_init__)
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = Task.of_data(self.ds)
 
     @property
     def classes(self) -> list[str]:
         return self.ds.classes
-
-    @property
-    def multilabel(self) -> bool:
-        return self.ds.multilabel
-
-
-@dataclass
-class Progress:
-    """Where the run is; saved in last.pt (as a plain dict) and restored on resume."""
-
-    epoch: int = 0  # epochs finished
-    batch: int = 0  # batches of the current epoch done
-    step: int = 0  # optimiser steps taken
-    best_acc: float = -1.0
-    best_epoch: int = 0
-    since_best: int = 0  # epochs without a better val best_metric
-    history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
-    partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
-    best_score: float = -math.inf  # train.best_metric of the best epoch, higher is better (loss negated)
-    plan: dict[str, int] | None = None  # epochs and schedule a time budget fitted (budget.py), kept on resume
-
-
-EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
-
-
-class EpochSums:
-    """The running epoch's training loss and accuracy sums, kept on the device (float64) so a step never waits
-    for it; also remembers the first non-finite loss (its batch and value) without a sync."""
-
-    def __init__(self, partial: dict[str, float], device: torch.device):
-        import torch
-
-        self.loss = torch.tensor(partial["loss"], dtype=torch.float64, device=device)
-        self.correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
-        self.count = partial["count"]  # known on the host
-        self.bad_batch = torch.tensor(-1, device=device)  # first batch whose loss was not finite
-        self.bad_loss = torch.tensor(0.0, device=device)
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor, batch: int) -> None:
-        import torch
-
-        loss = loss.detach()
-        first_bad = ~torch.isfinite(loss) & (self.bad_batch < 0)
-        self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
-        self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
-        self.loss += loss.double() * len(hard)
-        from vitcli.evaluation import hits
-
-        self.correct += hits(logits.detach(), hard).sum()  # multi-label: hard is the (B, C) label vector
-        self.count += len(hard)
-
-    def read(self) -> tuple[float, float, float, int, float]:
-        """(loss sum, correct, count, first bad batch or -1, its loss): the one sync."""
-        return float(self.loss), float(self.correct), float(self.count), int(self.bad_batch), float(self.bad_loss)
-
-
-@dataclass
-class RunState:
-    """Everything the epoch loop reads and changes."""
-
-    cfg: Config
-    env: Env
-    run_dir: Path
-    spec: dict[str, Any]  # the model's self-description, stored in checkpoints
-    model: Any  # the plain module (weights that train)
-    fwd_model: Any  # what the step calls: the model, or its DDP / compiled wrapper
-    ema: Any  # optim.EMA or None
-    optimizer: Any
-    scaler: Any
-    loss_fn: Any  # optim.TrainLoss
-    eval_loss: Any  # plain cross-entropy for validation
-    mixup: Any  # timm Mixup or None
-    augment: Any  # data.TrainAugment
-    aug_gen: Any  # torch.Generator of the augmentation (saved for resume)
-    sample_w: list[float] | None  # per-image sampling weights (balanced sampler) or None
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    progress: Progress = field(default_factory=Progress)
-    sums: Any = None  # EpochSums of the running epoch
-    lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
-    thresholds: list[float] | None = None  # multi-label: per-class thresholds tuned at the last validation
-    callbacks: list[Callback] = field(default_factory=list)
-    log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
-    budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
-    distiller: Any = None  # distill.Distiller while `train.teacher` is set: the loss with the teacher
-
-    @property
-    def eval_model(self):
-        return self.ema.module if self.ema is not None else self.model
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def set_schedule(self, total: int, warmup: int) -> None:
-        """The one place the warmup-cosine schedule is (re)planned: at build time and by the time budget."""
-        from vitcli.optim import warmup_cosine
-
-        self.total_steps, self.warmup_steps = total, warmup
-        self.lr_fn = warmup_cosine(total, warmup, self.cfg.optim)
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -255,6 +158,10 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
             cfg = load_config(run_dir / "config.yaml")
             data_dir = data_dir or cfg_data_dir(run_dir)
         if epochs is not None:
+            done = ckpt["train_state"]["progress"].get("epoch", 0) if ckpt is not None else 0
+            if 1 <= epochs < done:  # below 1: the range check below says so
+                raise VitcliError(f"--epochs {epochs}: the run '{run_dir}' has already trained {done} epochs, and "
+                                  f"--epochs counts them all (not extra ones); give more than {done} to train on")
             cfg.train.epochs = epochs
         validate(cfg)  # --epochs, and a shared checkpoint's config, are checked like a config file
         if data_dir is None:
@@ -273,35 +180,35 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
 def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
                  hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
                  ) -> tuple[TrainData, Path]:
-    """Scan the dataset, fill the recipe (`recipe`: not for a resumed run, whose config is final), write
-    config.yaml / split.csv, decode (and cache) the images. Returns the data and the run folder (created when
-    `run_dir` is None, and locked into `hold`). A resumed run's classes must match its checkpoint's
-    (`resumed_classes`), checked before anything is written; its split.csv stays as the record it is."""
-    from vitcli import data as D
+    """Scan the source (sources.py decides what DATA is), fill the data-aware defaults and the recipe
+    (`recipe`: not for a resumed run, whose config is final), write config.yaml / split.csv, open the stores.
+    Returns the data and the run folder (created when `run_dir` is None, and locked into `hold`). A resumed
+    run's classes must match its checkpoint's (`resumed_classes`), checked before anything is written."""
+    from vitcli.dataset import check_val_split
     from vitcli.defaults import DataFacts
     from vitcli.rundir import check_resumed_data, write_split
-    from vitcli.shards import is_shard_source
+    from vitcli.sources import open_source
 
     d, t = cfg.data, cfg.train
-    if is_shard_source(data_dir):
-        return prepare_shards(cfg, data_dir, env, run_dir, recipe, hold, resumed_classes)
-    ds = D.scan_dataset(data_dir, d.val_fraction, t.seed, d.val_csv or None)
-    D.check_val_split(ds, d.val_fraction)
+    source = open_source(data_dir, d.val_csv or None)
+    ds = source.scan(d.val_fraction, t.seed)
+    check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
+    n_train, n_val = ds.sizes()
     facts = None  # for the data-aware defaults (a resumed run's config is final)
     if recipe:
-        facts = DataFacts(len(ds.train), D.probe_sizes(ds.train.paths, seed=t.seed), env.device.type, str(data_dir))
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(ds.train) if recipe else None, hold, facts)
-    if env.main and ds.split_made and not resumed:
+        facts = DataFacts(n_train, source.sample_sizes(ds, t.seed), env.device.type, str(data_dir))
+    run_dir = make_run_dir(cfg, data_dir, env, run_dir, n_train if recipe else None, hold, facts)
+    if env.main and ds.split_made and source.listed and not resumed:
         write_split(run_dir / "split.csv", ds)
-    counts = D.class_counts(ds.train.labels, len(ds.classes))
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(ds.classes)} classes, {len(ds.train)} train / {len(ds.val)} "
-         "val images" + (" (seeded split of the class folders)" if ds.split_made else ""))
+    counts, val_counts = ds.counts()
+    info(f"[bold]data[/] {esc(str(data_dir))} ({source.kind}): {len(ds.classes)} classes, {n_train} train / {n_val} "
+         "val images" + (" (seeded split of the class folders)" if ds.split_made and source.listed else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))
-    info(task_line(cfg, ds.multilabel))
-    return load_images(cfg, data_dir, ds, counts, env), run_dir
+    info(Task.of_data(ds).line(cfg))
+    return open_stores(cfg, data_dir, source, ds, (counts, val_counts), env), run_dir
 
 
 def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, n_train: int | None,
@@ -311,7 +218,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     from vitcli.distributed import broadcast_str
     from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
-    from vitcli.rundir import new_run_dir, write_config
+    from vitcli.rundir import mark_running, new_run_dir, write_config
 
     t = cfg.train
     if n_train is not None:  # keys the user left
@@ -326,160 +233,28 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
         if hold is not None and env.main:
             hold.enter_context(run_lock(run_dir))
     if env.main:
+        mark_running(run_dir)  # first: `vitcli runs` shows the run as running from now on
         write_config(run_dir, cfg, data_dir)
     return run_dir
 
 
-def prepare_shards(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | None, recipe: bool,
-                   hold: contextlib.ExitStack | None = None, resumed_classes: list[str] | None = None
-                   ) -> tuple[TrainData, Path]:
-    """prepare_data for tar shards (`vitcli shard`): nothing is listed or decoded up front; every rank streams
-    its own shards through DataLoader workers, so memory does not grow with the number of images."""
-    from vitcli import data as D
+def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: tuple[list[int], list[int]],
+                env: Env) -> TrainData:
+    """The source's train and val stores; unreadable images are counted against data.max_bad_fraction."""
+    from vitcli.dataset import Split
+    from vitcli.decode import preprocess_info
     from vitcli.device import cpu_count
-    from vitcli.shards import open_shards
+    from vitcli.store import BadImageLog
 
     d = cfg.data
-    if d.balanced_sampler:
-        raise VitcliError("'data.balanced_sampler' needs random access to the images; turn it off for shards")
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    workers = d.num_workers if d.num_workers >= 0 else min(8, max(1, cpu_count() - 1))
-    bad = D.BadImageLog(total=0, max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    sd = open_shards(data_dir, size=pre["resize_size"], interpolation=d.interpolation, num_workers=workers,
-                     shuffle_buffer=d.shuffle_buffer, on_bad=bad.add)
-    if resumed_classes is not None and list(resumed_classes) != sd.classes:
-        raise VitcliError(f"--resume: the shards '{data_dir}' hold the classes {sd.classes[:10]}, but the run was "
-                          f"trained on {list(resumed_classes)[:10]}; resume with the run's data")
-    bad.total = len(sd.train) + len(sd.val)
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
+    train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
-    run_dir = make_run_dir(cfg, data_dir, env, run_dir, len(sd.train) if recipe else None, hold)
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(sd.classes)} classes, {len(sd.train)} train / {len(sd.val)} val "
-         f"images in {len(sd.train.shards)} + {len(sd.val.shards)} shards, streamed ({workers} workers per process, "
-         f"shuffle buffer {d.shuffle_buffer})")
-    info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(sd.classes, sd.counts, strict=True)))
-    info(task_line(cfg, sd.multilabel))
-    ds = D.Dataset(sd.root, sd.classes, D.Split(), D.Split(), multilabel=sd.multilabel, source=sd.root)
-    return TrainData(data_dir, ds, sd.train, sd.val, pre, sd.counts, bad, sd.val_counts), run_dir
-
-
-def load_images(cfg: Config, data_dir: str | Path, ds: Dataset, counts: list[int], env: Env) -> TrainData:
-    """Decode both splits once to uint8 at the resize side; cached in memory when they fit."""
-    from vitcli import data as D
-    from vitcli.device import cpu_count
-
-    d = cfg.data
-    pre = D.preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
-    size = pre["resize_size"]
-    total = len(ds.train) + len(ds.val)
-    est_gb = total * 3 * size * size / 2**30
-    cache = d.cache == "on" or (d.cache == "auto" and est_gb <= d.cache_max_gb)
-    workers = d.num_workers if d.num_workers >= 0 else (0 if cache else min(8, max(1, cpu_count() - 1)))
-    info(f"[bold]images[/] decoded once to {size}x{size} uint8"
-         + (f", cached in memory ({est_gb * 1024:.0f} MiB)" if cache else f", not cached, {workers} workers"))
-    bad = D.BadImageLog(total=total, max_fraction=d.max_bad_fraction, data_dir=data_dir)
-    pin = env.device.type == "cuda"
-    train = D.ImageStore(ds.train, size, d.interpolation, cache, workers, bad.add, "decoding train", pin)
-    val = D.ImageStore(ds.val, size, d.interpolation, cache, workers, bad.add, "decoding val", pin)
-    bad.check()  # uncached: files that only fail while decoding are checked again as they turn up
     if len(train) == 0 or len(val) == 0:
         raise VitcliError(f"'{data_dir}': no readable images left in the {'val' if len(train) else 'train'} split")
-    if cache and env.device.type != "cpu":
-        train.to(env.device)
-        val.to(env.device)
-    val_counts = D.class_counts(ds.val.labels, len(ds.classes))
-    ds.train, ds.val = D.Split(), D.Split()  # the stores hold the images now: let the scan's Path lists go
-    return TrainData(data_dir, ds, train, val, pre, counts, bad, val_counts)
-
-
-def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: bool = True) -> RunState:
-    """Model, optimiser, schedule, EMA, scaler, loss and augmentation for a run (`wrap`: DDP / compile)."""
-    import torch
-
-    from vitcli import data as D
-    from vitcli import multilabel as ML
-    from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
-    from vitcli.distill import build_distiller
-    from vitcli.models import build_model
-    from vitcli.optim import EMA, TrainLoss, build_mixup, build_optimizer
-
-    d, t, o = cfg.data, cfg.train, cfg.optim
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
-    model.to(env.device)
-    source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
-    k = spec["kwargs"]
-    shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
-    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "
-         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    if t.precision == "auto":
-        env.precision, env.why = refine_auto_precision(env.precision, env.why, model, env.device, d.img_size,
-                                                       d.batch_size)
-    fused_attn, attn_why = pick_attention(env.device, env.precision)
-    set_fused_attention(model, fused_attn)
-    info(f"[bold]device[/] {env.device}, precision {env.precision} ({env.why})"
-         + (f", {env.world} processes" if env.world > 1 else "") + ("" if fused_attn else f"; attention: {attn_why}"))
-    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
-    loss_fn = ML.train_loss(cfg, data.multilabel) or TrainLoss(cfg, data.counts, env.device)
-    if loss_fn.class_w is not None:
-        info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
-    distiller = build_distiller(cfg, data.classes, data.pre, env.device, model, data.multilabel)
-    fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
-    aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
-    sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
-    n_batches = data.train.steps(d.batch_size, 0, t.seed, env.world, sample_w)
-    mixup = build_mixup(cfg, len(data.classes))
-    steps_per_epoch = max(1, n_batches // t.accum_steps)
-    total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
-    run = RunState(
-        cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
-        optimizer=build_optimizer(model, o, env.device),
-        scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
-        loss_fn=loss_fn, eval_loss=ML.eval_loss(data.multilabel),
-        mixup=ML.LabelVectorMix(mixup) if mixup is not None and data.multilabel else mixup,
-        augment=D.TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup, distiller=distiller)
-    run.set_schedule(total, warmup)
-    return run
-
-
-def wrap_model(model, ema, cfg: Config, env: Env):
-    """channels-last, DDP (which broadcasts rank 0's weights; the EMA copy starts from them too), compile."""
-    import torch
-
-    t = cfg.train
-    fwd = model.to(memory_format=torch.channels_last) if t.channels_last else model
-    if env.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-        if ema is not None:
-            ema.module.load_state_dict(model.state_dict())
-    if t.compile:  # after DDP, as torch recommends
-        fwd = torch.compile(fwd)
-    return fwd
-
-
-def restore(run: RunState, ckpt: dict[str, Any]) -> None:
-    """Load a resumed run's weights, EMA, optimiser, scaler, RNG states and progress from last.pt."""
-    from vitcli.device import set_rng_state
-
-    ts = ckpt["train_state"]
-    run.model.load_state_dict(ts.get("model", ckpt["model"]))
-    if run.ema is not None:
-        run.ema.module.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ts["optimizer"])
-    if ts.get("scaler"):
-        run.scaler.load_state_dict(ts["scaler"])
-    pr = ts["progress"]
-    run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
-                            pr["since_best"], list(pr["history"]), dict(pr["partial"]),
-                            pr.get("best_score", pr["best_acc"]),  # runs from before best_metric used acc
-                            pr.get("plan"))
-    set_rng_state(ts["rng"])
-    run.aug_gen.set_state(ts["aug_rng"])
-    info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
-    if run.progress.epoch >= run.cfg.train.epochs:
-        info(f"the run already trained {run.progress.epoch} epochs; pass --epochs N (> {run.progress.epoch}) to "
-             "extend it")
+    ds.train, ds.val = Split(), Split()  # the stores hold the images now: let the scan's Path lists go
+    return TrainData(data_dir, ds, train, val, pre, counts[0], bad, counts[1])
 
 
 def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -639,43 +414,19 @@ def evaluate_epoch(run: RunState, data: TrainData) -> dict[str, float]:
         if run.ema is not None:
             broadcast_buffers(run.ema.module)
     tl, tc, tn = all_reduce_sums([p.partial["loss"], p.partial["correct"], p.partial["count"]], env.device)
-    f1 = run.cfg.train.best_metric == "macro_f1"
     ev = run_eval(run.eval_model, data.val, data.pre, env.device, env.precision, d.batch_size * 2, run.eval_loss,
-                  env.rank, env.world, keep_logits=f1 or data.multilabel)
+                  env.rank, env.world, keep_logits=run.task.keep_val_logits(run.cfg))
     vl, vc, vn = all_reduce_sums([ev.loss_sum, ev.correct, ev.count], env.device)
     seconds = p.partial["seconds"]
     row = {"epoch": p.epoch + 1, "train_loss": tl / max(tn, 1), "train_acc": tc / max(tn, 1),
            "val_loss": vl / max(vn, 1), "val_acc": vc / max(vn, 1), "lr": run.lr(), "seconds": seconds,
            "images_per_s": tn / max(seconds, 1e-9)}
-    if data.multilabel:  # val_acc: share of labels right at 0.5; the mAP picks the best epoch
-        from vitcli.multilabel import val_scores
-
-        row["val_map"], run.thresholds = val_scores(ev, env.device, env.world)
-    elif f1:
-        row["val_macro_f1"] = _macro_f1(ev, len(data.classes), env.device)
-    return row
-
-
-def _macro_f1(ev, num_classes: int, device) -> float:
-    """Macro F1 of the validation predictions, from the confusion matrix summed over ranks."""
-    import numpy as np
-
-    from vitcli.distributed import all_reduce_sums
-    from vitcli.evaluation import averages, confusion_matrix, per_class_metrics
-
-    cm = confusion_matrix(ev.labels.numpy(), ev.logits.argmax(1).numpy(), num_classes)
-    cm = np.rint(all_reduce_sums(cm.astype(np.float64).ravel().tolist(), device)).astype(np.int64)
-    cm = cm.reshape(num_classes, num_classes)
-    return averages(per_class_metrics(cm), cm)["macro"]["f1"]
+    metric = run.task.best_metric(run.cfg)  # label vectors: val_acc is the share of labels right at 0.5
+    return row | run.task.val_metrics(ev, len(data.classes), env.device, metric, env.world)
 
 
 BEST_SCORE = {"acc": lambda row: row["val_acc"], "loss": lambda row: -row["val_loss"],
               "macro_f1": lambda row: row["val_macro_f1"], "map": lambda row: row["val_map"]}  # higher is better
-
-
-def best_metric(cfg: Config, multilabel: bool) -> str:
-    """train.best_metric, except that multi-label runs rank epochs by validation mAP unless it is loss."""
-    return "map" if multilabel and cfg.train.best_metric != "loss" else cfg.train.best_metric
 
 
 def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
@@ -683,7 +434,7 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     t, p = run.cfg.train, run.progress
     p.history.append(row)
     p.epoch, p.batch, p.partial = p.epoch + 1, 0, dict(EMPTY_PARTIAL)
-    score = BEST_SCORE[best_metric(run.cfg, data.multilabel)](row)
+    score = BEST_SCORE[run.task.best_metric(run.cfg)](row)
     improved = score > p.best_score and _finite(run.eval_model)
     if improved:
         p.best_score, p.best_acc, p.best_epoch, p.since_best = score, row["val_acc"], p.epoch, 0
@@ -702,7 +453,7 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
          f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s")
     if t.patience and p.since_best >= t.patience:
         what = {"acc": "accuracy", "loss": "loss", "macro_f1": "macro F1", "map": "mAP"}[
-            best_metric(run.cfg, data.multilabel)]
+            run.task.best_metric(run.cfg)]
         best = -p.best_score if t.best_metric == "loss" else p.best_score
         info(f"early stop: val {what} did not improve for {t.patience} epochs (best {best:.4f} at epoch "
              f"{p.best_epoch})")
@@ -728,7 +479,7 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
                            state_dict=run.eval_model.state_dict(), config=to_dict(run.cfg),
                            data_dir=str(Path(data.data_dir).resolve()), epoch=epoch, step=run.progress.step,
                            metrics=metrics, train_state=train_state,
-                           task="multilabel" if data.multilabel else "single", thresholds=run.thresholds)
+                           **run.task.checkpoint_meta())
     save_checkpoint(run.run_dir / name, ckpt)
 
 
@@ -739,7 +490,7 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
 
     p = run.progress
     result = TrainResult(run.run_dir, p.best_acc, p.best_epoch, len(p.history), p.history, time.time() - t_start)
-    if run.env.main and run.cfg.train.calibrate and p.history and not data.multilabel:  # multi-label: thresholds
+    if run.env.main and run.cfg.train.calibrate and p.history:
         calibrate_checkpoints(run, data)
     if run.env.world > 1:
         digest = check_replicas(run.eval_model.state_dict(), run.env.world)
@@ -747,19 +498,19 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     if run.env.main:
         for cb in run.callbacks:
             cb.on_end(run, result)
-        _summary(result, data.classes, data.bad, best_metric(run.cfg, data.multilabel))
+        _summary(result, data.classes, data.bad, run.task.best_metric(run.cfg))
     leave()
     return result
 
 
 def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
-    """Fit the temperature and conformal scores of best.pt's and last.pt's weights on the validation split and
-    store them in each file (train.calibrate)."""
-    from vitcli.calibrate import fit_calibration
+    """Fit, for best.pt's and last.pt's weights on the validation split, the temperature and conformal scores
+    (tasks that fit one) and the out-of-distribution thresholds, and store them in each file (train.calibrate)."""
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from vitcli.evaluation import run_eval
+    from vitcli.ood import fit_for_model
 
-    env = run.env
+    env, batch = run.env, run.cfg.data.batch_size * 2
     if len(data.val) == 0:
         warn("calibration skipped: the validation split is empty")
         return
@@ -769,14 +520,20 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
             continue
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path).to(env.device)
-        ev = run_eval(model, data.val, data.pre, env.device, env.precision, run.cfg.data.batch_size * 2,
-                      keep_logits=True)
-        ckpt["calibration"] = cal = fit_calibration(ev.logits, ev.labels)
+        if run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
+            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True)
+            ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
+            info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
+                 f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
+                 f"{cal['nll_after']:.4f} on {cal['images']} images")
+        temperature = (ckpt.get("calibration") or {}).get("temperature", 1.0)
+        ckpt["ood"] = ood = fit_for_model(model, data.train, data.val, data.pre, env.device, env.precision, batch,
+                                          temperature, run.cfg.train.ood_keep, run.cfg.train.seed)
         save_checkpoint(path, ckpt)
-        note = " (no validation mistakes: temperature at its lower bound)" if cal["errors"] == 0 else ""
-        info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f}, val ECE {cal['ece_before']:.4f} -> "
-             f"{cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f} on {cal['images']} "
-             f"images{note}")
+        th = ood["thresholds"]
+        info(f"[bold]out-of-distribution[/] {name}: thresholds keep {ood['keep']:.0%} of {ood['images']} "
+             f"validation images answered: knn {th['knn']:.4f} (k={ood['k']}, {len(ood['bank'])} training "
+             f"embeddings), energy {th['energy']:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------- driver

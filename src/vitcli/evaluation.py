@@ -16,42 +16,12 @@ import numpy as np
 
 from vitcli.calibrate import calibration  # noqa: F401  (expected calibration error, re-exported)
 from vitcli.errors import VitcliError
+from vitcli.metrics import averages, confusion_matrix, per_class_metrics  # noqa: F401  (re-exported)
 
 CHUNK = 2048  # images decoded and held in memory at a time
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
-    """(C, C) int64; rows are true classes, columns predicted classes."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
-    return cm
-
-
-def per_class_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """precision, recall, f1, support per class; 0 where a ratio is 0/0 (as scikit-learn's zero_division=0)."""
-    tp = np.diag(cm).astype(np.float64)
-    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, tp / predicted, 0.0)
-        recall = np.where(support > 0, tp / support, 0.0)
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(1)}
-
-
-def averages(pc: dict[str, np.ndarray], cm: np.ndarray) -> dict[str, dict[str, float]]:
-    """Macro and support-weighted averages over the classes that occur in the labels or the predictions."""
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    support = pc["support"][present].astype(np.float64)
-    out = {}
-    for name, weights in (("macro", np.ones_like(support)), ("weighted", support)):
-        total = weights.sum()
-        out[name] = {m: float((pc[m][present] * weights).sum() / total) if total > 0 else 0.0
-                     for m in ("precision", "recall", "f1")}
-        out[name]["support"] = int(pc["support"].sum())
-    return out
-
-
 def topk_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of rows whose label is among the k highest probabilities."""
     topk = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
@@ -120,22 +90,15 @@ class EvalOutput:
     count: int
 
 
-def hits(logits, y):
-    """Per image: 1 when the top class is the label; multi-label (y (B, C)): the share of classes whose
-    sigmoid > 0.5 agrees with the label vector."""
-    if y.ndim == 2:
-        return ((logits > 0) == (y > 0.5)).float().mean(1)  # (B,)
-    return logits.argmax(1) == y  # (B,)
-
-
 def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
              rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
     """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
     and are read once at the end."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
     from vitcli.device import autocast
+    from vitcli.task import hits
 
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -164,16 +127,17 @@ def collect_logits(pred, split, batch_size: int, tta: bool):
     labels (N,), readable paths, unreadable-file messages)."""
     import torch
 
-    from vitcli import data as D
+    from vitcli.dataset import Split
+    from vitcli.store import ImageStore, sequential_batches
 
     pre = pred.preprocess
     bad: list[str] = []
     logits, flipped, labels, paths = [], [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+        part = Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                              on_bad=bad.append, progress_label="decoding")
-        for x, y in store.batches(D.sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
+        for x, y in store.batches(sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
             logits.append(pred.logits(x).float())
             if tta:
                 flipped.append(pred.logits(x.flip(-1)).float())
@@ -184,43 +148,38 @@ def collect_logits(pred, split, batch_size: int, tta: bool):
     return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
 
 
-def probs_at(logits, flipped, temperature: float) -> np.ndarray:
-    """softmax(logits / T), averaged with the mirrored image's when `flipped` is given; float64 (N, C)."""
-    p = (logits.double() / temperature).softmax(-1)
-    if flipped is not None:
-        p = (p + (flipped.double() / temperature).softmax(-1)) / 2
-    return p.numpy()
+def calibration_report(pred, logits, flipped, probs: np.ndarray, y: np.ndarray, coverage: float | None
+                       ) -> dict[str, Any]:
+    """Temperature, ECE before and after it (`probs`: the calibrated ones), and (with conformal scores)
+    coverage and mean set size."""
+    from vitcli.calibrate import set_metrics
 
-
-def calibration_report(pred, logits, flipped, y: np.ndarray, coverage: float | None) -> dict[str, Any]:
-    """Temperature, ECE before and after it, and (with conformal scores) coverage and mean set size."""
-    from vitcli.calibrate import conformal_threshold, set_metrics
-
-    before = probs_at(logits, flipped, 1.0)
-    rep: dict[str, Any] = {"temperature": pred.temperature, "ece_uncalibrated": calibration(before, y)[0]}
-    if coverage is not None and pred.conformal_scores is not None:
-        thr = conformal_threshold(pred.conformal_scores, coverage)
+    task = pred.task
+    before = task.uncalibrated().probs(logits, flipped).numpy()  # (N, C)
+    rep: dict[str, Any] = {"temperature": task.temperature, "ece_uncalibrated": calibration(before, y)[0]}
+    if coverage is not None and task.conformal_scores is not None:
+        thr = task.conformal_threshold(coverage, str(pred.path))
         rep["conformal"] = {"coverage_target": coverage, "threshold": thr,
-                            "calibration_images": len(pred.conformal_scores),
-                            **set_metrics(probs_at(logits, flipped, pred.temperature), y, thr)}
+                            "calibration_images": len(task.conformal_scores), **set_metrics(probs, y, thr)}
     return rep
 
 
 def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, prec: str, batch_size: int = 64,
-                   where: str | Path = "the data", thresholds: list[float] | None = None):
-    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, probs (N, C), labels (N,),
-    the readable paths, skipped-file messages). Multi-label splits (label vectors) get the multi-label metrics
-    at `thresholds`."""
+                   where: str | Path = "the data", *, task):
+    """Run `net` (already on `dev`) over a Split -> (metrics incl. worst mistakes, calibrated probs (N, C) of
+    `task` (the model's task.Task), labels (N,), the readable paths, skipped-file messages). Label vectors get
+    the multi-label metrics at the task's thresholds."""
     import torch
 
-    from vitcli import data as D
     from vitcli.console import warn
+    from vitcli.dataset import Split
+    from vitcli.store import ImageStore
 
     bad: list[str] = []
     logits, labels, paths = [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
-        part = D.Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
-        store = D.ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+        part = Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
+        store = ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                              on_bad=bad.append, progress_label="decoding")
         res = run_eval(net, store.to(dev), pre, dev, prec, batch_size, keep_logits=True)
         logits.append(res.logits)
@@ -230,13 +189,11 @@ def evaluate_split(net, classes: list[str], pre: dict[str, Any], split, dev, pre
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{where}' could be read")
-    if labels[0].ndim == 2:  # multi-label: a sigmoid per class; mAP, AP, F1 at the thresholds, exact match
-        from vitcli.multilabel import compute_metrics as multilabel_metrics
+    probs, y = task.probs(torch.cat(logits)).numpy(), torch.cat(labels).numpy()  # (N, C), (N,) or (N, C)
+    if not task.one_label:  # mAP, AP, F1 at the thresholds, exact match
+        from vitcli.metrics import label_vector_metrics
 
-        probs, y = torch.cat(logits).float().sigmoid().double().numpy(), torch.cat(labels).numpy()  # (N, C) each
-        return multilabel_metrics(probs, y, classes, thresholds), probs, y, paths, bad
-    probs = torch.cat(logits).float().softmax(-1).double().numpy()  # (N, C)
-    y = torch.cat(labels).numpy()  # (N,)
+        return label_vector_metrics(probs, y, classes, task.thresholds), probs, y, paths, bad
     report = compute_metrics(probs, y, classes)
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)

@@ -200,9 +200,10 @@ def baseline_image(x: torch.Tensor, kind: str, grid: tuple[int, int], seed: int 
 
 
 def curves(model: nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torch.Tensor,
-           grid: tuple[int, int], steps: int, temperature: float = 1.0, chunk: int = 256,
+           grid: tuple[int, int], steps: int, to_probs=None, chunk: int = 256,
            base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deletion and insertion curves, each (B, steps + 1): the target-class probability after removing
+    """Deletion and insertion curves, each (B, steps + 1): the target-class probability (`to_probs` of the
+    logits, the model's calibrated rule; default a plain softmax) after removing
     (deletion) or keeping only (insertion) the first round(k N / steps) patches of `order` (B, N), k = 0..steps.
     Removed patches show `base` (B, 3, H, W), default the mean image (0 for normalised input x)."""
     import torch
@@ -224,8 +225,9 @@ def curves(model: nn.Module, x: torch.Tensor, order: torch.Tensor, targets: torc
         probs = []
         with torch.no_grad():
             for i in range(0, len(imgs), chunk):
-                logits = model(imgs[i:i + chunk]).float() / temperature  # (b, C)
-                probs.append(logits.softmax(-1).gather(1, tgt[i:i + chunk, None])[:, 0].cpu())
+                logits = model(imgs[i:i + chunk]).float()  # (b, C)
+                p = to_probs(logits) if to_probs is not None else logits.softmax(-1)  # (b, C)
+                probs.append(p.gather(1, tgt[i:i + chunk, None].to(p.device))[:, 0].float().cpu())
         out.append(torch.cat(probs).reshape(B, steps + 1))
     return out[0], out[1]
 
@@ -236,7 +238,7 @@ def auc(curve: torch.Tensor) -> float:
     return float(((y[1:] + y[:-1]) / 2).sum() / (len(y) - 1))
 
 
-def faithfulness(model: nn.Module, batches, methods: list[str], steps: int, temperature: float = 1.0,
+def faithfulness(model: nn.Module, batches, methods: list[str], steps: int, to_probs=None,
                  seed: int = 0, baseline: str = "blur") -> dict[str, Any]:
     """Deletion and insertion curves and AUCs per method and for a random order, over normalised image
     batches (B, 3, H, W); the target is each image's predicted class."""
@@ -251,9 +253,9 @@ def faithfulness(model: nn.Module, batches, methods: list[str], steps: int, temp
             grid = tuple(maps.shape[-2:])
             base = baseline_image(x, baseline, grid, seed + bi) if base is None else base
             sums[m].append(torch.stack(curves(model, x, ranking(maps, seed + bi), targets, grid, steps,
-                                              temperature, base=base)))  # (2, B, S+1)
+                                              to_probs, base=base)))  # (2, B, S+1)
         order = random_ranking(len(x), grid[0] * grid[1], seed + 1000 + bi)
-        sums["random"].append(torch.stack(curves(model, x, order, targets, grid, steps, temperature, base=base)))
+        sums["random"].append(torch.stack(curves(model, x, order, targets, grid, steps, to_probs, base=base)))
         images += len(x)
     result: dict[str, Any] = {"images": images, "steps": steps, "baseline": baseline, "methods": {}}
     for m, parts in sums.items():

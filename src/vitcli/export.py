@@ -21,7 +21,7 @@ def verify(path: Path, fmt: ExportFormat, model, preprocess: dict[str, Any], dev
     on random images at two batch sizes (so a batch size baked into the graph is caught)."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
 
     runner = fmt.predictor(path, device)
     g = torch.Generator().manual_seed(0)
@@ -108,14 +108,11 @@ def check_images(src: Path, ckpt: dict[str, Any], data: str | Path | None, calib
     run's validation and training splits, or `data` (its test/ else val/ split) and the run's training split,
     else `data` again when the run's dataset is gone."""
     from vitcli.console import esc, info
-    from vitcli.data import scan_eval_folder
     from vitcli.html_report import run_dataset
+    from vitcli.sources import scan_eval_folder
 
     if data is None:
-        try:
-            ds = run_dataset(src.parent, ckpt)
-        except VitcliError as e:
-            raise VitcliError(f"{e} (export: --data DIR)") from None
+        ds = run_dataset(src.parent, ckpt, "give --data DIR")
         return ds.val, ds.train if calibrate else None, f"validation images of '{ds.root}'"
     split = scan_eval_folder(data, list(ckpt["classes"]))
     if not calibrate:
@@ -136,8 +133,8 @@ def reduced_export(net, ckpt: dict[str, Any], src: Path, fp32: Path, path: Path,
     import torch
 
     from vitcli import quantize as Q
+    from vitcli.augment import eval_transform
     from vitcli.console import esc, info
-    from vitcli.data import eval_transform
 
     if ckpt.get("task") == "multilabel":
         raise VitcliError(f"--{precision}: the accuracy check compares top-1 and '{src}' is multi-label; export "

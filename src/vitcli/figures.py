@@ -13,6 +13,15 @@ if TYPE_CHECKING:
 
 PANEL_IN, TITLE_IN, SUPTITLE_IN, DPI = 2.0, 0.25, 0.5, 100  # attention figure layout, inches and dots/inch
 
+LABEL_CHARS = 32  # a class or file name drawn in a figure is cut to this many characters
+
+
+def fig_label(text: object, limit: int = LABEL_CHARS) -> str:
+    """A name as drawn in a figure: control characters as escapes, cut to `limit` characters with '...'."""
+    from vitcli.errors import clip
+
+    return clip(visible(text), limit)
+
 
 def pyplot():
     import matplotlib
@@ -67,7 +76,7 @@ def plot_confusion(cm, classes: list[str], path: str | Path, normalize: bool = F
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true",
            title="confusion matrix" + (" (row-normalised)" if normalize else ""))
-    labels = [visible(c) for c in classes]  # control characters in a class name drawn as escapes
+    labels = [fig_label(c) for c in classes]
     ax.set_xticklabels(labels, rotation=90 if n > 6 else 0, fontsize=8)
     ax.set_yticklabels(labels, fontsize=8)
     if n <= 30:
@@ -101,7 +110,8 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
     """Gallery of mistakes (file, true, predicted, prob_predicted, loss), as the model sees them."""
     import math
 
-    from vitcli.data import BadImage, center_crop, decode_square
+    from vitcli.augment import center_crop
+    from vitcli.decode import BadImage, decode_square
 
     plt = pyplot()
     cols = min(4, len(items))
@@ -115,7 +125,8 @@ def plot_mistakes(items: list[dict], path: str | Path, pre: dict) -> None:
             ax.imshow(img.permute(1, 2, 0).numpy())
         except BadImage:
             pass
-        ax.set_title(f"true {visible(it['true'])}\npred {visible(it['predicted'])} ({it['prob_predicted']:.2f})\n"
+        ax.set_title(f"true {fig_label(it['true'])}\npred {fig_label(it['predicted'])} "
+                     f"({it['prob_predicted']:.2f})\n"
                      f"loss {it['loss']:.2f}", fontsize=8)
     fig.suptitle("highest-loss mistakes")
     save_figure(fig, path)
@@ -154,7 +165,8 @@ def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], to
     unreadable files are skipped with a warning."""
     import torch
 
-    from vitcli.data import BadImage, center_crop, decode_square, eval_transform
+    from vitcli.augment import center_crop, eval_transform
+    from vitcli.decode import BadImage, decode_square
 
     keep, imgs = [], []
     for p in paths:
@@ -167,3 +179,23 @@ def decode_batch(paths: list[Path], pre: dict[str, Any]) -> tuple[list[Path], to
         raise VitcliError("none of the images could be read")
     raw = torch.stack(imgs)  # (B, 3, R, R) uint8
     return keep, center_crop(raw, pre["img_size"]), eval_transform(raw, pre)
+
+
+def plot_ood(scores: dict, report: dict, path: Path) -> Path:
+    """One histogram panel per out-of-distribution score: labelled (in-distribution) vs --ood-data images, with
+    the model's threshold; titled with the AUROC."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(scores), figsize=(4.2 * len(scores), 3.2), squeeze=False)
+    for ax, (name, (s_id, s_ood)) in zip(axes[0], scores.items(), strict=True):
+        bins = np.linspace(min(s_id.min(), s_ood.min()), max(s_id.max(), s_ood.max()), 40)
+        ax.hist(s_id, bins=bins, alpha=0.6, density=True, label=f"labelled ({len(s_id)})")
+        ax.hist(s_ood, bins=bins, alpha=0.6, density=True, label=f"--ood-data ({len(s_ood)})")
+        r = report["scores"][name]
+        ax.axvline(r["threshold"], color="k", linestyle="--", linewidth=1, label="threshold")
+        ax.set_title(f"{name}: AUROC {r['auroc']:.3f}", fontsize=9)
+        ax.set_xlabel("score (higher = less like the training data)", fontsize=8)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return path

@@ -24,11 +24,39 @@ from typing import IO, Any
 from vitcli.errors import VitcliError, first_line
 
 LOCK_NAME = ".vitcli.lock"  # in a run folder while a process trains in it; holds that process's PID
+MAX_RUN_FILE_BYTES = 64 << 20  # a run folder's JSON / YAML / CSV file larger than this is not one vitcli wrote
 
 
 def os_reason(e: OSError) -> str:
     """'No space left on device' rather than '[Errno 28] No space left on device: /x/.last.pt.tmp'."""
     return e.strerror or type(e).__name__
+
+
+def read_text(path: str | Path, limit: int = MAX_RUN_FILE_BYTES) -> str | None:
+    """The UTF-8 text of a regular file (None when there is none), for every JSON / YAML / CSV file read from a
+    run folder. Opened non-blocking and checked on the open descriptor, so a FIFO, device or folder put in its
+    place is a one-line error naming it, never a hang; so are a file over `limit` bytes and bytes not UTF-8."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise VitcliError(f"'{p}' cannot be read: {os_reason(e)}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VitcliError(f"'{p}' is not a regular file (a folder, FIFO or device); vitcli reads only files")
+        if st.st_size > limit:
+            raise VitcliError(f"'{p}' is {st.st_size:,} bytes; vitcli writes such a file under {limit:,}")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise VitcliError(f"'{p}' cannot be read: {os_reason(e)}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise VitcliError(f"'{p}' is not UTF-8 text (byte {e.start}); it is not a file vitcli wrote") from None
 
 
 def write_output(path: str | Path, data: bytes, flag: str = "--output") -> Path:

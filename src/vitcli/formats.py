@@ -14,58 +14,52 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vitcli import __version__
 from vitcli.errors import VitcliError, first_line
+
+if TYPE_CHECKING:
+    from vitcli.task import Task
 
 EXPORT_FORMAT = "vitcli-export-v1"
 EXPORT_META_KEY = "vitcli"  # ONNX metadata_props key / TorchScript extra file stem holding the metadata json
 
 
 class Predictor:
-    """A classifier with its class names, preprocessing and calibration; `logits` maps uint8 images to float
-    logits, `probs` to calibrated probabilities (logits / temperature, softmax)."""
+    """A classifier with its class names, preprocessing and task (with its calibration); `logits` maps uint8
+    images to float logits, `probs` to the task's calibrated probabilities."""
 
     classes: list[str]
     preprocess: dict[str, Any]
     path: Path
     kind: str
-    temperature: float = 1.0  # fitted on the validation split at the end of training; 1 = none stored
-    conformal_scores: Any = None  # sorted validation scores 1 - p_true (numpy), None when not stored
-    multilabel: bool = False  # sigmoid per class instead of a softmax over classes
-    thresholds: list[float] | None = None  # multi-label: per-class cut-offs tuned on validation
+    task: Task  # single- or multi-label, with the temperature / conformal scores / thresholds stored
+    ood: dict[str, Any] | None  # out-of-distribution thresholds (and the kNN bank for checkpoints), or None
+    gives_features = False  # whether `outputs` returns penultimate embeddings (the kNN score needs them)
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
-        from vitcli.calibrate import calibration_of
+        from vitcli.task import Task
 
         self.path, self.kind = path, kind
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
-        self.temperature, self.conformal_scores = calibration_of(meta)
-        self.multilabel = meta.get("task") == "multilabel"
-        self.thresholds = meta.get("thresholds")
+        self.task = Task.from_meta(meta)
+        self.ood = meta.get("ood")
 
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
 
+    def outputs(self, x):
+        """uint8 (B, 3, S, S) -> (embeddings (B, D) or None, logits (B, C)), both float32 on CPU."""
+        return None, self.logits(x)
+
     def probs(self, x, tta: bool = False):
-        """uint8 (B, 3, S, S) -> probabilities (B, C) of logits / the stored temperature; with `tta` the mean
-        over the image and its mirror. Multi-label: one sigmoid per class."""
-        t = self.temperature
-        act = (lambda z: (z.float() / t).sigmoid()) if self.multilabel else (lambda z: (z.float() / t).softmax(-1))
-        p = act(self.logits(x))  # (B, C)
-        if tta:
-            p = (p + act(self.logits(x.flip(-1)))) / 2
-        return p
+        """uint8 (B, 3, S, S) -> calibrated probabilities float64 (B, C) (`Task.probs`); with `tta` the mean
+        over the image and its mirror."""
+        return self.task.probs(self.logits(x), self.logits(x.flip(-1)) if tta else None)
 
     def conformal_threshold(self, coverage: float) -> float:
-        from vitcli.calibrate import check_coverage, conformal_threshold
-
-        check_coverage(coverage)
-        if self.conformal_scores is None:
-            raise VitcliError(f"--coverage needs conformal scores, and '{self.path}' has none: train with "
-                              "'train.calibrate: true' (the default) to store them")
-        return conformal_threshold(self.conformal_scores, coverage)
+        return self.task.conformal_threshold(coverage, str(self.path))
 
 
 class OnnxPredictor(Predictor):
@@ -87,7 +81,7 @@ class OnnxPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         xf = eval_transform(x, self.preprocess).contiguous().numpy()  # (B, 3, H, W) float32
         return torch.from_numpy(self.session.run(None, {self.input_name: xf})[0])  # (B, C)
@@ -115,7 +109,7 @@ class ScriptPredictor(Predictor):
     def logits(self, x):
         import torch
 
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
 
         with torch.inference_mode():
             return self.module(eval_transform(x.to(self.device), self.preprocess)).float().cpu()  # (B, C)
@@ -151,8 +145,11 @@ def read_sidecar(path: Path) -> dict[str, Any]:
 
 def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
     """What an exported file carries: classes, preprocessing, the model spec, the input/output contract and
-    the calibration (temperature, conformal scores) that predictors apply to the logits."""
+    the task with its calibration (temperature, conformal scores, thresholds) that predictors apply to the
+    logits."""
     from vitcli.calibrate import calibration_for_export
+    from vitcli.ood import ood_for_export
+    from vitcli.task import Task
 
     pre = ckpt["preprocess"]
     cal = calibration_for_export(ckpt.get("calibration"))
@@ -162,17 +159,8 @@ def export_metadata(ckpt: dict[str, Any], source: Path) -> dict[str, Any]:
         "input": {"name": "image", "shape": ["batch", 3, pre["img_size"], pre["img_size"]], "dtype": "float32",
                   "meaning": "RGB resized (shorter side to resize_size, interpolation), center-cropped to "
                              "img_size, scaled to [0, 1], then (x - mean) / std per channel"},
-        "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
-                   "meaning": "softmax(logits / calibration.temperature) -> calibrated probabilities"
-                   if cal else "softmax -> probabilities"},
-    } | ({"calibration": cal} if cal else {}) | (multilabel_meta(ckpt) if ckpt.get("task") == "multilabel" else {})
-
-
-def multilabel_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """A multi-label model's task and thresholds; its logits go through a sigmoid per class."""
-    return {"task": "multilabel", "thresholds": list(ckpt["thresholds"]),
-            "output": {"name": "logits", "shape": ["batch", len(ckpt["classes"])],
-                       "meaning": "sigmoid per class -> probabilities; a class is present at or above its threshold"}}
+    } | ({"calibration": cal} if cal else {}) | Task.from_meta(ckpt).export_meta(len(ckpt["classes"])) | (
+        {"ood": ood_for_export(ckpt["ood"])} if ckpt.get("ood") else {})
 
 
 def export_onnx(model, sample, path: Path, meta: dict[str, Any], opset: int) -> None:

@@ -26,7 +26,11 @@ N_ATTENTION = 4  # validation images shown with their attention rollout
 
 
 def e(x: Any) -> str:
-    return html.escape(str(x))
+    """User text for the page: markup escaped, and control and bidi characters (U+202E would show 'rtl\u202eexe.txt'
+    as 'rtltxt.exe') shown as escapes the way the console shows them; newlines and tabs kept for <pre>."""
+    from vitcli.console import CONTROL, visible
+
+    return html.escape(CONTROL.sub(lambda m: m[0] if m[0] in "\n\t" else visible(m[0]), str(x)))
 
 
 def img_tag(path: str | Path, alt: str) -> str:
@@ -62,7 +66,8 @@ def pct(x: float | None) -> str:
 def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, config_text: str,
                  data_rows: list[list[Any]], data_header: list[str], history: list[dict],
                  extra_metrics: list[list[Any]]) -> list[tuple[str, str, str]]:
-    """The eight sections from an evaluation report `r` (see evaluate.compute_metrics) and the run's files."""
+    """The eight sections (nine with --ood-data) from an evaluation report `r` (see evaluate.compute_metrics)
+    and the run's files."""
     metrics = [*extra_metrics, ["images evaluated", r["images"]], ["loss", f"{r['loss']:.4f}"],
                ["top-1 accuracy", pct(r["top1"])]]
     if r.get("top5") is not None:
@@ -90,14 +95,26 @@ def sections_for(r: dict[str, Any], figures: dict[str, Any], *, command: str, co
                                         + worst) if r["worst"] else '<p class="muted">no mistakes</p>'),
         ("attention", "Attention", figure_or_note(figures, "attention", "attention rollout",
                                                   "attention could not be read for this model")),
-    ]
+    ] + ([ood_section(r["ood"], figures)] if r.get("ood") else [])
 
 
-def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path) -> Path | None:
-    """Input and attention rollout of up to N_ATTENTION images side by side (None if unreadable/unsupported)."""
+def ood_section(o: dict[str, Any], figures: dict[str, Any]) -> tuple[str, str, str]:
+    """eval --ood-data: the scores' AUROC / FPR table and their histograms."""
+    rows = [[name, f"{s['auroc']:.4f}", f"{s['fpr_at_95_tpr']:.4f}", f"{s['threshold']:.4f}", pct(s["id_answered"]),
+             pct(s["ood_unknown"])] for name, s in o["scores"].items()]
+    head = ["score", "AUROC", "FPR at 95% TPR", "threshold", "labelled answered", "OOD answered unknown"]
+    note = (f"<p>{o['ood_images']} images from {e(o['ood_data'])} against {o['id_images']} labelled ones; "
+            f"thresholds keep {o['keep']:.0%} of validation images answered.</p>")
+    return "ood", "Out of distribution", note + table(head, rows) + figure_or_note(
+        figures, "ood", "out-of-distribution score histograms", "")
+
+
+def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[str], path: Path, task
+                     ) -> Path | None:
+    """Input and attention rollout of up to N_ATTENTION images side by side, titled with the task's calibrated
+    probability (None if unreadable/unsupported)."""
     from vitcli.attention import capture_attention, rollout_map
-    from vitcli.console import visible
-    from vitcli.figures import decode_batch, overlay, panel_figure, save_figure
+    from vitcli.figures import decode_batch, fig_label, overlay, panel_figure, save_figure
 
     try:
         keep, photos, x = decode_batch(paths[:N_ATTENTION], pre)  # uint8 (B, 3, S, S), normalised (B, 3, S, S)
@@ -106,14 +123,14 @@ def attention_figure(net, paths: list[Path], pre: dict[str, Any], classes: list[
     except VitcliError:
         return None
     heat = rollout_map(cap, discard_ratio=0.9)  # (B, gh, gw)
-    probs = cap.logits.float().softmax(-1)  # (B, C)
+    probs = task.probs(cap.logits)  # (B, C)
     fig, axes = panel_figure(2, len(keep), "attention rollout (mean fusion, discard 0.9): input above, rollout below")
     for b, p in enumerate(keep):
         q, c = probs[b].max(0)
         axes[0, b].imshow(photos[b].permute(1, 2, 0).cpu().numpy())
-        axes[0, b].set_title(visible(p.name[:24]), fontsize=7)  # control characters drawn as escapes
+        axes[0, b].set_title(fig_label(p.name, 24), fontsize=7)
         axes[1, b].imshow(overlay(photos[b], heat[b]))
-        axes[1, b].set_title(f"{visible(classes[int(c)][:16])} ({float(q):.0%})", fontsize=7)
+        axes[1, b].set_title(f"{fig_label(classes[int(c)], 16)} ({float(q):.0%})", fontsize=7)
     save_figure(fig, path, dpi=100, tight=False)
     return path
 
@@ -135,7 +152,7 @@ def pick_examples(paths: list[Path], labels, n: int = N_ATTENTION) -> list[Path]
 
 
 def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt: dict[str, Any],
-                model_path: Path, examples: list[Path]) -> Path:
+                model_path: Path, examples: list[Path], task) -> Path:
     """report.html beside `vitcli eval`'s figures; curves come from the model's run folder when it has them."""
     from vitcli.config import config_from_dict, to_yaml
     from vitcli.console import command_line
@@ -145,7 +162,7 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
     curves = Path(model_path).parent / "curves.png"
     if curves.is_file():
         figures["curves"] = curves
-    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png"):
+    if net is not None and attention_figure(net, examples, pre, r["classes"], out_dir / "attention.png", task):
         figures["attention"] = out_dir / "attention.png"
         r["figures"]["attention"] = str(out_dir / "attention.png")
     history = read_metrics(Path(model_path).parent / "metrics.csv")
@@ -158,29 +175,29 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
 
 
 # ----------------------------------------------------------------------------------------------- a run's page
-def val_split(run_dir: Path, ckpt: dict[str, Any]):
+def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
-    ds = run_dataset(run_dir, ckpt)
-    return Path(ckpt["data_dir"]), ds.val
+    return Path(ckpt["data_dir"]), run_dataset(run_dir, ckpt, remedy).val
 
 
-def run_dataset(run_dir: Path, ckpt: dict[str, Any]):
-    """The run's Dataset (train and validation Splits), rebuilt the way training made it (same seed)."""
+def run_dataset(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
+    """The run's Dataset (train and validation Splits), rebuilt the way training made it (same seed). `remedy`
+    ends the message when that is impossible: what the calling command offers instead."""
     from vitcli.config import config_from_dict
-    from vitcli.data import scan_dataset
-    from vitcli.shards import is_shard_source
+    from vitcli.sources import open_source
 
     cfg = config_from_dict(ckpt.get("config", {}))
     data_dir = ckpt.get("data_dir")
     if not data_dir or not Path(data_dir).exists():
-        raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; give DATA")
-    if is_shard_source(data_dir):
-        raise VitcliError(f"run '{run_dir}' streamed tar shards, whose images have no files to show; give DATA "
+        raise VitcliError(f"run '{run_dir}': its dataset folder '{data_dir}' is not there any more; {remedy}")
+    source = open_source(data_dir, cfg.data.val_csv or None)
+    if not source.listed:
+        raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; {remedy} "
                           "(the folder or label file the shards were made from)")
-    ds = scan_dataset(data_dir, cfg.data.val_fraction, cfg.train.seed, cfg.data.val_csv or None)
+    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
-                          f"{list(ckpt['classes'])[:10]}; give DATA")
+                          f"{list(ckpt['classes'])[:10]}; {remedy}")
     return ds
 
 
@@ -190,29 +207,33 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
     from vitcli.checkpoint import load_model
     from vitcli.device import pick_device, pick_precision
     from vitcli.evaluation import evaluate_split, write_figures
-    from vitcli.rundir import read_json, read_metrics
+    from vitcli.files import read_text
+    from vitcli.rundir import read_metrics, read_run_info
+    from vitcli.task import Task
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise VitcliError(f"run folder '{run_dir}' does not exist")
     net, ckpt, path = load_model(run_dir)
-    classes, pre = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    if ckpt.get("task") == "multilabel":
-        raise VitcliError(f"run '{run_dir}' is multi-label: report.html covers single-label runs; "
-                          "vitcli eval LABELS.csv --model RUN gives the multi-label metrics")
-    data_dir, split = val_split(run_dir, ckpt)
+    classes, pre, task = list(ckpt["classes"]), dict(ckpt["preprocess"]), Task.from_meta(ckpt)
+    if not task.one_label:
+        raise VitcliError(f"run '{run_dir}' is {task.words}: report.html covers single-label runs; "
+                          "vitcli eval LABELS.csv --model RUN gives its metrics")
+    data_dir, split = val_split(run_dir, ckpt, f"vitcli eval DATA --model {run_dir} writes report.html for the "
+                                "images in DATA")
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev)
     net.to(dev)
-    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir)
+    r, _, y, paths, _ = evaluate_split(net, classes, pre, split, dev, prec, where=data_dir, task=task)
     r["data"] = str(data_dir)
     figures = {k: Path(v) for k, v in write_figures(r, run_dir, pre).items()}
     if (run_dir / "curves.png").is_file():
         figures["curves"] = run_dir / "curves.png"
-    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png"):
+    if attention_figure(net, pick_examples(paths, y), pre, classes, run_dir / "attention.png", task):
         figures["attention"] = run_dir / "attention.png"
-    info, history = read_json(run_dir / "run.json"), read_metrics(run_dir / "metrics.csv")
-    train_counts = info.get("train_counts") or [""] * len(classes)
+    info, history = read_run_info(run_dir), read_metrics(run_dir / "metrics.csv")
+    train_counts = info.get("train_counts") or []
+    train_counts = train_counts if len(train_counts) == len(classes) else [""] * len(classes)
     rows = [[c["class"], t, c["support"]] for c, t in zip(r["per_class"], train_counts, strict=True)]
     extra = [["checkpoint", path.name + f" (epoch {ckpt.get('epoch')})"], ["data", str(data_dir)]]
     if history:
@@ -220,7 +241,7 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
         extra.append(["best val accuracy (training)", f"{best['val_acc']:.4f} at epoch {best['epoch']}"])
     if info.get("wall_s"):
         extra.append(["wall time", f"{info['wall_s']:.1f} s"])
-    config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    config_text = read_text(run_dir / "config.yaml") or ""
     sections = sections_for(r, figures, command=info.get("command", "(not recorded)"), config_text=config_text,
                             data_rows=rows, data_header=["class", "train images", "val images"],
                             history=history, extra_metrics=extra)

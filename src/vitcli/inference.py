@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from vitcli.task import Task
+
 
 @dataclass
 class Prediction:
@@ -32,25 +34,33 @@ class Prediction:
     abstained: bool = False  # top probability below its --min-prob threshold: the answer is "unknown"
     set: list[str] | None = None  # --coverage: the conformal prediction set, most likely first
     labels: list[tuple[str, float]] | None = None  # multi-label: every class at or above its threshold
+    unsure: list[tuple[str, float]] | None = None  # multi-label --min-prob: at its threshold, below --min-prob
+    ood_score: float | None = None  # --ood: the out-of-distribution score (higher = less like the training data)
+    ood: bool = False  # --ood: the score is above the model's threshold; the answer is the unknown word
+    unknown: str = "unknown"  # the answer when abstaining or out of distribution (--ood-word)
 
     @property
     def answer(self) -> str:
-        """The predicted class ('unknown' when abstaining); multi-label: the labels joined by '|'."""
-        from vitcli.calibrate import UNKNOWN
-
+        """The predicted class (the unknown word when abstaining or out of distribution); multi-label: the labels
+        joined by '|'."""
+        if self.ood:
+            return self.unknown
         if self.labels is not None:
             return "|".join(c for c, _ in self.labels)
-        return UNKNOWN if self.abstained else self.top[0][0]
+        return self.unknown if self.abstained else self.top[0][0]
 
     def as_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.file, "error": self.error}
+        ood = {"ood_score": self.ood_score, "ood": self.ood} if self.ood_score is not None else {}
         if self.labels is not None:
+            unsure = {"unsure": [{"class": c, "prob": p} for c, p in self.unsure]} if self.unsure else {}
+            answer = {"answer": self.unknown} if self.ood else {}
             return {"file": self.file, "labels": [{"class": c, "prob": p} for c, p in self.labels],
-                    "top": [{"class": c, "prob": p} for c, p in self.top]}
+                    "top": [{"class": c, "prob": p} for c, p in self.top]} | unsure | answer | ood
         d = {"file": self.file, "class": self.answer, "prob": self.top[0][1],
              "top": [{"class": c, "prob": p} for c, p in self.top]}
-        return d | ({"set": self.set} if self.set is not None else {})
+        return d | ({"set": self.set} if self.set is not None else {}) | ood
 
 
 def passive_omp_threads() -> None:
@@ -82,12 +92,24 @@ class TorchPredictor(Predictor):
         self._torch = torch
 
     def logits(self, x):
-        from vitcli.data import eval_transform
+        from vitcli.augment import eval_transform
         from vitcli.device import autocast
 
         with self._torch.inference_mode(), autocast(self.device, self.precision):
             x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
             return self.model(x).float().cpu()  # (B, C)
+
+    gives_features = True
+
+    def outputs(self, x):
+        from vitcli.augment import eval_transform
+        from vitcli.device import autocast
+        from vitcli.ood import features_and_logits
+
+        with self._torch.inference_mode(), autocast(self.device, self.precision):
+            x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
+            feats, logits = features_and_logits(self.model, x)  # (B, D), (B, C)
+            return feats.cpu(), logits.cpu()
 
 
 def load_predictor(model: str | None, device: str = "auto", precision: str = "auto",
@@ -106,7 +128,7 @@ def load_predictor(model: str | None, device: str = "auto", precision: str = "au
 
 # ----------------------------------------------------------------------------------------------- inference
 def _decode(path: Path, size: int, interpolation: str):
-    from vitcli.data import BadImage, decode_square
+    from vitcli.decode import BadImage, decode_square
 
     try:
         return decode_square(path, size, interpolation), None  # uint8 (3, S, S)
@@ -138,12 +160,36 @@ def decoded(paths: list[Path], size: int, interpolation: str, threads: int, wind
             yield (p, *fut.result())
 
 
+def answers(pred: Predictor, names: list[str], full, k: int, min_prob=None, threshold: float | None = None,
+            scores=None, ood: str | None = None, unknown: str = "unknown") -> list[Prediction]:
+    """Calibrated probabilities (B, C) of the images `names` -> their Predictions, as the task decides: top `k`,
+    `unknown` below `min_prob` (C,), the conformal set for `threshold`, the labels at or above their thresholds
+    (multi-label), and with `scores` (B,) of the score `ood`, out of distribution above its threshold."""
+    classes = pred.classes
+    out = []
+    for j, (name, pr, d) in enumerate(zip(names, full.tolist(), pred.task.decide(full, min_prob, threshold),
+                                          strict=True)):
+        r = Prediction(name, [(classes[i], round(pr[i], 6)) for i in d.order[:k]], abstained=d.abstained,
+                       unknown=unknown)
+        if scores is not None:
+            r.ood_score = round(float(scores[j]), 6)
+            r.ood = bool(scores[j] > pred.ood["thresholds"][ood])
+        if d.set is not None:
+            r.set = [classes[i] for i in d.set]
+        if d.labels is not None:
+            r.labels = [(classes[i], round(pr[i], 6)) for i in d.labels]
+            r.unsure = [(classes[i], round(pr[i], 6)) for i in d.unsure]
+        out.append(r)
+    return out
+
+
 def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
-                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None
-                   ) -> Iterator[Prediction]:
+                   threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None,
+                   ood: str | None = None, unknown: str = "unknown") -> Iterator[Prediction]:
     """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
-    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into "unknown"; `threshold` (a
-    conformal threshold) adds the prediction set."""
+    `min_prob` (C,) thresholds turn a top-1 below its class's threshold into `unknown` (multi-label: a label
+    below its --min-prob is unsure); `threshold` (a conformal threshold) adds the prediction set; `ood` (a
+    score name) adds the out-of-distribution score and answers `unknown` above the model's threshold."""
     import torch
 
     from vitcli.console import progress_bar
@@ -154,22 +200,10 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
     bar = progress_bar(transient=True) if progress and len(paths) > batch_size else None
     task = bar.add_task("predicting", total=len(paths)) if bar else None
 
-    from vitcli.multilabel import DEFAULT_THRESHOLD, above_threshold
-
-    label_th = pred.thresholds or [DEFAULT_THRESHOLD] * len(pred.classes)  # multi-label models only
-
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full = pred.probs(x, tta).double()  # (B, C)
-        order = full.argsort(dim=-1, descending=True, stable=True)  # (B, C)
-        for (path, _), pr, ids in zip(batch, full.tolist(), order.tolist(), strict=True):
-            r = Prediction(str(path), [(pred.classes[i], round(pr[i], 6)) for i in ids[:k]])
-            r.abstained = min_prob is not None and pr[ids[0]] < min_prob[ids[0]]
-            if threshold is not None:
-                r.set = [pred.classes[i] for i in ids if 1.0 - pr[i] <= threshold]
-            if pred.multilabel:
-                r.labels = [(c, round(q, 6)) for c, q in above_threshold(pr, pred.classes, label_th)]
-            yield r
+        full, scores = scored_probs(pred, x, tta, ood)  # (B, C) float64, (B,) or None
+        yield from answers(pred, [str(p) for p, _ in batch], full, k, min_prob, threshold, scores, ood, unknown)
 
     if bar:
         bar.start()
@@ -195,6 +229,17 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
 
 
+def scored_probs(pred: Predictor, x, tta: bool, ood: str | None):
+    """Calibrated probabilities (B, C) and, with `ood`, that out-of-distribution score (B,) from one pass."""
+    if ood is None:
+        return pred.probs(x, tta), None
+    from vitcli.ood import ood_scores
+
+    feats, logits = pred.outputs(x)
+    full = pred.task.probs(logits, pred.logits(x.flip(-1)) if tta else None)
+    return full, ood_scores(pred.ood, feats, logits)[ood]
+
+
 # ----------------------------------------------------------------------------------------------- looking inside
 @dataclass
 class Loaded:
@@ -203,13 +248,11 @@ class Loaded:
     pre: dict[str, Any]  # preprocessing as stored in the checkpoint, img_size possibly overridden
     run_dir: Path
     device: torch.device
-    temperature: float = 1.0  # divides the logits (fitted on the validation split at the end of training)
-    multilabel: bool = False  # one sigmoid per class instead of a softmax over classes
+    task: Task  # the model's task.Task: its calibrated probabilities
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (B, C): softmax over classes, or a sigmoid per class (multi-label)."""
-        z = logits.float() / self.temperature
-        return z.sigmoid() if self.multilabel else z.softmax(-1)
+        """The task's calibrated probabilities (B, C) (`Task.probs`)."""
+        return self.task.probs(logits)
 
 
 def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu") -> Loaded:
@@ -223,16 +266,15 @@ def load(model_arg: str | None, img_size: int | None = None, device: str = "cpu"
     pre = dict(ckpt["preprocess"])
     if img_size is not None and img_size != pre["img_size"]:
         pre = set_resolution(model, pre, img_size)
-    from vitcli.calibrate import calibration_of
+    from vitcli.task import Task
 
-    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, calibration_of(ckpt)[0],
-                  ckpt.get("task") == "multilabel")
+    return Loaded(model, list(ckpt["classes"]), pre, Path(path).parent, dev, Task.from_meta(ckpt))
 
 
 def set_resolution(model: nn.Module, pre: dict[str, Any], img_size: int) -> dict[str, Any]:
     """Run the model at another input side: the scratch ViT resamples its positions itself; timm ViTs are
     switched with `set_input_size`. Returns the preprocessing for that side."""
-    from vitcli.data import resize_size_for
+    from vitcli.decode import resize_size_for
     from vitcli.models import backend_of
 
     backend = backend_of(model)

@@ -24,12 +24,40 @@ TB_TAGS = {"train_loss": "train/loss", "train_acc": "train/acc", "val_loss": "va
            "lr": "lr/epoch", "seconds": "time/epoch_seconds", "images_per_s": "time/images_per_s"}
 
 
+CONNECT_TIMEOUT_S = 3.0  # an MLflow server must accept a connection within this, checked before any work
+
+
 def check_installed(log: list[str]) -> None:
-    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing)."""
+    """Fail before any work when a tracker in `train.log` is not installed (find_spec imports nothing), or
+    when MLFLOW_TRACKING_URI names a server nothing answers at (MLflow itself retries for minutes)."""
     for name in log:
         package = TRACKERS.get(name)
         if package and importlib.util.find_spec(package) is None:
             raise VitcliError(f"train.log: {name} needs the '{package}' package: pip install 'vitcli[track]'")
+    if "mlflow" in log:
+        check_server(os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def check_server(uri: str) -> None:
+    """One TCP connection to an http(s) tracking URI, with a short timeout; a refusal is one line."""
+    from urllib.parse import urlsplit
+
+    from vitcli.files import os_reason
+
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number or out of range
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': {e}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        return  # a file store or a database: MLflow opens it itself
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else os_reason(e)
+        raise VitcliError(f"MLFLOW_TRACKING_URI '{uri}': cannot connect to {host}:{port} ({why}; timeout "
+                          f"{CONNECT_TIMEOUT_S:g} s); start the server, or unset the variable to log to ./mlruns"
+                          ) from None
 
 
 class Logger:
@@ -49,14 +77,12 @@ class RunInfoLogger(Logger):
     time and wall time summed over resumed sessions. `vitcli runs` reads it."""
 
     def on_start(self, cfg, run_dir, meta):
-        from vitcli.rundir import read_json
+        from vitcli.rundir import mark_running
 
-        self.path, self.t0 = run_dir / "run.json", time.time()
-        self.info = read_json(self.path)
+        self.run_dir, self.t0 = run_dir, time.time()
+        self.info = mark_running(run_dir)
         self.before = float(self.info.get("wall_s", 0.0))  # earlier sessions of a resumed run
-        self.info |= meta | {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                             "started": self.info.get("started", self.t0), "model": cfg.model.name,
-                             "epochs": cfg.train.epochs}
+        self.info |= meta | {"model": cfg.model.name, "epochs": cfg.train.epochs}
         self._write()
 
     def on_epoch(self, row):
@@ -68,9 +94,9 @@ class RunInfoLogger(Logger):
         self._write()
 
     def _write(self) -> None:
-        from vitcli.files import atomic_write_text
+        from vitcli.rundir import write_run_info
 
-        atomic_write_text(self.path, json.dumps(self.info, indent=1))
+        write_run_info(self.run_dir, self.info)
 
 
 class TensorBoardLogger(Logger):

@@ -54,8 +54,9 @@ def find_lr(cfg: Config, data_dir: str | Path, *, lr_min: float = 1e-6, lr_max: 
         beta: smoothing of the loss curve (exponential moving average factor).
     """
     from vitcli.console import esc, info, progress_bar
-    from vitcli.engine import EMPTY_PARTIAL, EpochSums, build_state, open_run, prepare_data, train_step
+    from vitcli.engine import open_run, prepare_data, train_step
     from vitcli.rundir import new_run_dir
+    from vitcli.state import EMPTY_PARTIAL, EpochSums, build_state
 
     if not (0 < lr_min < lr_max):
         raise VitcliError(f"lr finder: need 0 < lr_min < lr_max, got lr_min {lr_min:g}, lr_max {lr_max:g}")

@@ -73,14 +73,23 @@ def ood_scores(meta: dict[str, Any], feats: torch.Tensor | None, logits: torch.T
     return out
 
 
+def ood_for_export(meta: dict[str, Any]) -> dict[str, Any]:
+    """What an exported file carries: the logit score's threshold and temperature (no embedding bank: the
+    exported graph returns logits only, so exports answer --ood with the energy score)."""
+    return {"keep": meta["keep"], "k": meta["k"], "temperature": meta["temperature"], "images": meta["images"],
+            "thresholds": {"energy": meta["thresholds"]["energy"]}}
+
+
 def check_score(name: str, meta: dict[str, Any] | None, has_feats: bool, where: str) -> str:
     """The --ood-score a model can give, or one line saying why not."""
     if meta is None:
         raise VitcliError(f"{where} has no out-of-distribution thresholds (trained before vitcli fitted them, or "
                           "with train.calibrate false); retrain, or leave out --ood")
+    if name == "auto":
+        return "knn" if has_feats and meta.get("bank") is not None else "energy"
     if name not in SCORES:
-        raise VitcliError(f"--ood-score {name!r} is not valid; use one of {', '.join(SCORES)}")
-    if name == "knn" and not has_feats:
+        raise VitcliError(f"--ood-score {name!r} is not valid; use auto or one of {', '.join(SCORES)}")
+    if name == "knn" and not (has_feats and meta.get("bank") is not None):
         raise VitcliError(f"{where} gives no embeddings for the knn score; use --ood-score energy")
     return name
 
@@ -114,7 +123,7 @@ def store_outputs(model, store, pre: dict, device, precision: str, batch_size: i
     random subset of at most that many (stores that cannot index stream all and keep a random share)."""
     import torch
 
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
     from vitcli.device import autocast
 
     n = len(store)
@@ -140,8 +149,8 @@ def store_outputs(model, store, pre: dict, device, precision: str, batch_size: i
 
 
 def fit_for_model(model, train_store, val_store, pre: dict, device, precision: str, batch_size: int,
-                  temperature: float, seed: int = 0) -> dict[str, Any]:
+                  temperature: float, keep: float = KEEP, seed: int = 0) -> dict[str, Any]:
     """The `ood` entry of a checkpoint for `model`: a bank from the training images, thresholds on validation."""
     train_feats, _ = store_outputs(model, train_store, pre, device, precision, batch_size, BANK_MAX, seed)
     val_feats, val_logits = store_outputs(model, val_store, pre, device, precision, batch_size)
-    return fit_ood(train_feats, val_feats, val_logits, temperature, seed=seed)
+    return fit_ood(train_feats, val_feats, val_logits, temperature, keep, seed)

@@ -1,5 +1,5 @@
-"""What a training step optimises: the loss (class weights, label smoothing, mixup/cutmix targets), AdamW with
-parameter groups (no decay on norms and tokens, layer-wise lr decay), the warmup-cosine schedule and EMA.
+"""What a training step optimises (the loss is the task's, `vitcli.task`): AdamW with parameter groups (no decay
+on norms and tokens, layer-wise lr decay), mixup/cutmix, the warmup-cosine schedule and EMA.
 
 Shared by `vitcli train` (engine.py) and the lr finder, so both optimise exactly the same objective.
 """
@@ -63,28 +63,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """The peak-relative lr for every group (each scaled by its layer-decay factor)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"]
-
-
-class TrainLoss:
-    """Cross-entropy with label smoothing and optional class weights; soft (B, C) targets from mixup/cutmix
-    get the same class weights."""
-
-    def __init__(self, cfg: Config, counts: list[int], device: torch.device):
-        import torch
-
-        self.class_w = None
-        if cfg.data.class_weights == "auto":
-            n = len(counts)
-            self.class_w = torch.tensor([sum(counts) / (n * max(1, c)) for c in counts], device=device)  # (C,)
-        self.ce = torch.nn.CrossEntropyLoss(weight=self.class_w, label_smoothing=cfg.train.label_smoothing)
-
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if target.ndim == 2:  # soft targets (B, C) from mixup / cutmix
-            logp = logits.log_softmax(-1)  # (B, C)
-            if self.class_w is not None:
-                return -(target * logp * self.class_w).sum(-1).mean()
-            return -(target * logp).sum(-1).mean()
-        return self.ce(logits, target)
 
 
 def build_mixup(cfg: Config, num_classes: int) -> Any:

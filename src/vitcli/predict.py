@@ -27,7 +27,8 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
     kept whatever its extension (decoding says whether it is an image); folders and globs keep image
     extensions only.
     """
-    from vitcli.data import IMAGE_EXTS, list_images
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import list_images
 
     paths: list[Path] = []
     errors: list[Prediction] = []
@@ -70,12 +71,13 @@ def collect_inputs(args: Iterable[str]) -> tuple[list[Path], list[Prediction]]:
 
 
 # ----------------------------------------------------------------------------------------------- output
-def csv_header(k: int, answer: bool = False, with_set: bool = False) -> list[str]:
-    extra = ["answer"] * answer + ["set"] * with_set
+def csv_header(k: int, answer: bool = False, with_set: bool = False, with_ood: bool = False) -> list[str]:
+    extra = ["answer"] * answer + ["set"] * with_set + ["ood_score"] * with_ood
     return ["file"] + [f"{name}_{i}" for i in range(1, k + 1) for name in ("class", "prob")] + extra + ["error"]
 
 
-def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False) -> list[Any]:
+def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False, with_ood: bool = False
+            ) -> list[Any]:
     """One csv line; the set is its classes joined by '|' (empty: no class reached the threshold)."""
     cells: list[Any] = [p.file]
     for i in range(k):
@@ -84,11 +86,13 @@ def csv_row(p: Prediction, k: int, answer: bool = False, with_set: bool = False)
         cells.append(p.answer if p.error is None else "")
     if with_set:
         cells.append("|".join(p.set or []))
+    if with_ood:
+        cells.append("" if p.ood_score is None else p.ood_score)
     return cells + [p.error or ""]
 
 
 def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answer: bool = False,
-                  with_set: bool = False) -> list[Prediction]:
+                  with_set: bool = False, with_ood: bool = False) -> list[Prediction]:
     """Write predictions to a text stream as they come (json and table at the end); returns them all."""
     from vitcli.console import visible
 
@@ -96,14 +100,14 @@ def write_results(results: Iterable[Prediction], fmt: str, k: int, stream, answe
     writer = csv.writer(stream, lineterminator="\n") if fmt == "csv" else None
     tty = stream.isatty()  # json escapes control characters itself; csv cells shown on a terminal are escaped
     if writer:
-        writer.writerow(csv_header(k, answer, with_set))
+        writer.writerow(csv_header(k, answer, with_set, with_ood))
     for r in results:
         kept.append(r)
         if fmt == "jsonl":
             stream.write(json.dumps(r.as_dict()) + "\n")
         elif writer:
             writer.writerow([visible(c) if tty and isinstance(c, str) else c
-                             for c in csv_row(r, k, answer, with_set)])
+                             for c in csv_row(r, k, answer, with_set, with_ood)])
     if fmt == "json":
         json.dump([r.as_dict() for r in kept], stream, indent=1)
         stream.write("\n")
@@ -121,7 +125,9 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
         tab.add_column("labels (at or above threshold)")
         for r in results:
             if r.error is None:
-                tab.add_row(esc(r.file), ", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                unsure = "".join(f", [yellow]unsure[/] {esc(c)} {p:.3f}" for c, p in r.unsure or [])
+                tab.add_row(esc(r.file), (", ".join(f"{esc(c)} {p:.3f}" for c, p in r.labels or []) or "(none)")
+                            + unsure)
         out.print(tab)
         return
     tab.add_column("class")
@@ -130,15 +136,21 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
         tab.add_column(f"next {k - 1}")
     if with_set:
         tab.add_column("set")
+    with_ood = any(r.ood_score is not None for r in results)
+    if with_ood:
+        tab.add_column("ood score", justify="right")
     for r in results:
         if r.error is not None:
             continue
         (c, p), rest = r.top[0], r.top[1:]
-        row = [esc(r.file), f"[yellow]unknown[/] (top: {esc(c)})" if r.abstained else esc(c), f"{p:.3f}"]
+        word = f"[yellow]{esc(r.unknown)}[/] (top: {esc(c)})"
+        row = [esc(r.file), word if r.abstained or r.ood else esc(c), f"{p:.3f}"]
         if k > 1:
             row.append(", ".join(f"{esc(c2)} {p2:.3f}" for c2, p2 in rest))
         if with_set:
             row.append("{" + ", ".join(esc(c2) for c2 in r.set or []) + "}")
+        if with_ood:
+            row.append(f"{r.ood_score:.4f}" + (" [yellow]out[/]" if r.ood else ""))
         tab.add_row(*row)
     out.print(tab)
 
@@ -146,8 +158,9 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt: str = "table",
                 output: str | Path | None = None, batch_size: int = 64, tta: bool = False, device: str = "auto",
                 precision: str = "auto", threads: int = 0, min_prob: list[str] | None = None,
-                coverage: float | None = None) -> int:
-    """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed)."""
+                coverage: float | None = None, ood: str | None = None, unknown: str = "unknown") -> int:
+    """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed).
+    `ood`: an out-of-distribution score name (auto, knn, energy) to report and answer `unknown` above."""
     from vitcli.console import console, esc, info
     from vitcli.device import check_device_args
 
@@ -155,17 +168,9 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
     check_device_args(device, precision)
     if not inputs:
         raise VitcliError("give at least one image, folder or glob pattern, e.g. vitcli predict photo.jpg")
-    if fmt not in FORMATS:
-        raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
     at_least("--top-k", top_k)
     at_least("--batch-size", batch_size)
-    if output is not None and Path(output).is_dir():
-        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
-    if output is not None and fmt == "table":
-        fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
-        if not fmt:
-            raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
-                              "one of those)")
+    fmt = check_output(fmt, output)
     paths, missing = collect_inputs(inputs)
     if not paths:
         raise VitcliError("no images to predict: " + "; ".join(m.error or "" for m in missing))
@@ -181,10 +186,12 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     thresholds = parse_min_prob(min_prob, pred.classes)
     threshold = pred.conformal_threshold(coverage) if coverage is not None else None
-    answer, with_set = thresholds is not None or pred.multilabel, threshold is not None  # csv: labels as answer
+    ood = check_ood(pred, ood, unknown)
+    answer = thresholds is not None or ood is not None or not pred.task.one_label  # csv: the answer column
+    with_set, with_ood = threshold is not None, ood is not None
     if with_set:
         info(f"prediction sets for coverage {coverage:g}: classes with p >= {max(0.0, 1 - threshold):.4f} "
-             f"(split conformal, {len(pred.conformal_scores)} validation images)")
+             f"(split conformal, {len(pred.task.conformal_scores)} validation images)")
 
     def reported(results: Iterable[Prediction]) -> Iterator[Prediction]:
         for r in results:
@@ -193,18 +200,18 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
             yield r
 
     results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads,
-                                      min_prob=thresholds, threshold=threshold))
+                                      min_prob=thresholds, threshold=threshold, ood=ood, unknown=unknown))
     if fmt == "table":
         done = list(results)
         print_table(done, k, with_set)
     elif output is None:
-        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, answer, with_set)
+        done = write_results(itertools.chain(missing, results), fmt, k, sys.stdout, answer, with_set, with_ood)
         sys.stdout.flush()
     else:
         from vitcli.files import write_output
 
         buf = io.StringIO()
-        done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set)
+        done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set, with_ood)
         write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
@@ -213,3 +220,35 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                       f"(exit code {EXIT_SOME_FAILED})")
         return EXIT_SOME_FAILED
     return 0
+
+
+def check_output(fmt: str, output: str | Path | None) -> str:
+    """The output format after --format / --output are checked (a table with a file picks by its suffix)."""
+    if fmt not in FORMATS:
+        raise VitcliError(f"--format {fmt!r} is not valid; use one of {', '.join(FORMATS)}")
+    if output is not None and Path(output).is_dir():
+        raise VitcliError(f"--output '{output}' is a folder; give a file name, e.g. {Path(output) / 'preds.csv'}")
+    if output is not None and fmt == "table":
+        fmt = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}.get(Path(output).suffix.lower(), "")
+        if not fmt:
+            raise VitcliError(f"--output '{output}': give --format json, jsonl or csv (or a file ending in "
+                              "one of those)")
+    return fmt
+
+
+def check_ood(pred, ood: str | None, unknown: str) -> str | None:
+    """The out-of-distribution score to use (None: --ood not given), said in one line; or one line why not."""
+    if not unknown.strip() or len(unknown) > 100:
+        raise VitcliError(f"--ood-word {unknown!r} must be a non-empty word of at most 100 characters")
+    if ood is None:
+        return None
+    if unknown in pred.classes:
+        raise VitcliError(f"--ood-word {unknown!r} is also a class of the model, so the two could not be told "
+                          "apart; choose another word")
+    from vitcli.console import info
+    from vitcli.ood import check_score
+
+    name = check_score(ood, pred.ood, pred.gives_features, str(pred.path))
+    info(f"out of distribution: {name} score above {pred.ood['thresholds'][name]:.4f} answers '{unknown}' "
+         f"(keeps {pred.ood['keep']:.0%} of {pred.ood['images']} validation images answered)")
+    return name

@@ -112,19 +112,19 @@ def decode_images(split, pre: dict[str, Any], limit: int | None = None, seed: in
     """uint8 images (N, 3, resize, resize) and labels (N,) of a Split (a seeded sample of `limit` of them)."""
     import random
 
-    from vitcli import data as D
+    from vitcli.store import ImageStore
 
     idx = list(range(len(split)))
     if limit is not None and limit < len(idx):
         idx = sorted(random.Random(seed).sample(idx, limit))
-    store = D.ImageStore(split.subset(idx), pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
+    store = ImageStore(split.subset(idx), pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                          progress_label="decoding")
     return store.images, store.labels
 
 
 def calibration_images(split, pre: dict[str, Any]):
     """float32 normalised images (N, 3, H, W) as numpy: a seeded sample of the training images."""
-    from vitcli.data import eval_transform
+    from vitcli.augment import eval_transform
 
     x, _ = decode_images(split, pre, CALIBRATION_IMAGES)
     return eval_transform(x, pre).contiguous().numpy()

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from vitcli import __version__
 from vitcli.errors import VitcliError, clip, shown
-from vitcli.files import atomic_write_text, ensure_dir, os_reason, refuse_inside, run_lock
+from vitcli.files import atomic_write_text, ensure_dir, os_reason, read_text, refuse_inside, run_lock
 
 if TYPE_CHECKING:
     from vitcli.config import Config
-    from vitcli.data import Dataset
+    from vitcli.dataset import Dataset
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"]
 EXTRA_METRIC_FIELDS = ["val_map"]  # multi-label runs: validation mean average precision
@@ -73,13 +73,11 @@ def _split_files(path: Path) -> set[str] | None:
     """The image paths split.csv records, or None when there is none (or it is unreadable: then a warning)."""
     from vitcli.console import warn
 
-    if not path.is_file():
-        return None
     try:
-        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-        return {r[2] for r in rows[1:] if len(r) == 3}
-    except (OSError, ValueError, csv.Error) as e:
-        warn(f"'{path}' cannot be read ({type(e).__name__}); the file set is not compared")
+        text = read_text(path)
+        return None if text is None else {r[2] for r in list(csv.reader(io.StringIO(text)))[1:] if len(r) == 3}
+    except (VitcliError, csv.Error) as e:
+        warn(f"{clip(str(e), 200)}; the file set is not compared")
         return None
 
 
@@ -94,23 +92,23 @@ def write_config(run_dir: Path, cfg: Config, data_dir: str | Path) -> None:
 def cfg_data_dir(run_dir: Path) -> str | None:
     """The dataset path recorded in the first line of config.yaml."""
     try:
-        first = (run_dir / "config.yaml").read_text().splitlines()[0]
+        first = (read_text(run_dir / "config.yaml") or "").split("\n", 1)[0]
         return first.split("data: ", 1)[1] if "data: " in first else None
-    except (OSError, IndexError, ValueError):  # ValueError: not UTF-8
+    except VitcliError:
         return None
 
 
 def write_split(path: Path, ds: Dataset) -> None:
     """split.csv: which image went to train and which to val (relative to the dataset folder, or to the label
     file's folder; multi-label: classes joined by '|')."""
-    from vitcli import data as D
+    from vitcli.dataset import label_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["split", "class", "path"])
     for name, split in (("train", ds.train), ("val", ds.val)):
         for p, y in zip(split.paths, split.labels, strict=True):
-            w.writerow([name, D.label_text(ds.classes, y), Path(os.path.relpath(p, ds.root)).as_posix()])
+            w.writerow([name, label_text(ds.classes, y), Path(os.path.relpath(p, ds.root)).as_posix()])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -182,11 +180,12 @@ def resolve_resume(resume: str | Path, hold: contextlib.ExitStack | None = None)
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """metrics.csv back as numbers ([] when missing)."""
-    if not path.is_file():
+    text = read_text(path)
+    if text is None:
         return []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(io.StringIO(text, newline=""))]
     except (ValueError, TypeError, csv.Error) as e:  # not UTF-8, a short row, a word where a number belongs
         raise VitcliError(f"'{path}' is not a metrics.csv written by vitcli ({clip(str(e))})") from None
     if any(not set(METRIC_FIELDS) <= row.keys() for row in rows):
@@ -195,11 +194,71 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a run folder file ({} when missing or not an object)."""
+    """A JSON object from a run folder file ({} when there is none); anything else is one line naming it."""
     import json
 
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    text = read_text(path)
+    if text is None:
         return {}
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: thousands of nested brackets
+        raise VitcliError(f"'{path}' is not valid JSON ({clip(str(e) or type(e).__name__)})") from None
+    if not isinstance(data, dict):
+        raise VitcliError(f"'{path}' holds a JSON {type(data).__name__}, not the object vitcli writes")
+    return data
+
+
+_NUMBER, _INT, _STR = "a finite number", "an integer", "a string"
+RUN_INFO_KEYS = {"started": _NUMBER, "ended": _NUMBER, "wall_s": _NUMBER, "pid": _INT, "epochs": _INT,
+                 "host": _STR, "status": _STR, "command": _STR, "data_dir": _STR, "model": _STR,
+                 "classes": "a list of strings", "train_counts": "a list of integers",
+                 "val_counts": "a list of integers"}  # run.json: key -> what its value must be
+_TIMES = ("started", "ended")  # seconds since 1970: between 0 and the year 5138
+
+
+def _is(kind: str, v: Any) -> bool:
+    import math
+
+    if kind.startswith("a list of "):
+        item = _STR if kind.endswith("strings") else _INT
+        return isinstance(v, list) and all(_is(item, x) for x in v)
+    if kind == _STR:
+        return isinstance(v, str)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return isinstance(v, int) if kind == _INT else math.isfinite(v) and v >= 0
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json ({} when there is none), each key vitcli reads checked for its type: a bad one is one line
+    naming the file, the key and the value."""
+    path = run_dir / "run.json"
+    info = read_json(path)
+    for key, kind in RUN_INFO_KEYS.items():
+        if key in info and not (_is(kind, info[key]) and (key not in _TIMES or info[key] < 1e11)):
+            raise VitcliError(f"'{path}': \"{key}\" is {shown(info[key], 40)}, not {kind}")
+    return info
+
+
+def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
+    """run.json, atomically."""
+    import json
+
+    atomic_write_text(run_dir / "run.json", json.dumps(info, indent=1))
+
+
+def mark_running(run_dir: Path) -> dict[str, Any]:
+    """run.json says "running" (this process's pid and host) from the moment the run folder is taken, before
+    config.yaml, scanning and decoding, so `vitcli runs` never shows a starting run as interrupted. An unreadable
+    run.json of a resumed run is started afresh. Returns what was written."""
+    import socket
+
+    try:
+        info = read_run_info(run_dir)
+    except VitcliError:
+        info = {}
+    info |= {"status": "running", "pid": os.getpid(), "host": socket.gethostname(),
+             "started": info.get("started", time.time())}
+    write_run_info(run_dir, info)
+    return info

@@ -22,6 +22,8 @@ ALPHA = 0.05  # significance level the verdict line uses
 
 # ----------------------------------------------------------------------------------------------- runs
 def _alive(pid: int) -> bool:
+    if not 0 < pid < 2**31:  # 0 and negative numbers would ask about process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,41 +46,65 @@ def run_status(info: dict[str, Any], epochs_done: int, epochs: int) -> str:
 
 
 def describe_run(run_dir: Path) -> dict[str, Any] | None:
-    """One row of `vitcli runs`, or None when the folder is not a training run."""
+    """One row of `vitcli runs`, or None when the folder is not a training run (no config.yaml). A run whose
+    config.yaml, metrics.csv or run.json cannot be read is a row with status "unreadable" and the reason."""
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():  # a FIFO or device in its place: a run, and unreadable
+        return None
+    try:
+        return _describe(run_dir)
+    except VitcliError as e:
+        return {"name": run_dir.name, "path": str(run_dir), "started": _mtime(cfg_file), "model": "?",
+                "data": "?", "epochs": 0, "epochs_planned": 0, "best_val_acc": None, "best_epoch": None,
+                "wall_s": 0.0, "status": "unreadable", "error": str(e)}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _describe(run_dir: Path) -> dict[str, Any]:
     import yaml
 
     from vitcli.config import MAX_YAML_BYTES, safe_yaml
-    from vitcli.rundir import cfg_data_dir, read_json, read_metrics
+    from vitcli.files import read_text
+    from vitcli.rundir import cfg_data_dir, read_metrics, read_run_info
 
     cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        return None
     try:
-        raw = safe_yaml(cfg_file.read_text(), f"'{cfg_file}'") if cfg_file.stat().st_size <= MAX_YAML_BYTES else {}
-        raw = raw if isinstance(raw, dict) else {}
-        history = read_metrics(run_dir / "metrics.csv")
-    except (yaml.YAMLError, ValueError, KeyError, OSError, VitcliError):
-        raw, history = {}, []
-    info = read_json(run_dir / "run.json")
+        raw = safe_yaml(read_text(cfg_file, MAX_YAML_BYTES) or "", f"'{cfg_file}'")
+    except yaml.YAMLError as e:
+        raise VitcliError(f"'{cfg_file}' is not valid YAML ({str(e).splitlines()[0][:80]})") from None
+    raw = raw if isinstance(raw, dict) else {}
+    history, info = read_metrics(run_dir / "metrics.csv"), read_run_info(run_dir)
     train, model = (v if isinstance(v := raw.get(k), dict) else {} for k in ("train", "model"))
     epochs = train.get("epochs", 0)
-    epochs = epochs if isinstance(epochs, int) else 0
+    epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else 0
     best = max(history, key=lambda h: h["val_acc"]) if history else None
     wall = info.get("wall_s", sum(h["seconds"] for h in history))
-    return {"name": run_dir.name, "path": str(run_dir), "started": info.get("started", cfg_file.stat().st_mtime),
+    return {"name": run_dir.name, "path": str(run_dir), "started": info.get("started", _mtime(cfg_file)),
             "model": info.get("model") or str(model.get("name", "?")),
             "data": info.get("data_dir") or cfg_data_dir(run_dir) or "?",
             "epochs": len(history), "epochs_planned": epochs,
             "best_val_acc": best["val_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
-            "wall_s": float(wall), "status": run_status(info, len(history), epochs)}
+            "wall_s": float(wall) if math.isfinite(wall) else 0.0, "status": run_status(info, len(history), epochs)}
 
 
 def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
     """Every training run folder directly under `root`, newest first."""
+    from vitcli.files import os_reason
+
     root = Path(root)
     if not root.is_dir():
         raise VitcliError(f"runs folder '{root}' does not exist")
-    rows = [r for d in root.iterdir() if d.is_dir() and (r := describe_run(d)) is not None]
+    try:
+        folders = sorted(d for d in root.iterdir() if d.is_dir())
+    except OSError as e:
+        raise VitcliError(f"runs folder '{root}' cannot be listed: {os_reason(e)}") from None
+    rows = [r for d in folders if (r := describe_run(d)) is not None]
     return sorted(rows, key=lambda r: r["started"], reverse=True)
 
 
@@ -89,7 +115,7 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
 
     from vitcli.console import esc, out
 
-    colour = {"finished": "green", "interrupted": "yellow", "running": "cyan"}
+    colour = {"finished": "green", "interrupted": "yellow", "running": "cyan", "unreadable": "red"}
     tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("name", "started", "model", "data", "epochs", "best acc", "wall", "status"):
         tab.add_column(col, justify="right" if col in ("epochs", "best acc", "wall") else "left",
@@ -100,6 +126,9 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
                     esc(r["model"]), esc(Path(r["data"]).name), f"{r['epochs']}/{r['epochs_planned']}", best,
                     _duration(r["wall_s"]), f"[{colour[r['status']]}]{r['status']}[/]")
     out.print(tab)
+    for r in rows:
+        if r["status"] == "unreadable":
+            out.print(f"[red]unreadable[/] {esc(r['name'])}: {esc(r['error'])}")
 
 
 def _duration(seconds: float) -> str:
@@ -137,18 +166,23 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
 
     from vitcli.checkpoint import load_model
     from vitcli.config import config_from_dict, to_dict
-    from vitcli.data import scan_eval_folder
     from vitcli.device import pick_device, pick_precision
     from vitcli.evaluation import evaluate_split
     from vitcli.html_report import val_split
+    from vitcli.sources import scan_eval_folder
+    from vitcli.task import Task
 
     (net_a, ck_a, path_a), (net_b, ck_b, path_b) = load_model(run_a), load_model(run_b)
-    classes = list(ck_a["classes"])
+    task_a, task_b = Task.from_meta(ck_a), Task.from_meta(ck_b)
+    classes, multi = list(ck_a["classes"]), not task_a.one_label
     if list(ck_b["classes"]) != classes:
         raise VitcliError(f"'{run_a}' and '{run_b}' do not have the same classes ({classes[:6]} vs "
                           f"{list(ck_b['classes'])[:6]}); compare needs models of the same task")
+    if task_b.name != task_a.name:
+        raise VitcliError(f"'{run_a}' is {task_a.words} and '{run_b}' is {task_b.words}; compare needs models of "
+                          "the same task")
     if data is not None:
-        where, split = Path(data), scan_eval_folder(data, classes)
+        where, split = Path(data), scan_eval_folder(data, classes, multi)
         if len(split) == 0:
             raise VitcliError(f"'{data}' holds no images in class folders named like the models' classes")
     else:
@@ -161,11 +195,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     results = []
     for net, ck in ((net_a, ck_a), (net_b, ck_b)):
         net.to(dev)
-        results.append(evaluate_split(net, classes, dict(ck["preprocess"]), split, dev, prec, batch_size, where))
+        results.append(evaluate_split(net, classes, dict(ck["preprocess"]), split, dev, prec, batch_size, where,
+                                      task=Task.from_meta(ck)))
     (ra, pa, y, paths_a, _), (rb, pb, _, paths_b, _) = results
     if paths_a != paths_b:  # decoding is deterministic; this would be a bug, not bad input
         raise VitcliError("the two models saw different images; please report this")
-    right_a, right_b = pa.argmax(1) == y, pb.argmax(1) == y  # (N,) bool each
+    right_a, right_b = (_right(p, y, r) for p, r in ((pa, ra), (pb, rb)))  # (N,) bool each
     counts = {"both_right": int((right_a & right_b).sum()), "only_a_right": int((right_a & ~right_b).sum()),
               "only_b_right": int((~right_a & right_b).sum()), "both_wrong": int((~right_a & ~right_b).sum())}
     p = mcnemar_exact(counts["only_a_right"], counts["only_b_right"])
@@ -176,9 +211,29 @@ def compare_runs(run_a: str | Path, run_b: str | Path, data: str | Path | None =
     return {"run_a": str(path_a), "run_b": str(path_b), "data": str(where), "images": int(len(y)),
             "config_diff": config_diff(to_dict(config_from_dict(ck_a.get("config", {}))),
                                        to_dict(config_from_dict(ck_b.get("config", {})))),
+            "task": task_a.name,
             "accuracy_a": float(np.mean(right_a)), "accuracy_b": float(np.mean(right_b)),
-            "macro_f1_a": ra["macro"]["f1"], "macro_f1_b": rb["macro"]["f1"], "per_class": per_class,
-            "mcnemar": counts | {"p_value": p, "alpha": ALPHA, "significant": p < ALPHA}}
+            "macro_f1_a": _macro_f1(ra), "macro_f1_b": _macro_f1(rb), "per_class": per_class,
+            "mcnemar": counts | {"p_value": p, "alpha": ALPHA, "significant": p < ALPHA,
+                                 "right_means": RIGHT_MEANS[task_a.name]}}
+
+
+RIGHT_MEANS = {"single": "top-1 class is the label",  # what "right" means in the McNemar test, per task
+               "multilabel": "exact match: every label of the image right at the model's thresholds"}
+
+
+def _right(probs, y, report: dict[str, Any]):
+    """(N,) bool: single-label, the top-1 class is the label; multi-label (probs, y (N, C)), exact match at the
+    model's thresholds (so the McNemar test pairs whole images, as for single-label models)."""
+    import numpy as np
+
+    if y.ndim == 1:
+        return probs.argmax(1) == y
+    return ((probs >= np.asarray(report["thresholds"])[None, :]) == (y > 0.5)).all(1)
+
+
+def _macro_f1(report: dict[str, Any]) -> float:
+    return report["macro_f1"] if "macro_f1" in report else report["macro"]["f1"]
 
 
 def verdict(r: dict[str, Any]) -> str:
@@ -189,7 +244,7 @@ def verdict(r: dict[str, Any]) -> str:
     better = "B" if c > b else "A" if b > c else "neither"
     where = f"{better} is right on {max(b, c)} of the {b + c} images where exactly one model is right"
     sig = "significant" if m["significant"] else "not significant"
-    return f"{where}; exact McNemar p = {m['p_value']:.4g}: {sig} at the {m['alpha']} level"
+    return f"{where} (right: {m['right_means']}); exact McNemar p = {m['p_value']:.4g}: {sig} at the {m['alpha']} level"
 
 
 def print_compare(r: dict[str, Any]) -> None:
@@ -211,7 +266,8 @@ def print_compare(r: dict[str, Any]) -> None:
         tab.add_row(esc(c["class"]), str(c["support"]), f"{c['recall_a']:.3f}", f"{c['recall_b']:.3f}",
                     f"{c['recall_delta']:+.3f}", f"{c['f1_a']:.3f}", f"{c['f1_b']:.3f}", f"{c['f1_delta']:+.3f}")
     tab.add_section()
-    tab.add_row("[bold]accuracy[/]", str(r["images"]), f"{r['accuracy_a']:.4f}", f"{r['accuracy_b']:.4f}",
+    tab.add_row("[bold]exact match[/]" if r["task"] == "multilabel" else "[bold]accuracy[/]", str(r["images"]),
+                f"{r['accuracy_a']:.4f}", f"{r['accuracy_b']:.4f}",
                 f"{r['accuracy_b'] - r['accuracy_a']:+.4f}", f"{r['macro_f1_a']:.3f}", f"{r['macro_f1_b']:.3f}",
                 f"{r['macro_f1_b'] - r['macro_f1_a']:+.3f}")
     out.print(tab)

@@ -1,9 +1,8 @@
-"""Datasets larger than memory: WebDataset-style tar shards, written once and streamed by every process.
+"""Datasets larger than memory: WebDataset-style tar shards (written by shard_writer.py), streamed by every process.
 
-`write_shards` reads a folder or label file (never writing into it) and packs each split into tar files of
-about `size` bytes: per image `<id>.<ext>` (the original bytes) and `<id>.cls` (class index, or comma-separated
-indices for multi-label), plus `index.json` (classes, task, images per shard and per class) written last.
-Ids are numbered 0..N-1 per split, so "every image once per epoch" can be checked by sums.
+`ShardSource` is this module's row in the source table (sources.py): shards are recognised by content, and
+index.json and each member are validated once (`read_index`, `check_member`, `parse_label`), every refusal one
+line naming the shard, member or key.
 
 `ShardStore` streams them with plain `tarfile` inside DataLoader workers (webdataset would add a dependency
 without making the tar reading faster, and we need what it does not give: images per shard known up front so
@@ -20,7 +19,6 @@ import math
 import random
 import re
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,99 +26,10 @@ from vitcli.errors import VitcliError
 
 FORMAT = "vitcli-shards-v1"
 INDEX = "index.json"
+MAX_INDEX_BYTES = 256 * 2**20  # an index.json larger than this is not one vitcli wrote
+MAX_MEMBER_BYTES = 2**30  # a shard member larger than this is refused (one image, not a whole dataset)
 ID_MOD = 2**31 - 1  # the id checksums are kept modulo this prime
 FATAL = "\0fatal: "  # marks a worker's message that must stop the run (a shard that cannot be read)
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-         "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'1GB', '500MB', '64KiB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
-        raise VitcliError(f"--size {text!r}: expected a positive size such as 1GB, 500MB or 64KiB")
-    return max(1, int(float(m.group(1)) * UNITS[m.group(2).lower()]))
-
-
-# ----------------------------------------------------------------------------------------------- writing
-def write_shards(data: str | Path, out: str | Path, size: str | int = "1GB", *, val_fraction: float = 0.2,
-                 seed: int = 0, val_csv: str | None = None, max_bad_fraction: float = 0.05) -> dict[str, Any]:
-    """Pack DATA (class folders, train/ + val/, or a label file) into tar shards under OUT; returns the index."""
-    from vitcli import data as D
-    from vitcli.console import esc, info
-
-    limit = parse_size(size) if isinstance(size, str) else int(size)
-    out = Path(out)
-    ds = D.scan_dataset(data, val_fraction, seed, val_csv)
-    src = Path(data).resolve()
-    if src.is_dir() and (out.resolve() == src or src in out.resolve().parents):
-        raise VitcliError(f"OUT '{out}' is inside the dataset folder '{data}'; vitcli never writes there")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VitcliError(f"OUT '{out}' already exists and is not an empty folder; give a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {"train": ds.train, "val": ds.val, "test": ds.test}
-    total = sum(len(s) for s in splits.values() if s is not None)
-    bad = D.BadImageLog(total=total, max_fraction=max_bad_fraction, data_dir=data)
-    index: dict[str, Any] = {"format": FORMAT, "classes": ds.classes, "multilabel": ds.multilabel,
-                             "source": str(src), "split_made": ds.split_made, "seed": seed, "splits": {},
-                             "class_counts": {}}
-    for name, split in splits.items():
-        if split is None or not len(split):
-            continue
-        shards, counts = _write_split(out, name, split, limit, len(ds.classes), bad.add)
-        index["splits"][name] = shards
-        index["class_counts"][name] = counts
-    bad.check()
-    from vitcli.files import atomic_write
-
-    text = json.dumps(index, indent=1)
-    atomic_write(out / INDEX, lambda f: f.write(text.encode()))  # last: a folder without it is incomplete
-    for name, shards in index["splits"].items():
-        info(f"[bold]{name}[/] {sum(s['count'] for s in shards)} images in {len(shards)} shard(s)")
-    info(f"wrote {esc(str(out / INDEX))}" + (f"; skipped {len(bad)} unreadable file(s)" if len(bad) else ""))
-    return index
-
-
-def _write_split(out: Path, name: str, split, limit: int, n_classes: int, on_bad) -> tuple[list[dict], list[int]]:
-    from vitcli.data import probe_many
-
-    shards: list[dict] = []
-    counts = [0] * n_classes
-    tar, written, next_id = None, 0, 0
-    chunk = 4096
-    for start in range(0, len(split), chunk):  # probe headers in parallel, a chunk at a time
-        paths, labels = split.paths[start:start + chunk], split.labels[start:start + chunk]
-        for path, y, err in zip(paths, labels, probe_many(paths), strict=True):
-            if err is not None:
-                on_bad(err)
-                continue
-            payload = Path(path).read_bytes()
-            if tar is not None and written + len(payload) > limit:
-                tar.close()
-                tar = None
-            if tar is None:
-                fname = f"{name}-{len(shards):06d}.tar"
-                tar = tarfile.open(out / fname, "w", format=tarfile.USTAR_FORMAT)
-                shards.append({"file": fname, "count": 0, "first": next_id})
-                written = 0
-            cls = ",".join(str(i) for i, v in enumerate(y) if v) if isinstance(y, tuple) else str(y)
-            key = f"{next_id:09d}"
-            _add(tar, f"{key}{Path(path).suffix.lower()}", payload)
-            _add(tar, f"{key}.cls", cls.encode())
-            for i in ([i for i, v in enumerate(y) if v] if isinstance(y, tuple) else [y]):
-                counts[i] += 1
-            written += len(payload) + 1536  # two headers and padding, roughly
-            shards[-1]["count"] += 1
-            next_id += 1
-    if tar is not None:
-        tar.close()
-    return shards, counts
-
-
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mode, ti.mtime = len(payload), 0o644, 0
-    tar.addfile(ti, io.BytesIO(payload))
 
 
 # ----------------------------------------------------------------------------------------------- opening
@@ -139,59 +48,200 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for o in options for x in expand_braces(head + o + tail)]
 
 
-def is_shard_source(data: str | Path | None) -> bool:
-    if data is None:
-        return False
+def is_shard_source(data: str | Path) -> bool:
+    """Shards by content: a folder whose index.json is vitcli's (or that holds .tar files beside an index.json),
+    a regular .tar file, or a brace pattern of .tar files. A class folder that merely holds some other
+    index.json, or a folder named photos.tar, is not."""
     s = str(data)
-    return (Path(s) / INDEX).is_file() or s.endswith(".tar") or ("{" in s and ".tar" in s)
+    path = Path(s)
+    if path.is_dir():
+        index = path / INDEX
+        if not index.is_file():
+            return False
+        return _is_vitcli_index(index) or any(p.suffix == ".tar" and p.is_file() for p in path.iterdir())
+    return ("{" in s and ".tar" in s) or (path.suffix.lower() == ".tar" and path.is_file())
 
 
-@dataclass
-class ShardData:
-    root: Path
-    classes: list[str]
-    multilabel: bool
-    train: ShardStore
-    val: ShardStore
-    counts: list[int]  # training images (multi-label: positives) per class
-    split_made: bool
-    val_counts: list[int]  # validation images (multi-label: positives) per class
-
-
-def open_shards(data: str | Path, *, size: int, interpolation: str, num_workers: int, shuffle_buffer: int,
-                on_bad=None) -> ShardData:
-    """A shard folder (its index.json), or shard files / a brace pattern beside one, as train and val stores."""
-    s = str(data)
-    root = Path(s) if (Path(s) / INDEX).is_file() else Path(s.split("{")[0]).parent if "{" in s else Path(s).parent
-    if not (root / INDEX).is_file():
-        raise VitcliError(f"'{data}': no {INDEX} in '{root}'; write shards with vitcli shard DATA OUT")
+def _is_vitcli_index(path: Path) -> bool:
     try:
-        index = json.loads((root / INDEX).read_text())
-    except (OSError, ValueError) as e:
-        raise VitcliError(f"'{root / INDEX}' is not a readable shard index: {e}") from None
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            return False
+        with open(path, "rb") as f:  # a regular file (is_file above): a FIFO never gets here
+            return json.loads(f.read().decode("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def shard_root(data: str | Path) -> Path:
+    """The folder whose index.json describes DATA (a shard folder, shard files, a brace pattern)."""
+    s = str(data)
+    if Path(s).is_dir():
+        return Path(s)
+    return Path(s.split("{")[0]).parent if "{" in s else Path(s).parent
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """index.json, validated once: every key the streaming reads has the right type and range, or one line
+    naming the file and key."""
+    from vitcli.decode import check_regular
+
+    path = root / INDEX
+    if not path.exists():
+        raise VitcliError(f"'{root}': no {INDEX}; write shards with vitcli shard DATA OUT")
+    check_regular(path, "a shard index", VitcliError)
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise VitcliError(f"'{path}': {path.stat().st_size} bytes, larger than a shard index can be")
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise VitcliError(f"'{path}' is not a readable shard index ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise VitcliError(f"'{root / INDEX}' is not a vitcli shard index (format {FORMAT})")
-    train = index["splits"].get("train", [])
+        raise VitcliError(f"'{path}' is not a vitcli shard index (format {FORMAT})")
+    classes, multilabel = index.get("classes"), index.get("multilabel", False)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise VitcliError(f"'{path}': 'classes' must be a list of two or more class names (text), got "
+                          f"{_short(classes)}")
+    if len(set(classes)) != len(classes):
+        raise VitcliError(f"'{path}': 'classes' names a class twice ({_short(classes)})")
+    if not isinstance(multilabel, bool):
+        raise VitcliError(f"'{path}': 'multilabel' must be true or false, got {_short(multilabel)}")
+    index["multilabel"] = multilabel  # absent: single-label
+    splits, counts = index.get("splits"), index.get("class_counts")
+    if not isinstance(splits, dict) or not isinstance(counts, dict):
+        raise VitcliError(f"'{path}': 'splits' and 'class_counts' must be objects keyed by train / val / test")
+    seen: dict[str, str] = {}
+    for name in ("train", "val"):
+        _check_split(path, name, splits.get(name), counts.get(name), len(classes), seen)
+    if "test" in splits:
+        _check_split(path, "test", splits["test"], counts.get("test"), len(classes), seen)
+    return index
+
+
+def _check_split(path: Path, name: str, shards, counts, n_classes: int, seen: dict[str, str]) -> None:
+    where = f"'{path}' splits.{name}"
+    if not isinstance(shards, list) or not shards:
+        raise VitcliError(f"{where}: needs a non-empty list of shards, got {_short(shards)} (training needs "
+                          "train and val shards)")
+    ends = []
+    for k, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            raise VitcliError(f"{where}[{k}]: expected an object with file, count, first; got {_short(sh)}")
+        f, count, first = sh.get("file"), sh.get("count"), sh.get("first")
+        if not isinstance(f, str) or not re.fullmatch(r"[^/\\\0]+\.tar", f) or f.startswith("."):
+            raise VitcliError(f"{where}[{k}].file: {_short(f)} is not a shard file name (name.tar in this folder)")
+        for key, v in (("count", count), ("first", first)):
+            if not _whole(v):
+                raise VitcliError(f"{where}[{k}].{key}: {_short(v)} is not a whole number >= 0")
+        if f in seen:
+            raise VitcliError(f"{where}[{k}]: shard '{f}' is listed twice (also in splits.{seen[f]}); each image "
+                              "must be streamed once")
+        seen[f] = name
+        ends.append((first, first + count))
+    ends.sort()
+    if any(b[0] < a[1] for a, b in zip(ends, ends[1:], strict=False)):
+        raise VitcliError(f"{where}: the shards' id ranges (first, first + count) overlap")
+    if not isinstance(counts, list) or len(counts) != n_classes or not all(_whole(c) for c in counts):
+        raise VitcliError(f"'{path}' class_counts.{name}: expected {n_classes} whole numbers >= 0 (one per "
+                          f"class), got {_short(counts)}")
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def open_index(data: str | Path) -> tuple[Path, dict[str, Any], list[dict], list[dict]]:
+    """(root, validated index, train shards, val shards) of DATA; explicit shard files select train shards."""
+    from vitcli.decode import check_regular
+
+    s = str(data)
+    root = shard_root(data)
+    index = read_index(root)
+    train, val = index["splits"]["train"], index["splits"]["val"]
     if root != Path(s):  # explicit shard files: the train shards among them
         wanted = {Path(p).name for p in expand_braces(s)}
-        known = {sh["file"] for sh in train}
-        missing = sorted(wanted - known - {sh["file"] for sh in index["splits"].get("val", [])})
+        missing = sorted(wanted - {sh["file"] for sh in train} - {sh["file"] for sh in val})
         if missing:
             raise VitcliError(f"'{data}': {missing[:3]} not among the train shards listed in '{root / INDEX}'")
         train = [sh for sh in train if sh["file"] in wanted]
-    val = index["splits"].get("val", [])
-    if not train or not val:
-        raise VitcliError(f"'{data}': needs train and val shards; '{root / INDEX}' lists {len(train)} train and "
-                          f"{len(val)} val shard(s)")
+        if not train:
+            raise VitcliError(f"'{data}': names no train shard listed in '{root / INDEX}'")
     for sh in train + val:
-        if not (root / sh["file"]).is_file():
+        if not (root / sh["file"]).exists():
             raise VitcliError(f"shard '{root / sh['file']}' listed in {INDEX} is missing")
-    kw = {"size": size, "interpolation": interpolation, "num_workers": num_workers, "on_bad": on_bad,
-          "n_classes": len(index["classes"]), "multilabel": bool(index["multilabel"])}
-    return ShardData(root, list(index["classes"]), bool(index["multilabel"]),
-                     ShardStore(root, train, shuffle_buffer=shuffle_buffer, **kw), ShardStore(root, val, **kw),
-                     list(index["class_counts"]["train"]), bool(index.get("split_made")),
-                     list(index["class_counts"]["val"]))
+        check_regular(root / sh["file"], "a shard file", VitcliError)
+    return root, index, train, val
+
+
+class ShardSource:
+    """DATA is tar shards written by `vitcli shard`: counted from index.json, streamed, never listed."""
+
+    kind = "tar shards"
+    listed = False
+
+    def __init__(self, where: Path):
+        self.where = where
+        self.opened: tuple[Path, dict[str, Any], list[dict], list[dict]] | None = None
+
+    def scan(self, val_fraction: float, seed: int) -> Any:
+        from vitcli.dataset import Dataset, Split
+
+        self.opened = root, index, train, val = open_index(self.where)
+        counts = index["class_counts"]["train"]  # the whole split's, also when shard files pick some of it
+        sizes = (sum(sh["count"] for sh in train), sum(sh["count"] for sh in val))
+        return Dataset(root, list(index["classes"]), Split(), Split(), split_made=bool(index.get("split_made")),
+                       multilabel=index["multilabel"], source=root, streamed=sizes,
+                       streamed_counts=(list(counts), list(index["class_counts"]["val"])))
+
+    def eval_split(self, classes: list[str], multilabel: bool) -> Any:
+        raise VitcliError(f"'{self.where}': shards stream images that have no files to evaluate one by one; give "
+                          "the folder or label file the shards were made from")
+
+    def sample_sizes(self, ds, seed: int) -> list[tuple[int, int]]:
+        """Header sizes of the first images of the train shards (in file order: no seed needed)."""
+        return sample_sizes(ds.root, (self.opened or open_index(self.where))[2])
+
+    def stores(self, ds, d, pre: dict[str, Any], on_bad, device, workers: int) -> tuple[ShardStore, ShardStore]:
+        from vitcli.console import info
+
+        if d.balanced_sampler:
+            raise VitcliError("'data.balanced_sampler' needs random access to the images; turn it off for shards")
+        root, index, train, val = self.opened or open_index(self.where)
+        workers = d.num_workers if d.num_workers >= 0 else workers
+        kw = {"size": pre["resize_size"], "interpolation": d.interpolation, "num_workers": workers,
+              "on_bad": on_bad, "n_classes": len(index["classes"]), "multilabel": index["multilabel"]}
+        info(f"[bold]images[/] streamed from {len(train)} + {len(val)} shards ({workers} workers per process, "
+             f"shuffle buffer {d.shuffle_buffer})")
+        return ShardStore(root, train, shuffle_buffer=d.shuffle_buffer, **kw), ShardStore(root, val, **kw)
+
+
+def sample_sizes(root: Path, shards: list[dict], sample: int = 256) -> list[tuple[int, int]]:
+    """(width, height) of up to `sample` images read from the start of `shards` (headers only)."""
+    from PIL import Image
+
+    from vitcli.decode import allowed_formats
+
+    sizes: list[tuple[int, int]] = []
+    for sh in shards:
+        try:
+            with tarfile.open(root / sh["file"], "r|") as tar:
+                for m in tar:
+                    if len(sizes) >= sample:
+                        return sizes
+                    if not m.isfile() or m.name.endswith(".cls") or m.size > MAX_MEMBER_BYTES:
+                        continue
+                    try:
+                        with Image.open(io.BytesIO(tar.extractfile(m).read()), formats=allowed_formats()) as img:
+                            sizes.append(img.size)
+                    except Exception:  # unreadable images are reported when they are decoded
+                        continue
+        except (OSError, tarfile.TarError):  # reported, with its name, when the shard is streamed
+            continue
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -321,7 +371,7 @@ class ShardStore:
 
         cls = globals().get("ShardIterable") or __getattr__("ShardIterable")
         it = cls(self.root, per_worker, self.size, self.interpolation, batch_size,
-                 self.shuffle_buffer if seed is not None else 0, seed, self.multilabel)
+                 self.shuffle_buffer if seed is not None else 0, seed, self.multilabel, self.n_classes)
         loader = torch.utils.data.DataLoader(it, batch_size=None, num_workers=self.num_workers,
                                              persistent_workers=False)
         for imgs, ys, ids, errors in loader:
@@ -337,9 +387,10 @@ class ShardStore:
 class _ShardStream:
     """What a DataLoader worker runs: its shards -> decoded, shuffled, batched samples."""
 
-    def __init__(self, root, per_worker, size, interpolation, batch_size, buffer, seed, multilabel):
+    def __init__(self, root, per_worker, size, interpolation, batch_size, buffer, seed, multilabel, n_classes):
         self.root, self.per_worker, self.size, self.interpolation = root, per_worker, size, interpolation
         self.batch_size, self.buffer, self.seed, self.multilabel = batch_size, buffer, seed, multilabel
+        self.n_classes = n_classes
 
     def __iter__(self):
         import torch
@@ -350,7 +401,7 @@ class _ShardStream:
         rng = random.Random(None if self.seed is None else self.seed * 31 + wid)
         batch: list = []
         errors: list[str] = []
-        from vitcli.data import decode_square
+        from vitcli.decode import decode_square
 
         try:
             for key, name, payload, cls, shard in _shuffled(self._samples(shards), self.buffer, rng):
@@ -374,11 +425,11 @@ class _ShardStream:
             empty = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
             return empty, [], torch.empty(0, dtype=torch.long), errors
         imgs = torch.stack([b[0] for b in batch])  # (B, 3, S, S) uint8
-        ys = [tuple(int(c) for c in b[1].split(",") if c) if self.multilabel else int(b[1]) for b in batch]
-        return imgs, ys, torch.tensor([b[2] for b in batch], dtype=torch.long), errors
+        return imgs, [b[1] for b in batch], torch.tensor([b[2] for b in batch], dtype=torch.long), errors
 
     def _samples(self, shards):
-        """(key, member name, image bytes, class text, shard path) read sequentially from each tar."""
+        """(key, member name, image bytes, label, shard path) read sequentially from each tar, each member
+        checked once (`check_member`)."""
         for sh in shards:
             path = self.root / sh["file"]
             pending: dict[str, dict[str, Any]] = {}
@@ -388,7 +439,7 @@ class _ShardStream:
                     for m in tar:
                         if not m.isfile():
                             continue
-                        key, _, ext = m.name.partition(".")
+                        key, ext = check_member(path, m, sh)
                         rec = pending.setdefault(key, {})
                         rec["cls" if ext == "cls" else "img"] = tar.extractfile(m).read()
                         if ext != "cls":
@@ -396,13 +447,47 @@ class _ShardStream:
                         if "cls" in rec and "img" in rec:
                             del pending[key]
                             found += 1
-                            yield key, rec["name"], rec["img"], rec["cls"].decode(), path
-            except (OSError, tarfile.TarError) as e:
+                            label = parse_label(path, key, rec["cls"], self.n_classes, self.multilabel)
+                            yield key, rec["name"], rec["img"], label, path
+            except (OSError, tarfile.TarError, EOFError) as e:
                 raise VitcliError(f"shard '{path}' cannot be read ({e}); write the shards again with vitcli "
                                   "shard") from None
             if found != sh["count"]:  # cut short at a member boundary: tarfile sees a normal end
                 raise VitcliError(f"shard '{path}' holds {found} images, {INDEX} lists {sh['count']}; write the "
                                   "shards again with vitcli shard")
+
+
+def check_member(path: Path, m: tarfile.TarInfo, sh: dict) -> tuple[str, str]:
+    """(key, extension) of a shard member named `<9-digit id>.<ext>` with the id in the shard's range, or one
+    line naming the shard and member."""
+    from vitcli.decode import IMAGE_EXTS
+
+    match = re.fullmatch(r"(\d{9})\.([A-Za-z0-9]{1,5})", m.name)
+    if not match:
+        raise VitcliError(f"shard '{path}' member {_short(m.name)}: not a vitcli member name (<9-digit id>.<ext>); "
+                          "write the shards with vitcli shard")
+    key, ext = match.group(1), match.group(2).lower()
+    if ext != "cls" and f".{ext}" not in IMAGE_EXTS:
+        raise VitcliError(f"shard '{path}' member '{m.name}': extension .{ext} is neither an image nor .cls")
+    if not sh["first"] <= int(key) < sh["first"] + sh["count"]:
+        raise VitcliError(f"shard '{path}' member '{m.name}': id {int(key)} is outside the shard's range "
+                          f"{sh['first']}..{sh['first'] + sh['count'] - 1} in {INDEX}")
+    if m.size > MAX_MEMBER_BYTES:
+        raise VitcliError(f"shard '{path}' member '{m.name}': {m.size} bytes, more than one image can be")
+    return key, ext
+
+
+def parse_label(path: Path, key: str, raw: bytes, n_classes: int, multilabel: bool):
+    """A `.cls` member -> class index (multi-label: tuple of indices), each in range(n_classes)."""
+    text = raw.decode("ascii", "replace").strip()
+    parts = text.split(",") if multilabel else [text]
+    if (not multilabel or text) and not all(re.fullmatch(r"\d{1,9}", p) and int(p) < n_classes for p in parts):
+        raise VitcliError(f"shard '{path}' member '{key}.cls': {_short(text)} is not "
+                          + ("comma-separated class indices" if multilabel else "a class index")
+                          + f" in 0..{n_classes - 1}")
+    if not multilabel:
+        return int(text)
+    return tuple(sorted({int(p) for p in parts})) if text else ()
 
 
 def _shuffled(items, buffer: int, rng: random.Random):

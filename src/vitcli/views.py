@@ -11,9 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitcli.console import esc, out, visible
+from vitcli.console import esc, out
 from vitcli.errors import VitcliError, at_least
-from vitcli.figures import DPI, decode_batch, overlay, panel_figure
+from vitcli.figures import DPI, decode_batch, fig_label, overlay, panel_figure
 from vitcli.inference import Loaded, load
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ def output_dir(output: str | Path | None, run_dir: Path) -> Path:
 
 def collect_images(items: list[Path]) -> list[Path]:
     """Image files named directly, plus every image under named folders."""
-    from vitcli.data import IMAGE_EXTS, list_images
+    from vitcli.decode import IMAGE_EXTS
+    from vitcli.folders import list_images
 
     found: list[Path] = []
     for item in items:
@@ -109,10 +110,10 @@ def inspect_attention(images: list[Path], *, model: str | None = None, output: s
         depth, heads = len(cap.attentions), cap.attentions[0].shape[1]
         layers = parse_indices(layer, depth, "--layer", "all" if method == "rollout" else "last")
         head_idx = parse_indices(head, heads, "--head", "all")
-        probs = cap.logits.float().sigmoid() if ld.multilabel else cap.logits.float().softmax(dim=-1)
+        probs = ld.probs(cap.logits)  # (B, C), as predict reports them
         for b, path in enumerate(keep):
             p, c = probs[b].max(dim=0)
-            name = visible(f"{path.name}: {ld.classes[int(c)]} ({float(p):.1%})")  # drawn: controls escaped
+            name = f"{fig_label(path.name)}: {fig_label(ld.classes[int(c)])} ({float(p):.1%})"  # drawn, cut
             stem = _unique_stem(path, used)
             if method in ("all", "rollout"):
                 if len(layers) > 1 and layers != list(range(depth)) or 1 < len(head_idx) < heads:
@@ -237,7 +238,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
         for start in range(0, len(paths), batch_size):
             yield decode_batch(paths[start:start + batch_size], ld.pre)[2].to(ld.device)
 
-    res = faithfulness(ld.model, batches(), methods, steps, ld.temperature, baseline=baseline)
+    res = faithfulness(ld.model, batches(), methods, steps, ld.probs, baseline=baseline)
     res = {"model": str(ld.run_dir), "target": "predicted class", **res}
     tab = Table(title=f"faithfulness on {res['images']} images (target: predicted class; removed patches show: "
                       f"{baseline}; deletion: lower is better, insertion: higher is better)", title_justify="left")
@@ -256,7 +257,7 @@ def inspect_faithfulness(data: list[Path], *, model: str | None = None, output: 
     if json_path:
         from vitcli.files import write_output  # a file the user named: written through, never replaced
 
-        write_output(json_path, json.dumps(res, indent=1).encode(), "--json")
+        write_output(json_path, json.dumps(res, indent=1).encode(), "--json-out")
         written.append(Path(json_path))
     return res, written
 

@@ -1,0 +1,206 @@
+"""Training state: the one `RunState` the epoch loop reads and changes (model, optimiser, schedule, EMA, scaler,
+the task's losses, augmentation), its `Progress` (what last.pt saves), the on-device `EpochSums`, and the phases that
+make and restore it: `build_state` (a new run) and `restore` (a resumed one, bit-exact on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitcli.config import Config
+from vitcli.console import esc, info
+
+if TYPE_CHECKING:
+    import torch
+
+    from vitcli.engine import Callback, Env, TrainData
+
+LOG_EVERY = 25  # batches between reads of the on-device loss / accuracy sums (one host-device sync each)
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in last.pt (as a plain dict) and restored on resume."""
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches of the current epoch done
+    step: int = 0  # optimiser steps taken
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    since_best: int = 0  # epochs without a better val best_metric
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
+    partial: dict[str, float] = field(default_factory=lambda: dict(EMPTY_PARTIAL))  # the current epoch's sums
+    best_score: float = -math.inf  # train.best_metric of the best epoch, higher is better (loss negated)
+    plan: dict[str, int] | None = None  # epochs and schedule a time budget fitted (budget.py), kept on resume
+
+
+EMPTY_PARTIAL = {"loss": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+
+
+class EpochSums:
+    """The running epoch's training loss and accuracy sums, kept on the device (float64) so a step never waits
+    for it; also remembers the first non-finite loss (its batch and value) without a sync."""
+
+    def __init__(self, partial: dict[str, float], device: torch.device):
+        import torch
+
+        self.loss = torch.tensor(partial["loss"], dtype=torch.float64, device=device)
+        self.correct = torch.tensor(partial["correct"], dtype=torch.float64, device=device)
+        self.count = partial["count"]  # known on the host
+        self.bad_batch = torch.tensor(-1, device=device)  # first batch whose loss was not finite
+        self.bad_loss = torch.tensor(0.0, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor, batch: int) -> None:
+        import torch
+
+        loss = loss.detach()
+        first_bad = ~torch.isfinite(loss) & (self.bad_batch < 0)
+        self.bad_batch = torch.where(first_bad, batch, self.bad_batch)
+        self.bad_loss = torch.where(first_bad, loss.float(), self.bad_loss)
+        self.loss += loss.double() * len(hard)
+        from vitcli.task import hits
+
+        self.correct += hits(logits.detach(), hard).sum()  # label vectors: hard is (B, C)
+        self.count += len(hard)
+
+    def read(self) -> tuple[float, float, float, int, float]:
+        """(loss sum, correct, count, first bad batch or -1, its loss): the one sync."""
+        return float(self.loss), float(self.correct), float(self.count), int(self.bad_batch), float(self.bad_loss)
+
+
+@dataclass
+class RunState:
+    """Everything the epoch loop reads and changes."""
+
+    cfg: Config
+    env: Env
+    run_dir: Path
+    spec: dict[str, Any]  # the model's self-description, stored in checkpoints
+    model: Any  # the plain module (weights that train)
+    fwd_model: Any  # what the step calls: the model, or its DDP / compiled wrapper
+    ema: Any  # optim.EMA or None
+    optimizer: Any
+    scaler: Any
+    loss_fn: Any  # the task's training loss (task.TrainLoss or task.SigmoidLoss)
+    eval_loss: Any  # plain cross-entropy for validation
+    mixup: Any  # timm Mixup or None
+    augment: Any  # data.TrainAugment
+    aug_gen: Any  # torch.Generator of the augmentation (saved for resume)
+    sample_w: list[float] | None  # per-image sampling weights (balanced sampler) or None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    progress: Progress = field(default_factory=Progress)
+    task: Any = None  # the data's task.Task: loss, validation metrics, thresholds tuned at the last validation
+    sums: Any = None  # EpochSums of the running epoch
+    lr_fn: Any = None  # step -> peak-relative lr; the warmup-cosine schedule unless replaced (lr finder)
+    callbacks: list[Callback] = field(default_factory=list)
+    log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
+    budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
+    distiller: Any = None  # distill.Distiller while `train.teacher` is set: the loss with the teacher
+
+    @property
+    def eval_model(self):
+        return self.ema.module if self.ema is not None else self.model
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_schedule(self, total: int, warmup: int) -> None:
+        """The one place the warmup-cosine schedule is (re)planned: at build time and by the time budget."""
+        from vitcli.optim import warmup_cosine
+
+        self.total_steps, self.warmup_steps = total, warmup
+        self.lr_fn = warmup_cosine(total, warmup, self.cfg.optim)
+
+
+def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: bool = True) -> RunState:
+    """Model, optimiser, schedule, EMA, scaler, loss and augmentation for a run (`wrap`: DDP / compile)."""
+    import torch
+
+    from vitcli.augment import TrainAugment
+    from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
+    from vitcli.distill import build_distiller
+    from vitcli.models import build_model
+    from vitcli.optim import EMA, build_mixup, build_optimizer
+
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
+    model.to(env.device)
+    source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
+    k = spec["kwargs"]
+    shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
+    info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "
+         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    if t.precision == "auto":
+        env.precision, env.why = refine_auto_precision(env.precision, env.why, model, env.device, d.img_size,
+                                                       d.batch_size)
+    fused_attn, attn_why = pick_attention(env.device, env.precision)
+    set_fused_attention(model, fused_attn)
+    info(f"[bold]device[/] {env.device}, precision {env.precision} ({env.why})"
+         + (f", {env.world} processes" if env.world > 1 else "") + ("" if fused_attn else f"; attention: {attn_why}"))
+    ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+    loss_fn = data.task.train_loss(cfg, data.counts, env.device)
+    if loss_fn.class_w is not None:
+        info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
+    distiller = build_distiller(cfg, data.classes, data.pre, env.device, model, not data.task.one_label)
+    fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
+    aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
+    sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
+    n_batches = data.train.steps(d.batch_size, 0, t.seed, env.world, sample_w)
+    mixup = build_mixup(cfg, len(data.classes))
+    steps_per_epoch = max(1, n_batches // t.accum_steps)
+    total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
+    run = RunState(
+        cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
+        optimizer=build_optimizer(model, o, env.device),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
+        loss_fn=loss_fn, eval_loss=data.task.eval_loss(), mixup=data.task.mixup(mixup), task=data.task,
+        augment=TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
+        total_steps=total, warmup_steps=warmup, distiller=distiller)
+    run.set_schedule(total, warmup)
+    return run
+
+
+def wrap_model(model, ema, cfg: Config, env: Env):
+    """channels-last, DDP (which broadcasts rank 0's weights; the EMA copy starts from them too), compile."""
+    import torch
+
+    t = cfg.train
+    fwd = model.to(memory_format=torch.channels_last) if t.channels_last else model
+    if env.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if ema is not None:
+            ema.module.load_state_dict(model.state_dict())
+    if t.compile:  # after DDP, as torch recommends
+        fwd = torch.compile(fwd)
+    return fwd
+
+
+def restore(run: RunState, ckpt: dict[str, Any]) -> None:
+    """Load a resumed run's weights, EMA, optimiser, scaler, RNG states and progress from last.pt."""
+    from vitcli.device import set_rng_state
+
+    ts = ckpt["train_state"]
+    run.model.load_state_dict(ts.get("model", ckpt["model"]))
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ts["optimizer"])
+    if ts.get("scaler"):
+        run.scaler.load_state_dict(ts["scaler"])
+    pr = ts["progress"]
+    run.progress = Progress(pr["epoch"], pr["batch"], pr["step"], pr["best_acc"], pr["best_epoch"],
+                            pr["since_best"], list(pr["history"]), dict(pr["partial"]),
+                            pr.get("best_score", pr["best_acc"]),  # runs from before best_metric used acc
+                            pr.get("plan"))
+    set_rng_state(ts["rng"])
+    run.aug_gen.set_state(ts["aug_rng"])
+    info(f"[bold]resumed[/] {esc(str(run.run_dir))} at epoch {run.progress.epoch + 1}, step {run.progress.step}")
+    if run.progress.epoch >= run.cfg.train.epochs:
+        info(f"the run already trained {run.progress.epoch} epochs; pass --epochs N (> {run.progress.epoch}) to "
+             "extend it")
