@@ -555,6 +555,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
     """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
     (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
     from vitcli.budget import budget_for
+    from vitcli.distill import build_distiller
     from vitcli.signals import Stopped
 
     try:
@@ -564,6 +565,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
+        run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label)
         run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
         if ckpt is not None:
             restore(run, ckpt)

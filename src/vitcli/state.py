@@ -123,7 +123,6 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
 
     from vitcli.augment import TrainAugment
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
-    from vitcli.distill import build_distiller
     from vitcli.models import build_model
     from vitcli.optim import EMA, build_mixup, build_optimizer
 
@@ -146,7 +145,6 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     loss_fn = data.task.train_loss(cfg, data.counts, env.device)
     if loss_fn.class_w is not None:
         info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
-    distiller = build_distiller(cfg, data.classes, data.pre, env.device, model, not data.task.one_label)
     fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
     aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
     sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
@@ -160,7 +158,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
         loss_fn=loss_fn, eval_loss=data.task.eval_loss(), mixup=data.task.mixup(mixup), task=data.task,
         augment=TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup, distiller=distiller)
+        total_steps=total, warmup_steps=warmup)
     run.set_schedule(total, warmup)
     return run
 
