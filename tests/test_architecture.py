@@ -82,7 +82,7 @@ LAYERS: dict[str, set[str]] = {
                  "inference", "formats", "quantize", "distill", "rundir", "figures", "attention", "explain", "optim",
                  "ood", "pretrained"},
     "core": {"config", "data", "sources", "dataset", "folders", "manifest", "shards", "decode", "store", "augment",
-             "task", "metrics", "calibrate", "models", "vit", "checkpoint", "device", "distributed", "files",
+             "looks", "task", "metrics", "calibrate", "models", "vit", "checkpoint", "device", "distributed", "files",
              "console", "signals", "errors", "hub", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->

@@ -105,11 +105,24 @@ class TrainAugment:
         grid = crop_grid(theta, size, dev, rotated=cfg.rotate > 0)  # (B, size, size, 2)
         pad = "border" if cfg.translate > 0 or cfg.rotate > 0 else "reflection"
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=pad, align_corners=False)
+        if cfg.color_jitter > 0:
+            out = self._jitter(out)
         out = normalize_(out, cfg.mean, cfg.std)  # bilinear weights sum to 1: same as normalising first, cheaper
         if self.erase is not None:
             self.erase.device = out.device
             out = self.erase(out)
         return out  # (B, 3, img_size, img_size)
+
+    def _jitter(self, x):
+        """Brightness, contrast and saturation of each image times a random factor in [1 - j, 1 + j]."""
+        import torch
+
+        j, g, B = self.cfg.color_jitter, self.g, x.shape[0]
+        b, c, s = (torch.empty(B, 1, 1, 1).uniform_(1 - j, 1 + j, generator=g).to(x.device) for _ in range(3))
+        grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = grey + (x - grey) * s  # (B, 3, H, W): saturation about each pixel's grey
+        mean = grey.mean((2, 3), keepdim=True)  # (B, 1, 1, 1)
+        return ((x - mean) * c + mean * b).clamp_(0, 255)  # contrast about the image's mean, then brightness
 
     def _randaugment(self, x):
         import numpy as np

@@ -143,7 +143,8 @@ def budget_for(run: RunState, started: float, val_images: int, time_override: st
         return None
     if not t.time:
         return None
-    cap = t.epochs if "train.epochs" in user_keys(run.cfg) and ckpt is None else MAX_EPOCHS
+    mine = user_keys(run.cfg)  # the defaults' own budget (defaults.CPU_RUN_TIME) only shortens their epochs
+    cap = t.epochs if ("train.epochs" in mine or "train.time" not in mine) and ckpt is None else MAX_EPOCHS
     return TimeBudget(t.seconds, started, val_images, cap)
 
 

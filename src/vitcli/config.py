@@ -40,6 +40,7 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip while training
     translate: float = 0.0  # random shift of the training crop, up to this fraction of the side per axis
     rotate: float = 0.0  # random rotation of the training crop, up to +- this many degrees
+    color_jitter: float = 0.0  # brightness, contrast, saturation each times a random factor in [1-x, 1+x]; 0 = off
     randaugment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"; "" = off
     mixup: float = 0.0  # mixup alpha; 0 = off
     cutmix: float = 0.0  # cutmix alpha; 0 = off
@@ -409,6 +410,7 @@ RANGES: dict[str, str] = {
     "data.hflip": "[0, 1]",
     "data.translate": "[0, 0.5]",
     "data.rotate": "[0, 180]",
+    "data.color_jitter": "[0, 1] (0 = off)",
     "data.mixup": "[0, 100] (0 = off)",
     "data.cutmix": "[0, 100] (0 = off)",
     "data.reprob": "[0, 1]",

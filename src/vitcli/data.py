@@ -37,6 +37,7 @@ from vitcli.decode import (
                             preprocess_info,
                             probe_image,
                             probe_many,
+                            probe_pixels,
                             probe_sizes,
                             resample_filter,
                             resize_size_for,
@@ -51,6 +52,7 @@ __all__ = ["IMAGE_EXTS", "PIL_FORMATS", "SPLIT_NAMES", "BadImage", "BadImageLog"
            "check_regular", "check_val_split", "class_counts", "class_folders", "crop_grid", "decode_many",
            "decode_square", "epoch_batches", "eval_transform", "file_kind", "is_hidden", "is_run_folder",
            "label_tensor", "label_text", "list_images", "load_rgb", "load_rgb_draft", "normalize", "normalize_",
-           "open_source", "pil_warning_filters", "preprocess_info", "probe_image", "probe_many", "probe_sizes",
+           "open_source", "pil_warning_filters", "preprocess_info", "probe_image", "probe_many",
+           "probe_pixels", "probe_sizes",
            "resample_filter", "resize_size_for", "scan_classes", "scan_dataset", "scan_eval_folder",
            "sequential_batches", "stratified_split", "to_rgb"]

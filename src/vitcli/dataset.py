@@ -142,6 +142,9 @@ class Source(Protocol):
     def sample_sizes(self, ds: Dataset, seed: int) -> list[tuple[int, int]]:
         """(width, height) of a sample of the training images, from headers only (for the data-aware defaults)."""
 
+    def sample_pixels(self, ds: Dataset, side: int, seed: int):
+        """A sample of the training images decoded grey at `side` px and their labels (photos or glyphs)."""
+
     def stores(self, ds: Dataset, d: DataConfig, pre: dict[str, Any], on_bad, device, workers: int
                ) -> tuple[Store, Store]:
         """The train and val stores, on `device` where they hold images; prints how the images are read.

@@ -237,6 +237,25 @@ def probe_image(path: str | Path) -> str | None:
         return None
 
 
+def probe_pixels(split, side: int, sample: int = 512, seed: int = 0):
+    """A seeded sample of a Split's images decoded small and grey: (uint8 array (N, side, side), their labels);
+    unreadable files are left out (they are reported when the images are decoded)."""
+    import random
+
+    import numpy as np
+
+    n = len(split)
+    picked = random.Random(seed).sample(range(n), sample) if n > sample else list(range(n))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        got = list(pool.map(_decode_or_none, [(split.paths[i], side, "bilinear") for i in picked]))
+    keep = [k for k, (x, _) in enumerate(got) if x is not None]
+    if not keep:
+        return np.zeros((0, side, side), np.uint8), []
+    rgb = np.stack([got[k][0].numpy() for k in keep]).astype(np.float32)  # (N, 3, side, side)
+    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # (N, side, side)
+    return grey.round().astype(np.uint8), [split.labels[picked[k]] for k in keep]
+
+
 def probe_sizes(paths: list[Path], sample: int = 256, seed: int = 0) -> list[tuple[int, int]]:
     """(width, height) of a seeded sample of the images, from their headers only (no pixel decoding)."""
     from PIL import Image

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vitcli.config import Config
+    from vitcli.looks import Looks
 
 PHOTO_SIDE = 160  # median shorter side (px) from which images count as photos: they train at 224 px
 PHOTO_SIZE = 224  # input side for photos, pixels
@@ -22,10 +23,19 @@ MIN_SIZE = 16  # smallest input side, pixels (8 px images are upsampled to it)
 MAX_GRID = 12  # small images: largest token-grid side (attention cost grows with the square of the tokens)
 TARGET_STEPS = 1000  # optimiser steps a from-scratch run aims for; epochs = TARGET_STEPS / steps per epoch
 MIN_EPOCHS, MAX_EPOCHS = 10, 100  # bounds on the chosen number of epochs
-CPU_RUN_MACS = 2e13  # CPU: multiply-adds a default run may spend (~3-4 min on 2 cores); caps the epochs
+CPU_RUN_MACS = 2.4e13  # CPU: multiply-adds a default run spends training (~8 min at CPU_MACS_PER_S): its epochs
+CPU_RUN_TIME = "9m"  # CPU: a default run sized by CPU_RUN_MACS ends by then on a slower or busier machine
 CPU_MACS_PER_S = 5e10  # CPU: multiply-adds a second one thread trains at (bf16, AVX-512), for a first guess
 CPU_STEP_MACS = 3e8  # CPU: forward multiply-adds per image above which the next smaller model is taken
 FEW_PHOTOS = 20_000  # photos from scratch below this many training images get the fine-tuning hint
+ENOUGH_EPOCHS = 15  # CPU: a smaller model rather than one a default run trains for fewer epochs than this
+ROOMY_EPOCHS = 150  # CPU time budget: the next larger model once the budget trains it for this many epochs
+LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
+HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
+FEW_STEPS = 400  # a run with fewer optimiser steps than this at its batch size takes a smaller batch (down to 16)
+# photos: smallest random crop (share of the area) and colour jitter by augmentation strength; small photos also
+# shift a little in minimal runs (ImageNet's 0.08 crops suit runs of hundreds of epochs)
+PHOTO_AUG = {"minimal": (0.75, 0.0), "light": (0.5, 0.1), "heavy": (0.35, 0.2)}
 # model ladder: (fewer than this many training images, width, depth, heads)
 LADDER = [(1_000, 96, 4, 3), (5_000, 128, 4, 4), (20_000, 192, 6, 3), (100_000, 192, 12, 3),
           (10**12, 384, 12, 6)]
@@ -39,6 +49,9 @@ class DataFacts:
     sizes: list[tuple[int, int]]  # (width, height) of a sample of them
     device_type: str = "cpu"  # cpu | cuda | mps
     data_dir: str = "DATA"  # for the printed hint
+    counts: list[int] = field(default_factory=list)  # training images per class; empty: multi-label (not judged)
+    pixels: tuple | None = None  # (uint8 grey sample (N, 32, 32), its labels) from data.probe_pixels; None: unseen
+    looks: Looks | None = None  # photos or glyphs, from `pixels` (looks_of fills it)
 
 
 @dataclass
@@ -113,56 +126,133 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
         stem = "conv"
         out.append(Choice({"model.stem": stem}, "a convolutional stem learns from few images far better than "
                                                 "linear patches (Xiao et al. 2021)"))
-    rung = next(i for i, r in enumerate(LADDER) if facts.n_train < r[0])
     cpu = facts.device_type == "cpu"
-    while cpu and rung > 0 and forward_macs(img, patch, *LADDER[rung][1:3], stem) > CPU_STEP_MACS:
-        rung -= 1
+    rung, grown = _rung(cfg, facts, img, patch, stem)
     _, dim, depth, heads = LADDER[rung]
     sized = not ({"model.name", "model.embed_dim", "model.depth", "model.num_heads"} & mine)
     if sized:
         out.append(Choice({"model.embed_dim": dim, "model.depth": depth, "model.num_heads": heads},
                           f"width {dim}, {depth} blocks for {facts.n_train:,} training images"
-                          + (" and a CPU" if cpu else "")))
+                          + (" and a CPU" if cpu else "") + grown))
     else:
         dim, depth, _ = PRESETS.get(base, PRESETS["vit-tiny"])
         dim, depth = cfg.model.embed_dim or dim, cfg.model.depth or depth  # the preset's size unless overridden
     macs = forward_macs(img, patch, dim, depth, stem)
-    out += _augment(img, side)
-    out += _epochs(cfg, facts, world, macs if cpu else 0.0)
+    length = _epochs(cfg, facts, world, macs if cpu else 0.0)
+    epochs = length[0].values["train.epochs"] if length else cfg.train.epochs
+    out += _augment(side, facts, epochs) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
     if cpu and macs <= CPU_STEP_MACS:  # a large model keeps torch's threads: on a quiet machine they pay off
         out.append(Choice({"train.threads": 1}, "a small model: threads that wait on each other run 10-30x slower "
                           "whenever other processes share the cores, and a second one gains little"))
     return out
 
 
-def _augment(img: int, side: int) -> list[Choice]:
+def strength(epochs: int) -> str:
+    """How much augmentation a from-scratch run of this length can use: minimal | light | heavy.
+
+    Heavy mixing and erasing pay off only when the model trains long enough to fit the harder task; in short
+    runs they cost accuracy (Steiner et al., "How to train your ViT?", 2021).
+    """
+    return "heavy" if epochs >= HEAVY_EPOCHS else "light" if epochs >= LIGHT_EPOCHS else "minimal"
+
+
+def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tuple[int, str]:
+    """The LADDER rung for the training-set size; on a CPU one down while a step is dear or a default run
+    (CPU_RUN_MACS) would train it for fewer than ENOUGH_EPOCHS, and with a time budget one up while the larger
+    model still gets ROOMY_EPOCHS in it. Returns (rung, '' or why it grew)."""
+    from vitcli.config import user_keys
+
+    rung = next(i for i, r in enumerate(LADDER) if facts.n_train < r[0])
+    if facts.device_type != "cpu":
+        return rung, ""
+    macs = [forward_macs(img, patch, dim, depth, stem) for _, dim, depth, _ in LADDER]  # per rung
+    while rung > 0 and (macs[rung] > CPU_STEP_MACS or CPU_RUN_MACS / (3 * macs[rung] * facts.n_train) < ENOUGH_EPOCHS):
+        rung -= 1
+    if not cfg.train.time or "train.epochs" in user_keys(cfg):
+        return rung, ""
+    seconds, grown = cfg.train.seconds, ""
+    while (rung + 1 < len(LADDER) and macs[rung + 1] <= CPU_STEP_MACS
+           and seconds * CPU_MACS_PER_S / (3 * macs[rung + 1] * facts.n_train) >= ROOMY_EPOCHS):
+        rung, grown = rung + 1, f", one size up: {cfg.train.time} trains it for {ROOMY_EPOCHS}+ epochs"
+    return rung, grown
+
+
+def _augment(side: int, facts: DataFacts, epochs: int) -> list[Choice]:
+    """Photos: mirror, crops and colour jitter; glyphs: no mirror, and small ones shift, scale and rotate a little.
+    Without a pixel sample (shards), small images are taken for glyphs and larger ones keep the usual crops."""
+    looks = looks_of(facts)
+    if looks is not None and looks.kind == "photo":
+        level = strength(epochs)
+        scale, jitter = PHOTO_AUG[level]
+        small = side < SMALL_SIDE
+        crops = {"data.crop_pct": 1.0, "data.scale_min": scale, "data.ratio_max": 4 / 3, "data.rotate": 0.0,
+                 "data.translate": 0.08 if level == "minimal" else 0.0} if small else {"data.scale_min": scale}
+        return [Choice({**crops, "data.hflip": 0.5, "data.color_jitter": jitter},
+                       f"{looks.why}: mirror and random crops of {scale:.0%}-100% of the area"
+                       + (f", colour jitter {jitter:g}" if jitter else "") + f" for {level} augmentation"
+                       + ("; evaluate the whole image" if small else ""))]
+    why = looks.why + ": " if looks is not None else ""
     if side >= SMALL_SIDE:
-        return []
+        return [] if looks is None else [Choice({"data.hflip": 0.0}, why + "no mirror (it can change the class)")]
     return [Choice({"data.crop_pct": 1.0, "data.scale_min": 0.75, "data.ratio_max": 1.2, "data.translate": 0.08,
                     "data.rotate": 10.0, "data.hflip": 0.0},
-                   "small images: shift, scale and rotate a little rather than crop 8% of the area; no mirror "
+                   why + "small images: shift, scale and rotate a little rather than crop 8% of the area; no mirror "
                    "(it can change the class, as for digits and letters); evaluate the whole image")]
 
 
+def _batch(cfg: Config, facts: DataFacts, world: int, epochs: int) -> list[Choice]:
+    """A short run on few images takes a smaller batch so that it still makes FEW_STEPS optimiser steps."""
+    from vitcli.config import user_keys
+
+    if "data.batch_size" in user_keys(cfg):
+        return []
+    per_step = world * cfg.train.accum_steps
+    batch, steps = cfg.data.batch_size, (lambda b: max(1, facts.n_train // (b * per_step)) * epochs)
+    while batch > 16 and steps(batch) < FEW_STEPS:
+        batch //= 2
+    if batch == cfg.data.batch_size:
+        return []
+    return [Choice({"data.batch_size": batch}, f"{steps(cfg.data.batch_size)} optimiser steps at batch "
+                   f"{cfg.data.batch_size} are few for a model from scratch: {steps(batch)} at batch {batch}")]
+
+
+def _balance(counts: list[int]) -> list[Choice]:
+    """Skewed classes: a loss weighted by inverse class frequency and macro F1 to pick best.pt."""
+    from vitcli.looks import SKEW_RATIO, skewed
+
+    if not skewed(counts):
+        return []
+    present = [c for c in counts if c > 0]
+    return [Choice({"data.class_weights": "auto", "train.best_metric": "macro_f1"},
+                   f"skewed classes ({', '.join(map(str, counts))} training images; the largest "
+                   f"{max(present) / min(present):.1f}x the smallest, at least {SKEW_RATIO:g}x): every class weighs "
+                   "the same in the loss, and macro F1 (every class counts equally) picks best.pt")]
+
+
 def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choice]:
+    """On a CPU (`macs` > 0) as many epochs as fit the time budget or CPU_RUN_MACS; elsewhere TARGET_STEPS."""
     from vitcli.config import user_keys
 
     if "train.epochs" in user_keys(cfg):
         return []
-    steps = max(1, facts.n_train // (cfg.data.batch_size * world * cfg.train.accum_steps))
-    epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(TARGET_STEPS / steps)))
-    why = f"~{TARGET_STEPS} steps of {steps} an epoch"
     if cfg.train.time and macs:  # a first guess; the budget fixes the number once it has timed some steps
         guess = int(cfg.train.seconds * CPU_MACS_PER_S / (3 * macs * facts.n_train))
-        epochs = max(1, min(epochs, guess))
-        return [Choice({"train.epochs": epochs}, f"about what fits in {cfg.train.time} on a CPU (the time budget "
-                                                 "sets the number after timing the first steps)")]
+        return [Choice({"train.epochs": max(1, min(MAX_EPOCHS, guess))},
+                       f"about what fits in {cfg.train.time} on a CPU (the time budget sets the number after timing "
+                       "the first steps)")]
     if macs:
         cap = int(CPU_RUN_MACS / (3 * macs * facts.n_train))
-        if cap < epochs:
-            epochs = max(MIN_EPOCHS, cap)
-            why = f"what a CPU trains in a few minutes ({macs / 1e6:.0f} M multiply-adds an image forward)"
-    return [Choice({"train.epochs": epochs}, why)]
+        if cap < MIN_EPOCHS:
+            return [Choice({"train.epochs": MIN_EPOCHS}, f"at least {MIN_EPOCHS}, though a CPU needs more than a few "
+                                                         f"minutes for them ({macs / 1e6:.0f} M multiply-adds an "
+                                                         "image forward)")]
+        return [Choice({"train.epochs": min(MAX_EPOCHS, cap), "train.time": CPU_RUN_TIME},
+                       f"what a CPU trains in about {CPU_RUN_MACS / CPU_MACS_PER_S / 60:.0f} minutes "
+                       f"({macs / 1e6:.0f} M multiply-adds an image forward), and never longer than {CPU_RUN_TIME} "
+                       "on a slower or busier machine (--time sets another budget)")]
+    steps = max(1, facts.n_train // (cfg.data.batch_size * world * cfg.train.accum_steps))
+    epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(TARGET_STEPS / steps)))
+    return [Choice({"train.epochs": epochs}, f"~{TARGET_STEPS} steps of {steps} an epoch")]
 
 
 def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[Choice]:
@@ -187,7 +277,20 @@ def finetune_facts(cfg: Config, facts: DataFacts | None) -> dict[str, Any]:
         return {"photos": False, "side": PHOTO_SIZE, "cpu_macs": 0.0}
     side = median_side(facts.sizes)
     budget = cfg.train.seconds * CPU_MACS_PER_S if cfg.train.time else CPU_RUN_MACS
-    return {"photos": side >= PHOTO_SIDE, "side": side, "cpu_macs": budget if facts.device_type == "cpu" else 0.0}
+    looks = looks_of(facts)
+    photos = looks.kind == "photo" if looks is not None else side >= PHOTO_SIDE
+    return {"photos": photos, "side": side, "cpu_macs": budget if facts.device_type == "cpu" else 0.0}
+
+
+def looks_of(facts: DataFacts) -> Looks | None:
+    """Photos or glyphs from the scan's pixel sample (looks.py), worked out once; None without a sample."""
+    from vitcli.looks import image_kind
+
+    if facts.pixels is None or not len(facts.pixels[1]):
+        return None
+    if facts.looks is None:
+        facts.looks = image_kind(*facts.pixels)
+    return facts.looks
 
 
 def photo_hint(cfg: Config, facts: DataFacts) -> str | None:

@@ -186,6 +186,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     run's classes must match its checkpoint's (`resumed_classes`), checked before anything is written."""
     from vitcli.dataset import check_val_split
     from vitcli.defaults import DataFacts
+    from vitcli.looks import SIDE
     from vitcli.rundir import check_resumed_data, write_split
     from vitcli.sources import open_source
 
@@ -197,13 +198,15 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     if resumed:
         check_resumed_data(run_dir, ds, resumed_classes)
     n_train, n_val = ds.sizes()
+    counts, val_counts = ds.counts()
     facts = None  # for the data-aware defaults (a resumed run's config is final)
     if recipe:
-        facts = DataFacts(n_train, source.sample_sizes(ds, t.seed), env.device.type, str(data_dir))
+        pixels = source.sample_pixels(ds, SIDE, t.seed)
+        facts = DataFacts(n_train, source.sample_sizes(ds, t.seed), env.device.type, str(data_dir),
+                          counts=[] if ds.multilabel else counts, pixels=pixels)
     run_dir = make_run_dir(cfg, data_dir, env, run_dir, n_train if recipe else None, hold, facts)
     if env.main and ds.split_made and source.listed and not resumed:
         write_split(run_dir / "split.csv", ds)
-    counts, val_counts = ds.counts()
     info(f"[bold]data[/] {esc(str(data_dir))} ({source.kind}): {len(ds.classes)} classes, {n_train} train / {n_val} "
          "val images" + (" (seeded split of the class folders)" if ds.split_made and source.listed else ""))
     info("  per class: " + ", ".join(f"{esc(c)} {k}" for c, k in zip(ds.classes, counts, strict=True)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import user_keys, validate
+from vitcli.defaults import strength
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -28,8 +29,7 @@ if TYPE_CHECKING:
     from vitcli.defaults import Choice, DataFacts
 
 SMALL_DATA = 20_000  # training images below which from-scratch training uses scratch-small
-LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
-HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
+WARMUP_SHARE = 0.15  # from scratch: warmup as a share of the run (at most 10 epochs); a one-cycle run's 15%
 MIN_GRID = 8  # scratch-small: smallest token grid side the patch size is chosen for (preset name not set)
 
 
@@ -61,15 +61,6 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
 def ema_decay_for(total_steps: int) -> float:
     """EMA whose horizon 1 / (1 - decay) is a tenth of the run, within [0.98, 0.9999]."""
     return round(min(0.9999, max(0.98, 1.0 - 10.0 / max(1, total_steps))), 5)
-
-
-def strength(epochs: int) -> str:
-    """How much augmentation a from-scratch run of this length can use: minimal | light | heavy.
-
-    Heavy mixing and erasing pay off only when the model trains long enough to fit the harder task; in short
-    runs they cost accuracy (Steiner et al., "How to train your ViT?", 2021).
-    """
-    return "heavy" if epochs >= HEAVY_EPOCHS else "light" if epochs >= LIGHT_EPOCHS else "minimal"
 
 
 def patch_for(img_size: int, current: int) -> int:
@@ -110,7 +101,7 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     values: dict[str, Any] = {
         "train.label_smoothing": 0.1,
         "optim.weight_decay": 0.05,
-        "optim.warmup_epochs": float(min(10, max(1, round(0.1 * t.epochs)))),  # long warmup: a tenth of the run
+        "optim.warmup_epochs": round(min(10.0, WARMUP_SHARE * t.epochs), 2),  # long warmup, however short the run
         "model.drop_path_rate": 0.0 if level == "minimal" else 0.1,
         # mmax9: at magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow refuses
         "data.randaugment": "rand-m9-mstd0.5-inc1-mmax9" if level == "heavy" and big_images else "",

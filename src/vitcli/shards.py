@@ -205,6 +205,11 @@ class ShardSource:
         """Header sizes of the first images of the train shards (in file order: no seed needed)."""
         return sample_sizes(ds.root, (self.opened or open_index(self.where))[2])
 
+    def sample_pixels(self, ds, side: int, seed: int):
+        """Grey `side` px images from the start of the train shards and their labels (as decode.probe_pixels)."""
+        root, index, train, _ = self.opened or open_index(self.where)
+        return sample_pixels(root, train, side, len(index["classes"]), index["multilabel"])
+
     def stores(self, ds, d, pre: dict[str, Any], on_bad, device, workers: int) -> tuple[ShardStore, ShardStore]:
         from vitcli.console import info
 
@@ -242,6 +247,44 @@ def sample_sizes(root: Path, shards: list[dict], sample: int = 256) -> list[tupl
         except (OSError, tarfile.TarError):  # reported, with its name, when the shard is streamed
             continue
     return sizes
+
+
+def sample_pixels(root: Path, shards: list[dict], side: int, n_classes: int, multilabel: bool, sample: int = 512):
+    """Up to `sample` images from the start of `shards`, decoded grey at `side` px: (uint8 (N, side, side),
+    labels); members that do not decode or parse are left out (they are reported when streamed)."""
+    import numpy as np
+
+    from vitcli.decode import decode_square
+
+    imgs, labels, pending = [], [], {}
+    for sh in shards:
+        try:
+            with tarfile.open(root / sh["file"], "r|") as tar:
+                for m in tar:
+                    if len(imgs) >= sample:
+                        break
+                    if not m.isfile() or m.size > MAX_MEMBER_BYTES:
+                        continue
+                    key, _, ext = m.name.rpartition(".")
+                    data = tar.extractfile(m).read()
+                    if ext == "cls" and key in pending:
+                        try:
+                            labels.append(parse_label(root / sh["file"], key, data, n_classes, multilabel))
+                            imgs.append(pending.pop(key))
+                        except VitcliError:
+                            pending.pop(key)
+                    elif ext != "cls":
+                        try:
+                            pending[key] = decode_square(m.name, side, "bilinear", data=data).float()  # (3, s, s)
+                        except Exception:
+                            continue
+        except (OSError, tarfile.TarError):
+            continue
+    if not imgs:
+        return np.zeros((0, side, side), np.uint8), []
+    rgb = np.stack([x.numpy() for x in imgs])  # (N, 3, side, side)
+    grey = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    return grey.round().astype(np.uint8), labels
 
 
 # ----------------------------------------------------------------------------------------------- streaming

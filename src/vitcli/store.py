@@ -228,6 +228,11 @@ class ListedSource:
 
         return probe_sizes(ds.train.paths, seed=seed)
 
+    def sample_pixels(self, ds, side: int, seed: int):
+        from vitcli.decode import probe_pixels
+
+        return probe_pixels(ds.train, side, seed=seed)
+
     def stores(self, ds, d, pre: dict[str, Any], on_bad, device, workers: int) -> tuple[ImageStore, ImageStore]:
         from vitcli.console import info
 
