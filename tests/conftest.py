@@ -175,6 +175,38 @@ def tiny_config(output, name: str, *, epochs: int, batch_size: int, extra_sets=(
     return load_config(None, sets, flags)
 
 
+def fitted_run_folder(root: Path, classes=("red", "green", "blue"), per_class: int = 20) -> Path:
+    """A run folder whose best.pt (the TINY model's shape, 32 px) was fitted with full-batch AdamW (~2 s) on the
+    training split that the default config makes of a generated dataset, and names that dataset, as
+    `vitcli train` leaves it; the validation split stays unseen."""
+    import torch
+
+    from vitcli import data as D
+    from vitcli.checkpoint import make_checkpoint, save_checkpoint
+    from vitcli.config import Config, ModelConfig
+    from vitcli.models import build_model
+
+    data = make_dataset(root / "data", classes, per_class=per_class, seed=3)
+    cfg = Config()
+    ds = D.scan_dataset(data, cfg.data.val_fraction, cfg.train.seed)
+    pre = D.preprocess_info(32, 0.8, "bicubic", [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])  # resize 40, crop 32
+    x = D.eval_transform(torch.stack([D.decode_square(p, pre["resize_size"]) for p in ds.train.paths]), pre)
+    y = torch.tensor(ds.train.labels)
+    torch.manual_seed(0)
+    model, spec = build_model(ModelConfig(name="vit-tiny/8", embed_dim=32, depth=2, num_heads=2), len(classes), 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt = make_checkpoint(model_spec=spec, classes=ds.classes, preprocess=pre, epoch=1, step=60,
+                           metrics={"val_acc": 1.0}, state_dict=model.eval().state_dict())
+    ckpt["data_dir"] = str(data)
+    save_checkpoint(root / "runs" / "fit" / "best.pt", ckpt)
+    return root / "runs" / "fit"
+
+
 def run_cli(*args: str):
     """Invoke the Typer app in-process; returns the click Result."""
     from typer.testing import CliRunner

@@ -377,15 +377,32 @@ def export(
     model: ModelOpt = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or torchscript.")] = "onnx",
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="File to write (default: model.onnx / model.torchscript.pt beside the model).")
+        "--output", "-o", help="File to write (default beside the model: model.onnx, model.int8.onnx, "
+                               "model.fp16.onnx or model.torchscript.pt).")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    int8: Annotated[bool, typer.Option("--int8", help="ONNX with int8 weights and activations.")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="ONNX with fp16 weights and arithmetic.")] = False,
+    int8_method: Annotated[str, typer.Option(
+        help="auto (measure static and dynamic, keep the more faithful), static (calibrated on training images) "
+             "or dynamic.")] = "auto",
+    max_drop: Annotated[float, typer.Option(
+        help="Refuse an --int8/--fp16 file losing more top-1 points than this on the run's validation images.")
+    ] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="Write an --int8/--fp16 file even past --max-drop.")] = False,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Labelled images for the --int8/--fp16 check (class folders, or test/ else val/), instead "
+                       "of the run's validation split.")] = None,
 ) -> None:
-    """Export to ONNX (dynamic batch) or TorchScript with class names and preprocessing; verified by running it."""
+    """Export to ONNX (dynamic batch) or TorchScript with class names and preprocessing; verified by running it.
+    --int8 / --fp16 files are checked against the float model on the run's validation images."""
     with guard():
         from vitcli.export import export_model
 
-        export_model(model, format_, output, opset)
+        if int8 and fp16:
+            raise VitcliError("--int8 and --fp16 are exclusive; give one")
+        precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+        export_model(model, format_, output, opset, precision, int8_method, max_drop, force, data_path(data, "--data"))
 
 
 @app.command("runs", short_help="List training runs, newest first.")

@@ -106,6 +106,10 @@ class TrainConfig:
     log: list[str] = field(default_factory=lambda: ["csv"])  # metric sinks: csv (always) + tensorboard, mlflow
     log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
     report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
+    teacher: str = ""  # distil from: a run folder, vitcli checkpoint, exported .onnx/TorchScript file or timm/<name>
+    distill: str = "hard"  # hard (teacher's class as the label, DeiT's best) | soft (KL at distill_temperature)
+    distill_weight: float = 0.5  # share of the loss on the distillation token (the rest: the labels, class token)
+    distill_temperature: float = 1.0  # soft distillation: softmax temperature of teacher and student logits
 
     @property
     def seconds(self) -> float:
@@ -134,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
     "train.best_metric": ("acc", "loss", "macro_f1"),
+    "train.distill": ("hard", "soft"),
 }
 
 
@@ -436,6 +441,8 @@ RANGES: dict[str, str] = {
     "train.freeze_epochs": "[0, 1000000] (0 = off)",
     "train.threads": "[0, 1024] (0 = torch's default)",
     "train.log_every_steps": "[0, 1000000000] (0 = off)",
+    "train.distill_weight": "[0, 1]",
+    "train.distill_temperature": "(0, 100]",
 }
 LIST_LENGTHS = {"data.mean": 3, "data.std": 3, "optim.betas": 2}
 MAX_NAME = 100  # characters in train.name (a folder name; file systems allow 255 bytes)

@@ -280,9 +280,13 @@ def train_step(run: RunState, x: torch.Tensor, y: torch.Tensor, batch: int) -> t
         xb, target = run.mixup(xb, y)  # target (B, C) soft labels
     try:
         with autocast(env.device, env.precision):
-            logits = run.fwd_model(xb).float()  # (B, C)
-            # an empty batch (a rank out of shard images pads the epoch so all ranks step together): zero grads
-            loss = run.loss_fn(logits, target) if len(y) else logits.sum() * 0.0
+            out = run.fwd_model(xb)  # (B, C), or (class head, distillation head) logits while distilling
+            if run.distiller is not None:
+                logits, loss = run.distiller(out, xb, target, run.loss_fn)
+            else:
+                logits = out.float()  # (B, C)
+                # an empty batch (a rank out of shard images pads the epoch so all ranks step together): zero grads
+                loss = run.loss_fn(logits, target) if len(y) else logits.sum() * 0.0
     except torch.OutOfMemoryError:
         raise VitcliError(f"out of memory at batch size {d.batch_size} on {env.device}; try --batch-size "
                           f"{max(1, d.batch_size // 2)} (or train.accum_steps {t.accum_steps * 2} to keep the "
@@ -554,6 +558,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
     """open_run -> prepare_data -> build_state -> time budget -> restore. A first SIGINT/SIGTERM in here
     (scanning, decoding and caching can take minutes) stops with one line saying nothing was saved yet."""
     from vitcli.budget import budget_for
+    from vitcli.distill import build_distiller
     from vitcli.signals import Stopped
 
     try:
@@ -563,6 +568,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
+        run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label)
         run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
         if ckpt is not None:
             restore(run, ckpt)

@@ -176,7 +176,12 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
 
 # ----------------------------------------------------------------------------------------------- a run's page
 def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
-    """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed). `remedy`
+    """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
+    return Path(ckpt["data_dir"]), run_dataset(run_dir, ckpt, remedy).val
+
+
+def run_dataset(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
+    """The run's Dataset (train and validation Splits), rebuilt the way training made it (same seed). `remedy`
     ends the message when that is impossible: what the calling command offers instead."""
     from vitcli.config import config_from_dict
     from vitcli.sources import open_source
@@ -193,7 +198,7 @@ def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; {remedy}")
-    return Path(data_dir), ds.val
+    return ds
 
 
 def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:

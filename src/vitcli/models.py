@@ -79,6 +79,7 @@ class Backend:
     name = ""  # key in BACKENDS and the spec's "backend" value
     from_scratch = True  # built from a vitcli preset (the small-data recipe may pick patch, pooling, positions)
     downloads_pretrained = False  # `model.pretrained: true` fetches weights (Hugging Face cache, else download)
+    has_distill_token = False  # can add DeiT's distillation token (else a teacher distils into the one head)
 
     def claims(self, model_name: str) -> bool:
         """Whether `model.name` names a model of this family."""
@@ -141,6 +142,7 @@ class ScratchBackend(Backend):
     """vitcli's own ViT (`vitcli.vit`), named by preset: vit-tiny/16, vit-small/8, ..."""
 
     name = "scratch"
+    has_distill_token = True
 
     def claims(self, model_name: str) -> bool:
         return not model_name.startswith(TIMM_PREFIX)
@@ -335,13 +337,17 @@ def model_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
     return backend_of_spec(spec).create(spec, pretrained)
 
 
-def build_model(m: ModelConfig, num_classes: int, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Model + spec from the config; loads `pretrained_file` when set."""
+def build_model(m: ModelConfig, num_classes: int, img_size: int, distill_token: bool = False
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """Model + spec from the config (with a distillation token when asked and the backend has one); loads
+    `pretrained_file` when set."""
     backend = backend_for_name(m.name)
     if m.pretrained == "true" and not backend.downloads_pretrained and not m.pretrained_file:
         raise VitcliError(f"'model.pretrained' needs a timm model ({TIMM_PREFIX}<name>) or 'model.pretrained_file'; "
                           f"{m.name!r} is built from scratch")
     spec = backend.spec(m, num_classes, img_size)
+    if distill_token and backend.has_distill_token:
+        spec["kwargs"]["distill_token"] = True
     model = backend.create(spec, pretrained=m.pretrained == "true" and backend.downloads_pretrained)
     if m.pretrained_file:
         load_pretrained_file(model, m.pretrained_file)

@@ -100,6 +100,7 @@ class RunState:
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
     budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
+    distiller: Any = None  # distill.Distiller while `train.teacher` is set: the loss with the teacher
 
     @property
     def eval_model(self):
@@ -126,7 +127,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     from vitcli.optim import EMA, build_mixup, build_optimizer
 
     d, t, o = cfg.data, cfg.train, cfg.optim
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size)
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]

@@ -170,9 +170,9 @@ class VisionTransformer(nn.Module):
         global_pool: "token" classifies the class token; "avg" the mean of patch tokens (timm's fc_norm).
         pos_embed: "learn" (trainable) or "sincos" (fixed 2-D sine-cosine).
         stem: "patch" (one strided conv, timm's PatchEmbed) or "conv" (ConvStem of total stride patch_size).
+        distill_token: add DeiT's distillation token and its head (Touvron et al. 2021); the model then predicts
+            with the mean of both heads, and returns both while training with `distilled_training` set.
     """
-
-    num_prefix_tokens = 1
 
     def __init__(
         self,
@@ -191,6 +191,7 @@ class VisionTransformer(nn.Module):
         global_pool: str = "token",
         pos_embed: str = "learn",
         stem: str = "patch",
+        distill_token: bool = False,
     ):
         super().__init__()
         if img_size % patch_size:
@@ -203,11 +204,14 @@ class VisionTransformer(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_classes, self.embed_dim, self.global_pool = num_classes, embed_dim, global_pool
         num_patches = self.grid_size[0] * self.grid_size[1]
+        self.num_prefix_tokens = 2 if distill_token else 1  # class token (+ distillation token)
+        self.distilled_training = False  # set by the trainer: forward returns both heads' logits while training
 
         stem_cls = ConvStem if stem == "conv" else PatchEmbed
         self.patch_embed = stem_cls(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distill_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.Sequential(*[
@@ -220,6 +224,9 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if global_pool == "avg" else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = None
+        if distill_token:
+            self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights(pos_embed)
 
     def _init_weights(self, pos_embed: str) -> None:
@@ -230,33 +237,48 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         if pos_embed == "sincos":
+            k = self.num_prefix_tokens
             with torch.no_grad():
-                self.pos_embed[0, 1:] = sincos_pos_embed(self.embed_dim, self.grid_size)
-                self.pos_embed[0, :1] = 0.0
+                self.pos_embed[0, k:] = sincos_pos_embed(self.embed_dim, self.grid_size)
+                self.pos_embed[0, :k] = 0.0
             self.pos_embed.requires_grad_(False)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        pos = self.pos_embed  # (1, 1 + gh*gw, D)
+        k = self.num_prefix_tokens  # K: class (+ distillation) token
+        pos = self.pos_embed  # (1, K + gh*gw, D)
         if grid != self.grid_size:  # another resolution: resample the patch positions bicubically
             gh, gw = self.grid_size
-            patch_pos = pos[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+            patch_pos = pos[:, k:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
             patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            pos = torch.cat([pos[:, :1], patch_pos.flatten(2).transpose(1, 2)], dim=1)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        return torch.cat([cls, x], dim=1) + pos  # (B, 1 + N, D)
+            pos = torch.cat([pos[:, :k], patch_pos.flatten(2).transpose(1, 2)], dim=1)
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        prefix = [t.expand(x.shape[0], -1, -1) for t in prefix]  # K x (B, 1, D)
+        return torch.cat([*prefix, x], dim=1) + pos  # (B, K + N, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)  # (B, N, D)
         x = self.pos_drop(self._pos_embed(x, grid))  # (B, 1 + N, D)
-        x = self.blocks(x)  # (B, 1 + N, D)
-        return self.norm(x)  # (B, 1 + N, D)
+        x = self.blocks(x)  # (B, K + N, D)
+        return self.norm(x)  # (B, K + N, D)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]  # (B, D)
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)  # (B, num_classes)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Logits (B, num_classes); with a distillation token the mean of both heads, or both heads' logits
+        while training with `distilled_training` set."""
+        feats = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]  # (B, D)
+        feats = self.head_drop(self.fc_norm(feats))
+        if self.dist_token is None:
+            return feats if pre_logits else self.head(feats)  # (B, num_classes)
+        dist = self.head_drop(self.fc_norm(x[:, 1]))  # (B, D) the distillation token
+        if pre_logits:
+            return (feats + dist) / 2
+        cls_logits, dist_logits = self.head(feats), self.head_dist(dist)  # (B, num_classes) each
+        if self.distilled_training and self.training:
+            return cls_logits, dist_logits
+        return (cls_logits + dist_logits) / 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -264,6 +286,8 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}

@@ -1,0 +1,147 @@
+"""Distillation (train.teacher): a DeiT distillation token learns from a frozen teacher, the student predicts with
+both heads, it resumes bit-exactly and fits --time; without a teacher the ViT is timm's, unchanged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, fitted_run_folder, make_dataset, run_cli, tiny_config
+from vitcli.files import safe_torch_load
+from vitcli.train import train
+
+CLASSES = ("red", "green", "blue")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return fitted_run_folder(tmp_path_factory.mktemp("teacher"), CLASSES)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> Path:
+    """Shapes whose labels are 45% wrong: in each class folder, 9 of 20 images show the previous class's colour."""
+    root = make_dataset(tmp_path_factory.mktemp("noisy") / "d", CLASSES, per_class=20, seed=5)
+    for i, c in enumerate(CLASSES):
+        nxt = CLASSES[(i + 1) % len(CLASSES)]
+        for f in sorted((root / c).glob("*.png"))[:9]:
+            f.rename(root / nxt / f"moved_{f.name}")
+    return root
+
+
+def train_student(noisy: Path, name: str, *sets: str) -> tuple[Path, str]:
+    """The TINY model (patch stem, as timm's ViT) for 6 epochs on the noisy shapes, from the current folder."""
+    res = run_cli("train", noisy, *TINY, "--epochs", "6", "--name", name, "--set", "data.val_fraction=0.1",
+                  "--set", "model.stem=patch", *[a for s in sets for a in ("--set", s)])
+    assert res.exit_code == 0, res.output
+    return Path("runs").resolve() / name, res.output
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory, teacher, noisy) -> dict[str, tuple[Path, str]]:
+    """The same student trained alone and distilled from the teacher, same recipe and epochs."""
+    root, cwd = tmp_path_factory.mktemp("students"), os.getcwd()
+    os.chdir(root)
+    try:
+        return {"alone": train_student(noisy, "alone"),
+                "taught": train_student(noisy, "taught", f"train.teacher={teacher}", "train.distill_weight=0.7")}
+    finally:
+        os.chdir(cwd)
+
+
+def top1(run: Path, clean: Path) -> float:
+    res = run_cli("eval", clean, "--model", run, "--json", f"{run.name}.json", "--output", f"eval-{run.name}")
+    assert res.exit_code == 0, res.output
+    return json.loads(Path(f"{run.name}.json").read_text())["top1"]
+
+
+def test_distilling_a_clean_teacher_beats_noisy_labels_and_predicts_with_both_heads(tmp_path, teacher, students):
+    (alone, _), (taught, out) = students["alone"], students["taught"]
+    assert f"teacher {teacher}" in out and "hard distillation into the distillation token" in out
+    losses = [float(r["train_loss"]) for r in csv.DictReader((taught / "metrics.csv").open())]
+    assert losses[-1] < losses[0]
+    clean = make_dataset(tmp_path / "clean", CLASSES, per_class=10, seed=11)
+    acc_taught, acc_alone = top1(taught, clean), top1(alone, clean)
+    assert acc_taught >= acc_alone + 0.1, (acc_taught, acc_alone)
+
+    from vitcli.checkpoint import load_model
+
+    model, ckpt, _ = load_model(taught)
+    assert ckpt["model_spec"]["kwargs"]["distill_token"] is True and ckpt["config"]["train"]["teacher"] == str(teacher)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        feats = model.forward_features(x)  # (3, 2 + N, D): class and distillation token first
+        pooled = feats[:, 2:].mean(1) if model.global_pool == "avg" else feats[:, 0]
+        cls_logits = model.head(model.fc_norm(pooled))
+        both = (cls_logits + model.head_dist(model.fc_norm(feats[:, 1]))) / 2
+        assert torch.allclose(model(x), both, atol=1e-6)
+        assert not torch.allclose(cls_logits, both, atol=1e-3)  # the distillation head counts
+    model.train().distilled_training = True
+    assert isinstance(model(x), tuple) and len(model(x)) == 2
+
+
+def test_without_a_teacher_the_checkpoint_is_timms_vit_unchanged(students):
+    import timm
+
+    from vitcli.checkpoint import load_model
+
+    model, ckpt, _ = load_model(students["alone"][0])
+    k = ckpt["model_spec"]["kwargs"]
+    assert "distill_token" not in k and model.num_prefix_tokens == 1
+    assert not any(name.startswith(("dist_token", "head_dist")) for name in ckpt["model"])
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                            embed_dim=k["embed_dim"], depth=k["depth"], num_heads=k["num_heads"], num_classes=3,
+                            global_pool=k["global_pool"]).eval()
+    ref.load_state_dict(ckpt["model"], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(ref(x), model(x), atol=1e-5)
+
+
+def test_a_distilled_run_resumes_bit_exactly(tmp_path, teacher):
+    data = make_dataset(tmp_path / "d", CLASSES, per_class=8)
+    sets = [f"train.teacher={teacher}", "train.distill=soft", "train.distill_temperature=2", "data.mixup=0.2"]
+    ref = train(tiny_config(tmp_path / "runs", "ref", epochs=2, batch_size=4, extra_sets=sets), data)
+    cut = train(tiny_config(tmp_path / "runs", "cut", epochs=2, batch_size=4, extra_sets=sets), data,
+                stop_after_steps=5)
+    train(None, None, resume=cut.run_dir)
+    a, b = safe_torch_load(ref.run_dir / "last.pt"), safe_torch_load(cut.run_dir / "last.pt")
+    assert "dist_token" in a["model"] and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_distillation_fits_a_time_budget_and_says_what_it_learns_from(tmp_path, teacher):
+    data = make_dataset(tmp_path / "d", CLASSES, per_class=8)
+    onnx_teacher = tmp_path / "t.onnx"
+    assert run_cli("export", "-m", teacher, "-o", onnx_teacher).exit_code == 0
+    res = run_cli("train", data, *TINY, "--time", "20s", "--set", f"train.teacher={onnx_teacher}",
+                  "--set", "train.distill=soft")
+    assert res.exit_code == 0, res.output
+    assert f"teacher {onnx_teacher} (onnx, fp32): soft distillation" in res.output
+    assert "time budget" in res.output
+    assert (Path("runs") / "train" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.teacher=nowhere", "'train.teacher' 'nowhere' does not exist"),
+    ("train.distill=medium", "'train.distill' must be one of hard, soft"),
+    ("train.distill_weight=2", "'train.distill_weight' must be"),
+])
+def test_a_teacher_that_cannot_teach_is_one_line(tmp_path, setting, message):
+    data = make_dataset(tmp_path / "d", CLASSES, per_class=4)
+    res = run_cli("train", data, *TINY, "--epochs", "1", "--set", setting)
+    assert res.exit_code == 1 and message in res.output, res.output
+
+
+def test_a_teacher_of_other_classes_is_refused(tmp_path, teacher):
+    data = make_dataset(tmp_path / "d", ("red", "green", "yellow"), per_class=4)
+    res = run_cli("train", data, *TINY, "--epochs", "1", "--set", f"train.teacher={teacher}")
+    assert res.exit_code == 1 and "the teacher must know the same classes" in res.output, res.output
+    shutil.rmtree("runs", ignore_errors=True)
