@@ -8,8 +8,9 @@ import yaml
 
 from conftest import TINY, make_dataset, run_cli
 from vitcli.config import load_config
+from vitcli.defaults import divisor_patch, patch_size
 from vitcli.errors import VitcliError
-from vitcli.recipes import SMALL_DATA, apply_recipe, choose, ema_decay_for, patch_for, strength
+from vitcli.recipes import SMALL_DATA, apply_recipe, choose, ema_decay_for, strength
 
 
 def test_auto_recipe_follows_data_size_and_pretrained_weights(tmp_path):
@@ -77,7 +78,8 @@ def test_augmentation_strength_grows_with_run_length():
 
 
 def test_helpers_pick_sensible_values():
-    assert patch_for(224, 16) == 16 and patch_for(32, 16) == 4 and patch_for(16, 16) == 2 and patch_for(8, 16) == 1
+    assert patch_size(224, 16) == 16 and patch_size(32, 16) == 4 and patch_size(16, 16) == 2 and patch_size(8, 16) == 2
+    assert patch_size(32, at_most=2) == 2 and divisor_patch(30, patch_size(30)) == 2 and divisor_patch(28, 4) == 4
     assert 0.98 <= ema_decay_for(100) < ema_decay_for(10_000) < ema_decay_for(10**8) <= 0.9999
 
 

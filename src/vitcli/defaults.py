@@ -71,11 +71,19 @@ def input_size(side: int) -> int:
     return PHOTO_SIZE if side >= PHOTO_SIDE else max(MIN_SIZE, side)
 
 
-def patch_size(img_size: int) -> int:
-    """16 for photo-sized inputs; else the smallest power of two leaving a grid of at most MAX_GRID."""
-    if img_size >= PHOTO_SIDE:
-        return 16
-    return next((p for p in (2, 4, 8, 16) if img_size / p <= MAX_GRID + 0.5), 32)
+def patch_size(img_size: int, at_most: int | None = None) -> int:
+    """The one patch rule: 16 for photo-sized inputs, else the smallest power of two leaving a grid of at most
+    MAX_GRID; no larger than `at_most` (an input side chosen here is then rounded to whole patches; a side that
+    is given takes `divisor_patch`)."""
+    p = 16 if img_size >= PHOTO_SIDE else next((p for p in (2, 4, 8, 16) if img_size / p <= MAX_GRID + 0.5), 32)
+    return min(p, at_most or p)
+
+
+def divisor_patch(img_size: int, patch: int) -> int:
+    """`patch`, halved until it divides img_size."""
+    while img_size % patch and patch > 1:
+        patch //= 2
+    return patch
 
 
 def forward_macs(img_size: int, patch: int, dim: int, depth: int, stem: str, mlp_ratio: float = 4.0) -> float:
@@ -110,8 +118,7 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     given = given if "model.name" in mine else None
     patch = given or patch_size(img)
     if "data.img_size" in mine:
-        while img % patch and patch > 1:  # the user's size: a patch that divides it
-            patch //= 2
+        patch = divisor_patch(img, patch)  # the user's size: a patch that divides it
     else:  # the image's own size, rounded to whole patches
         img = max(patch, round(img / patch) * patch)
         what = f"the images are about {side} px on the shorter side"

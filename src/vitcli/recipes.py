@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 SMALL_DATA = 20_000  # training images below which from-scratch training uses scratch-small
 WARMUP_SHARE = 0.15  # from scratch: warmup as a share of the run (at most 10 epochs); a one-cycle run's 15%
-MIN_GRID = 8  # scratch-small: smallest token grid side the patch size is chosen for (preset name not set)
 
 
 @dataclass
@@ -61,14 +60,6 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
 def ema_decay_for(total_steps: int) -> float:
     """EMA whose horizon 1 / (1 - decay) is a tenth of the run, within [0.98, 0.9999]."""
     return round(min(0.9999, max(0.98, 1.0 - 10.0 / max(1, total_steps))), 5)
-
-
-def patch_for(img_size: int, current: int) -> int:
-    """Largest patch size <= `current` that divides img_size and leaves a grid of at least MIN_GRID."""
-    for p in (32, 16, 14, 8, 4, 2, 1):
-        if p <= current and img_size % p == 0 and img_size // p >= MIN_GRID:
-            return p
-    return current
 
 
 def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[str, Any]:
@@ -114,9 +105,11 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     if small and scratch_backend:
         values["model.global_pool"] = "avg"
         values["model.pos_embed"] = "sincos"
+        from vitcli.defaults import divisor_patch, patch_size
         from vitcli.models import parse_preset, with_patch
 
-        values["model.name"] = with_patch(m.name, patch_for(d.img_size, parse_preset(m.name)[1] or 16))
+        patch = divisor_patch(d.img_size, patch_size(d.img_size, at_most=parse_preset(m.name)[1] or 16))
+        values["model.name"] = with_patch(m.name, patch)
     return values
 
 
