@@ -15,10 +15,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from vitcli.inspect import decode_batch, load
 
 from vitcli.data import scan_classes
 from vitcli.explain import MAP_METHODS, explain
-from vitcli.inspect import decode_batch, load
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
+from vitcli.inspect import decode_batch, load
 
 from vitcli.attention import capture_attention, head_maps, rollout_map
 from vitcli.data import scan_classes
-from vitcli.inspect import decode_batch, load
 
 
 def main() -> None:
