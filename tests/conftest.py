@@ -260,3 +260,11 @@ def trained_run(root: Path, *args: str, per_class: int = 12) -> tuple[Path, Path
         os.chdir(cwd)
     assert res.exit_code == 0, res.output
     return root / "runs" / "train", data
+
+
+def sharded_dataset(root: Path, classes: tuple[str, ...], per_class: int) -> tuple[Path, Path]:
+    """A generated class-folder dataset under root/d and the 4 KB shards `vitcli shard` writes from it (root/s)."""
+    data = make_dataset(root / "d", classes=classes, per_class=per_class)
+    res = run_cli("shard", data, root / "s", "--size", "4KB")
+    assert res.exit_code == 0, res.output
+    return data, root / "s"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import TINY, make_dataset, run_cli, sharded_dataset
 from test_outputs import tiny_checkpoint
 from test_scan import no_hang
 from vitcli.config import RANGES, Config, parse_range
@@ -246,11 +246,7 @@ def test_random_label_files_scan_or_stop_with_one_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def shard_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzzshards")
-    data = make_dataset(root / "d", classes=("red", "blue"), per_class=6)
-    res = run_cli("shard", data, root / "s", "--size", "4KB")
-    assert res.exit_code == 0, res.output
-    return root / "s"
+    return sharded_dataset(tmp_path_factory.mktemp("fuzzshards"), ("red", "blue"), 6)[1]
 
 
 def random_json(rng: random.Random, depth: int = 0):

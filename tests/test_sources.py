@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from conftest import TINY, make_dataset, run_cli
+from conftest import TINY, make_dataset, run_cli, sharded_dataset
 from test_scan import no_hang
 from vitcli.errors import VitcliError
 from vitcli.folders import FolderSource
@@ -20,11 +20,7 @@ from vitcli.sources import open_source
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A class-folder dataset and the shards `vitcli shard` writes from it."""
-    root = tmp_path_factory.mktemp("src")
-    data = make_dataset(root / "d", classes=("blue", "red"), per_class=8)
-    res = run_cli("shard", data, root / "s", "--size", "4KB")
-    assert res.exit_code == 0, res.output
-    return data, root / "s"
+    return sharded_dataset(tmp_path_factory.mktemp("src"), ("blue", "red"), 8)
 
 
 def test_class_folders_dispatch_to_the_folder_source(tmp_path):

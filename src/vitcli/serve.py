@@ -96,8 +96,10 @@ class Batcher:
         self.held = 0  # images admitted and not yet answered
         self.lock = threading.Lock()
         self.sizes: Counter[int] = Counter()  # batch size -> forward passes of that size
-        self.ood = None if pred.ood is None else "knn" if pred.gives_features and pred.ood.get("bank") is not None \
-            else "energy"  # the out-of-distribution score every forward pass also gives (None: the model has none)
+        from vitcli.ood import check_score
+
+        # the out-of-distribution score every forward pass also gives (None: the model has none)
+        self.ood = None if pred.ood is None else check_score("auto", pred.ood, pred.gives_features, str(pred.path))
         self.thread = threading.Thread(target=self._work, name="vitcli-batcher", daemon=True)
         self.thread.start()
 
