@@ -103,8 +103,10 @@ class TimeBudget:
         the run is ahead (the first plan's estimate is a guess). The estimate is the slower of this epoch and
         the mean since the first timed one, so one quick epoch does not grow the plan past what fits."""
         now, self.prev = time.time(), 0.0
-        if self.epoch_start and self.step_s:  # + the first batch, which ran before epoch_start was taken
-            self.epoch_times.append(now - self.epoch_start + self.step_s / run.cfg.train.accum_steps)
+        if self.epoch_start and self.step_s:  # since the previous epoch's end (its checkpoints and log line
+            # included), or else since the first batch ended, plus that batch
+            start = self.last_end or self.epoch_start - self.step_s / run.cfg.train.accum_steps
+            self.epoch_times.append(now - start)
             mean = sum(self.epoch_times) / len(self.epoch_times)
             self.epoch_s = _slowest(max(self.epoch_times[-1], mean), run)
             self.fit(run, refit=True)

@@ -444,6 +444,8 @@ def end_epoch(run: RunState, data: TrainData, row: dict[str, float]) -> bool:
     else:
         p.since_best += 1
     metrics = {k: float(v) for k, v in row.items()}
+    if run.budget is not None:  # refit before last.pt is written, so it holds the plan the run follows
+        run.budget.after_epoch(run)
     if run.env.main:
         if improved:
             write_checkpoint(run, data, "best.pt", metrics, p.epoch, with_state=False)
@@ -601,8 +603,6 @@ def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps:
                     return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
                                        run.progress.history)
                 early = end_epoch(run, data, evaluate_epoch(run, data))
-                if run.budget is not None:
-                    run.budget.after_epoch(run)
                 bar.update(epoch_task, advance=1)
                 if early:
                     break
