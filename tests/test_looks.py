@@ -155,7 +155,7 @@ def test_a_default_cpu_run_fills_minutes_not_a_step_count_and_is_capped_in_time(
     cfg = load_config()
     recipe = apply_recipe(cfg, n_train=6_400, quiet=True, facts=facts)
     assert 15 <= cfg.train.epochs <= 25 and cfg.train.time == "9m"
-    assert any("never longer than 9m" in c.why for c in recipe.defaults)
+    assert any("fitted to 9m once the first steps are timed" in c.why for c in recipe.defaults)
     assert cfg.optim.warmup_epochs == pytest.approx(0.15 * cfg.train.epochs, abs=0.01)
 
 
@@ -176,7 +176,7 @@ def test_colour_jitter_changes_colour_images_keeps_grey_ones_grey_and_stays_in_r
     assert torch.allclose(g[:, 0], g[:, 1], atol=1e-3) and torch.allclose(g[:, 1], g[:, 2], atol=1e-3)
 
 
-def test_the_default_cpu_time_cap_only_shortens_the_chosen_epochs_while_a_users_budget_sets_them():
+def test_the_default_cpu_budget_fits_its_guessed_epochs_to_the_machine_but_never_the_users_epochs():
     import time
     from types import SimpleNamespace
 
@@ -187,5 +187,10 @@ def test_the_default_cpu_time_cap_only_shortens_the_chosen_epochs_while_a_users_
     for cfg in (chosen, mine):
         apply_recipe(cfg, n_train=6_400, quiet=True, facts=facts)
     assert chosen.train.time == mine.train.time == "9m"
-    assert budget_for(SimpleNamespace(cfg=chosen), time.time(), 1_600, None, None).max_epochs == chosen.train.epochs
+    assert budget_for(SimpleNamespace(cfg=chosen), time.time(), 1_600, None, None).max_epochs == 100
     assert budget_for(SimpleNamespace(cfg=mine), time.time(), 1_600, None, None).max_epochs == MAX_EPOCHS
+    fixed = load_config(overrides=["train.epochs=18"])
+    apply_recipe(fixed, n_train=6_400, quiet=True, facts=facts)
+    assert (fixed.train.epochs, fixed.train.time) == (18, "")  # the user's epochs: no default budget
+    fixed.train.time = "9m"  # with a budget (as resumed runs keep it), the user's epochs are only shortened
+    assert budget_for(SimpleNamespace(cfg=fixed), time.time(), 1_600, None, None).max_epochs == 18

@@ -145,8 +145,15 @@ def budget_for(run: RunState, started: float, val_images: int, time_override: st
         return None
     if not t.time:
         return None
-    mine = user_keys(run.cfg)  # the defaults' own budget (defaults.CPU_RUN_TIME) only shortens their epochs
-    cap = t.epochs if ("train.epochs" in mine or "train.time" not in mine) and ckpt is None else MAX_EPOCHS
+    from vitcli.defaults import MAX_EPOCHS as DEFAULT_MAX_EPOCHS
+
+    mine = user_keys(run.cfg)
+    if "train.epochs" in mine and ckpt is None:  # the user's epochs: the budget only shortens them
+        cap = t.epochs
+    elif "train.time" in mine or ckpt is not None:
+        cap = MAX_EPOCHS
+    else:  # the defaults' own budget (defaults.CPU_RUN_TIME): their epochs were a guess at the machine's speed,
+        cap = max(t.epochs, DEFAULT_MAX_EPOCHS)  # so a faster machine trains more of them in it
     return TimeBudget(t.seconds, started, val_images, cap)
 
 

@@ -255,8 +255,9 @@ def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choi
                                                          "image forward)")]
         return [Choice({"train.epochs": min(MAX_EPOCHS, cap), "train.time": CPU_RUN_TIME},
                        f"what a CPU trains in about {CPU_RUN_MACS / CPU_MACS_PER_S / 60:.0f} minutes "
-                       f"({macs / 1e6:.0f} M multiply-adds an image forward), and never longer than {CPU_RUN_TIME} "
-                       "on a slower or busier machine (--time sets another budget)")]
+                       f"({macs / 1e6:.0f} M multiply-adds an image forward) as a first guess; the epochs are then "
+                       f"fitted to {CPU_RUN_TIME} once the first steps are timed, more on a faster machine, fewer "
+                       "on a slower or busier one (--time sets another budget, --epochs a fixed number)")]
     steps = max(1, facts.n_train // (cfg.data.batch_size * world * cfg.train.accum_steps))
     epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(TARGET_STEPS / steps)))
     return [Choice({"train.epochs": epochs}, f"~{TARGET_STEPS} steps of {steps} an epoch")]
