@@ -14,7 +14,7 @@ from conftest import run_cli
 from vitcli.config import load_config
 from vitcli.data import probe_pixels, probe_sizes, scan_dataset
 from vitcli.defaults import DataFacts
-from vitcli.looks import SIDE, image_kind, skewed
+from vitcli.looks import ASYM_GLYPHS, SIDE, image_kind, skewed
 from vitcli.recipes import apply_recipe
 
 GLYPHS = {"L": [(8, 4), (8, 26), (22, 26)], "J": [(22, 4), (22, 26), (8, 26)], "7": [(6, 6), (24, 6), (12, 27)],
@@ -92,6 +92,31 @@ def test_the_mirror_statistic_separates_the_two_kinds_by_a_wide_margin():
     photos = image_kind(grey([photo_image(i % 3, nrng, True) for i in range(90)]), [i % 3 for i in range(90)])
     assert glyphs.kind == "glyph" and photos.kind == "photo"
     assert glyphs.asym > 0.1 > 0.02 > photos.asym
+
+
+def stripes_image(angle: float, rng: np.random.Generator) -> Image.Image:
+    """Stripes at `angle` degrees (+-10), random frequency, phase and colours: a flat class mean whatever the
+    angle, so only the spectrum tells that a mirror turns 60 degrees into -60."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    a = np.radians(angle + rng.uniform(-10, 10))
+    v = np.sin(rng.uniform(0.3, 0.6) * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi))
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    arr = c0 + (c1 - c0) * ((v[..., None] + 1) / 2) + rng.normal(0, 10, (32, 32, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def test_oriented_textures_get_no_mirror_though_their_class_means_are_flat(tmp_path):
+    rng = np.random.default_rng(0)
+    data = folder(tmp_path / "t", lambda c: stripes_image(c, rng), [0, 60, 90], 40)
+    cfg, facts = load_config(), facts_for(data)
+    recipe = apply_recipe(cfg, n_train=96, quiet=True, facts=facts)
+    why = next(c.why for c in recipe.defaults if "data.hflip" in c.values)
+    assert cfg.data.hflip == 0.0 and why.startswith("oriented patterns"), why
+    assert facts.looks.asym < ASYM_GLYPHS  # the pixel test alone would have called them photos
+    photos = folder(tmp_path / "p", lambda c: photo_image(c, rng, True), range(3), 40)  # same size, photos
+    cfg = load_config()
+    apply_recipe(cfg, n_train=96, quiet=True, facts=facts_for(photos))
+    assert cfg.data.hflip == 0.5
 
 
 def test_the_users_augmentation_keys_win_over_the_photo_rule(tmp_path):
