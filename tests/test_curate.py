@@ -82,6 +82,10 @@ def test_search_finds_the_query_image_itself_first(trained, deit_checkpoint, tmp
         assert out["results"][0]["neighbours"][1]["path"] == str(data / "green" / "a_copy.png")
         assert all(len(r["neighbours"]) == 3 for r in out["results"])
         assert (tmp_path / "s" / "search.png").stat().st_size > 1000
+    res = run_cli("search", queries[0], "--in", data, "--model", run, "-k", "2", "--json-out", tmp_path / "s.json",
+                  "--device", "cpu", "-o", tmp_path / "s")  # the file gets the JSON, stdout the table
+    assert res.exit_code == 0 and "{" not in res.stdout, res.output
+    assert json.loads((tmp_path / "s.json").read_text())["results"][0]["neighbours"][0]["path"] == str(queries[0])
 
 
 def test_inspect_data_reports_near_duplicates_across_splits(tmp_path):
@@ -162,8 +166,9 @@ def test_cv_interrupted_and_resumed_gives_the_same_numbers(tmp_path, monkeypatch
     again = tmp_path / "runs" / "again"
     assert (again / "fold1" / "oof.npz").is_file() and not (again / "fold2" / "oof.npz").is_file()
     monkeypatch.setattr(engine, "train_epoch", real)
-    res = run_cli("cv", "--resume", again, "--json")
+    res = run_cli("cv", "--resume", again, "--json", "--json-out", tmp_path / "cv.json")
     assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cv.json").read_text()) == json.loads(res.stdout)
     resumed = json.loads(res.stdout)
     for a, b in zip(full["per_fold"], resumed["per_fold"], strict=True):
         assert a == pytest.approx(b, abs=1e-6)
@@ -185,9 +190,10 @@ def test_cv_multilabel_label_file_with_a_time_budget(tmp_path):
         header = next(csv.reader(f))
     assert header == ["path", "label", "fold", "p_blue", "p_bright", "p_green", "p_red"]
     res = run_cli("inspect", "data", tmp_path / "labels.csv", "--label-errors", "--from", tmp_path / "runs" / "cv",
-                  "--json")
+                  "--json", "--json-out", tmp_path / "errors.json")
     assert res.exit_code == 0, res.output
     errors = json.loads(res.stdout)
+    assert json.loads((tmp_path / "errors.json").read_text()) == errors
     assert errors["task"] == "multilabel" and errors["images"] == 24
     assert all(r["given"] != r["suggested"] for r in errors["issues"])
     from vitcli.manifest import read_manifest
@@ -295,8 +301,10 @@ def test_select_picks_uncertain_images_and_draws_them(trained, tmp_path):
     assert {r["path"] for r in out["selected"]} == top5 and out["selected"][0]["uncertainty"] == pytest.approx(
         unsure.max(), abs=1e-5)
     assert (tmp_path / "sel" / "selected.png").stat().st_size > 1000
-    res = run_cli("select", pool, "--model", run, "--n", "4", "-o", tmp_path / "sel2")
+    res = run_cli("select", pool, "--model", run, "--n", "4", "-o", tmp_path / "sel2", "--json-out",
+                  tmp_path / "sel2.json")
     assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "sel2.json").read_text())["selected"]) == 4
     with open(tmp_path / "sel2" / "selected.csv") as f:
         assert len({r["path"] for r in csv.DictReader(f)}) == 4
     res = run_cli("select", pool, "--model", run, "--n", "4", "--strategy", "badge", "--labelled", trained[1],

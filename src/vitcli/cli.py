@@ -201,7 +201,8 @@ def cv(
     resume: Annotated[Path | None, typer.Option(
         help="Continue the cross-validation in this folder (finished folds are kept, a stopped one resumes).")
     ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
 ) -> None:
     """Train one run per stratified, seeded fold under one parent run folder; print every metric per fold with
     mean ± std, and write out-of-fold probabilities for every image (oof.csv)."""
@@ -211,7 +212,7 @@ def cv(
 
         flags = {"model.name": model, "train.epochs": epochs, "train.time": time, "data.batch_size": batch_size,
                  "data.img_size": img_size, "train.device": device, "train.output": output, "train.name": name}
-        show(run_cv(data_path(data), folds, config, set_, flags, resume, run_train), json_out, None, print_cv)
+        show(run_cv(data_path(data), folds, config, set_, flags, resume, run_train), json_out, json_path, print_cv)
 
 
 @app.command(short_help="Pack a dataset into tar shards for streaming.")
@@ -483,7 +484,8 @@ def search(
     k: Annotated[int, typer.Option("--k", "-k", help="Neighbours per query.")] = 5,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for search.png (default: search/ in the model's run folder).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -492,7 +494,7 @@ def search(
         from vitcli.embed import print_search, run_search
 
         show(run_search([data_path(i, "IMAGE") for i in images], data_path(in_, "--in"), model, k, output,
-                        batch_size, device), json_out, None, print_search)
+                        batch_size, device), json_out, json_path, print_search)
 
 
 @app.command("select", short_help="Pick the unlabelled images most worth labelling next.")
@@ -512,7 +514,8 @@ def select_cmd(
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for selected.csv and selected.png (default: select/ in the model's run "
                                "folder).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_out: JsonOpt = False,
+    json_path: JsonOutOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -521,8 +524,8 @@ def select_cmd(
         from vitcli.selection import print_select, run_select
 
         show(run_select(data_path(unlabelled, "UNLABELLED"), model, n, output, pool,
-                        data_path(labelled, "--labelled"), batch_size, device, strategy, seed), json_out, None,
-             print_select)
+                        data_path(labelled, "--labelled"), batch_size, device, strategy, seed), json_out,
+             json_path, print_select)
 
 
 inspect_app = typer.Typer(help="Look inside a ViT: attention maps, architecture, the ViT paper's analyses, data.",
@@ -688,8 +691,10 @@ def inspect_data_cmd(
     rank_by: Annotated[str, typer.Option(help="self_confidence or normalized_margin.")] = "self_confidence",
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Folder for the label-error files (default: label_errors/ in the cv run).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the label errors as JSON instead of tables.")
-                        ] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the label errors as JSON on stdout (tables go to stderr).")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json-out", help="Write the label errors as JSON to this file.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Check a dataset before training: class balance, sizes, modes, unreadable/disguised files, exact and
@@ -699,14 +704,14 @@ def inspect_data_cmd(
         from vitcli.datacheck import label_errors as find_errors
         from vitcli.train import train as run_train
 
-        if (from_run is not None or json_out) and not label_errors:
-            raise VitcliError("--from and --json go with --label-errors")
+        if (from_run is not None or json_out or json_path is not None) and not label_errors:
+            raise VitcliError("--from, --json and --json-out go with --label-errors")
         if not json_out:
             inspect_data(data_path(data), near=near, model=model, device=device)
         if label_errors:
             rep = find_errors(data_path(data), from_run, folds, config, set_,
                               {"train.epochs": epochs, "train.time": time}, rank_by, output, run_train)
-            show(rep, json_out, None, print_label_errors)
+            show(rep, json_out, json_path, print_label_errors)
 
 
 def main() -> None:
