@@ -219,3 +219,16 @@ def test_the_default_cpu_budget_fits_its_guessed_epochs_to_the_machine_but_never
     assert (fixed.train.epochs, fixed.train.time) == (18, "")  # the user's epochs: no default budget
     fixed.train.time = "9m"  # with a budget (as resumed runs keep it), the user's epochs are only shortened
     assert budget_for(SimpleNamespace(cfg=fixed), time.time(), 1_600, None, None).max_epochs == 18
+
+
+def test_a_timm_model_from_scratch_gets_the_datas_augmentation_and_balance_but_keeps_its_size(tmp_path):
+    """A timm model without pretrained weights is not sized by vitcli, but glyphs still get no mirror and skewed
+    classes a balanced loss."""
+    rng = random.Random(0)
+    data = folder(tmp_path / "g", lambda c: glyph_image(c, rng, False), GLYPHS, [30, 10, 10, 10])
+    cfg = load_config(flags={"model.name": "timm/resnet18"}, overrides=["model.pretrained=false"])
+    size = cfg.data.img_size
+    recipe = apply_recipe(cfg, n_train=48, quiet=True, facts=facts_for(data))
+    assert cfg.data.hflip == 0.0 and cfg.data.class_weights == "auto" and cfg.train.best_metric == "macro_f1"
+    assert any(c.why.startswith("glyphs (a mirror lowers") for c in recipe.defaults)
+    assert cfg.data.img_size == size and cfg.model.name == "timm/resnet18"

@@ -265,10 +265,19 @@ def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choi
 
 def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[Choice]:
     """Set the chosen values on the keys the user did not set; returns the choices with what was applied."""
+    return _apply(cfg, choices(cfg, recipe, facts, world))
+
+
+def data_defaults(cfg: Config, facts: DataFacts) -> list[Choice]:
+    """For a model vitcli does not size (a timm model trained from scratch): only what the data says about
+    augmentation (photos or glyphs) and class balance; its input size and width stay the model's own."""
+    return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs) + _balance(facts.counts))
+
+
+def _apply(cfg: Config, made: list[Choice]) -> list[Choice]:
     from vitcli.config import user_keys
 
     mine = user_keys(cfg)
-    made = choices(cfg, recipe, facts, world)
     for choice in made:
         for key, value in choice.values.items():
             section, attr = key.split(".")

@@ -119,7 +119,7 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
 
     With `facts` from the data scan, a from-scratch run first gets the data-aware defaults (defaults.py):
     input size, token grid, model size, stem, small-image augmentation and epochs; the recipe leaves those."""
-    from vitcli.defaults import apply_defaults, finetune_facts, photo_hint
+    from vitcli.defaults import apply_defaults, data_defaults, finetune_facts, photo_hint
     from vitcli.models import backend_for_name
     from vitcli.pretrained import apply_pretrained
 
@@ -132,6 +132,8 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
         recipe.hint = photo_hint(cfg, facts)
         name, why = choose(cfg, n_train)  # the chosen epochs set the augmentation strength
         recipe.why = why
+    elif facts is not None and name in ("scratch-small", "scratch"):  # a timm model without pretrained weights
+        recipe.defaults = data_defaults(cfg, facts)
     chosen = {k for c in recipe.defaults for k in c.applied}
     for key, value in recipe_values(name, cfg, n_train, world).items():
         section, attr = key.split(".")
