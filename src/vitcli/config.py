@@ -95,7 +95,7 @@ class TrainConfig:
     calibrate: bool = True  # at the end, fit a temperature and conformal scores on val (stored in best/last.pt)
     ood_keep: float = 0.95  # out-of-distribution thresholds keep this share of validation images answered
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
-    compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
+    compile: str = "auto"  # torch.compile the training step: auto (when the run pays for the compile) | on | off
     channels_last: bool = False  # channels-last memory format for the patch embedding input
     output: str = "runs"  # folder that holds run folders
     name: str = "train"  # run folder name; -2, -3, ... is appended when it exists
@@ -135,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile": ("auto", "on", "off"),
     "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
     "train.best_metric": ("acc", "loss", "macro_f1"),
