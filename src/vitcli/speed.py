@@ -18,7 +18,8 @@ COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_COLD_S = 75.0  # CPU: compile + first step of a fresh inductor cache, s (66-76 s for a 32 px ViT, 2 cores)
 COMPILE_GAIN = {"cpu": 0.15, "cuda": 0.3}  # steps/s gained by compiling: 1.07-1.26x on a 2-core CPU (32 px ViT)
 STEP_EFFICIENCY = 0.4  # share of the matmul limit a training step reaches eagerly (~0.5 measured, 32 px ViT)
-MATMUL_SIDE = 2048  # side of the square matmul timed for the limit
+MATMUL_SIDE = 2048  # side of the square matmul the benchmark times for the limit
+PROBE_SIDE = 1024  # side of the quicker one a run times (once per machine) to guess its step time
 CACHE_VERSION = 1  # bump when an entry's meaning changes
 
 
@@ -108,7 +109,7 @@ def matmul_limit(precision: str, device) -> float:
     key = f"matmul/{device.type}/{precision}/{torch.get_num_threads()}"
     value = cached(key)
     if not isinstance(value, (int, float)) or value <= 0:
-        value = matmul_gflops(precision, device)
+        value = matmul_gflops(precision, device, PROBE_SIDE)
         remember(key, value)
     return float(value)
 
