@@ -121,13 +121,17 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def signature(spec: dict[str, Any], batch: int, img_size: int, precision: str, device) -> str:
-    """The cache key of a compiled training step: the model, batch, input, precision, device and threads."""
+def signature(spec: dict[str, Any], batch: int, img_size: int, precision: str, device, what: str = "train"
+              ) -> str:
+    """The cache key of a compiled step (`what`: train or predict): the model, batch, input, precision, device
+    and threads."""
+    import hashlib
+
     import torch
 
-    kw = json.dumps(spec.get("kwargs", {}), sort_keys=True, default=str)
-    return (f"compile/{spec.get('backend')}/{kw}/b{batch}/s{img_size}/{precision}/{device.type}"
-            f"/t{torch.get_num_threads()}")
+    kw = json.dumps([spec.get("backend"), spec.get("name"), spec.get("kwargs", {})], sort_keys=True, default=str)
+    model = hashlib.sha256(kw.encode()).hexdigest()[:12]
+    return f"compile/{what}/{model}/b{batch}/s{img_size}/{precision}/{device.type}/t{torch.get_num_threads()}"
 
 
 def decide_compile(setting: str, device, expected_s: float, sig: str) -> tuple[bool, str]:
