@@ -261,10 +261,10 @@ def bench_size(size: str, tmp: Path, args, workers: list[int], lim: dict[str, fl
     best: dict[str, float] = {}
     for r in range(args.repeat):
         for name, fn in runs.items():
-            load0 = os.getloadavg()[0]
+            load0, t0 = os.getloadavg()[0], time.perf_counter()
             ips = fn()
-            print(f"  {size} {name:24s} run {r + 1}: {ips:7.1f} img/s   (load average {load0:.1f} -> "
-                  f"{os.getloadavg()[0]:.1f})", flush=True)
+            print(f"  {size} {name:24s} run {r + 1}: {ips:7.1f} img/s, {time.perf_counter() - t0:5.0f} s in all "
+                  f"(load average {load0:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
             best[name] = max(best.get(name, 0.0), ips)
     flops = train_flops_per_image(size, args.device)
     _, img, batch, _ = SIZES[size]

@@ -218,7 +218,9 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
     seconds = time.perf_counter() - t0
-    info(f"predicted {len(paths)} images in {seconds:.1f} s: {len(paths) / max(seconds, 1e-9):.0f} img/s ({how})")
+    if fmt == "table" or output is not None:  # results on stdout: nothing after them (pipes, tests parse them)
+        info(f"predicted {len(paths)} images in {seconds:.1f} s: {len(paths) / max(seconds, 1e-9):.0f} img/s "
+             f"({how})")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
     if failed:
         console.print(f"[yellow]{failed} of {len(paths) + len(missing)} inputs could not be predicted[/] "

@@ -184,6 +184,8 @@ class Compiled:
         warn(f"torch.compile failed ({type(e).__name__}: {first_line(e)[:160]}); {self.what} runs without it")
 
     def __getattr__(self, name: str):
+        if name in ("eager", "compiled", "what", "failed"):  # not set yet: no recursion through self.eager
+            raise AttributeError(name)
         return getattr(self.eager, name)
 
 
