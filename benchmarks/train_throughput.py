@@ -7,6 +7,15 @@ Same data (generated 256 px JPEGs in a temp folder), same model, same batch, one
   vitcli          `vitcli.engine.train` with its defaults (decode-once uint8 cache, batched tensor augmentation,
                   `train.precision: auto`), images/s read from the run's metrics.csv
 
+Before the runs it prints the limit of the machine: the measured GFLOP/s of a 2048x2048 matmul in bf16 and fp32
+(torch's threads, and one thread, which the small models' runs use). Each model's training FLOPs per image are
+counted (torch.utils.flop_counter over one forward and backward) and each run's share of the limit printed; on
+CUDA (--device cuda) that share is the MFU against the device's bf16 peak.
+
+With --today-src (e.g. the src/ folder of a checkout of main), vitcli from that tree runs too, in a child
+process, interleaved with the rest: "vitcli today" against this tree's "vitcli". `vitcli compiled` is this
+tree with `train.compile: on` (its compile time is printed; a short run's `auto` leaves it off).
+
 Each figure is the training images/s of the last epoch (the first warms up allocators and worker processes),
 best of --repeat runs, run interleaved so that load from other processes hits all of them alike. The baseline
 runs with 0, 1 and 2 DataLoader workers and its best is the one compared (on 2 cores, workers and the 2 compute
@@ -14,6 +23,7 @@ threads fight over the cores, so more workers is not always faster).
 
     python benchmarks/train_throughput.py                       # both sizes
     python benchmarks/train_throughput.py --sizes small32 --repeat 3
+    python benchmarks/train_throughput.py --sizes cifar32,ti224 --today-src ../main/src --workers 0
 """
 
 from __future__ import annotations
@@ -27,10 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
+SMALL = {"model.stem": "conv", "model.global_pool": "avg", "model.pos_embed": "sincos"}  # what scratch-small picks
 SIZES = {
     # name: (vitcli model args as --set overrides, img_size, batch, train images)
     "ti224": ({"model.name": "vit-tiny/16"}, 224, 32, 256),
-    "small32": ({"model.name": "vit-tiny/4", "model.depth": 6}, 32, 64, 768),
+    "small32": ({"model.name": "vit-tiny/4", "model.depth": 6, **SMALL}, 32, 64, 768),
+    # the no-flags CIFAR-10 model (8,000 training images): width 128, 4 blocks, conv stem, patch 4
+    "cifar32": ({"model.name": "vit-tiny/4", "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, **SMALL},
+                32, 64, 1536),
 }
 CLASSES = 4
 VAL_PER_CLASS = 4
@@ -65,7 +79,7 @@ def vitcli_config(size: str, output: Path, epochs: int, overrides: list[str]):
     model_over, img_size, batch, _ = SIZES[size]
     sets = [f"{k}={v}" for k, v in model_over.items()] + [
         f"data.img_size={img_size}", f"data.batch_size={batch}", f"train.epochs={epochs}",
-        "train.device=cpu", f"train.output={output}", "train.name=bench", *overrides]
+        f"train.output={output}", "train.name=bench", "train.calibrate=false", "train.report=false", *overrides]
     return load_config(None, sets)
 
 
@@ -90,7 +104,7 @@ def run_vitcli(size: str, data: Path, work: Path, epochs: int, overrides: list[s
     return float(rows[-1]["images_per_s"])
 
 
-def run_baseline(size: str, data: Path, epochs: int, bf16: bool, workers: int) -> float:
+def run_baseline(size: str, data: Path, epochs: int, bf16: bool, workers: int, device: str = "cpu") -> float:
     """The timm train.py recipe: ImageFolder + PIL transforms in DataLoader workers, plain AdamW loop."""
     import contextlib
 
@@ -112,76 +126,172 @@ def run_baseline(size: str, data: Path, epochs: int, bf16: bool, workers: int) -
     loader = torch.utils.data.DataLoader(ds, batch_size=d.batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=workers > 0)
     model, _ = build_model(cfg.model, len(ds.classes), d.img_size)
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    amp = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     rate = 0.0
     for _ in range(epochs):
         n, t0 = 0, time.perf_counter()
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             with amp():
                 loss = loss_fn(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             n += len(y)
+        if device != "cpu":
+            torch.cuda.synchronize()
         rate = n / (time.perf_counter() - t0)
     del loader
     return rate
 
 
+def train_flops_per_image(size: str, device: str = "cpu") -> float:
+    """FLOPs of one training step per image (forward and backward), counted by torch.utils.flop_counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitcli.models import build_model
+
+    cfg = vitcli_config(size, Path(tempfile.gettempdir()), 1, [])
+    model, _ = build_model(cfg.model, CLASSES, cfg.data.img_size)
+    model.to(device).train()
+    x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 2
+
+
+# dense bf16 peak TFLOP/s of common GPUs (no sparsity), by a piece of torch.cuda.get_device_name()
+GPU_BF16_PEAK = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10G": 70, "RTX 4090": 165,
+                 "RTX 3090": 71, "V100": 125, "T4": 65}
+
+
+def limits(device: str) -> dict[str, float]:
+    """GFLOP/s the hardware allows: matmul bf16 / fp32 with torch's threads and one thread; on CUDA the device's
+    bf16 peak from its data sheet (else the measured matmul)."""
+    import torch
+
+    from vitcli.speed import matmul_gflops
+
+    dev = torch.device(device)
+    out = {"bf16": matmul_gflops("bf16", dev), "fp32": matmul_gflops("fp32", dev)}
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        peak = next((v for k, v in GPU_BF16_PEAK.items() if k in name), 0)
+        out["peak"] = peak * 1e3 if peak else out["bf16"]
+        return out
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out["bf16 1 thread"], out["fp32 1 thread"] = matmul_gflops("bf16", dev), matmul_gflops("fp32", dev)
+    torch.set_num_threads(threads)
+    return out
+
+
+def run_child(src: str, size: str, data: Path, work: Path, epochs: int, overrides: list[str]) -> float:
+    """run_vitcli with vitcli imported from another source tree, in a child process."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(src))
+    cmd = [sys.executable, __file__, "--child", json.dumps([size, str(data), str(work), epochs, overrides])]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"vitcli from {src} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="ti224,small32", help="comma-separated: " + ", ".join(SIZES))
+    ap.add_argument("--sizes", default="ti224,small32,cifar32", help="comma-separated: " + ", ".join(SIZES))
     ap.add_argument("--epochs", type=int, default=2, help="epochs per measurement; the last one is timed")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is reported")
     ap.add_argument("--workers", default="0,1,2",
                     help="baseline DataLoader worker counts to try; the baseline's best is compared "
-                         "(timm's default is 4, more than this machine's cores)")
+                         "(timm's default is 4, more than this machine's cores); none: no baseline runs")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra vitcli config override for the vitcli run, e.g. train.precision=fp32")
+    ap.add_argument("--today-src", default="", help="also run vitcli from this source tree (e.g. main's src/)")
+    ap.add_argument("--no-compiled", action="store_true", help="skip the `train.compile: on` run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the baseline and vitcli both)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        import json
+
+        size, data, work, epochs, overrides = json.loads(args.child)
+        print(run_vitcli(size, Path(data), Path(work), epochs, overrides))
+        return 0
 
     import torch
 
     from vitcli.device import cpu_has_fast_bf16
 
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = [int(w) for w in args.workers.split(",") if w.strip() not in ("", "none")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"AVX-512 BF16/AMX: {cpu_has_fast_bf16()}; baseline workers tried: {workers}")
+    lim = limits(args.device)
+    print("limit (GFLOP/s, best 2048x2048 matmul): " + ", ".join(f"{k} {v:.0f}" for k, v in lim.items()), flush=True)
     ok = True
     with tempfile.TemporaryDirectory(prefix="vitcli-bench-") as tmp:
         tmp = Path(tmp)
         for size in args.sizes.split(","):
-            n_train = SIZES[size][3]
-            data = make_jpegs(tmp / f"data-{size}", n_train)
-            runs = {}
-            for prec, bf16 in (("fp32", False), ("bf16", True)):
-                for w in workers:
-                    runs[f"baseline {prec} {w} workers"] = (
-                        lambda s=size, d=data, b=bf16, w=w: run_baseline(s, d, args.epochs, b, w))
-            runs["vitcli"] = lambda s=size, d=data: run_vitcli(s, d, tmp / "runs", args.epochs, args.sets)
-            best: dict[str, float] = {}
-            for r in range(args.repeat):
-                for name, fn in runs.items():
-                    load0 = os.getloadavg()[0]
-                    ips = fn()
-                    print(f"  {size} {name:24s} run {r + 1}: {ips:7.1f} img/s   (load average {load0:.1f} -> "
-                          f"{os.getloadavg()[0]:.1f})", flush=True)
-                    best[name] = max(best.get(name, 0.0), ips)
-            _, img, batch, _ = SIZES[size]
-            b32 = max((v, k) for k, v in best.items() if k.startswith("baseline fp32"))
-            b16 = max((v, k) for k, v in best.items() if k.startswith("baseline bf16"))
-            v = best["vitcli"]
-            r32, r16 = v / b32[0], v / b16[0]
-            good = r32 >= 1.4 and r16 >= 1.15
-            ok &= good
-            print(f"{size} (img {img}, batch {batch}, {n_train} train JPEGs at 256 px), best of {args.repeat}:\n"
-                  f"  vitcli {v:.1f} img/s | {b32[1]} {b32[0]:.1f} img/s | {b16[1]} {b16[0]:.1f} img/s\n"
-                  f"  vitcli / baseline fp32 = {r32:.2f}x (target 1.40x), vitcli / baseline bf16 = {r16:.2f}x "
-                  f"(target 1.15x) {'OK' if good else 'BELOW TARGET'}", flush=True)
+            ok &= bench_size(size, tmp, args, workers, lim)
     return 0 if ok else 1
+
+
+def bench_size(size: str, tmp: Path, args, workers: list[int], lim: dict[str, float]) -> bool:
+    """All runs of one size, interleaved; prints each, then the best of each with its share of the limit."""
+    n_train = SIZES[size][3]
+    data = make_jpegs(tmp / f"data-{size}", n_train)
+    dev = [f"train.device={args.device}"]
+    runs = {}
+    for prec, bf16 in (("fp32", False), ("bf16", True)):
+        for w in workers:
+            runs[f"baseline {prec} {w} workers"] = (
+                lambda s=size, d=data, b=bf16, w=w: run_baseline(s, d, args.epochs, b, w, args.device))
+    if args.today_src:
+        runs["vitcli today"] = lambda s=size, d=data: run_child(args.today_src, s, d, tmp / "runs", args.epochs, dev)
+    runs["vitcli"] = lambda s=size, d=data: run_vitcli(s, d, tmp / "runs", args.epochs, dev + args.sets)
+    if not args.no_compiled:
+        runs["vitcli compiled"] = lambda s=size, d=data: run_vitcli(s, d, tmp / "runs", args.epochs,
+                                                                     dev + args.sets + ["train.compile=on"])
+    import torch
+
+    threads = torch.get_num_threads()
+    best: dict[str, float] = {}
+    for r in range(args.repeat):
+        for name, fn in runs.items():
+            torch.set_num_threads(threads)  # a run that chose train.threads leaves it set in this process
+            load0, t0 = os.getloadavg()[0], time.perf_counter()
+            ips = fn()
+            print(f"  {size} {name:24s} run {r + 1}: {ips:7.1f} img/s, {time.perf_counter() - t0:5.0f} s in all "
+                  f"(load average {load0:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+            best[name] = max(best.get(name, 0.0), ips)
+    flops = train_flops_per_image(size, args.device)
+    _, img, batch, _ = SIZES[size]
+    limit = lim.get("peak", lim["bf16"])
+    what = "MFU (device bf16 peak)" if "peak" in lim else "of the bf16 matmul limit"
+    print(f"{size} (img {img}, batch {batch}, {n_train} train JPEGs at 256 px), best of {args.repeat}; "
+          f"{flops / 1e9:.3f} GFLOP per training image:")
+    for name, v in sorted(best.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:24s} {v:7.1f} img/s  {v * flops / 1e9:6.1f} GFLOP/s  {v * flops / 1e9 / limit:5.1%} {what}")
+    good, line = True, ""
+    if workers:
+        b32 = max(v for k, v in best.items() if k.startswith("baseline fp32"))
+        b16 = max(v for k, v in best.items() if k.startswith("baseline bf16"))
+        v = max(best["vitcli"], best.get("vitcli compiled", 0.0))
+        r32, r16 = v / b32, v / b16
+        good = r32 >= 1.4 and r16 >= 1.15
+        line = (f"  vitcli (best of plain and compiled) / baseline fp32 = {r32:.2f}x (target 1.40x), / baseline bf16 "
+                f"= {r16:.2f}x (target 1.15x) {'OK' if good else 'BELOW TARGET'}")
+    if "vitcli today" in best:
+        line += (f"\n  vitcli / vitcli today = {best['vitcli'] / best['vitcli today']:.2f}x, compiled / today = "
+                 f"{best.get('vitcli compiled', 0.0) / best['vitcli today']:.2f}x")
+    print(line, flush=True)
+    return good
 
 
 if __name__ == "__main__":

@@ -127,6 +127,18 @@ def _one_torch_thread():
         os.environ["OMP_NUM_THREADS"] = env
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _speed_cache_in_tmp(tmp_path_factory):
+    """The per-machine speed cache (speed.py) of this test session, not the user's."""
+    old = os.environ.get("VITCLI_CACHE_DIR")
+    os.environ["VITCLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("vitcli-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VITCLI_CACHE_DIR", None)
+    else:
+        os.environ["VITCLI_CACHE_DIR"] = old
+
+
 @pytest.fixture(autouse=True)
 def _outputs_in_tmp(tmp_path, monkeypatch):
     """Run every test from tmp_path so default output folders (runs/) land there; an empty, offline Hugging Face

@@ -19,6 +19,7 @@ from typing import Any
 from vitcli.console import CONTROL
 from vitcli.errors import VitcliError, clip, first_line, shown
 
+AUTO_INTS = {"data.batch_size"}  # integer keys that also take the word auto (resolved before they are used)
 MAX_YAML_BYTES = 1 << 20  # a config file larger than this is not a config file
 MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laughs" file expands to 10^9)
 
@@ -26,7 +27,7 @@ MAX_YAML_NODES = 100_000  # values after expanding YAML aliases (a "billion laug
 @dataclass
 class DataConfig:
     img_size: int = 224  # side of the square network input, pixels
-    batch_size: int = 64  # images per optimisation step (per process under torchrun)
+    batch_size: int = 64  # images per optimisation step (per process under torchrun); auto = fill the matrix units
     val_fraction: float = 0.2  # share of each class held out for validation when DATA has no val/ folder
     num_workers: int = -1  # decoding processes when images are not cached; -1 = auto
     cache: str = "auto"  # keep decoded uint8 images in memory: auto (when they fit) | on | off
@@ -95,7 +96,7 @@ class TrainConfig:
     calibrate: bool = True  # at the end, fit a temperature and conformal scores on val (stored in best/last.pt)
     ood_keep: float = 0.95  # out-of-distribution thresholds keep this share of validation images answered
     accum_steps: int = 1  # gradient accumulation: optimiser step every N batches
-    compile: bool = False  # torch.compile the model (slower start, faster steps on GPU)
+    compile: str = "auto"  # torch.compile the training step: auto (when the run pays for the compile) | on | off
     channels_last: bool = False  # channels-last memory format for the patch embedding input
     output: str = "runs"  # folder that holds run folders
     name: str = "train"  # run folder name; -2, -3, ... is appended when it exists
@@ -135,6 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_embed": ("learn", "sincos"),
     "model.stem": ("patch", "conv"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.compile": ("auto", "on", "off"),
     "train.loss": ("auto", "ce", "bce", "asl"),
     "train.recipe": ("auto", "scratch-small", "scratch", "finetune", "none"),
     "train.best_metric": ("acc", "loss", "macro_f1"),
@@ -197,6 +199,8 @@ def _all_keys(cfg: Config) -> list[str]:
 def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Check `value` against the annotated type `tp`; convert where it is lossless (int -> float)."""
     origin = typing.get_origin(tp)
+    if key in AUTO_INTS and value == "auto":
+        return value
     if origin is list:
         (inner,) = typing.get_args(tp)
         if inner is str and isinstance(value, str):  # --set train.log=csv,tensorboard
@@ -228,7 +232,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return "true" if value else "false"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    name = getattr(tp, "__name__", str(tp))
+    name = getattr(tp, "__name__", str(tp)) + (" or auto" if key in AUTO_INTS else "")
     raise VitcliError(f"{source}: '{key}' must be {name}, got {shown(value)}")
 
 
@@ -478,6 +482,8 @@ def _check_ranges(cfg: Config) -> None:
     for key in RANGES:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if key in AUTO_INTS and value == "auto":
+            continue
         is_int = hints[section][name] is int
         values = value if isinstance(value, list) else [value]
         what = describe_range(key, is_int)

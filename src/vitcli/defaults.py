@@ -33,6 +33,11 @@ ROOMY_EPOCHS = 150  # CPU time budget: the next larger model once the budget tra
 LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
 HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
 FEW_STEPS = 400  # a run with fewer optimiser steps than this at its batch size takes a smaller batch (down to 16)
+# `data.batch_size: auto`: rows (tokens) a step's matmuls need to run near the matrix units' limit, by device; on
+# 2 AVX-512 BF16 cores a 64 x 65-token step already reaches ~90% of the square-matmul GFLOP/s
+AUTO_TOKENS = {"cpu": 4096, "cuda": 65536, "mps": 16384}
+MAX_AUTO_BATCH = 1024  # largest batch `auto` picks
+GPU_MEMORY_SHARE = 0.5  # CUDA: share of the free memory the activations of an auto-sized batch may take
 # photos: smallest random crop (share of the area) and colour jitter by augmentation strength; small photos also
 # shift a little in minimal runs (ImageNet's 0.08 crops suit runs of hundreds of epochs)
 PHOTO_AUG = {"minimal": (0.75, 0.0), "light": (0.5, 0.1), "heavy": (0.35, 0.2)}
@@ -221,6 +226,50 @@ def _batch(cfg: Config, facts: DataFacts, world: int, epochs: int) -> list[Choic
         return []
     return [Choice({"data.batch_size": batch}, f"{steps(cfg.data.batch_size)} optimiser steps at batch "
                    f"{cfg.data.batch_size} are few for a model from scratch: {steps(batch)} at batch {batch}")]
+
+
+def auto_batch(cfg: Config, n_train: int, device_type: str, world: int = 1) -> Choice:
+    """`data.batch_size: auto`: the smallest power of two whose tokens fill the matrix units (AUTO_TOKENS), on
+    CUDA at most what fits in GPU_MEMORY_SHARE of the free memory; then at most the training images, and halved
+    (down to 16) while a run would make fewer than FEW_STEPS optimiser steps."""
+    import re
+
+    from vitcli.models import PRESETS, parse_preset
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    base, patch = parse_preset(m.name)
+    found = re.search(r"patch(\d+)", m.name)
+    patch = patch or (int(found[1]) if found else 16)
+    tokens = max(1, d.img_size // patch) ** 2 + 1
+    want = AUTO_TOKENS.get(device_type, AUTO_TOKENS["cpu"])
+    batch = 16
+    while batch < MAX_AUTO_BATCH and batch * tokens < want:
+        batch *= 2
+    why = f"{batch} images of {tokens} tokens fill the {device_type} matrix units (>= {want} rows a matmul)"
+    if device_type == "cuda":
+        dim, depth, heads = PRESETS.get(base, PRESETS["vit-small"])
+        dim, depth, heads = m.embed_dim or dim, m.depth or depth, m.num_heads or heads
+        per_image = depth * tokens * (34 * dim + 5 * heads * tokens) * 2  # activation bytes (Korthikanti et al.)
+        fits = int(GPU_MEMORY_SHARE * _free_gpu_bytes() / per_image)
+        while batch > 16 and batch > fits:
+            batch //= 2
+            why = f"{batch} images: the most whose activations fit in {GPU_MEMORY_SHARE:.0%} of the free GPU memory"
+    per_step = world * t.accum_steps
+    steps = lambda b: max(1, n_train // (b * per_step)) * t.epochs  # noqa: E731
+    while batch > 16 and steps(batch) < FEW_STEPS:
+        batch //= 2
+        why = f"{batch}: fewer images a step keep a short run at {steps(batch)} optimiser steps (>= {FEW_STEPS} wanted)"
+    most = max(1, n_train // per_step)
+    if batch > most:
+        batch = 1 << (most.bit_length() - 1)
+        why = f"{batch}: no more than the {n_train} training images give a whole batch"
+    return Choice({"data.batch_size": batch}, "auto: " + why)
+
+
+def _free_gpu_bytes() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 8 << 30
 
 
 def _balance(counts: list[int]) -> list[Choice]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,11 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     dev, prec = str(getattr(pred, "device", "cpu")), getattr(pred, "precision", "fp32")
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec}"
          + (", TTA (mirror)" if tta else ""))
+    how = pred.prepare(len(split) * (2 if tta else 1), batch_size)
+    t0 = time.perf_counter()
     logits, flipped, labels, paths, bad = collect_logits(pred, split, batch_size, tta)
+    seconds = time.perf_counter() - t0
+    info(f"  {len(split)} images in {seconds:.1f} s: {len(split) / max(seconds, 1e-9):.0f} img/s ({how})")
     for msg in bad:
         warn(f"skipped {msg}")
     if not paths:

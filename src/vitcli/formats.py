@@ -49,6 +49,11 @@ class Predictor:
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
 
+    def prepare(self, images: int, batch_size: int) -> str:
+        """Before a pass over `images` images in batches of `batch_size`: take the fastest path (a checkpoint may
+        compile its forward); returns how it runs, for the img/s line."""
+        return self.kind
+
     def outputs(self, x):
         """uint8 (B, 3, S, S) -> (embeddings (B, D) or None, logits (B, C)), both float32 on CPU."""
         return None, self.logits(x)

@@ -81,7 +81,7 @@ class TorchPredictor(Predictor):
         import torch
 
         from vitcli.checkpoint import load_checkpoint, model_from_checkpoint
-        from vitcli.device import pick_device, pick_precision
+        from vitcli.device import pick_attention, pick_device, pick_precision, set_fused_attention
 
         ckpt = load_checkpoint(path)
         self._init_meta(path, f"checkpoint ({ckpt['model_spec']['backend']})", ckpt)
@@ -89,15 +89,47 @@ class TorchPredictor(Predictor):
         self.device = pick_device(device)
         self.precision, _ = pick_precision(precision, self.device)
         self.model = model_from_checkpoint(ckpt, path).to(self.device)
+        self.spec = ckpt["model_spec"]
         self._torch = torch
+        fused, _ = pick_attention(self.device, self.precision)  # the training step's rule, faster here too
+        set_fused_attention(self.model, fused)
+        self.fwd, self.batch = self.model, 0  # prepare() may compile the forward for batches of `batch` images
+
+    def prepare(self, images: int, batch_size: int) -> str:
+        """Compile the forward when the pass over `images` images pays for it (speed.decide_compile, by the
+        seconds the eager forward would take and the compile time measured on this machine)."""
+        import time
+
+        from vitcli.device import linear_macs_per_image
+        from vitcli.speed import Compiled, decide_compile, remember, signature, step_seconds_guess
+
+        size = self.preprocess["img_size"]
+        eager = step_seconds_guess(linear_macs_per_image(self.model, size), batch_size, self.precision, self.device)
+        expected = eager / 3 * -(-images // batch_size)  # a forward is a third of a training step
+        sig = signature(self.spec, batch_size, size, self.precision, self.device, "predict")
+        wanted, why = decide_compile("auto", self.device, expected, sig)
+        how = f"{self.kind}, {self.precision}"
+        if not wanted:
+            return how
+        self.fwd, self.batch = Compiled(self.model, "prediction"), batch_size
+        t = time.perf_counter()
+        res = self.preprocess["resize_size"]
+        self.logits(self._torch.zeros(batch_size, 3, res, res, dtype=self._torch.uint8))  # compile now
+        if not self.fwd.failed:
+            remember(sig, round(time.perf_counter() - t, 1))
+            return f"{how}, compiled ({why})"
+        return how
 
     def logits(self, x):
         from vitcli.augment import eval_transform
         from vitcli.device import autocast
 
+        n = x.shape[0]
+        if self.batch and n < self.batch:  # the compiled forward runs one batch shape: pad the last batch
+            x = self._torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
         with self._torch.inference_mode(), autocast(self.device, self.precision):
             x = eval_transform(x.to(self.device, non_blocking=True), self.preprocess)  # (B, 3, H, W)
-            return self.model(x).float().cpu()  # (B, C)
+            return self.fwd(x)[:n].float().cpu()  # (B, C)
 
     gives_features = True
 

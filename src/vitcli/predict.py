@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 console.print(f"[red]error[/]: {esc(r.error)}", soft_wrap=True)
             yield r
 
+    how = pred.prepare(len(paths) * (2 if tta else 1), batch_size)
+    t0 = time.perf_counter()
     results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads,
                                       min_prob=thresholds, threshold=threshold, ood=ood, unknown=unknown))
     if fmt == "table":
@@ -214,6 +217,10 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
         done = write_results(itertools.chain(missing, results), fmt, k, buf, answer, with_set, with_ood)
         write_output(output, buf.getvalue().encode(), "--output")
         info(f"wrote {len(done)} predictions to {esc(str(output))}")
+    seconds = time.perf_counter() - t0
+    if fmt == "table" or output is not None:  # results on stdout: nothing after them (pipes, tests parse them)
+        info(f"predicted {len(paths)} images in {seconds:.1f} s: {len(paths) / max(seconds, 1e-9):.0f} img/s "
+             f"({how})")
     failed = sum(r.error is not None for r in done) + (len(missing) if fmt == "table" else 0)
     if failed:
         console.print(f"[yellow]{failed} of {len(paths) + len(missing)} inputs could not be predicted[/] "

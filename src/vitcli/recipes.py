@@ -119,7 +119,8 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
 
     With `facts` from the data scan, a from-scratch run first gets the data-aware defaults (defaults.py):
     input size, token grid, model size, stem, small-image augmentation and epochs; the recipe leaves those."""
-    from vitcli.defaults import apply_defaults, data_defaults, finetune_facts, photo_hint
+    from vitcli.config import DataConfig
+    from vitcli.defaults import apply_defaults, auto_batch, data_defaults, finetune_facts, photo_hint
     from vitcli.models import backend_for_name
     from vitcli.pretrained import apply_pretrained
 
@@ -127,6 +128,9 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
     name, why = choose(cfg, n_train)
     mine = user_keys(cfg)
     recipe = Recipe(name, why)
+    auto = cfg.data.batch_size == "auto"
+    if auto:  # the defaults run with the usual batch; the size follows from the input they choose
+        cfg.data.batch_size = DataConfig.batch_size
     if facts is not None and name in ("scratch-small", "scratch") and backend_for_name(cfg.model.name).from_scratch:
         recipe.defaults = apply_defaults(cfg, name, facts, world)
         recipe.hint = photo_hint(cfg, facts)
@@ -134,6 +138,10 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
         recipe.why = why
     elif facts is not None and name in ("scratch-small", "scratch"):  # a timm model without pretrained weights
         recipe.defaults = data_defaults(cfg, facts)
+    if auto:
+        choice = auto_batch(cfg, n_train, facts.device_type if facts else _device_type(cfg), world)
+        cfg.data.batch_size = choice.applied["data.batch_size"] = choice.values["data.batch_size"]
+        recipe.defaults.append(choice)
     chosen = {k for c in recipe.defaults for k in c.applied}
     for key, value in recipe_values(name, cfg, n_train, world).items():
         section, attr = key.split(".")
@@ -154,11 +162,20 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
     return recipe
 
 
+def _device_type(cfg: Config) -> str:
+    """The device type training will use (for `data.batch_size: auto` without a data scan)."""
+    from vitcli.device import pick_device
+
+    return pick_device(cfg.train.device).type
+
+
 def _print(recipe: Recipe) -> None:
     from vitcli.console import esc, info
 
     if recipe.name == "none":
         info("[bold]recipe[/] none ('train.recipe: none'): only your settings and the defaults")
+        for c in recipe.defaults:
+            info("  " + ", ".join(f"{k}={esc(_fmt(v))}" for k, v in c.applied.items()) + f": {esc(c.why)}")
         return
     if recipe.defaults:
         info("[bold]defaults[/] from the data, for the keys you did not set:")

@@ -145,13 +145,13 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     loss_fn = data.task.train_loss(cfg, data.counts, env.device)
     if loss_fn.class_w is not None:
         info("  class weights: " + ", ".join(f"{w:.2f}" for w in loss_fn.class_w.tolist()))
-    fwd_model = wrap_model(model, ema, cfg, env) if wrap else model
     aug_gen = torch.Generator().manual_seed(t.seed * 7919 + env.rank)
     sample_w = [1.0 / data.counts[y] for y in data.train.labels.tolist()] if d.balanced_sampler else None
     n_batches = data.train.steps(d.batch_size, 0, t.seed, env.world, sample_w)
     mixup = build_mixup(cfg, len(data.classes))
     steps_per_epoch = max(1, n_batches // t.accum_steps)
     total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
+    fwd_model = wrap_model(model, ema, cfg, env, spec, total * t.accum_steps) if wrap else model
     run = RunState(
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
         optimizer=build_optimizer(model, o, env.device),
@@ -163,8 +163,9 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     return run
 
 
-def wrap_model(model, ema, cfg: Config, env: Env):
-    """channels-last, DDP (which broadcasts rank 0's weights; the EMA copy starts from them too), compile."""
+def wrap_model(model, ema, cfg: Config, env: Env, spec: dict[str, Any], batches: int):
+    """channels-last, DDP (which broadcasts rank 0's weights; the EMA copy starts from them too), and
+    torch.compile when `train.compile` says so for a run of `batches` batches (speed.py)."""
     import torch
 
     t = cfg.train
@@ -175,9 +176,49 @@ def wrap_model(model, ema, cfg: Config, env: Env):
         fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
-    if t.compile:  # after DDP, as torch recommends
-        fwd = torch.compile(fwd)
+    if compile_wanted(model, cfg, env, spec, batches):  # after DDP, as torch recommends
+        fwd = compile_step(fwd, model, cfg, env, spec)
     return fwd
+
+
+def compile_wanted(model, cfg: Config, env: Env, spec: dict[str, Any], batches: int) -> bool:
+    """Decide `train.compile` (auto: by the expected seconds of eager steps, a time budget's at most), print
+    the choice and its reason, and write it into the config so that a resumed run keeps it."""
+    from vitcli.device import linear_macs_per_image
+    from vitcli.speed import decide_compile, signature, step_seconds_guess
+
+    d, t = cfg.data, cfg.train
+    expected = 0.0
+    if t.compile == "auto":
+        macs = linear_macs_per_image(model, d.img_size)
+        expected = batches * step_seconds_guess(macs, d.batch_size, env.precision, env.device)
+        if t.time:
+            expected = min(expected, t.seconds)
+    sig = signature(spec, d.batch_size, d.img_size, env.precision, env.device)
+    wanted, why = decide_compile(t.compile, env.device, expected, sig)
+    info(f"[bold]compile[/] {'on' if wanted else 'off'} ({why})")
+    t.compile = "on" if wanted else "off"
+    return wanted
+
+
+def compile_step(fwd, model, cfg: Config, env: Env, spec: dict[str, Any]):
+    """The compiled forward, compiled now on a batch of zeros (nothing changes); eager again if that fails.
+    The seconds it took are remembered for the next run's decision on this machine."""
+    import torch
+
+    from vitcli.device import autocast
+    from vitcli.speed import Compiled, remember, signature, warm_up
+
+    d = cfg.data
+    compiled = Compiled(fwd, "training")
+    x = torch.zeros(d.batch_size, 3, d.img_size, d.img_size, device=env.device)
+    if cfg.train.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    seconds = warm_up(compiled, model, x, autocast(env.device, env.precision))
+    if not compiled.failed:
+        remember(signature(spec, d.batch_size, d.img_size, env.precision, env.device), round(seconds, 1))
+        info(f"  compiled in {seconds:.0f} s")
+    return compiled
 
 
 def restore(run: RunState, ckpt: dict[str, Any]) -> None:

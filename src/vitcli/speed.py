@@ -1,0 +1,215 @@
+"""Speed choices measured on the machine at hand: the matmul limit, torch.compile with a fallback, and the
+per-machine cache (VITCLI_CACHE_DIR, else $XDG_CACHE_HOME/vitcli or ~/.cache/vitcli) that remembers them.
+
+Each choice is made by a quick probe or from what an earlier run measured here, and printed with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+COMPILE_CHOICES = ("auto", "on", "off")
+COMPILE_COLD_S = 75.0  # CPU: compile + first step of a fresh inductor cache, s (66-76 s for a 32 px ViT, 2 cores)
+COMPILE_GAIN = {"cpu": 0.15, "cuda": 0.3}  # steps/s gained by compiling: 1.07-1.26x on a 2-core CPU (32 px ViT)
+STEP_EFFICIENCY = 0.4  # share of the matmul limit a training step reaches eagerly (~0.5 measured, 32 px ViT)
+MATMUL_SIDE = 2048  # side of the square matmul the benchmark times for the limit
+PROBE_SIDE = 1024  # side of the quicker one a run times (once per machine) to guess its step time
+CACHE_VERSION = 1  # bump when an entry's meaning changes
+
+
+def cache_dir() -> Path:
+    """Where the per-machine speed cache lives."""
+    if os.environ.get("VITCLI_CACHE_DIR"):
+        return Path(os.environ["VITCLI_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vitcli"
+
+
+@lru_cache(maxsize=1)
+def machine_key() -> str:
+    """This machine as the cache knows it: CPU model and flags, cores, torch version (a GPU adds its name)."""
+    import hashlib
+
+    import torch
+
+    cpu, flags = platform.processor(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not cpu:
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    text = f"{cpu}|{flags}|{os.cpu_count()}|{torch.__version__}|{gpu}|{CACHE_VERSION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_path() -> Path:
+    return cache_dir() / f"speed-{machine_key()}.json"
+
+
+def cached(key: str) -> Any:
+    """What an earlier run measured on this machine under `key`, or None."""
+    try:
+        return json.loads(cache_path().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remember(key: str, value: Any) -> None:
+    """Store a measurement for later runs on this machine; a cache that cannot be written is skipped."""
+    from vitcli.errors import VitcliError
+    from vitcli.files import atomic_write_text
+
+    path = cache_path()
+    try:
+        entries = json.loads(path.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = value
+    try:
+        atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True))
+    except VitcliError:
+        pass
+
+
+def matmul_gflops(precision: str, device=None, side: int = MATMUL_SIDE) -> float:
+    """Measured GFLOP/s of a square `side` matmul in bf16 / fp16 / fp32 on `device` (best of 5) with torch's
+    threads: the limit a training step is held against."""
+    import torch
+
+    device = torch.device("cpu") if device is None else device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    a = torch.randn(side, side, device=device).to(dtype)
+    b = torch.randn(side, side, device=device).to(dtype)
+    best = 0.0
+    for _ in range(6):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = max(best, 2 * side**3 / max(time.perf_counter() - t, 1e-9) / 1e9)
+    return best
+
+
+def matmul_limit(precision: str, device) -> float:
+    """matmul_gflops, measured once per machine, precision and thread count (cached)."""
+    import torch
+
+    key = f"matmul/{device.type}/{precision}/{torch.get_num_threads()}"
+    value = cached(key)
+    if not isinstance(value, (int, float)) or value <= 0:
+        value = matmul_gflops(precision, device, PROBE_SIDE)
+        remember(key, value)
+    return float(value)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def signature(spec: dict[str, Any], batch: int, img_size: int, precision: str, device, what: str = "train"
+              ) -> str:
+    """The cache key of a compiled step (`what`: train or predict): the model, batch, input, precision, device
+    and threads."""
+    import hashlib
+
+    import torch
+
+    kw = json.dumps([spec.get("backend"), spec.get("name"), spec.get("kwargs", {})], sort_keys=True, default=str)
+    model = hashlib.sha256(kw.encode()).hexdigest()[:12]
+    return f"compile/{what}/{model}/b{batch}/s{img_size}/{precision}/{device.type}/t{torch.get_num_threads()}"
+
+
+def decide_compile(setting: str, device, expected_s: float, sig: str) -> tuple[bool, str]:
+    """(compile?, why) for `train.compile`: on / off as set; auto when the steps saved over a run of
+    `expected_s` seconds of eager steps outweigh the compile time (measured here before, else a cold guess)."""
+    if setting != "auto":
+        return setting == "on", "set in the config"
+    if device.type not in COMPILE_GAIN:
+        return False, f"auto: not on {device.type}"
+    gain = COMPILE_GAIN[device.type]
+    cost = cached(sig)
+    known = isinstance(cost, (int, float)) and cost > 0
+    cost = float(cost) if known else COMPILE_COLD_S
+    saved = expected_s * gain / (1 + gain)
+    where = "measured here before" if known else "a first compile here"
+    if saved > cost:
+        return True, f"auto: ~{saved:.0f} s saved over ~{expected_s:.0f} s of steps, compile ~{cost:.0f} s ({where})"
+    return False, (f"auto: ~{saved:.0f} s saved over ~{expected_s:.0f} s of steps does not pay for a compile of "
+                   f"~{cost:.0f} s ({where})")
+
+
+def step_seconds_guess(macs_per_image: float, batch: int, precision: str, device) -> float:
+    """Seconds one eager training step takes: 3x the forward multiply-adds against the measured matmul limit."""
+    return 3 * 2 * macs_per_image * batch / (matmul_limit(precision, device) * 1e9 * STEP_EFFICIENCY)
+
+
+class Compiled:
+    """A torch.compile'd module that turns back into the eager one, with one printed line, when compiling fails
+    (at the warm-up step or later); attributes other than calling are the eager module's."""
+
+    def __init__(self, module, what: str):
+        import torch
+
+        self.eager, self.what, self.failed = module, what, False
+        self.compiled = torch.compile(module)
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # inductor needs a C++ compiler and more; any failure: run eagerly
+                self.fail(e)
+        return self.eager(*args, **kwargs)
+
+    def fail(self, e: BaseException) -> None:
+        from vitcli.console import warn
+        from vitcli.errors import first_line
+
+        self.failed = True
+        warn(f"torch.compile failed ({type(e).__name__}: {first_line(e)[:160]}); {self.what} runs without it")
+
+    def __getattr__(self, name: str):
+        if name in ("eager", "compiled", "what", "failed"):  # not set yet: no recursion through self.eager
+            raise AttributeError(name)
+        return getattr(self.eager, name)
+
+
+def warm_up(fwd: Compiled, model, x, autocast_ctx, backward: bool = True) -> float:
+    """Compile now with one forward (and backward) on `x`, leaving weights, buffers, grads and RNG states as
+    they were; a failure turns `fwd` eager. Returns the seconds it took."""
+    import torch
+
+    t = time.perf_counter()
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            with autocast_ctx:
+                out = fwd.compiled(x)
+            if backward:
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                out.float().sum().backward()
+    except Exception as e:
+        fwd.fail(e)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:  # BatchNorm statistics of the conv stem
+                b.copy_(saved)
+        for p in model.parameters():
+            p.grad = None
+    _sync(x.device)
+    return time.perf_counter() - t

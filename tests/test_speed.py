@@ -1,0 +1,88 @@
+"""Speed choices (speed.py): `data.batch_size: auto`, `train.compile` with its fallback, the per-machine cache."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import TINY, make_dataset, run_cli
+from vitcli.config import load_config
+from vitcli.errors import VitcliError
+
+NO_BATCH = [a for i, a in enumerate(TINY) if a != "--batch-size" and TINY[i - 1] != "--batch-size"]
+
+
+def test_batch_size_auto_resolves_to_a_whole_batch_and_trains(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8)  # 24 images, 19 of them for training
+    res = run_cli("train", str(data), *NO_BATCH, "--epochs", "1", "--set", "data.batch_size=auto")
+    assert res.exit_code == 0, res.output
+    assert "data.batch_size=16: auto:" in res.output
+    saved = yaml.safe_load((tmp_path / "runs" / "train" / "config.yaml").read_text())
+    assert saved["data"]["batch_size"] == 16
+
+
+def test_batch_size_auto_fills_the_matrix_units_and_never_exceeds_the_images():
+    from vitcli.defaults import auto_batch
+
+    cfg = load_config(None, ["model.name=vit-tiny/4", "data.img_size=32", "train.epochs=30"])
+    assert auto_batch(cfg, 50_000, "cpu").values["data.batch_size"] == 64  # 64 x 65 tokens >= 4096 rows
+    cfg = load_config(None, ["model.name=vit-tiny/16", "data.img_size=224", "train.epochs=30"])
+    assert auto_batch(cfg, 50_000, "cpu").values["data.batch_size"] == 32
+    assert auto_batch(cfg, 5, "cpu").values["data.batch_size"] == 4
+    with pytest.raises(VitcliError, match="'data.batch_size' must be int or auto"):
+        load_config(None, ["data.batch_size=big"])
+
+
+def test_compile_setting_reads_yaml_booleans_and_refuses_other_words():
+    assert load_config(None, ["train.compile=true"]).train.compile == "on"
+    assert load_config(None, ["train.compile=false"]).train.compile == "off"
+    with pytest.raises(VitcliError, match="train.compile"):
+        load_config(None, ["train.compile=maybe"])
+
+
+def test_compile_auto_pays_only_for_long_runs_and_uses_the_time_measured_here():
+    import torch
+
+    from vitcli.speed import COMPILE_COLD_S, decide_compile, remember
+
+    cpu = torch.device("cpu")
+    assert decide_compile("auto", cpu, 120.0, "sig")[0] is False  # a 2-minute run: the compile costs more
+    on, why = decide_compile("auto", cpu, 20 * COMPILE_COLD_S, "sig")
+    assert on and "a first compile here" in why
+    remember("sig", 5.0)  # a warm inductor cache on this machine: compiling is cheap now
+    on, why = decide_compile("auto", cpu, 120.0, "sig")
+    assert on and "measured here before" in why
+    assert decide_compile("off", cpu, 1e9, "sig")[0] is False
+    assert decide_compile("auto", torch.device("mps"), 1e9, "sig")[0] is False
+
+
+def test_speed_cache_is_per_machine_and_survives_a_broken_file(tmp_path, monkeypatch):
+    from vitcli.speed import cache_path, cached, remember
+
+    monkeypatch.setenv("VITCLI_CACHE_DIR", str(tmp_path / "cache"))
+    assert cached("x") is None
+    remember("x", 1.5)
+    assert cache_path().parent == tmp_path / "cache" and cache_path().name.startswith("speed-")
+    assert cached("x") == 1.5
+    cache_path().write_text("{not json")
+    assert cached("x") is None
+    remember("y", 2)
+    assert cached("y") == 2
+
+
+def test_failed_compile_prints_one_line_and_training_goes_on_eagerly(tmp_path, monkeypatch):
+    import torch
+
+    def broken_compile(module, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C++ compiler here\nsecond line of the trace")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    data = make_dataset(tmp_path / "d", per_class=8)
+    res = run_cli("train", str(data), *TINY, "--epochs", "2", "--set", "train.compile=on")
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if "torch.compile failed" in line]
+    assert len(lines) == 1 and "no C++ compiler here" in lines[0] and "runs without it" in lines[0], res.output
+    assert "second line" not in res.output
+    assert "epoch   2/2" in res.output
