@@ -120,6 +120,11 @@ def show(result, json_out: bool, json_path: Path | None, printer) -> None:
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see `vitcli config`).")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override one config key, e.g. --set optim.lr=5e-4 (repeatable).")]
+# train and cv: flags that set one config key each
+BatchOpt = Annotated[int | None, typer.Option(help="Images per step. [data.batch_size]")]
+TrainSizeOpt = Annotated[int | None, typer.Option(help="Network input side in pixels. [data.img_size]")]
+TrainDeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [train.device]")]
+RunsOpt = Annotated[str | None, typer.Option(help="Folder for run folders (default runs). [train.output]")]
 
 
 @app.command(short_help="Train a ViT on a folder of images.")
@@ -136,10 +141,10 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Passes over the training set. [train.epochs]")] = None,
     time: Annotated[str | None, typer.Option(
         "--time", help="Time budget for the whole command, e.g. 5m, 300s, 1h: fits the epochs. [train.time]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step. [data.batch_size]")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Network input side in pixels. [data.img_size]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [train.device]")] = None,
-    output: Annotated[str | None, typer.Option(help="Folder for run folders (default runs). [train.output]")] = None,
+    batch_size: BatchOpt = None,
+    img_size: TrainSizeOpt = None,
+    device: TrainDeviceOpt = None,
+    output: RunsOpt = None,
     name: Annotated[str | None, typer.Option(
         help="Run folder name; -2, -3... is appended if it exists (default train). [train.name]")] = None,
     resume: Annotated[Path | None, typer.Option(
@@ -193,10 +198,10 @@ def cv(
     epochs: Annotated[int | None, typer.Option(help="Epochs of each fold. [train.epochs]")] = None,
     time: Annotated[str | None, typer.Option(
         "--time", help="Time budget for all folds together, e.g. 10m (shared out as the folds start).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step. [data.batch_size]")] = None,
-    img_size: Annotated[int | None, typer.Option(help="Network input side in pixels. [data.img_size]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps. [train.device]")] = None,
-    output: Annotated[str | None, typer.Option(help="Folder for run folders (default runs). [train.output]")] = None,
+    batch_size: BatchOpt = None,
+    img_size: TrainSizeOpt = None,
+    device: TrainDeviceOpt = None,
+    output: RunsOpt = None,
     name: Annotated[str | None, typer.Option(help="Parent run folder name (default cv). [train.name]")] = None,
     resume: Annotated[Path | None, typer.Option(
         help="Continue the cross-validation in this folder (finished folds are kept, a stopped one resumes).")
