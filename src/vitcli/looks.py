@@ -45,8 +45,7 @@ def image_kind(x: np.ndarray, labels: list) -> Looks:
     import numpy as np
 
     y = np.array([str(v) for v in labels])  # multi-label tuples count as classes of their own
-    g = x.astype(np.float32)  # (N, SIDE, SIDE)
-    g -= g.mean((1, 2), keepdims=True)  # centred: correlation ignores brightness
+    g = x.astype(np.float32)  # (N, SIDE, SIDE); _mirror_drops centres each row (brightness drops out)
     asym = float(np.median(_mirror_drops(g, g[:, :, ::-1], y, MIN_PER_CLASS) or [0.0]))
     figure = f"a mirror lowers an image's match with its class mean by {asym:.3f}"
     if asym >= ASYM_GLYPHS:
@@ -77,8 +76,8 @@ def _mirror_drops(g: np.ndarray, mirrored: np.ndarray, y: np.ndarray, min_images
 
 
 def _spectrum(g: np.ndarray) -> np.ndarray:
-    """Log amplitude spectra (N, SIDE, SIDE) of centred images, the constant term zeroed: where a pattern sits
-    drops out, which way it runs stays."""
+    """Log amplitude spectra (N, SIDE, SIDE), the constant term (brightness) zeroed: where a pattern sits drops
+    out, which way it runs stays."""
     import numpy as np
 
     a = np.abs(np.fft.fft2(g))  # (N, SIDE, SIDE)
