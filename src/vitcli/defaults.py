@@ -23,8 +23,8 @@ MIN_SIZE = 16  # smallest input side, pixels (8 px images are upsampled to it)
 MAX_GRID = 12  # small images: largest token-grid side (attention cost grows with the square of the tokens)
 TARGET_STEPS = 1000  # optimiser steps a from-scratch run aims for; epochs = TARGET_STEPS / steps per epoch
 MIN_EPOCHS, MAX_EPOCHS = 10, 100  # bounds on the chosen number of epochs
-CPU_RUN_MACS = 2.4e13  # CPU: multiply-adds a default run spends training (~8 min at CPU_MACS_PER_S): its epochs
-CPU_RUN_TIME = "9m"  # CPU: a default run sized by CPU_RUN_MACS ends by then on a slower or busier machine
+CPU_RUN_MACS = 2.4e13  # CPU: multiply-adds of a default run (~8 min at CPU_MACS_PER_S): its first guess of epochs
+CPU_RUN_TIME = "9m"  # CPU: the budget a default run fits its epochs to once timed (more when faster, fewer when slower)
 CPU_MACS_PER_S = 5e10  # CPU: multiply-adds a second one thread trains at (bf16, AVX-512), for a first guess
 CPU_STEP_MACS = 3e8  # CPU: forward multiply-adds per image above which the next smaller model is taken
 FEW_PHOTOS = 20_000  # photos from scratch below this many training images get the fine-tuning hint
