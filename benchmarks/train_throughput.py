@@ -41,6 +41,7 @@ SMALL = {"model.stem": "conv", "model.global_pool": "avg", "model.pos_embed": "s
 SIZES = {
     # name: (vitcli model args as --set overrides, img_size, batch, train images)
     "ti224": ({"model.name": "vit-tiny/16"}, 224, 32, 256),
+    "s224": ({"model.name": "vit-small/16"}, 224, 128, 4096),  # for a GPU (--device cuda): ViT-S/16
     "small32": ({"model.name": "vit-tiny/4", "model.depth": 6, **SMALL}, 32, 64, 768),
     # the no-flags CIFAR-10 model (8,000 training images): width 128, 4 blocks, conv stem, patch 4
     "cifar32": ({"model.name": "vit-tiny/4", "model.embed_dim": 128, "model.depth": 4, "model.num_heads": 4, **SMALL},

@@ -83,7 +83,7 @@ LAYERS: dict[str, set[str]] = {
                  "ood", "pretrained", "embeddings", "crossval", "confident"},
     "core": {"config", "data", "sources", "dataset", "folders", "manifest", "shards", "decode", "store", "augment",
              "looks", "task", "metrics", "calibrate", "models", "vit", "checkpoint", "device", "distributed", "files",
-             "console", "signals", "errors", "hub", "speed", "__init__"},
+             "console", "signals", "errors", "hub", "speed", "threads", "__init__"},
 }
 MAX_CHAIN = 9  # modules in the longest import chain, from cli down to errors (today cli -> lr_finder -> engine ->
 # recipes -> defaults -> config -> models -> files -> errors)

@@ -31,7 +31,7 @@ def test_every_numeric_key_has_a_range():
     ("optim.warmup_epochs=1e308", "'optim.warmup_epochs' must be >= 0 and <= 1e+06, got 1e+308"),
     ("data.crop_pct=1e-9", "'data.crop_pct' must be >= 0.25 and <= 1"),
     ("data.crop_pct=0.001", "'data.crop_pct' must be >= 0.25 and <= 1, got 0.001"),
-    ("train.threads=100000", "'train.threads' must be at least 0 and at most 1024"),
+    ("train.threads=100000", "'train.threads' must be at least -1 and at most 1024"),
     ("data.mixup=.inf", "'data.mixup' must be >= 0 and <= 100 (0 = off), got inf"),
     ("data.mean=[.nan, 0.5, 0.5]", "'data.mean' must be a list of 3 numbers, each >= -10 and <= 10, got [nan"),
     ("train.name=" + "n" * 300, "'train.name' must be a plain folder name of at most 100 characters"),

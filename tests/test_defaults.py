@@ -41,7 +41,7 @@ def test_small_grey_images_keep_their_size_with_a_conv_stem_ladder_and_gentle_au
     assert cfg.data.img_size == 28 and cfg.model.name == "vit-tiny/4" and cfg.model.stem == "conv"  # 7x7 tokens
     assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == LADDER[0][1:]  # 160 images
     assert cfg.data.scale_min == 0.75 and cfg.data.hflip == 0.0 and cfg.data.rotate > 0 and cfg.data.crop_pct == 1
-    assert cfg.train.epochs == 100 and cfg.train.threads == 1  # 2 steps an epoch: the longest run, one thread
+    assert cfg.train.epochs == 100 and cfg.train.threads == -1  # 2 steps an epoch: the longest run, threads timed
     assert cfg.model.global_pool == "avg"  # the recipe still fills what the defaults do not choose
     assert recipe.hint is None
 
@@ -73,7 +73,7 @@ def test_a_cpu_takes_a_smaller_model_and_fewer_epochs_for_photos_than_a_gpu():
     assert (gpu.model.embed_dim, gpu.model.depth) == LADDER[2][1:3]
     assert cpu.model.embed_dim < gpu.model.embed_dim and cpu.train.epochs < gpu.train.epochs
     assert forward_macs(224, 16, cpu.model.embed_dim, cpu.model.depth, "conv") <= 3e8
-    assert cpu.train.threads == 1 and gpu.train.threads == 0
+    assert cpu.train.threads == -1 and gpu.train.threads == 0
 
 
 def test_the_users_keys_win_over_every_data_aware_default(tmp_path):

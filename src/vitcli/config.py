@@ -103,7 +103,7 @@ class TrainConfig:
     save_every_steps: int = 0  # also write last.pt every N steps inside an epoch; 0 = end of epoch only
     recipe: str = "auto"  # auto | scratch-small | scratch | finetune | none: fills the keys you did not set
     freeze_epochs: int = 0  # train only the classifier head for the first N epochs, then everything
-    threads: int = 0  # CPU threads for tensor ops; 0 = torch's default (one per core); 1 suits tiny models
+    threads: int = 0  # CPU threads for tensor ops; 0 = torch's default (one per core); -1 = auto: 1 or all, timed
     log: list[str] = field(default_factory=lambda: ["csv"])  # metric sinks: csv (always) + tensorboard, mlflow
     log_every_steps: int = 50  # tensorboard / mlflow: training loss and lr every N optimiser steps; 0 = off
     report: bool = True  # at the end: eval of best.pt on val, figures and a self-contained report.html
@@ -443,7 +443,7 @@ RANGES: dict[str, str] = {
     "train.accum_steps": "[1, 65536]",
     "train.save_every_steps": "[0, 1000000000] (0 = off)",
     "train.freeze_epochs": "[0, 1000000] (0 = off)",
-    "train.threads": "[0, 1024] (0 = torch's default)",
+    "train.threads": "[-1, 1024] (0 = torch's default, -1 = auto)",
     "train.log_every_steps": "[0, 1000000000] (0 = off)",
     "train.distill_weight": "[0, 1]",
     "train.distill_temperature": "(0, 100]",

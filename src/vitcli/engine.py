@@ -172,7 +172,7 @@ def open_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | None
     dist_i = init_distributed(device)
     precision, why = pick_precision(t.precision, device)
     seed_everything(t.seed + dist_i.rank)
-    if t.threads:
+    if t.threads > 0:
         torch.set_num_threads(t.threads)
     return cfg, data_dir, run_dir, ckpt, Env(device, precision, why, dist_i.rank, dist_i.world_size)
 
@@ -226,7 +226,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     t = cfg.train
     if n_train is not None:  # keys the user left
         apply_recipe(cfg, n_train=n_train, world=env.world, quiet=not env.main, facts=facts)
-        if t.threads:  # the defaults may have chosen it
+        if t.threads > 0:  # the defaults may have chosen it
             import torch
 
             torch.set_num_threads(t.threads)
@@ -562,6 +562,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
     from vitcli.budget import budget_for
     from vitcli.distill import build_distiller
     from vitcli.signals import Stopped
+    from vitcli.threads import tuner_for
 
     try:
         cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
@@ -572,6 +573,7 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         run = build_state(cfg, data, env, run_dir)
         run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label)
         run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
+        run.threads = tuner_for(run)
         if ckpt is not None:
             restore(run, ckpt)
         return run, data
@@ -597,12 +599,17 @@ def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
             if run.budget is not None:
                 run.budget.bar, run.budget.epoch_task = bar, epoch_task
+            if run.threads is not None:
+                run.threads.probe()
             while run.progress.epoch < t.epochs:
                 if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
                     _stopped(run)
                     return TrainResult(run.run_dir, run.progress.best_acc, run.progress.best_epoch, 0,
                                        run.progress.history)
-                early = end_epoch(run, data, evaluate_epoch(run, data))
+                row = evaluate_epoch(run, data)
+                early = end_epoch(run, data, row)
+                if run.threads is not None and not early and run.progress.epoch < t.epochs:
+                    run.threads.after_epoch(row["images_per_s"])
                 bar.update(epoch_task, advance=1)
                 if early:
                     break

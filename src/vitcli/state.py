@@ -100,6 +100,7 @@ class RunState:
     callbacks: list[Callback] = field(default_factory=list)
     log_every: int = LOG_EVERY  # batches between reads of the sums (and on_log calls)
     budget: Any = None  # budget.TimeBudget while `train.time` fits the epochs, else None
+    threads: Any = None  # threads.ThreadTuner while `train.threads` is auto, else None
     distiller: Any = None  # distill.Distiller while `train.teacher` is set: the loss with the teacher
 
     @property

@@ -1,0 +1,118 @@
+"""`train.threads: -1` (auto): one CPU thread or every core, whichever trains faster on the machine as it is now.
+
+On a quiet 2-core machine a small model's step runs ~1.7x faster on both cores; when another process keeps one
+core busy, two OpenMP threads that wait on each other run it 2-3x slower than one thread does. Neither setting
+is right everywhere, so a run times both: a few forward/backward passes of a copy of the model on a random
+batch in eval mode (the real weights, optimiser and random streams are untouched), before the first step and again when
+epochs slow down (or, at one thread, every few epochs: the other process may have ended). The thread count
+changes the order of floating-point sums, so runs that must repeat bit for bit give a number instead.
+OMP_NUM_THREADS, when set, is the user's choice and auto keeps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import TYPE_CHECKING
+
+from vitcli.console import info
+
+if TYPE_CHECKING:
+    from vitcli.state import RunState
+
+AUTO = -1  # the config value that asks for the choice
+PROBE_S = 0.25  # seconds each timed stretch of a probe aims for
+MAX_PROBE_STEPS = 16  # steps in one timed stretch at most (tiny models)
+GAIN = 1.1  # all cores must be at least this much faster per step to be chosen over one thread
+SLOWER = 0.7  # re-probe when an epoch runs below this share of the fastest epoch since the last probe
+RECHECK_EPOCHS = 4  # at one thread by a probe: probe again after this many epochs
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class ThreadTuner:
+    """Chooses between 1 thread and `cores()` for `run`'s training steps; see the module docstring."""
+
+    def __init__(self, run: RunState):
+        self.run, self.many = run, cores()
+        self.threads = 0  # the chosen count (0: not probed yet)
+        self.best_ips = 0.0  # fastest epoch (images/s) since the last probe
+        self.since = 0  # epochs since the last probe
+
+    def probe(self, why: str = "") -> None:
+        """Time both settings on a copy of the model and keep the faster; print the choice and its reason."""
+        import torch
+
+        first, before = not self.threads, self.threads
+        step = _prober(self.run)
+        times = {1: math.inf, self.many: math.inf}
+        step(self.many)  # warm: first-call allocations
+        reps = max(2, min(MAX_PROBE_STEPS, math.ceil(PROBE_S / max(_timed(step, self.many, 1), 1e-4))))
+        for th in (1, self.many, self.many, 1):  # interleaved: a load that changes midway hits both
+            times[th] = min(times[th], _timed(step, th, reps))
+        chosen = self.many if times[self.many] * GAIN < times[1] else 1
+        torch.set_num_threads(chosen)
+        self.threads, self.best_ips, self.since = chosen, 0.0, 0
+        ms = {th: f"{s * 1000:.0f} ms" for th, s in times.items()}
+        if first or chosen != before:
+            info(f"[bold]threads[/] {chosen} (auto{why}: a step took {ms[1]} on 1 thread, {ms[self.many]} on "
+                 f"{self.many} here)")
+
+    def after_epoch(self, images_per_s: float) -> None:
+        """Probe again when this epoch was much slower than the fastest since the last probe, or after a few
+        epochs at one thread."""
+        self.since += 1
+        if self.best_ips and images_per_s < SLOWER * self.best_ips:
+            self.probe(f"; epochs slowed to {images_per_s:.0f} img/s from {self.best_ips:.0f}")
+        elif self.threads == 1 and self.since >= RECHECK_EPOCHS:
+            self.probe(f"; checked again after {self.since} epochs")
+        else:
+            self.best_ips = max(self.best_ips, images_per_s)
+
+
+def tuner_for(run: RunState) -> ThreadTuner | None:
+    """A ThreadTuner when `train.threads` is auto on a CPU with more than one core, one process and no
+    OMP_NUM_THREADS; otherwise the thread count is fixed (auto keeps torch's own, or OMP_NUM_THREADS)."""
+    if run.cfg.train.threads != AUTO or run.env.device.type != "cpu" or run.env.world > 1 or cores() < 2:
+        return None
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return ThreadTuner(run)
+
+
+def _prober(run: RunState):
+    """th -> one forward/backward pass of a copy of the model on a random batch of the run's shape."""
+    import torch
+
+    from vitcli.device import autocast
+
+    model = copy.deepcopy(run.model).eval()  # eval: dropout and drop path draw no random numbers
+    d, env = run.cfg.data, run.env
+    x = torch.randn(d.batch_size, 3, d.img_size, d.img_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(env.device)  # (B, 3, H, W); its own generator: the run's random streams are not advanced
+
+    def step(th: int) -> None:
+        torch.set_num_threads(th)
+        with autocast(env.device, env.precision):
+            out = model(x)  # (B, C), or a tuple of heads while distilling
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _timed(step, th: int, reps: int) -> float:
+    """Seconds per call of `step(th)`, over `reps` calls after one untimed."""
+    step(th)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step(th)
+    return (time.perf_counter() - t0) / reps
