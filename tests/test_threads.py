@@ -42,23 +42,20 @@ def test_auto_times_both_counts_and_trains_exactly_as_the_chosen_fixed_count(tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-class FakeRun:
-    """What tuner_for reads of a run."""
+def tuner(threads: int, device: str = "cpu", world: int = 1) -> ThreadTuner | None:
+    from vitcli.config import load_config
 
-    def __init__(self, threads: int, device: str = "cpu", world: int = 1):
-        from types import SimpleNamespace as NS
-
-        self.cfg = NS(train=NS(threads=threads))
-        self.env = NS(device=torch.device(device), world=world)
+    return tuner_for(torch.nn.Linear(2, 2), load_config(None, [f"train.threads={threads}"]), torch.device(device),
+                     "fp32", world)
 
 
 def test_auto_applies_only_on_one_cpu_process_without_omp_num_threads(auto_threads, monkeypatch):
-    assert isinstance(tuner_for(FakeRun(-1)), ThreadTuner)
-    assert tuner_for(FakeRun(0)) is None and tuner_for(FakeRun(2)) is None  # a number is the user's
-    assert tuner_for(FakeRun(-1, world=2)) is None  # torchrun: one process per core
-    assert tuner_for(FakeRun(-1, device="cuda")) is None
+    assert isinstance(tuner(-1), ThreadTuner)
+    assert tuner(0) is None and tuner(2) is None  # a number is the user's
+    assert tuner(-1, world=2) is None  # torchrun: one process per core
+    assert tuner(-1, device="cuda") is None
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert tuner_for(FakeRun(-1)) is None  # the user's OpenMP setting wins
+    assert tuner(-1) is None  # the user's OpenMP setting wins
 
 
 def test_epochs_that_slow_down_or_a_long_stretch_at_one_thread_probe_again(auto_threads, monkeypatch):
@@ -69,14 +66,14 @@ def test_epochs_that_slow_down_or_a_long_stretch_at_one_thread_probe_again(auto_
         self.threads, self.best_ips, self.since = self.threads or self.many, 0.0, 0
 
     monkeypatch.setattr(ThreadTuner, "probe", probe)
-    tuner = ThreadTuner(FakeRun(-1))
-    tuner.probe()
+    t = tuner(-1)
+    t.probe()
     for ips in (400, 420, 410, 400):  # steady: no new probe
-        tuner.after_epoch(ips)
+        t.after_epoch(ips)
     assert len(probes) == 1
-    tuner.after_epoch(250)  # below 0.7 x the fastest since the probe: another process took a core
+    t.after_epoch(250)  # below 0.7 x the fastest since the probe: another process took a core
     assert len(probes) == 2 and "slowed to 250 img/s from 420" in probes[-1]
-    tuner.threads = 1  # the probe chose one thread: after RECHECK_EPOCHS epochs it looks again
+    t.threads = 1  # the probe chose one thread: after RECHECK_EPOCHS epochs it looks again
     for ips in (250, 255, 250, 252):
-        tuner.after_epoch(ips)
+        t.after_epoch(ips)
     assert len(probes) == 3 and "checked again after 4 epochs" in probes[-1]

@@ -562,7 +562,6 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
     from vitcli.budget import budget_for
     from vitcli.distill import build_distiller
     from vitcli.signals import Stopped
-    from vitcli.threads import tuner_for
 
     try:
         cfg, data_dir, run_dir, ckpt, env = open_run(cfg, data_dir, resume, epochs, hold)
@@ -573,7 +572,6 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         run = build_state(cfg, data, env, run_dir)
         run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label)
         run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
-        run.threads = tuner_for(run)
         if ckpt is not None:
             restore(run, ckpt)
         return run, data
@@ -599,8 +597,6 @@ def run_epochs(run: RunState, data: TrainData, t_start: float, stop_after_steps:
             epoch_task = bar.add_task("epochs", total=t.epochs, completed=run.progress.epoch, stats="")
             if run.budget is not None:
                 run.budget.bar, run.budget.epoch_task = bar, epoch_task
-            if run.threads is not None:
-                run.threads.probe()
             while run.progress.epoch < t.epochs:
                 if train_epoch(run, data, bar, stop, stop_after_steps):  # stopped after N steps (tests)
                     _stopped(run)

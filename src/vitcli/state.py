@@ -126,6 +126,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
     from vitcli.models import build_model
     from vitcli.optim import EMA, build_mixup, build_optimizer
+    from vitcli.threads import tuner_for
 
     d, t, o = cfg.data, cfg.train, cfg.optim
     model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
@@ -152,6 +153,9 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     mixup = build_mixup(cfg, len(data.classes))
     steps_per_epoch = max(1, n_batches // t.accum_steps)
     total, warmup = steps_per_epoch * t.epochs, round(o.warmup_epochs * steps_per_epoch)
+    threads = tuner_for(model, cfg, env.device, env.precision, env.world) if wrap else None
+    if threads is not None:
+        threads.probe()  # before the compile, whose kernels and cache entry are per thread count
     fwd_model = wrap_model(model, ema, cfg, env, spec, total * t.accum_steps) if wrap else model
     run = RunState(
         cfg=cfg, env=env, run_dir=run_dir, spec=spec, model=model, fwd_model=fwd_model, ema=ema,
@@ -159,7 +163,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.precision == "fp16"),
         loss_fn=loss_fn, eval_loss=data.task.eval_loss(), mixup=data.task.mixup(mixup), task=data.task,
         augment=TrainAugment(d, aug_gen), aug_gen=aug_gen, sample_w=sample_w, steps_per_epoch=steps_per_epoch,
-        total_steps=total, warmup_steps=warmup)
+        total_steps=total, warmup_steps=warmup, threads=threads)
     run.set_schedule(total, warmup)
     return run
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from vitcli.console import info
 
 if TYPE_CHECKING:
-    from vitcli.state import RunState
+    from vitcli.config import Config
 
 AUTO = -1  # the config value that asks for the choice
 PROBE_S = 0.25  # seconds each timed stretch of a probe aims for
@@ -39,10 +39,10 @@ def cores() -> int:
 
 
 class ThreadTuner:
-    """Chooses between 1 thread and `cores()` for `run`'s training steps; see the module docstring."""
+    """Chooses between 1 thread and `cores()` for training `model`; see the module docstring."""
 
-    def __init__(self, run: RunState):
-        self.run, self.many = run, cores()
+    def __init__(self, model, cfg: Config, device, precision: str):
+        self.model, self.cfg, self.device, self.precision, self.many = model, cfg, device, precision, cores()
         self.threads = 0  # the chosen count (0: not probed yet)
         self.best_ips = 0.0  # fastest epoch (images/s) since the last probe
         self.since = 0  # epochs since the last probe
@@ -52,7 +52,7 @@ class ThreadTuner:
         import torch
 
         first, before = not self.threads, self.threads
-        step = _prober(self.run)
+        step = _prober(self.model, self.cfg, self.device, self.precision)
         times = {1: math.inf, self.many: math.inf}
         step(self.many)  # warm: first-call allocations
         reps = max(2, min(MAX_PROBE_STEPS, math.ceil(PROBE_S / max(_timed(step, self.many, 1), 1e-4))))
@@ -78,30 +78,30 @@ class ThreadTuner:
             self.best_ips = max(self.best_ips, images_per_s)
 
 
-def tuner_for(run: RunState) -> ThreadTuner | None:
+def tuner_for(model, cfg: Config, device, precision: str, world: int) -> ThreadTuner | None:
     """A ThreadTuner when `train.threads` is auto on a CPU with more than one core, one process and no
     OMP_NUM_THREADS; otherwise the thread count is fixed (auto keeps torch's own, or OMP_NUM_THREADS)."""
-    if run.cfg.train.threads != AUTO or run.env.device.type != "cpu" or run.env.world > 1 or cores() < 2:
+    if cfg.train.threads != AUTO or device.type != "cpu" or world > 1 or cores() < 2:
         return None
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return ThreadTuner(run)
+    return ThreadTuner(model, cfg, device, precision)
 
 
-def _prober(run: RunState):
-    """th -> one forward/backward pass of a copy of the model on a random batch of the run's shape."""
+def _prober(model, cfg: Config, device, precision: str):
+    """th -> one forward/backward pass of a copy of `model` on a random batch of the run's shape."""
     import torch
 
     from vitcli.device import autocast
 
-    model = copy.deepcopy(run.model).eval()  # eval: dropout and drop path draw no random numbers
-    d, env = run.cfg.data, run.env
+    model = copy.deepcopy(model).eval()  # eval: dropout and drop path draw no random numbers
+    d = cfg.data
     x = torch.randn(d.batch_size, 3, d.img_size, d.img_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(env.device)  # (B, 3, H, W); its own generator: the run's random streams are not advanced
+    x = x.to(device)  # (B, 3, H, W); its own generator: the run's random streams are not advanced
 
     def step(th: int) -> None:
         torch.set_num_threads(th)
-        with autocast(env.device, env.precision):
+        with autocast(device, precision):
             out = model(x)  # (B, C), or a tuple of heads while distilling
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
         model.zero_grad(set_to_none=True)
