@@ -51,7 +51,7 @@ class ThreadTuner:
         """Time both settings on a copy of the model and keep the faster; print the choice and its reason."""
         import torch
 
-        first, before = not self.threads, self.threads
+        first = not self.threads
         step = _prober(self.model, self.cfg, self.device, self.precision)
         times = {1: math.inf, self.many: math.inf}
         step(self.many)  # warm: first-call allocations
@@ -62,7 +62,7 @@ class ThreadTuner:
         torch.set_num_threads(chosen)
         self.threads, self.best_ips, self.since = chosen, 0.0, 0
         ms = {th: f"{s * 1000:.0f} ms" for th, s in times.items()}
-        if first or chosen != before:
+        if first or why:  # a re-probe says what it found, kept or changed
             info(f"[bold]threads[/] {chosen} (auto{why}: a step took {ms[1]} on 1 thread, {ms[self.many]} on "
                  f"{self.many} here)")
 
