@@ -74,6 +74,9 @@ def test_a_cpu_takes_a_smaller_model_and_fewer_epochs_for_photos_than_a_gpu():
     assert cpu.model.embed_dim < gpu.model.embed_dim and cpu.train.epochs < gpu.train.epochs
     assert forward_macs(224, 16, cpu.model.embed_dim, cpu.model.depth, "conv") <= 3e8
     assert cpu.train.threads == -1 and gpu.train.threads == 0
+    torchrun = load_config()  # two processes on the CPU: one thread each, no probe
+    apply_recipe(torchrun, n_train=6_000, world=2, quiet=True, facts=DataFacts(6_000, sizes, "cpu"))
+    assert torchrun.train.threads == 1
 
 
 def test_the_users_keys_win_over_every_data_aware_default(tmp_path):
