@@ -39,3 +39,15 @@ def test_plain_progress_line_reports_elapsed_and_eta():
     assert PlainProgress.line(t, 1060.0) == "epoch 1/3  40/100 40%  elapsed 0:01:00  eta 0:02:00  loss 0.5000"
     t = _Task("scan", total=None, completed=7, start=0.0)
     assert PlainProgress.line(t, 3725.0) == "scan  7  elapsed 1:02:05"
+
+
+def test_plain_progress_takes_a_new_total_as_rich_does():
+    """A time budget refits the epochs: the epochs line must count to the new number (it kept the first)."""
+    from vitcli.console import PlainProgress
+
+    bar = PlainProgress(interval=1e9)
+    task = bar.add_task("epochs", total=49, stats="")
+    bar.update(task, advance=61)
+    bar.update(task, total=69)
+    assert PlainProgress.line(bar.tasks[task], bar.tasks[task].start + 10).startswith("epochs  61/69 88%")
+    assert "total" not in bar.tasks[task].fields

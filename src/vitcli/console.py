@@ -139,9 +139,11 @@ class PlainProgress:
     def advance(self, task_id: int, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
 
-    def update(self, task_id: int, advance: float = 0, completed: float | None = None, **fields) -> None:
+    def update(self, task_id: int, advance: float = 0, completed: float | None = None, total: float | None = None,
+               **fields) -> None:
         t = self.tasks[task_id]
         t.completed = completed if completed is not None else t.completed + advance
+        t.total = total if total is not None else t.total  # a time budget refits the number of epochs
         t.fields.update(fields)
         now = time.monotonic()
         done = t.total is not None and t.completed >= t.total

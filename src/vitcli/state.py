@@ -173,6 +173,8 @@ def wrap_model(model, ema, cfg: Config, env: Env, spec: dict[str, Any], batches:
     torch.compile when `train.compile` says so for a run of `batches` batches (speed.py)."""
     import torch
 
+    from vitcli.speed import signature
+
     t = cfg.train
     fwd = model.to(memory_format=torch.channels_last) if t.channels_last else model
     if env.world > 1:
@@ -181,16 +183,17 @@ def wrap_model(model, ema, cfg: Config, env: Env, spec: dict[str, Any], batches:
         fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())
-    if compile_wanted(model, cfg, env, spec, batches):  # after DDP, as torch recommends
-        fwd = compile_step(fwd, model, cfg, env, spec)
+    sig = signature(spec, cfg.data.batch_size, cfg.data.img_size, env.precision, env.device)  # the cache key
+    if compile_wanted(model, cfg, env, sig, batches):  # after DDP, as torch recommends
+        fwd = compile_step(fwd, model, cfg, env, sig)
     return fwd
 
 
-def compile_wanted(model, cfg: Config, env: Env, spec: dict[str, Any], batches: int) -> bool:
+def compile_wanted(model, cfg: Config, env: Env, sig: str, batches: int) -> bool:
     """Decide `train.compile` (auto: by the expected seconds of eager steps, a time budget's at most), print
     the choice and its reason, and write it into the config so that a resumed run keeps it."""
     from vitcli.device import linear_macs_per_image
-    from vitcli.speed import decide_compile, signature, step_seconds_guess
+    from vitcli.speed import decide_compile, step_seconds_guess
 
     d, t = cfg.data, cfg.train
     expected = 0.0
@@ -199,20 +202,19 @@ def compile_wanted(model, cfg: Config, env: Env, spec: dict[str, Any], batches: 
         expected = batches * step_seconds_guess(macs, d.batch_size, env.precision, env.device)
         if t.time:
             expected = min(expected, t.seconds)
-    sig = signature(spec, d.batch_size, d.img_size, env.precision, env.device)
     wanted, why = decide_compile(t.compile, env.device, expected, sig)
     info(f"[bold]compile[/] {'on' if wanted else 'off'} ({why})")
     t.compile = "on" if wanted else "off"
     return wanted
 
 
-def compile_step(fwd, model, cfg: Config, env: Env, spec: dict[str, Any]):
+def compile_step(fwd, model, cfg: Config, env: Env, sig: str):
     """The compiled forward, compiled now on a batch of zeros (nothing changes); eager again if that fails.
     The seconds it took are remembered for the next run's decision on this machine."""
     import torch
 
     from vitcli.device import autocast
-    from vitcli.speed import Compiled, remember, signature, warm_up
+    from vitcli.speed import Compiled, remember, warm_up
 
     d = cfg.data
     compiled = Compiled(fwd, "training")
@@ -221,7 +223,7 @@ def compile_step(fwd, model, cfg: Config, env: Env, spec: dict[str, Any]):
         x = x.contiguous(memory_format=torch.channels_last)
     seconds = warm_up(compiled, model, x, autocast(env.device, env.precision))
     if not compiled.failed:
-        remember(signature(spec, d.batch_size, d.img_size, env.precision, env.device), round(seconds, 1))
+        remember(sig, round(seconds, 1))
         info(f"  compiled in {seconds:.0f} s")
     return compiled
 
