@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_dataset, run_cli
-from vitcli.threads import ThreadTuner, cores, tuner_for
+from vitcli.threads import ThreadTuner, candidates, cores, tuner_for
 
 
 @pytest.fixture
@@ -31,10 +31,11 @@ def test_auto_times_both_counts_and_trains_exactly_as_the_chosen_fixed_count(tmp
     data = make_dataset(tmp_path / "d", per_class=12)
     auto = run_cli("train", str(data), *TINY, "--epochs", "2", "--set", "train.threads=-1", "--name", "auto")
     assert auto.exit_code == 0, auto.output
-    found = re.search(r"threads (\d+) \(auto: a step took (\d+) ms on 1 thread, (\d+) ms on (\d+) here\)", auto.output)
+    found = re.search(r"threads (\d+) \(auto: a step took (\d+) ms on 1 thread, (.*) here\)", auto.output)
     assert found, auto.output
-    chosen, many = int(found[1]), int(found[4])
-    assert many == cores() and chosen in (1, many) and torch.get_num_threads() == chosen
+    chosen, others = int(found[1]), [int(n) for n in re.findall(r"\d+ ms on (\d+)", found[3])]
+    assert others == candidates(cores())[1:] and others[-1] == cores()
+    assert chosen in candidates(cores()) and torch.get_num_threads() == chosen
     # the probe ran on a copy, in eval mode, with its own random generator: the run is the run a fixed count gives
     fixed = run_cli("train", str(data), *TINY, "--epochs", "2", "--set", f"train.threads={chosen}", "--name", "fixed")
     assert fixed.exit_code == 0, fixed.output
@@ -77,3 +78,12 @@ def test_epochs_that_slow_down_or_a_long_stretch_at_one_thread_probe_again(auto_
     for ips in (250, 255, 250, 252):
         t.after_epoch(ips)
     assert len(probes) == 3 and "checked again after 4 epochs" in probes[-1]
+    t.threads = t.many  # at every core: only slower epochs bring a probe
+    for ips in (400, 405, 410, 400, 402, 404):
+        t.after_epoch(ips)
+    assert len(probes) == 3
+
+
+def test_the_counts_compared_are_one_half_and_every_core():
+    assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(3) == [1, 3]
+    assert candidates(16) == [1, 8, 16]

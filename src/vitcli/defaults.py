@@ -155,9 +155,9 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     out += _augment(side, facts, epochs) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
     if cpu and macs <= CPU_STEP_MACS:  # a large model keeps torch's threads: on a quiet machine they pay off
         out.append(Choice({"train.threads": 1}, "a small model, one process per core") if world > 1 else
-                   Choice({"train.threads": -1}, "auto: one thread or every core, whichever a probe of a few steps "
-                          "finds faster (~1.7x on a quiet 2-core machine; threads that wait on each other run 2-3x "
-                          "slower when another process takes a core), probed again when epochs slow"))
+                   Choice({"train.threads": -1}, "auto: one thread, half or every core, whichever a probe of a few "
+                          "steps finds fastest (~1.7x on a quiet 2-core machine; threads that wait on each other "
+                          "run 2-3x slower when another process takes a core), probed again when epochs slow"))
     return out
 
 

@@ -1,10 +1,11 @@
-"""`train.threads: -1` (auto): one CPU thread or every core, whichever trains faster on the machine as it is now.
+"""`train.threads: -1` (auto): one CPU thread, half or all of the cores, whichever trains fastest on the machine as
+it is now.
 
 On a quiet 2-core machine a small model's step runs ~1.7x faster on both cores; when another process keeps one
-core busy, two OpenMP threads that wait on each other run it 2-3x slower than one thread does. Neither setting
-is right everywhere, so a run times both: a few forward/backward passes of a copy of the model on a random
-batch in eval mode (the real weights, optimiser and random streams are untouched), before the first step and again when
-epochs slow down (or, at one thread, every few epochs: the other process may have ended). The thread count
+core busy, two OpenMP threads that wait on each other run it 2-3x slower than one thread does. No one setting
+is right everywhere, so a run times them: a few forward/backward passes of a copy of the model on a random
+batch in eval mode (the real weights, optimiser and random streams are untouched), before the first step and
+again when epochs slow down (or, below every core, every few epochs: the other process may have ended). The thread count
 changes the order of floating-point sums, so runs that must repeat bit for bit give a number instead.
 OMP_NUM_THREADS, when set, is the user's choice and auto keeps it.
 """
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 AUTO = -1  # the config value that asks for the choice
 PROBE_S = 0.25  # seconds each timed stretch of a probe aims for
 MAX_PROBE_STEPS = 16  # steps in one timed stretch at most (tiny models)
-GAIN = 1.1  # all cores must be at least this much faster per step to be chosen over one thread
+GAIN = 1.1  # a larger count must be at least this much faster per step than the smaller one kept
 SLOWER = 0.7  # re-probe when an epoch runs below this share of the fastest epoch since the last probe
-RECHECK_EPOCHS = 4  # at one thread by a probe: probe again after this many epochs
+RECHECK_EPOCHS = 4  # below every core by a probe: probe again after this many epochs
 
 
 def cores() -> int:
@@ -39,7 +40,7 @@ def cores() -> int:
 
 
 class ThreadTuner:
-    """Chooses between 1 thread and `cores()` for training `model`; see the module docstring."""
+    """Chooses among `candidates(cores())` thread counts for training `model`; see the module docstring."""
 
     def __init__(self, model, cfg: Config, device, precision: str):
         self.model, self.cfg, self.device, self.precision, self.many = model, cfg, device, precision, cores()
@@ -48,34 +49,44 @@ class ThreadTuner:
         self.since = 0  # epochs since the last probe
 
     def probe(self, why: str = "") -> None:
-        """Time both settings on a copy of the model and keep the faster; print the choice and its reason."""
+        """Time each candidate count on a copy of the model and keep the fastest (a larger count only when it is
+        GAIN times faster than the smaller one kept); print the choice and its reason."""
         import torch
 
         first = not self.threads
         step = _prober(self.model, self.cfg, self.device, self.precision)
-        times = {1: math.inf, self.many: math.inf}
+        counts = candidates(self.many)
+        times = dict.fromkeys(counts, math.inf)
         step(self.many)  # warm: first-call allocations
         reps = max(2, min(MAX_PROBE_STEPS, math.ceil(PROBE_S / max(_timed(step, self.many, 1), 1e-4))))
-        for th in (1, self.many, self.many, 1):  # interleaved: a load that changes midway hits both
+        for th in counts + counts[::-1]:  # interleaved: a load that changes midway hits all alike
             times[th] = min(times[th], _timed(step, th, reps))
-        chosen = self.many if times[self.many] * GAIN < times[1] else 1
+        chosen = counts[0]
+        for th in counts[1:]:
+            if times[th] * GAIN < times[chosen]:
+                chosen = th
         torch.set_num_threads(chosen)
         self.threads, self.best_ips, self.since = chosen, 0.0, 0
-        ms = {th: f"{s * 1000:.0f} ms" for th, s in times.items()}
+        took = ", ".join(f"{times[th] * 1000:.0f} ms on {th}" + (" thread" if th == 1 else "") for th in counts)
         if first or why:  # a re-probe says what it found, kept or changed
-            info(f"[bold]threads[/] {chosen} (auto{why}: a step took {ms[1]} on 1 thread, {ms[self.many]} on "
-                 f"{self.many} here)")
+            info(f"[bold]threads[/] {chosen} (auto{why}: a step took {took} here)")
 
     def after_epoch(self, images_per_s: float) -> None:
         """Probe again when this epoch was much slower than the fastest since the last probe, or after a few
-        epochs at one thread."""
+        epochs below every core."""
         self.since += 1
         if self.best_ips and images_per_s < SLOWER * self.best_ips:
             self.probe(f"; epochs slowed to {images_per_s:.0f} img/s from {self.best_ips:.0f}")
-        elif self.threads == 1 and self.since >= RECHECK_EPOCHS:
+        elif self.threads < self.many and self.since >= RECHECK_EPOCHS:
             self.probe(f"; checked again after {self.since} epochs")
         else:
             self.best_ips = max(self.best_ips, images_per_s)
+
+
+def candidates(many: int) -> list[int]:
+    """Thread counts a probe compares: 1, every core, and half of them on a machine with more than 2 cores (a
+    small model often runs best on a few of many cores)."""
+    return sorted({1, max(1, many // 2), many})
 
 
 def tuner_for(model, cfg: Config, device, precision: str, world: int) -> ThreadTuner | None:
