@@ -5,9 +5,9 @@ On a quiet 2-core machine a small model's step runs ~1.7x faster on both cores; 
 core busy, two OpenMP threads that wait on each other run it 2-3x slower than one thread does. No one setting
 is right everywhere, so a run times them: a few forward/backward passes of a copy of the model on a random
 batch in eval mode (the real weights, optimiser and random streams are untouched), before the first step and
-again when epochs slow down (or, below every core, every few epochs: the other process may have ended). The thread count
-changes the order of floating-point sums, so runs that must repeat bit for bit give a number instead.
-OMP_NUM_THREADS, when set, is the user's choice and auto keeps it.
+again when epochs slow down (or, below every core, every few epochs: the other process may have ended). The
+thread count changes the order of floating-point sums, so runs that must repeat bit for bit give a number
+instead. OMP_NUM_THREADS, when set, is the user's choice and auto keeps it.
 """
 
 from __future__ import annotations
