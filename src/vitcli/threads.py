@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from vitcli.config import Config
 
 AUTO = -1  # the config value that asks for the choice
-PROBE_S = 0.25  # seconds each timed stretch of a probe aims for
+PROBE_S = 0.5  # seconds each timed stretch of a probe aims for (~4 s a probe for the CIFAR-10 model)
 MAX_PROBE_STEPS = 16  # steps in one timed stretch at most (tiny models)
 GAIN = 1.1  # a larger count must be at least this much faster per step than the smaller one kept
 SLOWER = 0.7  # re-probe when an epoch runs below this share of the fastest epoch since the last probe
