@@ -8,9 +8,9 @@ Same data (generated 256 px JPEGs in a temp folder), same model, same batch, one
                   `train.precision: auto`), images/s read from the run's metrics.csv
 
 Before the runs it prints the limit of the machine: the measured GFLOP/s of a 2048x2048 matmul in bf16 and fp32
-(torch's threads, and one thread, which the small models' runs use). Each model's training FLOPs per image are
-counted (torch.utils.flop_counter over one forward and backward) and each run's share of the limit printed; on
-CUDA (--device cuda) that share is the MFU against the device's bf16 peak.
+(torch's threads, and one thread, which a small model's probe picks on a busy machine). Each model's training
+FLOPs per image are counted (torch.utils.flop_counter over one forward and backward) and each run's share of the
+limit printed; on CUDA (--device cuda) that share is the MFU against the device's bf16 peak.
 
 With --today-src (e.g. the src/ folder of a checkout of main), vitcli from that tree runs too, in a child
 process, interleaved with the rest: "vitcli today" against this tree's "vitcli". `vitcli compiled` is this
