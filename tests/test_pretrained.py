@@ -98,10 +98,12 @@ def test_auto_with_cached_weights_fine_tunes_and_predicts_with_the_weights_mean_
     model.load_state_dict(ckpt["model"])
     x = decode_square(image, 33, "bicubic")[None, :, :32, :32].float() / 255  # (1, 3, 32, 32); crop 33 -> 32
 
-    def probs(mean, std):
+    def probs(mean, std):  # the model trained on mirrored images: predict averages the image's and mirror's logits
+        assert pre["mirror"] is True
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         with torch.no_grad():
-            return dict(zip(ckpt["classes"], model((x - m) / s).softmax(-1)[0].tolist(), strict=True))
+            z = (model((x - m) / s) + model((x.flip(-1) - m) / s)) / 2  # (1, C)
+            return dict(zip(ckpt["classes"], z.softmax(-1)[0].tolist(), strict=True))
 
     want, imagenet = probs([0.5] * 3, [0.5] * 3), probs([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert got == pytest.approx(want, abs=1e-5)

@@ -260,6 +260,9 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Checkpoint file or run folder (its best.pt); default: the newest run under runs/.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16.")]
+TtaOpt = Annotated[bool | None, typer.Option(
+    "--tta/--no-tta", help="Average with the mirrored image (twice the compute); default: on for models trained "
+    "on mirrored images.", show_default=False)]
 
 
 @app.command(short_help="Classify images, folders and globs.")
@@ -279,7 +282,7 @@ def predict(
     json_path: Annotated[Path | None, typer.Option(
         "--json-out", help="Write JSON to this file (same as --format json -o PATH).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    tta: TtaOpt = None,
     min_prob: Annotated[list[str] | None, typer.Option(
         "--min-prob", help="Answer 'unknown' when the top probability is below P; CLASS=P sets one class's "
                            "threshold (repeatable). Multi-label: a label below P is 'unsure'.")] = None,
@@ -328,6 +331,7 @@ def serve(
     token: Annotated[str | None, typer.Option(
         envvar="VITCLI_SERVE_TOKEN", help="Bearer token required on /predict and /info.", show_default=False)
     ] = None,
+    tta: TtaOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -338,7 +342,7 @@ def serve(
         cfg = ServeConfig(host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                           max_files=max_files, max_body_mb=max_body_mb, max_pixels=max_pixels,
                           read_timeout_s=read_timeout, max_connections=max_connections, threads=threads,
-                          token=token)
+                          token=token, tta=tta)
         code = run_serve(model, cfg, device, precision)
     raise typer.Exit(code)
 
@@ -356,7 +360,7 @@ def eval_cmd(
         "--output", "-o", help="Folder for the figures (default: a new runs/eval folder).")] = None,
     json_out: JsonOpt = False,
     json_path: JsonOutOpt = None,
-    tta: Annotated[bool, typer.Option(help="Average with the mirrored image (twice the compute).")] = False,
+    tta: TtaOpt = None,
     coverage: Annotated[float | None, typer.Option(help="Target coverage of the conformal prediction sets whose "
                                                       "empirical coverage is reported (default 0.9).")] = None,
     ood_data: Annotated[Path | None, typer.Option(

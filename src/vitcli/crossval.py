@@ -110,8 +110,9 @@ def fold_probs(run_dir: Path, pool: Pool, folds: list[int], k: int, device: str,
 
     held = [i for i, f in enumerate(folds) if f == k]
     pred = TorchPredictor(run_dir / "last.pt", device, precision)
-    logits, _, _, paths, _ = collect_logits(pred, Split([pool.paths[i] for i in held],
-                                                        [pool.labels[i] for i in held]), batch_size, False)
+    pred.set_tta(False)  # the folds' scores: one view, as training validated
+    logits, _, paths, _ = collect_logits(pred, Split([pool.paths[i] for i in held], [pool.labels[i] for i in held]),
+                                         batch_size)
     if logits is None:
         return [], np.zeros((0, len(pool.classes)))
     probs = pred.task.probs(logits)  # (n, C) calibrated

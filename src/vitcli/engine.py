@@ -250,7 +250,7 @@ def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: 
     from vitcli.store import BadImageLog
 
     d = cfg.data
-    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std)
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std, mirror=d.hflip > 0)
     bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
     train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
@@ -526,9 +526,13 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path).to(env.device)
         if run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
-            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True)
+            mirror = data.pre.get("mirror", False)  # fitted on the logits prediction will use (its default TTA)
+            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True,
+                          mirror=mirror)
             ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
-            info(f"[bold]calibrated[/] {name}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
+            cal["tta"] = mirror
+            views = " (image and mirror, as prediction averages them)" if mirror else ""
+            info(f"[bold]calibrated[/] {name}{views}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
                  f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
                  f"{cal['nll_after']:.4f} on {cal['images']} images")
         temperature = (ckpt.get("calibration") or {}).get("temperature", 1.0)

@@ -24,12 +24,13 @@ DEFAULT_COVERAGE = 0.9  # target coverage of the conformal sets eval reports whe
 
 def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 64, device: str = "auto",
              precision: str = "auto", output: str | Path | None = None, json_path: str | Path | None = None,
-             figures: bool = True, tta: bool = False, coverage: float | None = None,
+             figures: bool = True, tta: bool | None = None, coverage: float | None = None,
              ood_data: str | Path | None = None) -> dict[str, Any]:
     """Run the model (checkpoint, .onnx or TorchScript) on DATA (class folders, or its test/ else val/
     split); print, plot and return the report. Probabilities are the task's calibrated ones; `coverage` (default
     DEFAULT_COVERAGE) is the target of the conformal sets whose coverage is reported; `ood_data` (images of
-    another kind) measures the out-of-distribution scores against DATA's images."""
+    another kind) measures the out-of-distribution scores against DATA's images. `tta`: None for the model's
+    own default (`Predictor.set_tta`)."""
     from vitcli.inference import load_predictor, passive_omp_threads
 
     passive_omp_threads()
@@ -53,19 +54,20 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
         raise VitcliError(f"'{data_dir}' holds no images in class folders named like the model's classes "
                           f"{classes[:10]}")
     dev, prec = str(getattr(pred, "device", "cpu")), getattr(pred, "precision", "fp32")
-    info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec}"
-         + (", TTA (mirror)" if tta else ""))
-    how = pred.prepare(len(split) * (2 if tta else 1), batch_size)
+    info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec}")
+    if line := pred.set_tta(tta):
+        info(f"  {esc(line)}")
+    how = pred.prepare(len(split) * (2 if pred.tta else 1), batch_size)
     t0 = time.perf_counter()
-    logits, flipped, labels, paths, bad = collect_logits(pred, split, batch_size, tta)
+    logits, labels, paths, bad = collect_logits(pred, split, batch_size)
     seconds = time.perf_counter() - t0
     info(f"  {len(split)} images in {seconds:.1f} s: {len(split) / max(seconds, 1e-9):.0f} img/s ({how})")
     for msg in bad:
         warn(f"skipped {msg}")
     if not paths:
         raise VitcliError(f"none of the {len(split)} images in '{data_dir}' could be read")
-    probs = pred.task.probs(logits, flipped).numpy()  # (N, C)
-    head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": tta,
+    probs = pred.task.probs(logits).numpy()  # (N, C)
+    head = {"model": str(pred.path), "data": str(data_dir), "device": dev, "precision": prec, "tta": pred.tta,
             "skipped": bad}
     ood = ood_report(pred, paths, ood_data, batch_size) if ood_data else None  # (report, scores) or None
     head |= {"ood": ood[0]} if ood else {}
@@ -76,7 +78,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     losses, preds = report.pop("_losses"), report.pop("_preds")
     report["worst"] = worst_mistakes(losses, preds, y, probs, paths, classes)
     cov = DEFAULT_COVERAGE if coverage is None else coverage
-    report = head | report | calibration_report(pred, logits, flipped, probs, y, cov)
+    report = head | report | calibration_report(pred, logits, probs, y, cov)
     if figures:
         from vitcli.html_report import eval_report, pick_examples
         from vitcli.rundir import new_run_dir

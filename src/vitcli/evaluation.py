@@ -91,9 +91,10 @@ class EvalOutput:
 
 
 def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
-             rank: int = 0, world: int = 1, keep_logits: bool = False) -> EvalOutput:
-    """Forward every image of `store` (this rank's shard) with the eval transform. The sums stay on the device
-    and are read once at the end."""
+             rank: int = 0, world: int = 1, keep_logits: bool = False, mirror: bool = False) -> EvalOutput:
+    """Forward every image of `store` (this rank's shard) with the eval transform; with `mirror`, the logits are
+    the mean of the image's and its mirror's (prediction's TTA). The sums stay on the device and are read once at
+    the end."""
     import torch
 
     from vitcli.augment import eval_transform
@@ -109,7 +110,10 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
         for x, y in store.eval_batches(batch_size, rank, world):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
-                logits = model(eval_transform(x, pre)).float()  # (B, C)
+                x = eval_transform(x, pre)  # (B, 3, H, W)
+                logits = model(x).float()  # (B, C)
+                if mirror:
+                    logits = (logits + model(x.flip(-1)).float()) / 2
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, y).double() * len(y)
             correct += hits(logits, y).sum()
@@ -122,9 +126,9 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
     return EvalOutput(logits, labels if labels.ndim == 2 else labels.long(), float(loss_sum), float(correct), count)
 
 
-def collect_logits(pred, split, batch_size: int, tta: bool):
-    """Run `pred` over a Split in bounded chunks: (logits (N, C), mirrored-image logits (N, C) or None,
-    labels (N,), readable paths, unreadable-file messages)."""
+def collect_logits(pred, split, batch_size: int):
+    """Run `pred` over a Split in bounded chunks: (its prediction logits (N, C) (`Predictor.view_logits`: with
+    its TTA), labels (N,), readable paths, unreadable-file messages)."""
     import torch
 
     from vitcli.dataset import Split
@@ -132,30 +136,28 @@ def collect_logits(pred, split, batch_size: int, tta: bool):
 
     pre = pred.preprocess
     bad: list[str] = []
-    logits, flipped, labels, paths = [], [], [], []
+    logits, labels, paths = [], [], []
     for start in range(0, len(split), CHUNK):  # bounded memory; the store keeps paths aligned with logits
         part = Split(split.paths[start:start + CHUNK], split.labels[start:start + CHUNK])
         store = ImageStore(part, pre["resize_size"], pre["interpolation"], cache=True, num_workers=0,
                              on_bad=bad.append, progress_label="decoding")
         for x, y in store.batches(sequential_batches(len(store), batch_size)):  # uint8 (B, 3, S, S)
-            logits.append(pred.logits(x).float())
-            if tta:
-                flipped.append(pred.logits(x.flip(-1)).float())
+            logits.append(pred.view_logits(x).float())
             labels.append(y)
         paths += store.paths
     if not paths:
-        return None, None, None, paths, bad
-    return torch.cat(logits), torch.cat(flipped) if tta else None, torch.cat(labels), paths, bad
+        return None, None, paths, bad
+    return torch.cat(logits), torch.cat(labels), paths, bad
 
 
-def calibration_report(pred, logits, flipped, probs: np.ndarray, y: np.ndarray, coverage: float | None
+def calibration_report(pred, logits, probs: np.ndarray, y: np.ndarray, coverage: float | None
                        ) -> dict[str, Any]:
     """Temperature, ECE before and after it (`probs`: the calibrated ones), and (with conformal scores)
     coverage and mean set size."""
     from vitcli.calibrate import set_metrics
 
     task = pred.task
-    before = task.uncalibrated().probs(logits, flipped).numpy()  # (N, C)
+    before = task.uncalibrated().probs(logits).numpy()  # (N, C)
     rep: dict[str, Any] = {"temperature": task.temperature, "ece_uncalibrated": calibration(before, y)[0]}
     if coverage is not None and task.conformal_scores is not None:
         thr = task.conformal_threshold(coverage, str(pred.path))

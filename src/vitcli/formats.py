@@ -37,6 +37,7 @@ class Predictor:
     task: Task  # single- or multi-label, with the temperature / conformal scores / thresholds stored
     ood: dict[str, Any] | None  # out-of-distribution thresholds (and the kNN bank for checkpoints), or None
     gives_features = False  # whether `outputs` returns penultimate embeddings (the kNN score needs them)
+    tta = False  # views: the image and its mirror, logits averaged (`set_tta`)
 
     def _init_meta(self, path: Path, kind: str, meta: dict[str, Any]) -> None:
         from vitcli.task import Task
@@ -45,6 +46,7 @@ class Predictor:
         self.classes, self.preprocess = list(meta["classes"]), dict(meta["preprocess"])
         self.task = Task.from_meta(meta)
         self.ood = meta.get("ood")
+        self.calibrated_tta = bool((meta.get("calibration") or {}).get("tta", False))  # the views calibration saw
 
     def logits(self, x):  # uint8 (B, 3, S, S) -> float32 (B, C) on CPU
         raise NotImplementedError
@@ -58,10 +60,32 @@ class Predictor:
         """uint8 (B, 3, S, S) -> (embeddings (B, D) or None, logits (B, C)), both float32 on CPU."""
         return None, self.logits(x)
 
-    def probs(self, x, tta: bool = False):
-        """uint8 (B, 3, S, S) -> calibrated probabilities float64 (B, C) (`Task.probs`); with `tta` the mean
-        over the image and its mirror."""
-        return self.task.probs(self.logits(x), self.logits(x.flip(-1)) if tta else None)
+    def set_tta(self, choice: bool | None) -> str | None:
+        """Test-time augmentation: `choice` True / False, or None for the model's own default: on when it
+        trained on mirrored images (its preprocess says so). Returns the line that says so, or None when off."""
+        self.tta = bool(self.preprocess.get("mirror", False)) if choice is None else choice
+        unlike = ("; the temperature and conformal scores were fitted on " + ("both views" if self.calibrated_tta
+                  else "the image alone") + ", so sets carry no coverage guarantee"
+                  if self.calibrated_tta != self.tta and self.task.conformal_scores is not None else "")
+        if not self.tta:
+            return f"TTA off (--no-tta){unlike}" if unlike else None
+        why = "--tta" if choice else "the model trained on mirrored images too; --no-tta: half the compute"
+        return f"TTA: the mean of the image's and its mirror's logits ({why}){unlike}"
+
+    def view_logits(self, x, logits=None):
+        """uint8 (B, 3, S, S) -> float32 (B, C): the logits prediction uses; with TTA the mean of the image's
+        (`logits`, when already computed) and its mirror's: the mirror of the centre crop the model sees (an odd
+        margin would shift a mirrored-then-cropped image by a pixel)."""
+        logits = self.logits(x) if logits is None else logits
+        if not self.tta:
+            return logits
+        from vitcli.augment import center_crop
+
+        return (logits + self.logits(center_crop(x, self.preprocess["img_size"]).flip(-1))) / 2
+
+    def probs(self, x):
+        """uint8 (B, 3, S, S) -> calibrated probabilities float64 (B, C) (`Task.probs` of `view_logits`)."""
+        return self.task.probs(self.view_logits(x))
 
     def conformal_threshold(self, coverage: float) -> float:
         return self.task.conformal_threshold(coverage, str(self.path))

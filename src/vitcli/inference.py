@@ -215,7 +215,7 @@ def answers(pred: Predictor, names: list[str], full, k: int, min_prob=None, thre
     return out
 
 
-def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64, tta: bool = False,
+def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_size: int = 64,
                    threads: int = 0, progress: bool = True, min_prob=None, threshold: float | None = None,
                    ood: str | None = None, unknown: str = "unknown") -> Iterator[Prediction]:
     """Yield one Prediction per path, in order; unreadable images give an error entry, the rest go on.
@@ -234,7 +234,7 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
     def flush(batch: list[tuple[Path, Any]]) -> Iterator[Prediction]:
         x = torch.stack([img for _, img in batch])  # uint8 (B, 3, S, S)
-        full, scores = scored_probs(pred, x, tta, ood)  # (B, C) float64, (B,) or None
+        full, scores = scored_probs(pred, x, ood)  # (B, C) float64, (B,) or None
         yield from answers(pred, [str(p) for p, _ in batch], full, k, min_prob, threshold, scores, ood, unknown)
 
     if bar:
@@ -261,15 +261,15 @@ def predict_images(pred: Predictor, paths: list[Path], top_k: int = 1, batch_siz
 
 
 
-def scored_probs(pred: Predictor, x, tta: bool, ood: str | None):
-    """Calibrated probabilities (B, C) and, with `ood`, that out-of-distribution score (B,) from one pass."""
+def scored_probs(pred: Predictor, x, ood: str | None):
+    """Calibrated probabilities (B, C) (with the predictor's TTA) and, with `ood`, that out-of-distribution score
+    (B,) of the image itself (as the thresholds were fitted), from one pass."""
     if ood is None:
-        return pred.probs(x, tta), None
+        return pred.probs(x), None
     from vitcli.ood import ood_scores
 
     feats, logits = pred.outputs(x)
-    full = pred.task.probs(logits, pred.logits(x.flip(-1)) if tta else None)
-    return full, ood_scores(pred.ood, feats, logits)[ood]
+    return pred.task.probs(pred.view_logits(x, logits)), ood_scores(pred.ood, feats, logits)[ood]
 
 
 # ----------------------------------------------------------------------------------------------- looking inside

@@ -157,11 +157,12 @@ def print_table(results: list[Prediction], k: int, with_set: bool = False) -> No
 
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt: str = "table",
-                output: str | Path | None = None, batch_size: int = 64, tta: bool = False, device: str = "auto",
+                output: str | Path | None = None, batch_size: int = 64, tta: bool | None = None, device: str = "auto",
                 precision: str = "auto", threads: int = 0, min_prob: list[str] | None = None,
                 coverage: float | None = None, ood: str | None = None, unknown: str = "unknown") -> int:
     """The `vitcli predict` command; returns the exit code (0, or EXIT_SOME_FAILED when any input failed).
-    `ood`: an out-of-distribution score name (auto, knn, energy) to report and answer `unknown` above."""
+    `ood`: an out-of-distribution score name (auto, knn, energy) to report and answer `unknown` above; `tta`: None
+    for the model's own default (`Predictor.set_tta`)."""
     from vitcli.console import console, esc, info
     from vitcli.device import check_device_args
 
@@ -200,9 +201,11 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
                 console.print(f"[red]error[/]: {esc(r.error)}", soft_wrap=True)
             yield r
 
-    how = pred.prepare(len(paths) * (2 if tta else 1), batch_size)
+    if line := pred.set_tta(tta):
+        info(esc(line))
+    how = pred.prepare(len(paths) * (2 if pred.tta else 1), batch_size)
     t0 = time.perf_counter()
-    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, tta=tta, threads=threads,
+    results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, threads=threads,
                                       min_prob=thresholds, threshold=threshold, ood=ood, unknown=unknown))
     if fmt == "table":
         done = list(results)

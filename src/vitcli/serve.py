@@ -52,6 +52,7 @@ class ServeConfig:
     max_connections: int = 200  # concurrent connections; beyond them uvicorn answers 503
     threads: int = 0  # decoding threads; 0 = min(4, CPU count)
     token: str | None = None  # bearer token required on /predict and /info; None = no authentication
+    tta: bool | None = None  # average with the mirror; None = the model's default (on when it trained mirrored)
 
     def check(self) -> None:
         for flag in ("port", "threads", "max_batch", "max_queue", "max_files", "max_pixels", "max_connections"):
@@ -151,7 +152,7 @@ class Batcher:
         from vitcli.inference import scored_probs
 
         try:
-            full, scores = scored_probs(self.pred, torch.stack([img for img, _, _ in batch]), False, self.ood)
+            full, scores = scored_probs(self.pred, torch.stack([img for img, _, _ in batch]), self.ood)
             rows = list(zip(full, scores if scores is not None else [None] * len(full), strict=True))  # (C,), score
         except Exception as e:  # the model failed: every request of this batch gets a 500, the server goes on
             rows = [e] * len(batch)
@@ -377,6 +378,8 @@ def run_serve(model: str | None, cfg: ServeConfig, device: str = "auto", precisi
     check_device_args(device, precision)
     passive_omp_threads()
     pred = load_predictor(model, device, precision)
+    if line := pred.set_tta(cfg.tta):
+        info(line)
     Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # load_rgb turns Pillow's bomb warning into BadImage
     app = build_app(pred, cfg)
     server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,

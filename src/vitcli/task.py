@@ -171,13 +171,10 @@ class Task:
     def activation(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def probs(self, logits: torch.Tensor, flipped: torch.Tensor | None = None) -> torch.Tensor:
-        """Calibrated probabilities, float64 (N, C), of logits (N, C) divided by the stored temperature; with
-        `flipped` (the mirrored images' logits, TTA) the mean of both. The one logits -> probability rule."""
-        p = self.activation(logits.detach().cpu().double() / self.temperature)  # (N, C)
-        if flipped is not None:
-            p = (p + self.activation(flipped.detach().cpu().double() / self.temperature)) / 2
-        return p
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities, float64 (N, C), of logits (N, C) divided by the stored temperature. The one
+        logits -> probability rule."""
+        return self.activation(logits.detach().cpu().double() / self.temperature)  # (N, C)
 
     def decide(self, probs, min_prob: np.ndarray | None = None, set_threshold: float | None = None
                ) -> list[Decision]:
