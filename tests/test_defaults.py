@@ -90,6 +90,9 @@ def test_the_users_keys_win_over_every_data_aware_default(tmp_path):
     assert cfg.data.translate > 0  # keys the user left alone are still chosen
     applied = {k for c in recipe.defaults for k in c.applied}
     assert not applied & {"data.img_size", "model.name", "train.epochs", "data.hflip", "model.stem"}
+    # a reason that names values the user replaced says so
+    glyph = next(c for c in recipe.defaults if "data.translate" in c.applied)
+    assert glyph.why.endswith("(your data.hflip kept)"), glyph.why
 
 
 def test_pretrained_and_recipe_none_get_no_data_aware_defaults(tmp_path):

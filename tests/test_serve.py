@@ -123,6 +123,23 @@ def test_answers_equal_vitcli_predict_on_the_same_files(model, server):
     assert any("set" in p for p in got) and all(p["class"] in ("red", "green", "blue", "unknown") for p in got)
 
 
+def test_the_mirror_default_and_no_tta_answer_like_predict(model):
+    """The test model trained on mirrored images: the server above averaged with the mirror, as predict does by
+    default; `serve --no-tta` answers like `predict --no-tta`, which differs."""
+    from vitcli.checkpoint import load_checkpoint
+
+    run, images = model
+    assert load_checkpoint(run / "best.pt")["preprocess"]["mirror"] is True
+    files = jpgs(images)[:4]
+    one_view = predict_json(run, files, "--top-k", "3", "--no-tta")
+    assert one_view != predict_json(run, files, "--top-k", "3")
+    with served(run, "--no-tta") as (url, proc):
+        parts = [("file", (str(f), f.read_bytes(), "image/jpeg")) for f in files]
+        r = httpx.post(f"{url}/predict", params={"top_k": 3}, files=parts, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == one_view
+
+
 def test_ood_answers_and_scores_equal_vitcli_predict_ood(model, server):
     run, images = model
     files = jpgs(images)[:6]

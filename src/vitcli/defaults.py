@@ -335,6 +335,9 @@ def _apply(cfg: Config, made: list[Choice]) -> list[Choice]:
             if key not in mine:
                 setattr(getattr(cfg, section), attr, value)
                 choice.applied[key] = value
+        kept = [k for k in choice.values if k in mine]
+        if kept and choice.applied:  # the reason names values the user replaced: say so
+            choice.why += f" (your {', '.join(kept)} kept)"
     return [c for c in made if c.applied]
 
 
