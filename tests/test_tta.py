@@ -90,3 +90,17 @@ def test_eval_follows_the_models_default_and_the_flags(tmp_path, mirrored, unmir
     assert [reports[n]["tta"] for n in ("mirrored", "mirrored-off", "plain", "plain-on")] == [True, False, False, True]
     assert reports["mirrored"]["loss"] != reports["mirrored-off"]["loss"]
     assert reports["plain"]["loss"] != reports["plain-on"]["loss"]
+
+
+@pytest.mark.parametrize("task, mirror, default", [("single", True, True), ("single", False, False),
+                                                   ("multilabel", True, False)])
+def test_the_default_follows_training_and_what_the_calibration_saw(task, mirror, default):
+    """Label vectors tune their thresholds on one view while training, so their default stays one view."""
+    from vitcli.formats import Predictor
+
+    pred = Predictor()
+    pred._init_meta(Path("m.pt"), "test", {"classes": ["a", "b"], "task": task, "thresholds": [0.5, 0.5],
+                                           "preprocess": {"img_size": 8, "mirror": mirror}})
+    line = pred.set_tta(None)
+    assert pred.tta is default and (line is not None) is default
+    assert pred.set_tta(True) is not None and pred.tta is True  # --tta asks for it on any model

@@ -62,8 +62,11 @@ class Predictor:
 
     def set_tta(self, choice: bool | None) -> str | None:
         """Test-time augmentation: `choice` True / False, or None for the model's own default: on when it
-        trained on mirrored images (its preprocess says so). Returns the line that says so, or None when off."""
-        self.tta = bool(self.preprocess.get("mirror", False)) if choice is None else choice
+        trained on mirrored images (its preprocess says so) and its calibration is fitted at the end of training
+        on the same views (label vectors tune their thresholds on one view while training: off for them).
+        Returns the line that says so, or None when off."""
+        mirror = bool(self.preprocess.get("mirror", False)) and self.task.fits_temperature
+        self.tta = mirror if choice is None else choice
         unlike = ("; the temperature and conformal scores were fitted on " + ("both views" if self.calibrated_tta
                   else "the image alone") + ", so sets carry no coverage guarantee"
                   if self.calibrated_tta != self.tta and self.task.conformal_scores is not None else "")
