@@ -32,10 +32,10 @@ ENOUGH_EPOCHS = 15  # CPU: a smaller model rather than one a default run trains 
 ROOMY_EPOCHS = 150  # CPU time budget: the next larger model once the budget trains it for this many epochs
 LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
 HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
-# ... when it also makes this many optimiser steps: 100 epochs of a small set are too few steps to fit the heavy
-# regime's harder task (the no-flags CIFAR-10 model, 6,400 images, ~9,000 steps with it: 58% validation at 63% of
-# its 30-minute run, where light augmentation stood at 69%; DeiT's heavy regime runs 375,000 steps)
-HEAVY_STEPS = 30_000
+# ... for a model at least this wide (DeiT-Ti's width, the smallest DeiT trained with it): smaller models prefer
+# lighter augmentation (Steiner et al. 2021); the 128-wide no-flags CIFAR-10 model with the heavy set stood at 58%
+# validation at 63% of a 30-minute run, where light augmentation stood at 69%
+HEAVY_WIDTH = 192
 FEW_STEPS = 400  # a run with fewer optimiser steps than this at its batch size takes a smaller batch (down to 16)
 # `data.batch_size: auto`: rows (tokens) a step's matmuls need to run near the matrix units' limit, by device; on
 # 2 AVX-512 BF16 cores a 64 x 65-token step already reaches ~90% of the square-matmul GFLOP/s
@@ -156,8 +156,7 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     macs = forward_macs(img, patch, dim, depth, stem)
     length = _epochs(cfg, facts, world, macs if cpu else 0.0)
     epochs = length[0].values["train.epochs"] if length else cfg.train.epochs
-    steps = run_steps(cfg, facts.n_train, epochs, world)
-    out += _augment(side, facts, epochs, steps) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
+    out += _augment(side, facts, epochs, dim) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
     if cpu and macs <= CPU_STEP_MACS:  # a large model keeps torch's threads: on a quiet machine they pay off
         out.append(Choice({"train.threads": 1}, "a small model, one process per core") if world > 1 else
                    Choice({"train.threads": -1}, "auto: one thread, half or every core, whichever a probe of a few "
@@ -166,25 +165,27 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     return out
 
 
-def strength(epochs: int, steps: int) -> str:
-    """How much augmentation a from-scratch run of `epochs` epochs and `steps` optimiser steps can use:
-    minimal | light | heavy.
+def strength(epochs: int, width: int | None = None) -> str:
+    """How much augmentation a from-scratch run of this length can use, for a model of this width (None: not
+    known, e.g. a timm model): minimal | light | heavy.
 
-    Heavy mixing and erasing pay off only when the model trains long enough to fit the harder task; in short
-    runs they cost accuracy (Steiner et al., "How to train your ViT?", 2021).
+    Heavy mixing and erasing pay off only when the model trains long enough, and is large enough, to fit the
+    harder task; in short runs and for small models they cost accuracy (Steiner et al., "How to train your
+    ViT?", 2021).
     """
-    if epochs >= HEAVY_EPOCHS and steps >= HEAVY_STEPS:
+    if epochs >= HEAVY_EPOCHS and (width is None or width >= HEAVY_WIDTH):
         return "heavy"
     return "light" if epochs >= LIGHT_EPOCHS else "minimal"
 
 
-def run_steps(cfg: Config, n_train: int, epochs: int, world: int = 1) -> int:
-    """Optimiser steps of `epochs` epochs over `n_train` images at the config's batch (the usual one while
-    `data.batch_size` is still `auto`)."""
-    from vitcli.config import DataConfig
+def model_width(cfg: Config) -> int | None:
+    """The embedding width of a from-scratch model (its preset's unless set); None for a timm model."""
+    from vitcli.models import PRESETS, backend_for_name, parse_preset
 
-    batch = cfg.data.batch_size if isinstance(cfg.data.batch_size, int) else DataConfig.batch_size
-    return max(1, n_train // (batch * world * cfg.train.accum_steps)) * epochs
+    m = cfg.model
+    if not backend_for_name(m.name).from_scratch:
+        return None
+    return m.embed_dim or PRESETS.get(parse_preset(m.name)[0], PRESETS["vit-tiny"])[0]
 
 
 def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tuple[int, str]:
@@ -208,12 +209,12 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
     return rung, grown
 
 
-def _augment(side: int, facts: DataFacts, epochs: int, steps: int) -> list[Choice]:
+def _augment(side: int, facts: DataFacts, epochs: int, width: int | None) -> list[Choice]:
     """Photos: mirror, crops and colour jitter; glyphs: no mirror, and small ones shift, scale and rotate a little.
     Without a pixel sample (shards), small images are taken for glyphs and larger ones keep the usual crops."""
     looks = looks_of(facts)
     if looks is not None and looks.kind == "photo":
-        level = strength(epochs, steps)
+        level = strength(epochs, width)
         scale, jitter = PHOTO_AUG[level]
         small = side < SMALL_SIDE
         crops = {"data.crop_pct": 1.0, "data.scale_min": scale, "data.ratio_max": 4 / 3, "data.rotate": 0.0,
@@ -339,8 +340,8 @@ def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -
 def data_defaults(cfg: Config, facts: DataFacts) -> list[Choice]:
     """For a model vitcli does not size (a timm model trained from scratch): only what the data says about
     augmentation (photos or glyphs) and class balance; its input size and width stay the model's own."""
-    steps = run_steps(cfg, facts.n_train, cfg.train.epochs)
-    return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs, steps) + _balance(facts.counts))
+    return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs, model_width(cfg))
+                  + _balance(facts.counts))
 
 
 def _apply(cfg: Config, made: list[Choice]) -> list[Choice]:

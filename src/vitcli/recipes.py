@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import user_keys, validate
-from vitcli.defaults import run_steps, strength
+from vitcli.defaults import model_width, strength
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Recipe:
     hint: str | None = None  # e.g. the command that fine-tunes pretrained weights instead
 
 
-def choose(cfg: Config, n_train: int, world: int = 1) -> tuple[str, str]:
+def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     """(recipe name, why) for this config and training-set size."""
     m = cfg.model
     if cfg.train.recipe != "auto":
@@ -50,8 +50,7 @@ def choose(cfg: Config, n_train: int, world: int = 1) -> tuple[str, str]:
     if m.pretrained == "true" or m.pretrained_file:
         source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
         return "finetune", f"the model starts from {source}"
-    epochs = cfg.train.epochs
-    length = f"{epochs} epochs: {strength(epochs, run_steps(cfg, n_train, epochs, world))} augmentation"
+    length = f"{cfg.train.epochs} epochs: {strength(cfg.train.epochs, model_width(cfg))} augmentation"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
                                  f"{length}")
@@ -71,7 +70,7 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     from vitcli.models import backend_for_name
 
     scratch_backend = backend_for_name(m.name).from_scratch
-    total_steps = run_steps(cfg, n_train, t.epochs, world)
+    total_steps = max(1, n_train // (d.batch_size * world * t.accum_steps)) * t.epochs
     if name == "finetune":
         return {
             # half the from-scratch default (MAE/BEiT's fine-tuning lr), and lower still in early blocks:
@@ -88,7 +87,7 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
             "model.drop_path_rate": 0.1,
         }
     small = name == "scratch-small"
-    level = strength(t.epochs, total_steps)
+    level = strength(t.epochs, model_width(cfg))
     big_images = d.img_size >= 32  # RandAugment's and cutmix's geometry is sized for images of 32 px and up
     values: dict[str, Any] = {
         "train.label_smoothing": 0.1,
@@ -126,7 +125,7 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
     from vitcli.pretrained import apply_pretrained
 
     apply_pretrained(cfg, n_train, **finetune_facts(cfg, facts), quiet=quiet)  # `model.pretrained: auto`; data config
-    name, why = choose(cfg, n_train, world)
+    name, why = choose(cfg, n_train)
     mine = user_keys(cfg)
     recipe = Recipe(name, why)
     auto = cfg.data.batch_size == "auto"
@@ -135,7 +134,7 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
     if facts is not None and name in ("scratch-small", "scratch") and backend_for_name(cfg.model.name).from_scratch:
         recipe.defaults = apply_defaults(cfg, name, facts, world)
         recipe.hint = photo_hint(cfg, facts)
-        name, why = choose(cfg, n_train, world)  # the chosen epochs set the augmentation strength
+        name, why = choose(cfg, n_train)  # the chosen epochs set the augmentation strength
         recipe.why = why
     elif facts is not None and name in ("scratch-small", "scratch"):  # a timm model without pretrained weights
         recipe.defaults = data_defaults(cfg, facts)
