@@ -78,7 +78,8 @@ def test_augmentation_strength_grows_with_run_length():
     assert long.train.recipe == "scratch" and long.data.mixup == 0.8 and long.data.cutmix == 1.0
     assert long.model.global_pool == "token"  # small-data choices only for small data
     small = load_config(overrides=["train.epochs=120", "data.img_size=32", "model.embed_dim=128", "model.num_heads=4"])
-    apply_recipe(small, n_train=6_400, quiet=True)
+    recipe = apply_recipe(small, n_train=6_400, quiet=True)
+    assert "light augmentation (width 128: narrower than 192" in recipe.why
     assert small.data.mixup == 0.2 and small.data.cutmix == 0.0 and small.data.randaugment == ""
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import user_keys, validate
-from vitcli.defaults import model_width, strength
+from vitcli.defaults import HEAVY_EPOCHS, HEAVY_WIDTH, model_width, strength
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -50,7 +50,11 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     if m.pretrained == "true" or m.pretrained_file:
         source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
         return "finetune", f"the model starts from {source}"
-    length = f"{cfg.train.epochs} epochs: {strength(cfg.train.epochs, model_width(cfg))} augmentation"
+    width = model_width(cfg)
+    level = strength(cfg.train.epochs, width)
+    narrow = (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
+              if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
+    length = f"{cfg.train.epochs} epochs: {level} augmentation{narrow}"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
                                  f"{length}")
