@@ -64,10 +64,11 @@ def step_rate(model, precision: str, threads: int, steps: int) -> float:
 def measure(label: str, steps: int) -> None:
     import torch
 
-    from vitcli.threads import ThreadTuner, candidates, cores
+    from vitcli.device import cpu_count
+    from vitcli.threads import ThreadTuner, candidates
 
     cfg, model, precision = model_and_batch()
-    rates = {th: step_rate(model, precision, th, steps) for th in candidates(cores())}
+    rates = {th: step_rate(model, precision, th, steps) for th in candidates(cpu_count())}
     tuner = ThreadTuner(model, cfg, torch.device("cpu"), precision)
     tuner.probe()
     best = max(rates, key=rates.get)
@@ -80,13 +81,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per count (default 30)")
     args = ap.parse_args()
-    from vitcli.threads import cores
+    from vitcli.device import cpu_count
 
-    if cores() < 2:
+    if cpu_count() < 2:
         print("one core: nothing to choose")
         return 0
     os.environ.pop("OMP_NUM_THREADS", None)  # auto only probes without it
-    print(f"{cores()} cores, torch threads by default: ", end="")
+    print(f"{cpu_count()} cores, torch threads by default: ", end="")
     import torch
 
     print(torch.get_num_threads(), flush=True)

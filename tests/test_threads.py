@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import TINY, make_dataset, run_cli
-from vitcli.threads import ThreadTuner, candidates, cores, tuner_for
+from vitcli.device import cpu_count
+from vitcli.threads import ThreadTuner, candidates, tuner_for
 
 
 @pytest.fixture
 def auto_threads(monkeypatch):
     """The user left OMP_NUM_THREADS unset (the suite sets it to 1); torch's threads are put back after."""
-    if cores() < 2:
+    if cpu_count() < 2:
         pytest.skip("one core: auto has nothing to choose")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
@@ -34,8 +35,8 @@ def test_auto_times_both_counts_and_trains_exactly_as_the_chosen_fixed_count(tmp
     found = re.search(r"threads (\d+) \(auto: a step took (\d+) ms on 1 thread, (.*) here\)", auto.output)
     assert found, auto.output
     chosen, others = int(found[1]), [int(n) for n in re.findall(r"\d+ ms on (\d+)", found[3])]
-    assert others == candidates(cores())[1:] and others[-1] == cores()
-    assert chosen in candidates(cores()) and torch.get_num_threads() == chosen
+    assert others == candidates(cpu_count())[1:] and others[-1] == cpu_count()
+    assert chosen in candidates(cpu_count()) and torch.get_num_threads() == chosen
     # the probe ran on a copy, in eval mode, with its own random generator: the run is the run a fixed count gives
     fixed = run_cli("train", str(data), *TINY, "--epochs", "2", "--set", f"train.threads={chosen}", "--name", "fixed")
     assert fixed.exit_code == 0, fixed.output

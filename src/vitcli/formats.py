@@ -67,9 +67,11 @@ class Predictor:
         Returns the line that says so, or None when off."""
         mirror = bool(self.preprocess.get("mirror", False)) and self.task.fits_temperature
         self.tta = mirror if choice is None else choice
-        unlike = ("; the temperature and conformal scores were fitted on " + ("both views" if self.calibrated_tta
-                  else "the image alone") + ", so sets carry no coverage guarantee"
-                  if self.calibrated_tta != self.tta and self.task.conformal_scores is not None else "")
+        unlike = ""  # prediction takes other views than the calibration saw
+        if self.calibrated_tta != self.tta and self.task.conformal_scores is not None:
+            fitted = "both views" if self.calibrated_tta else "the image alone"
+            unlike = (f"; the temperature and conformal scores were fitted on {fitted}, so sets carry no coverage "
+                      "guarantee")
         if not self.tta:
             return f"TTA off (--no-tta){unlike}" if unlike else None
         why = "--tta" if choice else "the model trained on mirrored images too; --no-tta: half the compute"

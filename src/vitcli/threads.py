@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vitcli.console import info
+from vitcli.device import cpu_count
 
 if TYPE_CHECKING:
     from vitcli.config import Config
@@ -31,19 +32,11 @@ SLOWER = 0.7  # re-probe when an epoch runs below this share of the fastest epoc
 RECHECK_EPOCHS = 4  # below every core by a probe: probe again after this many epochs
 
 
-def cores() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class ThreadTuner:
-    """Chooses among `candidates(cores())` thread counts for training `model`; see the module docstring."""
+    """Chooses among `candidates(cpu_count())` thread counts for training `model`; see the module docstring."""
 
     def __init__(self, model, cfg: Config, device, precision: str):
-        self.model, self.cfg, self.device, self.precision, self.many = model, cfg, device, precision, cores()
+        self.model, self.cfg, self.device, self.precision, self.many = model, cfg, device, precision, cpu_count()
         self.threads = 0  # the chosen count (0: not probed yet)
         self.best_ips = 0.0  # fastest epoch (images/s) since the last probe
         self.since = 0  # epochs since the last probe
@@ -53,7 +46,6 @@ class ThreadTuner:
         GAIN times faster than the smaller one kept); print the choice and its reason."""
         import torch
 
-        first = not self.threads
         step = _prober(self.model, self.cfg, self.device, self.precision)
         counts = candidates(self.many)
         times = dict.fromkeys(counts, math.inf)
@@ -68,8 +60,7 @@ class ThreadTuner:
         torch.set_num_threads(chosen)
         self.threads, self.best_ips, self.since = chosen, 0.0, 0
         took = ", ".join(f"{times[th] * 1000:.0f} ms on {th}" + (" thread" if th == 1 else "") for th in counts)
-        if first or why:  # a re-probe says what it found, kept or changed
-            info(f"[bold]threads[/] {chosen} (auto{why}: a step took {took} here)")
+        info(f"[bold]threads[/] {chosen} (auto{why}: a step took {took} here)")
 
     def after_epoch(self, images_per_s: float) -> None:
         """Probe again when this epoch was much slower than the fastest since the last probe, or after a few
@@ -92,7 +83,7 @@ def candidates(many: int) -> list[int]:
 def tuner_for(model, cfg: Config, device, precision: str, world: int) -> ThreadTuner | None:
     """A ThreadTuner when `train.threads` is auto on a CPU with more than one core, one process and no
     OMP_NUM_THREADS; otherwise the thread count is fixed (auto keeps torch's own, or OMP_NUM_THREADS)."""
-    if cfg.train.threads != AUTO or device.type != "cpu" or world > 1 or cores() < 2:
+    if cfg.train.threads != AUTO or device.type != "cpu" or world > 1 or cpu_count() < 2:
         return None
     if os.environ.get("OMP_NUM_THREADS"):
         return None
