@@ -130,3 +130,31 @@ def test_a_time_budget_guesses_fewer_epochs_so_the_recipe_fits_the_run_length():
     recipe = apply_recipe(timed, n_train=3_200, quiet=True, facts=facts)
     assert 1 <= timed.train.epochs < free.train.epochs == 49  # ~8 minutes of a CPU without a budget
     assert any("train.epochs" in c.applied and "3m" in c.why for c in recipe.defaults)
+
+
+def test_a_large_folder_holds_out_a_thousand_images_not_a_fifth():
+    from vitcli.defaults import split_defaults
+
+    cfg = load_config()
+    assert split_defaults(cfg, 2000, 5) == [] and cfg.data.val_fraction == 0.2  # 20% of 2,000 is only 400
+    assert split_defaults(load_config(), 30_000, 100)[0].applied == {"data.val_fraction": 0.167}  # 50 a class
+    assert split_defaults(load_config(), 100_000, 10)[0].applied == {"data.val_fraction": 0.1}  # at least 10%
+    cfg = load_config()
+    (made,) = split_defaults(cfg, 8000, 10)
+    assert cfg.data.val_fraction == made.applied["data.val_fraction"] == 0.125 and "~1,000 held out" in made.why
+    mine = load_config(overrides=["data.val_fraction=0.3"])
+    assert split_defaults(mine, 8000, 10) == [] and mine.data.val_fraction == 0.3
+
+
+def test_train_on_a_large_folder_trains_on_all_but_the_held_out_thousand(tmp_path):
+    data = grey_folder(tmp_path / "big", classes=10, per_class=600, size=(8, 8))
+    res = run_cli("train", data, "--epochs", "1", "--batch-size", "256", "--device", "cpu", "--set",
+                  "train.precision=fp32", "--set", "model.embed_dim=32", "--set", "model.depth=1",
+                  "--set", "model.num_heads=2")
+    assert res.exit_code == 0, res.output
+    assert "data.val_fraction=0.167: 6,000 images: ~1,002 held out are enough" in res.output
+    assert "5000 train / 1000 val images" in res.output
+    run = tmp_path / "runs" / "train"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["val_fraction"] == 0.167
+    rows = (run / "split.csv").read_text().splitlines()[1:]
+    assert sum(r.startswith("val,") for r in rows) == 1000 and len(rows) == 6000

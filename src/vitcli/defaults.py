@@ -36,6 +36,10 @@ HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup
 # lighter augmentation (Steiner et al. 2021); the 128-wide no-flags CIFAR-10 model with the heavy set stood at 58%
 # validation at 63% of a 30-minute run, where light augmentation stood at 69%
 HEAVY_WIDTH = 192
+# a folder vitcli splits holds out this many images for validation (at least VAL_PER_CLASS a class, at least
+# MIN_VAL_FRACTION) when that is less than data.val_fraction's 20%: enough to pick best.pt and fit the temperature
+# and conformal scores (+-1.5 points on the accuracy), and the rest train
+VAL_IMAGES, VAL_PER_CLASS, MIN_VAL_FRACTION = 1000, 50, 0.1
 FEW_STEPS = 400  # a run with fewer optimiser steps than this at its batch size takes a smaller batch (down to 16)
 # `data.batch_size: auto`: rows (tokens) a step's matmuls need to run near the matrix units' limit, by device; on
 # 2 AVX-512 BF16 cores a 64 x 65-token step already reaches ~90% of the square-matmul GFLOP/s
@@ -59,6 +63,7 @@ class DataFacts:
     device_type: str = "cpu"  # cpu | cuda | mps
     data_dir: str = "DATA"  # for the printed hint
     counts: list[int] = field(default_factory=list)  # training images per class; empty: multi-label (not judged)
+    split: list[Choice] = field(default_factory=list)  # the validation share chosen before the scan's split
     pixels: tuple | None = None  # (uint8 grey sample (N, 32, 32), its labels) from data.probe_pixels; None: unseen
     looks: Looks | None = None  # photos or glyphs, from `pixels` (looks_of fills it)
 
@@ -342,6 +347,18 @@ def data_defaults(cfg: Config, facts: DataFacts) -> list[Choice]:
     augmentation (photos or glyphs) and class balance; its input size and width stay the model's own."""
     return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs, model_width(cfg))
                   + _balance(facts.counts))
+
+
+def split_defaults(cfg: Config, n_images: int, n_classes: int) -> list[Choice]:
+    """A large folder that vitcli splits keeps VAL_IMAGES for validation rather than 20%, so more images train;
+    set on the config (unless the user set data.val_fraction) and returned for the printed defaults."""
+    share = max(MIN_VAL_FRACTION, max(VAL_IMAGES, VAL_PER_CLASS * n_classes) / max(1, n_images))
+    if share >= cfg.data.val_fraction:
+        return []
+    share = round(share, 3)
+    return _apply(cfg, [Choice({"data.val_fraction": share},
+                               f"{n_images:,} images: ~{round(share * n_images):,} held out are enough to pick best.pt "
+                               "and calibrate, so the rest train (20% for smaller sets)")])
 
 
 def _apply(cfg: Config, made: list[Choice]) -> list[Choice]:

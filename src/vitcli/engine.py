@@ -185,7 +185,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     Returns the data and the run folder (created when `run_dir` is None, and locked into `hold`). A resumed
     run's classes must match its checkpoint's (`resumed_classes`), checked before anything is written."""
     from vitcli.dataset import check_val_split
-    from vitcli.defaults import DataFacts
+    from vitcli.defaults import DataFacts, split_defaults
     from vitcli.looks import SIDE
     from vitcli.rundir import check_resumed_data, write_split
     from vitcli.sources import open_source
@@ -193,6 +193,9 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     d, t = cfg.data, cfg.train
     source = open_source(data_dir, d.val_csv or None)
     ds = source.scan(d.val_fraction, t.seed)
+    split = split_defaults(cfg, sum(ds.sizes()), len(ds.classes)) if recipe and ds.split_made and source.listed else []
+    if split:  # a large folder: a smaller validation share
+        ds = source.scan(d.val_fraction, t.seed)
     check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
@@ -203,7 +206,7 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     if recipe:
         pixels = source.sample_pixels(ds, SIDE, t.seed)
         facts = DataFacts(n_train, source.sample_sizes(ds, t.seed), env.device.type, str(data_dir),
-                          counts=[] if ds.multilabel else counts, pixels=pixels)
+                          counts=[] if ds.multilabel else counts, split=split, pixels=pixels)
     run_dir = make_run_dir(cfg, data_dir, env, run_dir, n_train if recipe else None, hold, facts)
     if env.main and ds.split_made and source.listed and not resumed:
         write_split(run_dir / "split.csv", ds)

@@ -142,6 +142,8 @@ def apply_recipe(cfg: Config, *, n_train: int, world: int = 1, quiet: bool = Fal
         recipe.why = why
     elif facts is not None and name in ("scratch-small", "scratch"):  # a timm model without pretrained weights
         recipe.defaults = data_defaults(cfg, facts)
+    if facts is not None:
+        recipe.defaults[:0] = facts.split
     if auto:
         choice = auto_batch(cfg, n_train, facts.device_type if facts else _device_type(cfg), world)
         cfg.data.batch_size = choice.applied["data.batch_size"] = choice.values["data.batch_size"]
