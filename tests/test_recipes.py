@@ -67,9 +67,9 @@ def test_finetune_recipe_lowers_lr_decays_layers_and_drops_mixup():
 
 
 def test_augmentation_strength_grows_with_run_length():
-    assert [strength(e) for e in (5, 30, 300)] == ["minimal", "light", "heavy"]
-    # a model narrower than DeiT-Ti keeps light augmentation however long it trains (HEAVY_WIDTH)
-    assert strength(300, 128) == "light" and strength(300, 192) == "heavy"
+    assert [strength(e) for e in (5, 30, 70, 300)] == ["minimal", "light", "medium", "heavy"]
+    # a model narrower than DeiT-Ti stops at medium augmentation however long it trains (HEAVY_WIDTH)
+    assert strength(300, 128) == "medium" and strength(300, 192) == "heavy" and strength(59, 192) == "light"
     short = load_config(overrides=["train.epochs=5"])
     apply_recipe(short, n_train=1_000, quiet=True)
     assert short.data.mixup == 0 and short.data.reprob == 0 and short.train.ema_decay == 0
@@ -79,8 +79,13 @@ def test_augmentation_strength_grows_with_run_length():
     assert long.model.global_pool == "token"  # small-data choices only for small data
     small = load_config(overrides=["train.epochs=120", "data.img_size=32", "model.embed_dim=128", "model.num_heads=4"])
     recipe = apply_recipe(small, n_train=6_400, quiet=True)
-    assert "light augmentation (width 128: narrower than 192" in recipe.why
-    assert small.data.mixup == 0.2 and small.data.cutmix == 0.0 and small.data.randaugment == ""
+    assert "medium augmentation (width 128: narrower than 192" in recipe.why and "magnitude 6" in recipe.why
+    assert small.data.mixup == 0.2 and small.data.cutmix == 0.0 and small.data.randaugment.startswith("rand-m6")
+    assert small.data.reprob == 0.25
+    glyphs = load_config(overrides=["train.epochs=70", "data.img_size=28", "model.name=vit-tiny/4",
+                                    "model.embed_dim=96"])
+    apply_recipe(glyphs, n_train=3_200, quiet=True)  # under 32 px: light augmentation's values
+    assert glyphs.data.randaugment == "" and glyphs.data.reprob == 0.1 and glyphs.data.mixup == 0.2
 
 
 def test_helpers_pick_sensible_values():

@@ -54,6 +54,7 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     level = strength(cfg.train.epochs, width)
     narrow = (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
               if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
+    narrow += " (RandAugment at magnitude 6, erasing 0.25)" if level == "medium" and cfg.data.img_size >= 32 else ""
     length = f"{cfg.train.epochs} epochs: {level} augmentation{narrow}"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
@@ -99,10 +100,11 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
         "optim.warmup_epochs": round(min(10.0, WARMUP_SHARE * t.epochs), 2),  # long warmup, however short the run
         "model.drop_path_rate": 0.0 if level == "minimal" else 0.1,
         # mmax9: at magnitude 10 timm's increasing posterize keeps 0 bits, which Pillow refuses
-        "data.randaugment": "rand-m9-mstd0.5-inc1-mmax9" if level == "heavy" and big_images else "",
-        "data.mixup": {"minimal": 0.0, "light": 0.2, "heavy": 0.8}[level],
+        "data.randaugment": {"heavy": "rand-m9-mstd0.5-inc1-mmax9", "medium": "rand-m6-n2-mstd0.5-inc1"}.get(level, "")
+        if big_images else "",
+        "data.mixup": {"minimal": 0.0, "light": 0.2, "medium": 0.2, "heavy": 0.8}[level],
         "data.cutmix": 1.0 if level == "heavy" and big_images else 0.0,
-        "data.reprob": {"minimal": 0.0, "light": 0.1, "heavy": 0.25}[level],
+        "data.reprob": {"minimal": 0.0, "light": 0.1, "medium": 0.25 if big_images else 0.1, "heavy": 0.25}[level],
         # an average of the weights helps once the run is long enough for one
         "train.ema_decay": ema_decay_for(total_steps) if level != "minimal" and total_steps >= 500 else 0.0,
     }
