@@ -70,6 +70,8 @@ def test_augmentation_strength_grows_with_run_length():
     assert [strength(e) for e in (5, 30, 70, 300)] == ["minimal", "light", "medium", "heavy"]
     # a model narrower than DeiT-Ti stops at medium augmentation however long it trains (HEAVY_WIDTH)
     assert strength(300, 128) == "medium" and strength(300, 192) == "heavy" and strength(59, 192) == "light"
+    assert strength(70, 128, img_size=28) == "light"  # RandAugment needs images of 32 px and up
+    assert strength(300, 96) == strength(70, 96) == "light"  # ... and a model 128 wide
     short = load_config(overrides=["train.epochs=5"])
     apply_recipe(short, n_train=1_000, quiet=True)
     assert short.data.mixup == 0 and short.data.reprob == 0 and short.train.ema_decay == 0
@@ -82,6 +84,9 @@ def test_augmentation_strength_grows_with_run_length():
     assert "medium augmentation (width 128: narrower than 192" in recipe.why and "magnitude 6" in recipe.why
     assert small.data.mixup == 0.2 and small.data.cutmix == 0.0 and small.data.randaugment.startswith("rand-m6")
     assert small.data.reprob == 0.25
+    tiny = load_config(overrides=["train.epochs=100", "data.img_size=32", "model.embed_dim=96", "model.num_heads=3"])
+    assert "light augmentation (width 96: narrower than 128, too small for RandAugment)" in apply_recipe(
+        tiny, n_train=480, quiet=True).why and tiny.data.randaugment == ""
     glyphs = load_config(overrides=["train.epochs=70", "data.img_size=28", "model.name=vit-tiny/4",
                                     "model.embed_dim=96"])
     apply_recipe(glyphs, n_train=3_200, quiet=True)  # under 32 px: light augmentation's values

@@ -31,9 +31,12 @@ FEW_PHOTOS = 20_000  # photos from scratch below this many training images get t
 ENOUGH_EPOCHS = 15  # CPU: a smaller model rather than one a default run trains for fewer epochs than this
 ROOMY_EPOCHS = 150  # CPU time budget: the next larger model once the budget trains it for this many epochs
 LIGHT_EPOCHS = 20  # from-scratch runs this long get light augmentation (mixup 0.2, erasing 0.1, EMA)
-# ... and this long medium: light plus RandAugment at magnitude 6 and erasing 0.25 on images of 32 px and up (the
-# 30-minute CIFAR-10 run, 128 wide: 72.85% test top-1 against 71.15% with light augmentation, same seed)
-MEDIUM_EPOCHS = 60
+# ... and this long medium: light plus RandAugment at magnitude 6 and erasing 0.25 on images of 32 px and up, for
+# a model at least MEDIUM_WIDTH wide (the 30-minute CIFAR-10 run, 128 wide: 72.85% test top-1 against 71.15% with
+# light augmentation, same seed; 480 CIFAR-10 photos of 5 classes, 96 wide, 100 epochs: 60.15% against 62.25%,
+# mean of two seeds)
+MEDIUM_EPOCHS, MEDIUM_WIDTH = 60, 128
+BIG_IMAGES = 32  # RandAugment's and cutmix's geometry is sized for images of this side (px) and up
 HEAVY_EPOCHS = 100  # ... and this long the full DeiT regime (RandAugment, mixup 0.8, cutmix 1.0, erasing 0.25)
 # ... for a model at least this wide (DeiT-Ti's width, the smallest DeiT trained with it): smaller models prefer
 # lighter augmentation (Steiner et al. 2021); the 128-wide no-flags CIFAR-10 model with the heavy set stood at 58%
@@ -164,7 +167,7 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     macs = forward_macs(img, patch, dim, depth, stem)
     length = _epochs(cfg, facts, world, macs if cpu else 0.0)
     epochs = length[0].values["train.epochs"] if length else cfg.train.epochs
-    out += _augment(side, facts, epochs, dim) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
+    out += _augment(side, facts, epochs, dim, img) + _balance(facts.counts) + length + _batch(cfg, facts, world, epochs)
     if cpu and macs <= CPU_STEP_MACS:  # a large model keeps torch's threads: on a quiet machine they pay off
         out.append(Choice({"train.threads": 1}, "a small model, one process per core") if world > 1 else
                    Choice({"train.threads": -1}, "auto: one thread, half or every core, whichever a probe of a few "
@@ -173,9 +176,10 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     return out
 
 
-def strength(epochs: int, width: int | None = None) -> str:
+def strength(epochs: int, width: int | None = None, img_size: int = 224) -> str:
     """How much augmentation a from-scratch run of this length can use, for a model of this width (None: not
-    known, e.g. a timm model): minimal | light | medium | heavy.
+    known, e.g. a timm model) on images of this size: minimal | light | medium | heavy (medium adds RandAugment
+    and more erasing, which need images of BIG_IMAGES px and up and a model MEDIUM_WIDTH wide: else light).
 
     Heavy mixing and erasing pay off only when the model trains long enough, and is large enough, to fit the
     harder task; in short runs and for small models they cost accuracy (Steiner et al., "How to train your
@@ -183,7 +187,9 @@ def strength(epochs: int, width: int | None = None) -> str:
     """
     if epochs >= HEAVY_EPOCHS and (width is None or width >= HEAVY_WIDTH):
         return "heavy"
-    return "medium" if epochs >= MEDIUM_EPOCHS else "light" if epochs >= LIGHT_EPOCHS else "minimal"
+    if epochs >= MEDIUM_EPOCHS and img_size >= BIG_IMAGES and (width is None or width >= MEDIUM_WIDTH):
+        return "medium"
+    return "light" if epochs >= LIGHT_EPOCHS else "minimal"
 
 
 def model_width(cfg: Config) -> int | None:
@@ -217,12 +223,12 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
     return rung, grown
 
 
-def _augment(side: int, facts: DataFacts, epochs: int, width: int | None) -> list[Choice]:
+def _augment(side: int, facts: DataFacts, epochs: int, width: int | None, img: int) -> list[Choice]:
     """Photos: mirror, crops and colour jitter; glyphs: no mirror, and small ones shift, scale and rotate a little.
     Without a pixel sample (shards), small images are taken for glyphs and larger ones keep the usual crops."""
     looks = looks_of(facts)
     if looks is not None and looks.kind == "photo":
-        level = strength(epochs, width)
+        level = strength(epochs, width, img)
         scale, jitter = PHOTO_AUG[level]
         small = side < SMALL_SIDE
         crops = {"data.crop_pct": 1.0, "data.scale_min": scale, "data.ratio_max": 4 / 3, "data.rotate": 0.0,
@@ -348,7 +354,8 @@ def apply_defaults(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -
 def data_defaults(cfg: Config, facts: DataFacts) -> list[Choice]:
     """For a model vitcli does not size (a timm model trained from scratch): only what the data says about
     augmentation (photos or glyphs) and class balance; its input size and width stay the model's own."""
-    return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs, model_width(cfg))
+    return _apply(cfg, _augment(median_side(facts.sizes), facts, cfg.train.epochs, model_width(cfg),
+                                cfg.data.img_size)
                   + _balance(facts.counts))
 
 

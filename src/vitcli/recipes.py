@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import user_keys, validate
-from vitcli.defaults import HEAVY_EPOCHS, HEAVY_WIDTH, model_width, strength
+from vitcli.defaults import BIG_IMAGES, HEAVY_EPOCHS, HEAVY_WIDTH, MEDIUM_EPOCHS, MEDIUM_WIDTH, model_width, strength
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -51,10 +51,12 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
         source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
         return "finetune", f"the model starts from {source}"
     width = model_width(cfg)
-    level = strength(cfg.train.epochs, width)
+    level = strength(cfg.train.epochs, width, cfg.data.img_size)
     narrow = (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
               if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
-    narrow += " (RandAugment at magnitude 6, erasing 0.25)" if level == "medium" and cfg.data.img_size >= 32 else ""
+    if level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and width and width < MEDIUM_WIDTH:
+        narrow = f" (width {width}: narrower than {MEDIUM_WIDTH}, too small for RandAugment)"
+    narrow += " (RandAugment at magnitude 6, erasing 0.25)" if level == "medium" else ""
     length = f"{cfg.train.epochs} epochs: {level} augmentation{narrow}"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
@@ -92,8 +94,8 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
             "model.drop_path_rate": 0.1,
         }
     small = name == "scratch-small"
-    level = strength(t.epochs, model_width(cfg))
-    big_images = d.img_size >= 32  # RandAugment's and cutmix's geometry is sized for images of 32 px and up
+    level = strength(t.epochs, model_width(cfg), d.img_size)
+    big_images = d.img_size >= BIG_IMAGES
     values: dict[str, Any] = {
         "train.label_smoothing": 0.1,
         "optim.weight_decay": 0.05,
@@ -104,7 +106,7 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
         if big_images else "",
         "data.mixup": {"minimal": 0.0, "light": 0.2, "medium": 0.2, "heavy": 0.8}[level],
         "data.cutmix": 1.0 if level == "heavy" and big_images else 0.0,
-        "data.reprob": {"minimal": 0.0, "light": 0.1, "medium": 0.25 if big_images else 0.1, "heavy": 0.25}[level],
+        "data.reprob": {"minimal": 0.0, "light": 0.1, "medium": 0.25, "heavy": 0.25}[level],
         # an average of the weights helps once the run is long enough for one
         "train.ema_decay": ema_decay_for(total_steps) if level != "minimal" and total_steps >= 500 else 0.0,
     }
