@@ -56,8 +56,8 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
               if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
     if level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and width and width < MEDIUM_WIDTH:
         narrow = f" (width {width}: narrower than {MEDIUM_WIDTH}, too small for RandAugment)"
-    narrow += " (RandAugment at magnitude 6, erasing 0.25)" if level == "medium" else ""
-    length = f"{cfg.train.epochs} epochs: {level} augmentation{narrow}"
+    medium = ": RandAugment at magnitude 6, erasing 0.25" if level == "medium" else ""
+    length = f"{cfg.train.epochs} epochs: {level} augmentation{medium}{narrow}"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
                                  f"{length}")
