@@ -90,7 +90,8 @@ def test_augmentation_strength_grows_with_run_length():
         tiny, n_train=480, quiet=True).why and tiny.data.randaugment == ""
     glyphs = load_config(overrides=["train.epochs=70", "data.img_size=28", "model.name=vit-tiny/4",
                                     "model.embed_dim=96"])
-    apply_recipe(glyphs, n_train=3_200, quiet=True)  # under 32 px: light augmentation's values
+    assert "70 epochs: light augmentation (images of 28 px: under 32, too small for RandAugment)" in apply_recipe(
+        glyphs, n_train=3_200, quiet=True).why  # light augmentation's values
     assert glyphs.data.randaugment == "" and glyphs.data.reprob == 0.1 and glyphs.data.mixup == 0.2
 
 

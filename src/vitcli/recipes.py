@@ -54,7 +54,9 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     level = strength(cfg.train.epochs, width, cfg.data.img_size)
     narrow = (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
               if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
-    if level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and width and width < MEDIUM_WIDTH:
+    if level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and cfg.data.img_size < BIG_IMAGES:
+        narrow = f" (images of {cfg.data.img_size} px: under {BIG_IMAGES}, too small for RandAugment)"
+    elif level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and width and width < MEDIUM_WIDTH:
         narrow = f" (width {width}: narrower than {MEDIUM_WIDTH}, too small for RandAugment)"
     medium = ": RandAugment at magnitude 6, erasing 0.25" if level == "medium" else ""
     length = f"{cfg.train.epochs} epochs: {level} augmentation{medium}{narrow}"
