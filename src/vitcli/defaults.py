@@ -185,11 +185,21 @@ def strength(epochs: int, width: int | None = None, img_size: int = 224) -> str:
     harder task; in short runs and for small models they cost accuracy (Steiner et al., "How to train your
     ViT?", 2021).
     """
+    return augment_level(epochs, width, img_size)[0]
+
+
+def augment_level(epochs: int, width: int | None = None, img_size: int = 224) -> tuple[str, str]:
+    """(strength, why it is not stronger: '' or ' (...)' for the recipe line); see `strength`."""
     if epochs >= HEAVY_EPOCHS and (width is None or width >= HEAVY_WIDTH):
-        return "heavy"
-    if epochs >= MEDIUM_EPOCHS and img_size >= BIG_IMAGES and (width is None or width >= MEDIUM_WIDTH):
-        return "medium"
-    return "light" if epochs >= LIGHT_EPOCHS else "minimal"
+        return "heavy", ""
+    if epochs >= MEDIUM_EPOCHS:
+        if img_size < BIG_IMAGES:
+            return "light", f" (images of {img_size} px: under {BIG_IMAGES}, too small for RandAugment)"
+        if width is not None and width < MEDIUM_WIDTH:
+            return "light", f" (width {width}: narrower than {MEDIUM_WIDTH}, too small for RandAugment)"
+        return "medium", (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
+                          if epochs >= HEAVY_EPOCHS else "")
+    return ("light" if epochs >= LIGHT_EPOCHS else "minimal"), ""
 
 
 def model_width(cfg: Config) -> int | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitcli.config import user_keys, validate
-from vitcli.defaults import BIG_IMAGES, HEAVY_EPOCHS, HEAVY_WIDTH, MEDIUM_EPOCHS, MEDIUM_WIDTH, model_width, strength
+from vitcli.defaults import BIG_IMAGES, augment_level, model_width, strength
 from vitcli.errors import VitcliError
 
 if TYPE_CHECKING:
@@ -50,16 +50,9 @@ def choose(cfg: Config, n_train: int) -> tuple[str, str]:
     if m.pretrained == "true" or m.pretrained_file:
         source = f"'{m.pretrained_file}'" if m.pretrained_file else "timm's pretrained weights"
         return "finetune", f"the model starts from {source}"
-    width = model_width(cfg)
-    level = strength(cfg.train.epochs, width, cfg.data.img_size)
-    narrow = (f" (width {width}: narrower than {HEAVY_WIDTH}, too small for the full DeiT set)"
-              if cfg.train.epochs >= HEAVY_EPOCHS and level != "heavy" else "")
-    if level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and cfg.data.img_size < BIG_IMAGES:
-        narrow = f" (images of {cfg.data.img_size} px: under {BIG_IMAGES}, too small for RandAugment)"
-    elif level == "light" and cfg.train.epochs >= MEDIUM_EPOCHS and width and width < MEDIUM_WIDTH:
-        narrow = f" (width {width}: narrower than {MEDIUM_WIDTH}, too small for RandAugment)"
+    level, capped = augment_level(cfg.train.epochs, model_width(cfg), cfg.data.img_size)
     medium = ": RandAugment at magnitude 6, erasing 0.25" if level == "medium" else ""
-    length = f"{cfg.train.epochs} epochs: {level} augmentation{medium}{narrow}"
+    length = f"{cfg.train.epochs} epochs: {level} augmentation{medium}{capped}"
     if n_train < SMALL_DATA:
         return "scratch-small", (f"from scratch on {n_train:,} training images (fewer than {SMALL_DATA:,}), "
                                  f"{length}")
