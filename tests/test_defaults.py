@@ -158,3 +158,27 @@ def test_train_on_a_large_folder_trains_on_all_but_the_held_out_thousand(tmp_pat
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["val_fraction"] == 0.167
     rows = (run / "split.csv").read_text().splitlines()[1:]
     assert sum(r.startswith("val,") for r in rows) == 1000 and len(rows) == 6000
+
+
+def test_a_resplit_is_the_scan_at_that_share_without_listing_the_files_again(tmp_path):
+    from vitcli.sources import open_source
+
+    data = grey_folder(tmp_path / "d", classes=3, per_class=40, size=(8, 8))
+    rows = ["path,label"] + [f"d/c{c}/{i}.png,c{c}" for c in range(3) for i in range(40)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    for where in (data, tmp_path / "labels.csv"):
+        source = open_source(where, None)
+        again, direct = source.scan(0.2, 3).resplit(0.1, 3), source.scan(0.1, 3)
+        assert (again.train.paths, again.train.labels) == (direct.train.paths, direct.train.labels)
+        assert (again.val.paths, again.val.labels) == (direct.val.paths, direct.val.labels) and len(again.val) == 12
+
+
+def test_the_smaller_split_scans_once_so_each_skipped_file_is_reported_once(tmp_path):
+    data = grey_folder(tmp_path / "big", classes=10, per_class=600, size=(8, 8))
+    (data / "__notes").mkdir()  # a hidden folder: the scan warns that it skipped it
+    res = run_cli("train", data, "--epochs", "1", "--batch-size", "256", "--device", "cpu", "--set",
+                  "train.precision=fp32", "--set", "model.embed_dim=32", "--set", "model.depth=1",
+                  "--set", "model.num_heads=2")
+    assert res.exit_code == 0, res.output
+    before_training = res.output.split("5000 train / 1000 val images")[0]  # (report.html scans again, later)
+    assert before_training.count("__notes") == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -42,6 +42,13 @@ class Dataset:
     source: Path | None = None  # the label file when DATA is a manifest (.csv / .tsv / .jsonl)
     streamed: tuple[int, int] | None = None  # a streamed source (shards): (train, val) images; splits not listed
     streamed_counts: tuple[list[int], list[int]] | None = None  # streamed: (train, val) images per class
+    pool: Split | None = None  # split_made: the images the seeded split was cut from, in scan order (resplit)
+
+    def resplit(self, val_fraction: float, seed: int) -> Dataset:
+        """The scan's seeded split again with another share (a split it made): what `scan(val_fraction, seed)`
+        gives, without listing the files again."""
+        tr, va = stratified_split(self.pool.labels, val_fraction, seed)
+        return replace(self, train=self.pool.subset(tr), val=self.pool.subset(va))
 
     def sizes(self) -> tuple[int, int]:
         """(train, val) images, listed or streamed."""

@@ -193,9 +193,9 @@ def prepare_data(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
     d, t = cfg.data, cfg.train
     source = open_source(data_dir, d.val_csv or None)
     ds = source.scan(d.val_fraction, t.seed)
-    split = split_defaults(cfg, sum(ds.sizes()), len(ds.classes)) if recipe and ds.split_made and source.listed else []
+    split = split_defaults(cfg, sum(ds.sizes()), len(ds.classes)) if recipe and ds.pool is not None else []
     if split:  # a large folder: a smaller validation share
-        ds = source.scan(d.val_fraction, t.seed)
+        ds = ds.resplit(d.val_fraction, t.seed)
     check_val_split(ds, d.val_fraction)
     resumed = run_dir is not None and (run_dir / "config.yaml").is_file()
     if resumed:
@@ -259,7 +259,7 @@ def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: 
     bad.check()  # from now on each unreadable image is checked as it turns up
     if len(train) == 0 or len(val) == 0:
         raise VitcliError(f"'{data_dir}': no readable images left in the {'val' if len(train) else 'train'} split")
-    ds.train, ds.val = Split(), Split()  # the stores hold the images now: let the scan's Path lists go
+    ds.train, ds.val, ds.pool = Split(), Split(), None  # the stores hold the images now: let the scan's Path lists go
     return TrainData(data_dir, ds, train, val, pre, counts[0], bad, counts[1])
 
 

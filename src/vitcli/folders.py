@@ -212,11 +212,13 @@ class FolderSource(ListedSource):
                 test = scan_classes(root / "test", classes, log)[1] if (root / "test").is_dir() else None
                 if val is None:
                     tr, va = stratified_split(train.labels, val_fraction, seed)
-                    return Dataset(root, classes, train.subset(tr), train.subset(va), test, split_made=True)
+                    return Dataset(root, classes, train.subset(tr), train.subset(va), test, split_made=True,
+                                   pool=train)
                 return Dataset(root, classes, train, val, test)
             classes, everything = scan_classes(root, log=log)
             tr, va = stratified_split(everything.labels, val_fraction, seed)
-            return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True)
+            return Dataset(root, classes, everything.subset(tr), everything.subset(va), None, split_made=True,
+                           pool=everything)
         finally:
             log.finish()
 

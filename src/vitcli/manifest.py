@@ -371,7 +371,8 @@ class LabelFileSource(ListedSource):
         if "all" in parts or (not len(parts["val"]) and val_fraction > 0):
             pool = parts.get("all", parts.get("train"))
             tr, va = stratified_split(pool.labels, val_fraction, seed)
-            return Dataset(path.parent, m.classes, pool.subset(tr), pool.subset(va), test, split_made=True, **kw)
+            return Dataset(path.parent, m.classes, pool.subset(tr), pool.subset(va), test, split_made=True,
+                           pool=pool, **kw)
         return Dataset(path.parent, m.classes, parts["train"], parts["val"], test, **kw)
 
     def eval_split(self, classes: list[str], multilabel: bool) -> Split:
