@@ -8,9 +8,10 @@ same recipe, epochs and seed, scored on a held-out TEST split.
 In one run:
   1. the teacher: `vitcli train DATA --epochs TEACHER_EPOCHS [TEACHER_SETS]` (by default the no-flags model,
      width 128, 4 blocks, 30 epochs: its recipe adds mixup, random erasing, stochastic depth and EMA);
-  2. for each seed: the student (`--student`, default width 96, 4 blocks, 3 heads, 8 epochs: short enough to
-     leave it room below the teacher) alone, and distilled from the teacher with each `--variant` (default:
-     vitcli's defaults, i.e. hard distillation, and soft distillation at temperature 4), the same epochs;
+  2. for each seed: the student (`--student`, default width 64, 4 blocks, 2 heads, 8 epochs: small and short
+     enough to leave it room below the teacher) alone, and distilled from the teacher with each `--variant`
+     (default: vitcli's defaults, i.e. soft distillation at temperature 2, weight 0.8, and DeiT's hard
+     distillation at weight 0.5), the same epochs; `--control` runs the student alone with other settings;
   3. `vitcli eval` of every run's best.pt (picked on the validation split vitcli holds out of train/) and
      last.pt on test/;
 and prints a table of test top-1 per seed, the means and the mean gain of each variant over the student alone.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "examples" / "generated" / "distill_gain"
-STUDENT = "model.embed_dim=96 model.depth=4 model.num_heads=3"
+STUDENT = "model.embed_dim=64 model.depth=4 model.num_heads=2"
 
 
 def _env() -> dict:
@@ -74,7 +75,11 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, help="an existing teacher run folder instead of training one")
     ap.add_argument("--student", default=STUDENT, help=f"the student's --set keys (default '{STUDENT}')")
     ap.add_argument("--variant", action="append", default=[],
-                    help="'LABEL: k=v k=v' distillation settings to compare (repeatable; default: hard and soft T=4)")
+                    help="'LABEL: k=v k=v' distillation settings to compare (repeatable; default: vitcli's "
+                         "defaults and hard)")
+    ap.add_argument("--control", action="append", default=[],
+                    help="'LABEL: k=v k=v' the student alone with other settings, no teacher (repeatable): is a "
+                         "variant's gain the teacher's or its settings'?")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -93,8 +98,9 @@ def main() -> None:
     runs = args.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     runs.mkdir(parents=True)
     variants = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1] if ":" in v else "") for v in args.variant]
-    variants = variants or [("distilled, hard (default)", ""),
-                            ("distilled, soft T=4", "train.distill=soft train.distill_temperature=4")]
+    variants = variants or [("distilled (defaults: soft, T=2, weight 0.8)", ""),
+                            ("distilled, hard (DeiT's: weight 0.5)", "train.distill=hard train.distill_weight=0.5")]
+    controls = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1] if ":" in v else "") for v in args.control]
     t_start = time.time()
 
     teacher = args.teacher.resolve() if args.teacher else None
@@ -112,6 +118,8 @@ def main() -> None:
         for i, (label, extra) in enumerate(variants):
             jobs.append((label, seed, f"distilled{i}-s{seed}",
                          [*base, "--set", f"train.teacher={teacher}", *sets(extra)]))
+        for i, (label, extra) in enumerate(controls):
+            jobs.append((label, seed, f"control{i}-s{seed}", [*base, *sets(extra)]))
 
     def one(job):
         label, seed, name, a = job
@@ -124,7 +132,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(one, jobs))
 
-    labels = ["alone"] + [v[0] for v in variants]
+    labels = ["alone"] + [v[0] for v in variants + controls]
     seeds = args.seeds
     table = {(r[0], r[1]): r for r in results}
     print(f"\nteacher: test top-1 {t_best:.2%} (best.pt), {t_last:.2%} (last.pt); students {args.epochs} epochs, "

@@ -1,5 +1,6 @@
-"""Distillation (train.teacher): a DeiT distillation token learns from a frozen teacher, the student predicts with
-both heads, it resumes bit-exactly and fits --time; without a teacher the ViT is timm's, unchanged."""
+"""Distillation (train.teacher): a DeiT distillation token learns from a frozen teacher (a pooled student: its one
+head), the student predicts with both heads, it resumes bit-exactly and fits --time; without a teacher the ViT is
+timm's, unchanged."""
 
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ def students(tmp_path_factory, teacher, noisy) -> dict[str, tuple[Path, str]]:
     os.chdir(root)
     try:
         return {"alone": train_student(noisy, "alone"),
-                "taught": train_student(noisy, "taught", f"train.teacher={teacher}", "train.distill_weight=0.7")}
+                "taught": train_student(noisy, "taught", f"train.teacher={teacher}", "train.distill_weight=0.7",
+                                        "model.global_pool=token", "train.distill=hard"),
+                "pooled": train_student(noisy, "pooled", f"train.teacher={teacher}", "train.distill_weight=0.7",
+                                        "train.distill=hard")}
     finally:
         os.chdir(cwd)
 
@@ -90,12 +94,24 @@ def test_distilling_a_clean_teacher_beats_noisy_labels_and_predicts_with_both_he
     assert isinstance(model(x), tuple) and len(model(x)) == 2
 
 
-def test_without_a_teacher_the_checkpoint_is_timms_vit_unchanged(students):
+def test_a_pooled_student_learns_from_the_teacher_on_its_one_head(tmp_path, teacher, students):
+    """The recipe's average-pooling student gets no distillation token (a token read alone trains slower than
+    the pooled patch tokens): it learns labels and teacher on its one head and stays timm's ViT."""
+    (alone, _), (pooled, out) = students["alone"], students["pooled"]
+    assert "hard distillation into the one head (it reads the mean of the patch tokens" in out
+    clean = make_dataset(tmp_path / "clean", CLASSES, per_class=10, seed=11)
+    acc_pooled, acc_alone = top1(pooled, clean), top1(alone, clean)
+    assert acc_pooled >= acc_alone + 0.1, (acc_pooled, acc_alone)
+    test_without_a_teacher_the_checkpoint_is_timms_vit_unchanged(students, "pooled")
+
+
+@pytest.mark.parametrize("name", ["alone"])
+def test_without_a_teacher_the_checkpoint_is_timms_vit_unchanged(students, name):
     import timm
 
     from vitcli.checkpoint import load_model
 
-    model, ckpt, _ = load_model(students["alone"][0])
+    model, ckpt, _ = load_model(students[name][0])
     k = ckpt["model_spec"]["kwargs"]
     assert "distill_token" not in k and model.num_prefix_tokens == 1
     assert not any(name.startswith(("dist_token", "head_dist")) for name in ckpt["model"])
@@ -110,7 +126,8 @@ def test_without_a_teacher_the_checkpoint_is_timms_vit_unchanged(students):
 
 def test_a_distilled_run_resumes_bit_exactly(tmp_path, teacher):
     data = make_dataset(tmp_path / "d", CLASSES, per_class=8)
-    sets = [f"train.teacher={teacher}", "train.distill=soft", "train.distill_temperature=2", "data.mixup=0.2"]
+    sets = [f"train.teacher={teacher}", "train.distill=soft", "train.distill_temperature=2", "data.mixup=0.2",
+            "model.global_pool=token"]
     ref = train(tiny_config(tmp_path / "runs", "ref", epochs=2, batch_size=4, extra_sets=sets), data)
     cut = train(tiny_config(tmp_path / "runs", "cut", epochs=2, batch_size=4, extra_sets=sets), data,
                 stop_after_steps=5)
@@ -125,10 +142,11 @@ def test_distillation_fits_a_time_budget_and_says_what_it_learns_from(tmp_path, 
     data = make_dataset(tmp_path / "d", CLASSES, per_class=8)
     onnx_teacher = tmp_path / "t.onnx"
     assert run_cli("export", "-m", teacher, "-o", onnx_teacher).exit_code == 0
-    res = run_cli("train", data, *TINY, "--time", "20s", "--set", f"train.teacher={onnx_teacher}",
-                  "--set", "train.distill=soft")
+    res = run_cli("train", data, *TINY, "--time", "20s", "--set", f"train.teacher={onnx_teacher}")
     assert res.exit_code == 0, res.output
-    assert f"teacher {onnx_teacher} (onnx, fp32): soft distillation" in res.output
+    # the defaults: soft at temperature 2, weight 0.8, into the pooled student's one head
+    assert f"teacher {onnx_teacher} (onnx, fp32): soft distillation into the one head" in res.output
+    assert "weight 0.8, temperature 2" in res.output
     assert "time budget" in res.output
     assert (Path("runs") / "train" / "best.pt").is_file()
 

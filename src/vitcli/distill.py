@@ -103,7 +103,12 @@ def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device
     precision = "fp32" if kind == "onnx" else pick_precision("auto", device)[0]
     if hasattr(model, "distilled_training"):
         model.distilled_training = True
-    token = "the distillation token" if getattr(model, "dist_token", None) is not None else "the one head"
+    if getattr(model, "dist_token", None) is not None:
+        token = "the distillation token"
+    elif getattr(model, "global_pool", "") == "avg":  # state.build_state adds no token to a pooled model
+        token = "the one head (it reads the mean of the patch tokens, which learns faster than a token of its own)"
+    else:
+        token = "the one head"
     info(f"[bold]teacher[/] {esc(t.teacher)} ({kind}, {precision}): {t.distill} distillation into {token}, "
          f"weight {t.distill_weight:g}" + (f", temperature {t.distill_temperature:g}" if t.distill == "soft" else ""))
     teacher = Teacher(run, tpre, pre, device, precision, t.teacher)

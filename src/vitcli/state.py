@@ -129,7 +129,10 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     from vitcli.threads import tuner_for
 
     d, t, o = cfg.data, cfg.train, cfg.optim
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
+    # a distillation token only where the class head reads a token: with average pooling the student learns
+    # both losses on its one head (a second token read alone trains slower than the pooled features)
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size,
+                              distill_token=bool(t.teacher) and cfg.model.global_pool == "token")
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
