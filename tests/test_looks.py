@@ -154,8 +154,9 @@ def test_a_skewed_folder_trains_with_class_weights_and_picks_best_by_macro_f1(tm
     assert "photos (a mirror lowers" in res.output
 
 
-LADDER_KEYS = ["train.epochs", "data.mixup", "data.reprob", "model.drop_path_rate", "train.ema_decay",
-               "model.embed_dim", "model.depth"]
+LADDER_KEYS = ["train.epochs", "data.reprob", "model.drop_path_rate", "train.ema_decay", "model.embed_dim",
+               "model.depth"]
+LEVELS = ["minimal", "light", "medium", "heavy"]  # medium trades light's mixup for RandAugment and more erasing
 
 
 def test_longer_time_budgets_never_choose_less_of_anything_and_print_every_choice(capsys):
@@ -167,12 +168,13 @@ def test_longer_time_budgets_never_choose_less_of_anything_and_print_every_choic
         printed = " ".join(capsys.readouterr().err.split())
         for key in {k for c in recipe.defaults for k in c.applied} | set(recipe.applied):
             assert f"{key}=" in printed, (budget, key)
+        level = next(w for w in LEVELS if f"epochs: {w} augmentation" in recipe.why)
         picked.append([getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in LADDER_KEYS]
-                      + [bool(cfg.data.randaugment)])
+                      + [LEVELS.index(level), bool(cfg.data.randaugment), cfg.data.mixup])
     for shorter, longer in zip(picked, picked[1:], strict=False):
-        assert all(a <= b for a, b in zip(shorter, longer, strict=True)), (shorter, longer)
-    assert picked[0][0] < picked[-1][0] and picked[0][1] < picked[-1][1]  # more epochs, stronger mixing
-    assert picked[-1][5] > picked[0][5] and picked[-1][-1]  # a wider model and RandAugment at 4h
+        assert all(a <= b for a, b in zip(shorter[:-1], longer[:-1], strict=True)), (shorter, longer)
+    assert picked[0][0] < picked[-1][0] and picked[0][-1] < picked[-1][-1]  # more epochs, stronger mixing at 4h
+    assert picked[-1][4] > picked[0][4] and picked[-1][-2]  # a wider model and RandAugment at 4h
 
 
 def test_a_default_cpu_run_fills_minutes_not_a_step_count_and_is_capped_in_time():

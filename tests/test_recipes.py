@@ -81,9 +81,9 @@ def test_augmentation_strength_grows_with_run_length():
     assert long.model.global_pool == "token"  # small-data choices only for small data
     small = load_config(overrides=["train.epochs=120", "data.img_size=32", "model.embed_dim=128", "model.num_heads=4"])
     recipe = apply_recipe(small, n_train=6_400, quiet=True)
-    assert recipe.why.endswith("120 epochs: medium augmentation: RandAugment at magnitude 6, erasing 0.25 (width 128: "
-                               "narrower than 192, too small for the full DeiT set)")
-    assert small.data.mixup == 0.2 and small.data.cutmix == 0.0 and small.data.randaugment.startswith("rand-m6")
+    assert recipe.why.endswith("120 epochs: medium augmentation: RandAugment at magnitude 6, erasing 0.25, no mixup "
+                               "(width 128: narrower than 192, too small for the full DeiT set)")
+    assert small.data.mixup == 0.0 and small.data.cutmix == 0.0 and small.data.randaugment.startswith("rand-m6")
     assert small.data.reprob == 0.25
     tiny = load_config(overrides=["train.epochs=100", "data.img_size=32", "model.embed_dim=96", "model.num_heads=3"])
     assert "light augmentation (width 96: narrower than 128, too small for RandAugment)" in apply_recipe(
