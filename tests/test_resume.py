@@ -129,6 +129,18 @@ def test_truncated_or_foreign_checkpoint_is_a_clear_error_naming_the_file(finish
     assert "Traceback" not in res.output
 
 
+def test_weights_that_do_not_fit_the_model_built_are_a_clear_error(finished_run):
+    """E.g. a pooled student distilled into a token by an older vitcli: its config now builds no token."""
+    last = finished_run / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["train_state"].setdefault("model", dict(ckpt["model"]))["dist_token"] = torch.zeros(1, 1, 32)
+    torch.save(ckpt, last)
+    res = run_cli("train", "--resume", finished_run, "--epochs", "2")
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"the weights in '{last}' do not fit the model" in " ".join(res.output.split()), res.output
+    assert "dist_token" in res.output and "start a new run" in res.output
+
+
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_truncated_model_checkpoint_is_a_clear_error_in_eval_and_predict(finished_run, data, command):
     best = finished_run / "best.pt"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
@@ -46,10 +47,24 @@ def info(msg: str) -> None:
         console.print(msg)
 
 
+_held = 0  # > 0 inside `hold_warnings`
+
+
 def warn(msg: str) -> None:
     """One warning line; `msg` is plain text (escaped here)."""
-    if not quiet():
+    if not quiet() and not _held:
         console.print(f"[yellow]warning[/]: {esc(msg)}", soft_wrap=True)  # one line, however long the path
+
+
+@contextmanager
+def hold_warnings(held: bool = True):
+    """Warnings inside are not printed (when `held`): a second scan of the data would repeat what the first said."""
+    global _held
+    _held += held
+    try:
+        yield
+    finally:
+        _held -= held
 
 
 def error(msg: str) -> None:

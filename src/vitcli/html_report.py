@@ -175,15 +175,17 @@ def eval_report(r: dict[str, Any], out_dir: Path, net, pre: dict[str, Any], ckpt
 
 
 # ----------------------------------------------------------------------------------------------- a run's page
-def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
+def val_split(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA", again: bool = False):
     """(dataset folder, the run's validation Split), rebuilt the way training made it (same seed)."""
-    return Path(ckpt["data_dir"]), run_dataset(run_dir, ckpt, remedy).val
+    return Path(ckpt["data_dir"]), run_dataset(run_dir, ckpt, remedy, again).val
 
 
-def run_dataset(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
+def run_dataset(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA", again: bool = False):
     """The run's Dataset (train and validation Splits), rebuilt the way training made it (same seed). `remedy`
-    ends the message when that is impossible: what the calling command offers instead."""
+    ends the message when that is impossible: what the calling command offers instead. `again`: the scan's
+    warnings (skipped files) were just printed by training, so it keeps them to itself."""
     from vitcli.config import config_from_dict
+    from vitcli.console import hold_warnings
     from vitcli.sources import open_source
 
     cfg = config_from_dict(ckpt.get("config", {}))
@@ -194,16 +196,19 @@ def run_dataset(run_dir: Path, ckpt: dict[str, Any], remedy: str = "give DATA"):
     if not source.listed:
         raise VitcliError(f"run '{run_dir}' streamed {source.kind}, whose images have no files to show; {remedy} "
                           "(the folder or label file the shards were made from)")
-    ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
+    with hold_warnings(again):
+        ds = source.scan(cfg.data.val_fraction, cfg.train.seed)
     if ds.classes != list(ckpt["classes"]):
         raise VitcliError(f"run '{run_dir}': '{data_dir}' now holds classes {ds.classes[:10]}, the model "
                           f"{list(ckpt['classes'])[:10]}; {remedy}")
     return ds
 
 
-def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> dict[str, Path]:
+def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto", again: bool = False
+               ) -> dict[str, Path]:
     """Evaluate a run's best.pt on its validation images, draw the figures into the run folder and write
-    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page."""
+    report.html there. Returns the figures by name (curves, confusion, worst, attention, ...) and the page.
+    `again`: at the end of training, whose scan already warned about the files it skipped."""
     from vitcli.checkpoint import load_model
     from vitcli.device import pick_device, pick_precision
     from vitcli.evaluation import evaluate_split, write_figures
@@ -220,7 +225,7 @@ def run_report(run_dir: str | Path, device: str = "auto", precision: str = "auto
         raise VitcliError(f"run '{run_dir}' is {task.words}: report.html covers single-label runs; "
                           "vitcli eval LABELS.csv --model RUN gives its metrics")
     data_dir, split = val_split(run_dir, ckpt, f"vitcli eval DATA --model {run_dir} writes report.html for the "
-                                "images in DATA")
+                                "images in DATA", again)
     dev = pick_device(device)
     prec, _ = pick_precision(precision, dev)
     net.to(dev)

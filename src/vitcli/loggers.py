@@ -233,7 +233,7 @@ class Tracking:
             from vitcli.html_report import run_report
 
             try:
-                figures = run_report(run.run_dir, str(run.env.device), run.env.precision)
+                figures = run_report(run.run_dir, str(run.env.device), run.env.precision, again=True)
                 info(f"[bold]report[/] {esc(str(figures['report']))}")
             except VitcliError as e:  # the run itself succeeded; say why there is no page
                 warn(f"report.html not written: {e}")

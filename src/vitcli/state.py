@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from vitcli.config import Config
 from vitcli.console import esc, info
+from vitcli.errors import VitcliError, clip
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +237,12 @@ def restore(run: RunState, ckpt: dict[str, Any]) -> None:
     from vitcli.device import set_rng_state
 
     ts = ckpt["train_state"]
-    run.model.load_state_dict(ts.get("model", ckpt["model"]))
+    try:
+        run.model.load_state_dict(ts.get("model", ckpt["model"]))
+    except RuntimeError as e:  # e.g. a pooled student distilled into a token before students lost it
+        why = clip(" ".join(str(e).split()), 200)  # torch's message spans lines: the keys are on the later ones
+        raise VitcliError(f"--resume: the weights in '{run.run_dir / 'last.pt'}' do not fit the model this version "
+                          f"of vitcli builds from the run's config ({why}); start a new run") from None
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ts["optimizer"])
