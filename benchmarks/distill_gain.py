@@ -65,6 +65,11 @@ def test_top1(data: Path, run: Path, ckpt: str) -> float:
     return json.loads(out.read_text())["top1"]
 
 
+def labelled(specs: list[str]) -> list[tuple[str, str]]:
+    """['LABEL: k=v k=v', ...] -> [(LABEL, 'k=v k=v'), ...]."""
+    return [(v.split(":", 1)[0].strip(), v.split(":", 1)[1] if ":" in v else "") for v in specs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", help="folder with train/ and test/ class folders, or 'generate' (MNIST-like digits)")
@@ -97,10 +102,9 @@ def main() -> None:
         sys.exit(f"{data} needs train/ and test/ class folders")
     runs = args.out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     runs.mkdir(parents=True)
-    variants = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1] if ":" in v else "") for v in args.variant]
-    variants = variants or [("distilled (defaults: soft, T=2, weight 0.8)", ""),
+    variants = labelled(args.variant) or [("distilled (defaults: soft, T=2, weight 0.8)", ""),
                             ("distilled, hard (DeiT's: weight 0.5)", "train.distill=hard train.distill_weight=0.5")]
-    controls = [(v.split(":", 1)[0].strip(), v.split(":", 1)[1] if ":" in v else "") for v in args.control]
+    controls = labelled(args.control)
     t_start = time.time()
 
     teacher = args.teacher.resolve() if args.teacher else None

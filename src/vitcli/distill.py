@@ -83,6 +83,12 @@ class Distiller:
         return logits, (1 - self.weight) * label_loss(cls, target) + self.weight * kd
 
 
+def wants_token(cfg: Config) -> bool:
+    """A DeiT distillation token only where the class head reads a token: a student that averages its patch tokens
+    learns labels and teacher on its one head (a second token read alone trains slower than the pooled features)."""
+    return bool(cfg.train.teacher) and cfg.model.global_pool == "token"
+
+
 def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device, model,
                     multilabel: bool = False) -> Distiller | None:
     """The Distiller for `train.teacher` (None when unset); tells `model` to return both heads while training."""
@@ -105,7 +111,7 @@ def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device
         model.distilled_training = True
     if getattr(model, "dist_token", None) is not None:
         token = "the distillation token"
-    elif getattr(model, "global_pool", "") == "avg":  # state.build_state adds no token to a pooled model
+    elif cfg.model.global_pool == "avg":  # wants_token: no token for a pooled student
         token = "the one head (it reads the mean of the patch tokens, which learns faster than a token of its own)"
     else:
         token = "the one head"

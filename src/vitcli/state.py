@@ -125,15 +125,13 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
 
     from vitcli.augment import TrainAugment
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
+    from vitcli.distill import wants_token
     from vitcli.models import build_model
     from vitcli.optim import EMA, build_mixup, build_optimizer
     from vitcli.threads import tuner_for
 
     d, t, o = cfg.data, cfg.train, cfg.optim
-    # a distillation token only where the class head reads a token: with average pooling the student learns
-    # both losses on its one head (a second token read alone trains slower than the pooled features)
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size,
-                              distill_token=bool(t.teacher) and cfg.model.global_pool == "token")
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=wants_token(cfg))
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
