@@ -83,12 +83,6 @@ class Distiller:
         return logits, (1 - self.weight) * label_loss(cls, target) + self.weight * kd
 
 
-def wants_token(cfg: Config) -> bool:
-    """A DeiT distillation token only where the class head reads a token: a student that averages its patch tokens
-    learns labels and teacher on its one head (a second token read alone trains slower than the pooled features)."""
-    return bool(cfg.train.teacher) and cfg.model.global_pool == "token"
-
-
 def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device, model,
                     multilabel: bool = False) -> Distiller | None:
     """The Distiller for `train.teacher` (None when unset); tells `model` to return both heads while training."""
@@ -111,7 +105,7 @@ def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device
         model.distilled_training = True
     if getattr(model, "dist_token", None) is not None:
         token = "the distillation token"
-    elif cfg.model.global_pool == "avg":  # wants_token: no token for a pooled student
+    elif cfg.model.global_pool == "avg":  # models.build_model gives a pooled student no token
         token = "the one head (it reads the mean of the patch tokens, which learns faster than a token of its own)"
     else:
         token = "the one head"

@@ -339,14 +339,15 @@ def model_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
 
 def build_model(m: ModelConfig, num_classes: int, img_size: int, distill_token: bool = False
                 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Model + spec from the config (with a distillation token when asked and the backend has one); loads
-    `pretrained_file` when set."""
+    """Model + spec from the config (with a distillation token when asked, the backend has one and the class head
+    reads a token: a student that averages its patch tokens learns labels and teacher on its one head, since a
+    second token read alone trains slower than the pooled features); loads `pretrained_file` when set."""
     backend = backend_for_name(m.name)
     if m.pretrained == "true" and not backend.downloads_pretrained and not m.pretrained_file:
         raise VitcliError(f"'model.pretrained' needs a timm model ({TIMM_PREFIX}<name>) or 'model.pretrained_file'; "
                           f"{m.name!r} is built from scratch")
     spec = backend.spec(m, num_classes, img_size)
-    if distill_token and backend.has_distill_token:
+    if distill_token and backend.has_distill_token and m.global_pool == "token":
         spec["kwargs"]["distill_token"] = True
     model = backend.create(spec, pretrained=m.pretrained == "true" and backend.downloads_pretrained)
     if m.pretrained_file:

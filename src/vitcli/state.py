@@ -125,13 +125,12 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
 
     from vitcli.augment import TrainAugment
     from vitcli.device import pick_attention, refine_auto_precision, set_fused_attention
-    from vitcli.distill import wants_token
     from vitcli.models import build_model
     from vitcli.optim import EMA, build_mixup, build_optimizer
     from vitcli.threads import tuner_for
 
     d, t, o = cfg.data, cfg.train, cfg.optim
-    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=wants_token(cfg))
+    model, spec = build_model(cfg.model, len(data.classes), d.img_size, distill_token=bool(t.teacher))
     model.to(env.device)
     source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
