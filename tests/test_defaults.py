@@ -95,6 +95,22 @@ def test_the_users_keys_win_over_every_data_aware_default(tmp_path):
     assert glyph.why.endswith("(your data.hflip kept)"), glyph.why
 
 
+def test_a_partial_size_keeps_the_users_keys_and_takes_the_rest_from_the_data_not_the_preset(tmp_path):
+    """Setting only the width (say, for a small student) used to keep vit-tiny's 12 blocks and 3 heads."""
+    data = grey_folder(tmp_path / "d", 3, 20, (28, 28))  # 48 training images: the ladder's first rung
+    cfg = load_config(overrides=["model.embed_dim=64"])
+    recipe, _ = scanned(data, cfg)
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) == (64, LADDER[0][2], 2)  # 64 % 3: 2 heads
+    size = next(c for c in recipe.defaults if "model.depth" in c.applied)
+    assert size.why == "width 64, 4 blocks, 2 heads for 48 training images and a CPU (your model.embed_dim kept)"
+    deep = load_config(overrides=["model.depth=2", "model.num_heads=2"])
+    scanned(data, deep)
+    assert (deep.model.embed_dim, deep.model.depth, deep.model.num_heads) == (LADDER[0][1], 2, 2)
+    named = load_config(overrides=["model.name=vit-small/4", "model.depth=2"])  # a named preset: its own width
+    scanned(data, named)
+    assert (named.model.embed_dim, named.model.depth, named.model.num_heads) == (0, 2, 0)
+
+
 def test_pretrained_and_recipe_none_get_no_data_aware_defaults(tmp_path):
     facts = DataFacts(100, [(28, 28)] * 4)
     for sets in (["model.pretrained_file=w.safetensors", "model.name=timm/test_vit"], ["train.recipe=none"]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -99,6 +100,9 @@ def test_a_pooled_student_learns_from_the_teacher_on_its_one_head(tmp_path, teac
     the pooled patch tokens): it learns labels and teacher on its one head and stays timm's ViT."""
     (alone, _), (pooled, out) = students["alone"], students["pooled"]
     assert "hard distillation into the one head (it reads the mean of the patch tokens" in out
+    scored = re.search(r"; (\d+\.\d\d)% top-1 on this run's (\d+) validation images", out)
+    assert scored and int(scored[2]) == 6 and float(scored[1]) >= 50, out  # right where the labels are (55%)
+    assert "warning: the teacher" not in out  # 50% on 6 images whose labels are 45% wrong: within noise
     clean = make_dataset(tmp_path / "clean", CLASSES, per_class=10, seed=11)
     acc_pooled, acc_alone = top1(pooled, clean), top1(alone, clean)
     assert acc_pooled >= acc_alone + 0.1, (acc_pooled, acc_alone)
@@ -153,6 +157,25 @@ def test_distillation_fits_a_time_budget_and_says_what_it_learns_from(tmp_path, 
     assert "weight 0.8, temperature 2" in res.output
     assert "time budget" in res.output
     assert (Path("runs") / "train" / "best.pt").is_file()
+
+
+def test_a_teacher_no_better_than_its_student_is_named_at_the_end(tmp_path, teacher):
+    """The teacher learnt red/green/blue; here each folder holds the next colour, so it is wrong on every
+    validation image: its score is printed with the teacher line, and the student, which learns the labels too,
+    ends above it, with a warning."""
+    data = make_dataset(tmp_path / "d", CLASSES, per_class=20)
+    for c in CLASSES:
+        (data / c).rename(data / f"_{c}")
+    for i, c in enumerate(CLASSES):
+        (data / f"_{CLASSES[(i + 1) % len(CLASSES)]}").rename(data / c)  # 'red' holds the green shapes, ...
+    res = run_cli("train", data, *TINY, "--epochs", "6", "--set", f"train.teacher={teacher}",
+                  "--set", "train.distill_weight=0.2")
+    assert res.exit_code == 0, res.output
+    scored = re.search(r"; (\d+\.\d\d)% top-1 on this run's \d+ validation images", res.output)
+    assert scored and float(scored[1]) < 20, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("warning: the teacher"))
+    assert f"the teacher {teacher} scored {scored[1]}% on the 12 validation images and its student" in line
+    assert "a teacher below its student holds it back" in line
 
 
 @pytest.mark.parametrize("setting, message", [

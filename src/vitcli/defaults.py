@@ -128,7 +128,7 @@ def forward_macs(img_size: int, patch: int, dim: int, depth: int, stem: str, mlp
 def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[Choice]:
     """The data-aware values for a from-scratch run, each group with its reason (before the user's keys)."""
     from vitcli.config import user_keys
-    from vitcli.models import PRESETS, parse_preset, with_patch
+    from vitcli.models import PRESETS, fit_heads, parse_preset, with_patch
 
     mine = user_keys(cfg)
     side = median_side(facts.sizes)
@@ -156,11 +156,18 @@ def choices(cfg: Config, recipe: str, facts: DataFacts, world: int = 1) -> list[
     cpu = facts.device_type == "cpu"
     rung, grown = _rung(cfg, facts, img, patch, stem)
     _, dim, depth, heads = LADDER[rung]
-    sized = not ({"model.name", "model.embed_dim", "model.depth", "model.num_heads"} & mine)
-    if sized:
+    size_keys = {"model.embed_dim", "model.depth", "model.num_heads"}
+    if not ({"model.name"} | size_keys) & mine:
         out.append(Choice({"model.embed_dim": dim, "model.depth": depth, "model.num_heads": heads},
                           f"width {dim}, {depth} blocks for {facts.n_train:,} training images"
                           + (" and a CPU" if cpu else "") + grown))
+    elif "model.name" not in mine:  # part of the size given: the ladder's rung fills the rest, not the preset
+        m = cfg.model
+        dim, depth = m.embed_dim or dim, m.depth or depth
+        heads = m.num_heads or fit_heads(dim, heads)
+        out.append(Choice({"model.embed_dim": dim, "model.depth": depth, "model.num_heads": heads},
+                          f"width {dim}, {depth} blocks, {heads} heads for {facts.n_train:,} training images"
+                          + (" and a CPU" if cpu else "")))
     else:
         dim, depth, _ = PRESETS.get(base, PRESETS["vit-tiny"])
         dim, depth = cfg.model.embed_dim or dim, cfg.model.depth or depth  # the preset's size unless overridden

@@ -62,8 +62,10 @@ class Distiller:
     on the distillation head (hard: cross-entropy with the teacher's class; soft: KL divergence at temperature
     tau, times tau^2)."""
 
-    def __init__(self, teacher: Teacher, kind: str, weight: float, temperature: float):
+    def __init__(self, teacher: Teacher, kind: str, weight: float, temperature: float,
+                 val_acc: float | None = None):
         self.teacher, self.kind, self.weight, self.tau = teacher, kind, weight, temperature
+        self.val_acc = val_acc  # the teacher's top-1 on the run's validation images (None: none to score)
 
     def __call__(self, out, x, target, label_loss):
         """`out`: the student's logits (B, C), or (class head, distillation head) logits; `x` the batch it saw.
@@ -84,8 +86,10 @@ class Distiller:
 
 
 def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device, model,
-                    multilabel: bool = False) -> Distiller | None:
-    """The Distiller for `train.teacher` (None when unset); tells `model` to return both heads while training."""
+                    multilabel: bool = False, val=None, world: tuple[int, int] = (0, 1)) -> Distiller | None:
+    """The Distiller for `train.teacher` (None when unset); tells `model` to return both heads while training.
+    With the validation store `val` (this rank's share by `world` = (rank, world size)), the teacher is scored
+    on it first, so the teacher line and the end of the run can say whether it knows more than its student."""
     from vitcli.console import esc, info
     from vitcli.device import pick_precision
 
@@ -109,10 +113,44 @@ def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device
         token = "the one head (it reads the mean of the patch tokens, which learns faster than a token of its own)"
     else:
         token = "the one head"
-    info(f"[bold]teacher[/] {esc(t.teacher)} ({kind}, {precision}): {t.distill} distillation into {token}, "
-         f"weight {t.distill_weight:g}" + (f", temperature {t.distill_temperature:g}" if t.distill == "soft" else ""))
     teacher = Teacher(run, tpre, pre, device, precision, t.teacher)
-    return Distiller(teacher, t.distill, t.distill_weight, t.distill_temperature)
+    acc = None if val is None else teacher_accuracy(teacher, val, pre, 2 * cfg.data.batch_size, *world)
+    info(f"[bold]teacher[/] {esc(t.teacher)} ({kind}, {precision}): {t.distill} distillation into {token}, "
+         f"weight {t.distill_weight:g}" + (f", temperature {t.distill_temperature:g}" if t.distill == "soft" else "")
+         + ("" if acc is None else f"; {acc:.2%} top-1 on this run's {len(val):,} validation images"))
+    return Distiller(teacher, t.distill, t.distill_weight, t.distill_temperature, acc)
+
+
+def teacher_accuracy(teacher: Teacher, val, pre: dict[str, Any], batch_size: int, rank: int = 0,
+                     world: int = 1) -> float | None:
+    """The teacher's top-1 on the validation store (summed over ranks); None when it holds no images."""
+    import torch
+
+    from vitcli.augment import eval_transform
+    from vitcli.distributed import all_reduce_sums
+
+    correct = count = 0
+    with torch.inference_mode():
+        for x, y in val.eval_batches(batch_size, rank, world):
+            x = eval_transform(x.to(teacher.device), pre)  # (B, 3, S, S) student-normalised
+            correct += int((teacher(x).argmax(-1).cpu() == y).sum())
+            count += len(y)
+    correct, count = all_reduce_sums([correct, count], teacher.device)
+    return correct / count if count else None
+
+
+def weak_teacher(distiller: Distiller | None, student_acc: float, n_val: int) -> str | None:
+    """A warning when the student beat its teacher on the `n_val` validation images by more than two standard
+    errors of the difference (a few images, or labels the teacher rightly disagrees with, decide nothing), else
+    None."""
+    if distiller is None or distiller.val_acc is None or not n_val:
+        return None
+    t, s = distiller.val_acc, student_acc
+    if s - t <= 2 * ((t * (1 - t) + s * (1 - s)) / n_val) ** 0.5:
+        return None
+    return (f"the teacher {distiller.teacher.name} scored {t:.2%} on the {n_val:,} validation images and its "
+            f"student {s:.2%}: a teacher below its student holds it back; train without train.teacher, or with "
+            "a stronger teacher")
 
 
 def load_teacher(name: str, device, classes: list[str]) -> tuple[Callable, dict[str, Any], list[str], str]:

@@ -494,6 +494,7 @@ def write_checkpoint(run: RunState, data: TrainData, name: str, metrics: dict[st
 def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     """Calibrate best.pt and last.pt (train.calibrate), check the replicas agree (torchrun), tell the callbacks,
     print the summary."""
+    from vitcli.distill import weak_teacher
     from vitcli.distributed import check_replicas, leave
 
     p = run.progress
@@ -507,6 +508,8 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
         for cb in run.callbacks:
             cb.on_end(run, result)
         _summary(result, data.classes, data.bad, run.task.best_metric(run.cfg))
+        if weak := weak_teacher(run.distiller, p.best_acc, len(data.val)):
+            warn(weak)
     leave()
     return result
 
@@ -577,7 +580,8 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         data, run_dir = prepare_data(cfg, data_dir, env, run_dir, recipe=resume is None, hold=hold,
                                      resumed_classes=None if ckpt is None else list(ckpt["classes"]))
         run = build_state(cfg, data, env, run_dir)
-        run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label)
+        run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label,
+                                        data.val, (env.rank, env.world))
         run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
         if ckpt is not None:
             restore(run, ckpt)

@@ -42,6 +42,11 @@ def with_patch(name: str, patch: int) -> str:
     return f"{name.partition('/')[0]}/{patch}"
 
 
+def fit_heads(dim: int, heads: int) -> int:
+    """`heads` when they divide the width, else heads of 32 dims (or one): for a width set without its heads."""
+    return next(h for h in (heads, max(1, dim // 32), 1) if dim % h == 0)
+
+
 def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
     """Decode `vit-small/16` plus the width/depth/head overrides into VisionTransformer kwargs."""
     base, _, patch = m.name.partition("/")
@@ -56,7 +61,7 @@ def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
         raise VitcliError(f"'data.img_size' {img_size} must be divisible by the patch size {patch_size} of "
                           f"model {m.name!r}")
     dim, depth, heads = PRESETS[base]
-    dim, depth, heads = m.embed_dim or dim, m.depth or depth, m.num_heads or heads
+    dim, depth, heads = m.embed_dim or dim, m.depth or depth, m.num_heads or fit_heads(m.embed_dim or dim, heads)
     if dim % heads:
         raise VitcliError(f"'model.embed_dim' {dim} must be divisible by 'model.num_heads' {heads}")
     if m.stem == "conv" and patch_size & (patch_size - 1):
