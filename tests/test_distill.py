@@ -102,7 +102,7 @@ def test_a_pooled_student_learns_from_the_teacher_on_its_one_head(tmp_path, teac
     assert "hard distillation into the one head (it reads the mean of the patch tokens" in out
     scored = re.search(r"; (\d+\.\d\d)% top-1 on this run's (\d+) validation images", out)
     assert scored and int(scored[2]) == 6 and float(scored[1]) >= 50, out  # right where the labels are (55%)
-    assert "warning: the teacher" not in out  # 50% on 6 images whose labels are 45% wrong: within noise
+    assert "warning: the teacher" not in out  # 6 images (whose labels are 45% wrong) decide nothing
     clean = make_dataset(tmp_path / "clean", CLASSES, per_class=10, seed=11)
     acc_pooled, acc_alone = top1(pooled, clean), top1(alone, clean)
     assert acc_pooled >= acc_alone + 0.1, (acc_pooled, acc_alone)
@@ -163,7 +163,7 @@ def test_a_teacher_no_better_than_its_student_is_named_at_the_end(tmp_path, teac
     """The teacher learnt red/green/blue; here each folder holds the next colour, so it is wrong on every
     validation image: its score is printed with the teacher line, and the student, which learns the labels too,
     ends above it, with a warning."""
-    data = make_dataset(tmp_path / "d", CLASSES, per_class=20)
+    data = make_dataset(tmp_path / "d", CLASSES, per_class=85)  # 51 validation images: enough to judge
     for c in CLASSES:
         (data / c).rename(data / f"_{c}")
     for i, c in enumerate(CLASSES):
@@ -174,8 +174,8 @@ def test_a_teacher_no_better_than_its_student_is_named_at_the_end(tmp_path, teac
     scored = re.search(r"; (\d+\.\d\d)% top-1 on this run's \d+ validation images", res.output)
     assert scored and float(scored[1]) < 20, res.output
     line = next(ln for ln in res.output.splitlines() if ln.startswith("warning: the teacher"))
-    assert f"the teacher {teacher} scored {scored[1]}% on the 12 validation images and its student" in line
-    assert "a teacher below its student holds it back" in line
+    assert f"the teacher {teacher} scored {scored[1]}% on the 51 validation images and its student" in line
+    assert "distillation helps only when the teacher knows more" in line
 
 
 @pytest.mark.parametrize("setting, message", [
