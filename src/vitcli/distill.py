@@ -49,6 +49,10 @@ class Teacher:
                               align_corners=False)  # (B, 3, T, T)
         return (x - mean_t) / std_t
 
+    def eval(self) -> Teacher:
+        """What `evaluation.run_eval` asks of a model: a frozen teacher is always in eval mode."""
+        return self
+
     def __call__(self, x):
         """Teacher logits (B, C), float32, without gradients."""
         import torch
@@ -126,18 +130,11 @@ def build_distiller(cfg: Config, classes: list[str], pre: dict[str, Any], device
 def teacher_accuracy(teacher: Teacher, val, pre: dict[str, Any], batch_size: int, rank: int = 0,
                      world: int = 1) -> float | None:
     """The teacher's top-1 on the validation store (summed over ranks); None when it holds no images."""
-    import torch
-
-    from vitcli.augment import eval_transform
     from vitcli.distributed import all_reduce_sums
+    from vitcli.evaluation import run_eval
 
-    correct = count = 0
-    with torch.inference_mode():
-        for x, y in val.eval_batches(batch_size, rank, world):
-            x = eval_transform(x.to(teacher.device), pre)  # (B, 3, S, S) student-normalised
-            correct += int((teacher(x).argmax(-1).cpu() == y).sum())
-            count += len(y)
-    correct, count = all_reduce_sums([correct, count], teacher.device)
+    ev = run_eval(teacher, val, pre, teacher.device, teacher.precision, batch_size, rank=rank, world=world)
+    correct, count = all_reduce_sums([ev.correct, ev.count], teacher.device)
     return correct / count if count else None
 
 
