@@ -55,3 +55,18 @@ def test_a_resumed_run_keeps_its_plan_and_time_fits_the_rest_anew(tmp_path):
     assert res.exit_code == 0, res.output
     assert time.time() - t0 <= 5.0
     assert "time budget 5 s" in res.output and "already trained" not in res.output
+
+
+def test_the_plan_keeps_room_for_the_calibrations_forwards():
+    """Calibrating best.pt and last.pt forwards the validation split over every TTA view, plus training images for
+    the out-of-distribution bank: the budget keeps time for them (a forward: a third of an image's step share)."""
+    from types import SimpleNamespace
+
+    from vitcli.budget import TimeBudget
+    from vitcli.config import load_config
+
+    run = SimpleNamespace(cfg=load_config(overrides=["train.report=false", "data.batch_size=64"]),
+                          env=SimpleNamespace(world=1))
+    plain, calibrated = TimeBudget(600, time.time(), 1000), TimeBudget(600, time.time(), 1000, end_images=6400)
+    plain.step_s = calibrated.step_s = 0.3
+    assert calibrated._finish_s(run) - plain._finish_s(run) == pytest.approx(6400 * 0.3 / (3 * 64))

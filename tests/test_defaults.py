@@ -148,6 +148,22 @@ def test_a_time_budget_guesses_fewer_epochs_so_the_recipe_fits_the_run_length():
     assert any("train.epochs" in c.applied and "3m" in c.why for c in recipe.defaults)
 
 
+def test_the_time_budgets_guess_counts_the_cores_so_the_augmentation_fits_the_run(monkeypatch):
+    """The recipe's augmentation level and EMA horizon follow the first guess of epochs: one core's rate alone
+    guessed 64 epochs for a 30-minute CIFAR-sized run on 2 cores that trained 100 (light augmentation, not medium)."""
+    import vitcli.device
+
+    facts = DataFacts(7_000, [(32, 32)] * 8, "cpu")
+    epochs = {}
+    for cores in (1, 2, 8):
+        monkeypatch.setattr(vitcli.device, "cpu_count", lambda cores=cores: cores)
+        cfg = load_config(overrides=["train.time=12m"])
+        apply_recipe(cfg, n_train=7_000, quiet=True, facts=facts)
+        epochs[cores] = cfg.train.epochs
+    assert epochs[1] < epochs[2] < epochs[8]
+    assert epochs[2] / epochs[1] == pytest.approx(1.7, rel=0.1)  # what the thread probe measures on 2 cores
+
+
 def test_a_large_folder_holds_out_a_thousand_images_not_a_fifth():
     from vitcli.defaults import split_defaults
 

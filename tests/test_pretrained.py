@@ -98,11 +98,17 @@ def test_auto_with_cached_weights_fine_tunes_and_predicts_with_the_weights_mean_
     model.load_state_dict(ckpt["model"])
     x = decode_square(image, 33, "bicubic")[None, :, :32, :32].float() / 255  # (1, 3, 32, 32); crop 33 -> 32
 
-    def probs(mean, std):  # the model trained on mirrored images: predict averages the image's and mirror's logits
-        assert pre["mirror"] is True
+    def probs(mean, std):  # the model trained on small mirrored crops: predict averages the logits of the image
+        # and its mirror, each also shifted 2 px four ways (edges reflected)
+        assert pre["mirror"] is True and pre["shift"] == 2
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        views = []
+        for v in ((x - m) / s, (x.flip(-1) - m) / s):
+            padded = torch.nn.functional.pad(v, (2, 2, 2, 2), mode="reflect")
+            shifts = ((2, 0), (-2, 0), (0, 2), (0, -2))
+            views += [v] + [padded[..., 2 - dy:34 - dy, 2 - dx:34 - dx] for dx, dy in shifts]
         with torch.no_grad():
-            z = (model((x - m) / s) + model((x.flip(-1) - m) / s)) / 2  # (1, C)
+            z = sum(model(v) for v in views) / len(views)  # (1, C)
             return dict(zip(ckpt["classes"], z.softmax(-1)[0].tolist(), strict=True))
 
     want, imagenet = probs([0.5] * 3, [0.5] * 3), probs([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -150,7 +156,7 @@ def test_small_images_are_upsampled_only_as_far_as_the_cpu_budget_allows():
     many, why = finetune_budget(cfg, facts(cfg, n_train=8000, side=32), DEFAULT_MODEL)
     assert 32 <= many["data.img_size"] < 224 and many["data.img_size"] % 16 == 0, many
     assert "rather than the weights' 224" in why
-    longer = load_config(overrides=["train.time=30m"])
+    longer = load_config(overrides=["train.time=10m"])
     more, _ = finetune_budget(longer, facts(longer, n_train=8000, side=32), DEFAULT_MODEL)
     assert many["data.img_size"] < more["data.img_size"] < 224
     huge, _ = finetune_budget(cfg, facts(cfg, n_train=10**7, side=32), DEFAULT_MODEL)

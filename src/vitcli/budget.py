@@ -34,9 +34,11 @@ MAX_EPOCHS = 10_000  # upper bound on the epochs a long budget may choose
 class TimeBudget:
     """Fits `run`'s epochs and schedule to end by `started + seconds`; see the module docstring."""
 
-    def __init__(self, seconds: float, started: float, val_images: int, max_epochs: int = MAX_EPOCHS):
+    def __init__(self, seconds: float, started: float, val_images: int, max_epochs: int = MAX_EPOCHS,
+                 end_images: int = 0):
         self.seconds, self.deadline = seconds, started + seconds * (1 - MARGIN)
         self.val_images, self.max_epochs = val_images, max_epochs
+        self.end_images = end_images  # images the end of the run forwards besides the report (calibration)
         self.bar = self.epoch_task = None  # the progress bar's epoch task, whose total follows the plan
         self.seen = 0  # batches this command has run
         self.prev = 0.0  # when the previous batch ended (0 after an epoch end: validation is not a step)
@@ -117,8 +119,10 @@ class TimeBudget:
         self.last_end, self.epoch_start = now, 0.0
 
     def _finish_s(self, run: RunState) -> float:
-        """After the last epoch: the summary, and the report (a validation pass of best.pt and figures)."""
-        return FINISH_S + (REPORT_S + self._eval_s(run) if run.cfg.train.report else 0.0)
+        """After the last epoch: the summary, the calibration (`end_images` forwards, each ~a third of a training
+        image's share of a step) and the report (a validation pass of best.pt and figures)."""
+        forwards = self.end_images * self.step_s / (3 * run.cfg.data.batch_size)
+        return FINISH_S + forwards + (REPORT_S + self._eval_s(run) if run.cfg.train.report else 0.0)
 
     def _eval_s(self, run: RunState) -> float:
         """Validation (a forward of twice the batch costs ~2/3 of a training step) plus the epoch's overhead."""
@@ -127,7 +131,7 @@ class TimeBudget:
 
 
 def budget_for(run: RunState, started: float, val_images: int, time_override: str | None,
-               ckpt: dict | None) -> TimeBudget | None:
+               ckpt: dict | None, end_images: int = 0) -> TimeBudget | None:
     """The run's TimeBudget, or None. A resumed run (`ckpt`, its last.pt) keeps the schedule its budget fitted,
     unless a new `--time` fits the rest of it again (or extends a finished run); a run stopped before its plan
     was made plans now."""
@@ -154,7 +158,7 @@ def budget_for(run: RunState, started: float, val_images: int, time_override: st
         cap = MAX_EPOCHS
     else:  # the defaults' own budget (defaults.CPU_RUN_TIME): their epochs were a guess at the machine's speed,
         cap = max(t.epochs, DEFAULT_MAX_EPOCHS)  # so a faster machine trains more of them in it
-    return TimeBudget(t.seconds, started, val_images, cap)
+    return TimeBudget(t.seconds, started, val_images, cap, end_images)
 
 
 def _synced(run: RunState) -> float:

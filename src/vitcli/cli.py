@@ -261,8 +261,9 @@ ModelOpt = Annotated[str | None, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (bf16 where fast, else fp32), fp32, bf16 or fp16.")]
 TtaOpt = Annotated[bool | None, typer.Option(
-    "--tta/--no-tta", help="Average with the mirrored image (twice the compute); default: on for models trained "
-    "on mirrored images.", show_default=False)]
+    "--tta/--no-tta", help="Average the logits of the image and its mirror (and, for models trained on small "
+    "cropped photos, both shifted four ways: 10 views); default: on for models trained on mirrored images.",
+    show_default=False)]
 
 
 @app.command(short_help="Classify images, folders and globs.")

@@ -191,12 +191,13 @@ def resize_size_for(img_size: int, crop_pct: float) -> int:
 
 
 def preprocess_info(img_size: int, crop_pct: float, interpolation: str, mean, std,
-                    mirror: bool = False) -> dict[str, Any]:
+                    mirror: bool = False, shift: int = 0) -> dict[str, Any]:
     """What prediction must repeat exactly; stored in every checkpoint. `mirror`: the model trained on mirrored
-    images too, so prediction averages the image and its mirror by default (`Predictor.set_tta`)."""
+    images too, so prediction averages the image and its mirror by default (`Predictor.set_tta`); `shift`: and
+    those views shifted by this many pixels (`augment.tta_views`)."""
     return {"img_size": img_size, "resize_size": resize_size_for(img_size, crop_pct), "crop_pct": crop_pct,
             "interpolation": interpolation, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-            "mirror": bool(mirror)}
+            "mirror": bool(mirror), "shift": int(shift)}
 
 
 def _decode_or_none(args):

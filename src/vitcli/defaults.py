@@ -26,6 +26,9 @@ MIN_EPOCHS, MAX_EPOCHS = 10, 100  # bounds on the chosen number of epochs
 CPU_RUN_MACS = 2.4e13  # CPU: multiply-adds of a default run (~8 min at CPU_MACS_PER_S): its first guess of epochs
 CPU_RUN_TIME = "9m"  # CPU: the budget a default run fits its epochs to once timed (more when faster, fewer when slower)
 CPU_MACS_PER_S = 5e10  # CPU: multiply-adds a second one thread trains at (bf16, AVX-512), for a first guess
+THREAD_GAIN = 0.7  # CPU: the speed-up of each doubling of the cores a step runs on, for a first guess (the thread
+# probe measured 1.7x on 2 cores; a 30-minute CIFAR-10 run on 2 cores trained at 2x CPU_MACS_PER_S, so one thread's
+# rate alone guessed 64 epochs where 100 fit, and the augmentation level followed the guess)
 CPU_STEP_MACS = 3e8  # CPU: forward multiply-adds per image above which the next smaller model is taken
 FEW_PHOTOS = 20_000  # photos from scratch below this many training images get the fine-tuning hint
 ENOUGH_EPOCHS = 15  # CPU: a smaller model rather than one a default run trains for fewer epochs than this
@@ -236,9 +239,19 @@ def _rung(cfg: Config, facts: DataFacts, img: int, patch: int, stem: str) -> tup
         return rung, ""
     seconds, grown = cfg.train.seconds, ""
     while (rung + 1 < len(LADDER) and macs[rung + 1] <= CPU_STEP_MACS
-           and seconds * CPU_MACS_PER_S / (3 * macs[rung + 1] * facts.n_train) >= ROOMY_EPOCHS):
+           and budget_macs(seconds) / (3 * macs[rung + 1] * facts.n_train) >= ROOMY_EPOCHS):
         rung, grown = rung + 1, f", one size up: {cfg.train.time} trains it for {ROOMY_EPOCHS}+ epochs"
     return rung, grown
+
+
+def budget_macs(seconds: float) -> float:
+    """Multiply-adds a CPU trains in `seconds` on the cores this process may use: a first guess (the time budget
+    fits the epochs once it has timed steps), but the augmentation level and model size follow it."""
+    import math
+
+    from vitcli.device import cpu_count
+
+    return seconds * CPU_MACS_PER_S * (1 + THREAD_GAIN * math.log2(cpu_count()))
 
 
 def _augment(side: int, facts: DataFacts, epochs: int, width: int | None, img: int) -> list[Choice]:
@@ -344,7 +357,7 @@ def _epochs(cfg: Config, facts: DataFacts, world: int, macs: float) -> list[Choi
     if "train.epochs" in user_keys(cfg):
         return []
     if cfg.train.time and macs:  # a first guess; the budget fixes the number once it has timed some steps
-        guess = int(cfg.train.seconds * CPU_MACS_PER_S / (3 * macs * facts.n_train))
+        guess = int(budget_macs(cfg.train.seconds) / (3 * macs * facts.n_train))
         return [Choice({"train.epochs": max(1, min(MAX_EPOCHS, guess))},
                        f"about what fits in {cfg.train.time} on a CPU (the time budget sets the number after timing "
                        "the first steps)")]
@@ -411,7 +424,7 @@ def finetune_facts(cfg: Config, facts: DataFacts | None) -> dict[str, Any]:
     if facts is None:
         return {"photos": False, "side": PHOTO_SIZE, "cpu_macs": 0.0}
     side = median_side(facts.sizes)
-    budget = cfg.train.seconds * CPU_MACS_PER_S if cfg.train.time else CPU_RUN_MACS
+    budget = budget_macs(cfg.train.seconds) if cfg.train.time else CPU_RUN_MACS
     looks = looks_of(facts)
     photos = looks.kind == "photo" if looks is not None else side >= PHOTO_SIDE
     return {"photos": photos, "side": side, "cpu_macs": budget if facts.device_type == "cpu" else 0.0}

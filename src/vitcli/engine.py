@@ -247,13 +247,15 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
 def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: tuple[list[int], list[int]],
                 env: Env) -> TrainData:
     """The source's train and val stores; unreadable images are counted against data.max_bad_fraction."""
+    from vitcli.augment import tta_shift
     from vitcli.dataset import Split
     from vitcli.decode import preprocess_info
     from vitcli.device import cpu_count
     from vitcli.store import BadImageLog
 
     d = cfg.data
-    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std, mirror=d.hflip > 0)
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std, mirror=d.hflip > 0,
+                          shift=tta_shift(d.img_size, d.hflip > 0, d.scale_min, d.translate))
     bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
     train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
@@ -514,9 +516,22 @@ def finish(run: RunState, data: TrainData, t_start: float) -> TrainResult:
     return result
 
 
+def calibration_images(run: RunState, data: TrainData) -> int:
+    """Images `calibrate_checkpoints` forwards: for best.pt and last.pt, the validation split over the TTA views
+    (the temperature), then again with up to ood.BANK_MAX training images (the out-of-distribution scores)."""
+    from vitcli.augment import view_count
+    from vitcli.ood import BANK_MAX
+
+    if not run.cfg.train.calibrate:  # every rank plans with it: the plans must agree (the main one calibrates)
+        return 0
+    views = view_count(data.pre, data.pre.get("mirror", False)) if run.task.fits_temperature else 0
+    return 2 * ((views + 1) * len(data.val) + min(len(data.train), BANK_MAX))
+
+
 def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
     """Fit, for best.pt's and last.pt's weights on the validation split, the temperature and conformal scores
     (tasks that fit one) and the out-of-distribution thresholds, and store them in each file (train.calibrate)."""
+    from vitcli.augment import views_text
     from vitcli.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from vitcli.evaluation import run_eval
     from vitcli.ood import fit_for_model
@@ -533,11 +548,10 @@ def calibrate_checkpoints(run: RunState, data: TrainData) -> None:
         model = model_from_checkpoint(ckpt, path).to(env.device)
         if run.task.fits_temperature:  # label vectors: the per-class thresholds are their calibration
             mirror = data.pre.get("mirror", False)  # fitted on the logits prediction will use (its default TTA)
-            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True,
-                          mirror=mirror)
+            ev = run_eval(model, data.val, data.pre, env.device, env.precision, batch, keep_logits=True, tta=mirror)
             ckpt["calibration"] = cal = run.task.fit_calibration(ev.logits, ev.labels)
             cal["tta"] = mirror
-            views = " (image and mirror, as prediction averages them)" if mirror else ""
+            views = f" ({views_text(data.pre)}, as prediction averages them)" if mirror else ""
             info(f"[bold]calibrated[/] {name}{views}: temperature {cal['temperature']:.3f} ({cal['rule']}), val ECE "
                  f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
                  f"{cal['nll_after']:.4f} on {cal['images']} images")
@@ -582,7 +596,8 @@ def start_run(cfg: Config, data_dir: str | Path | None, resume: str | Path | Non
         run = build_state(cfg, data, env, run_dir)
         run.distiller = build_distiller(cfg, data.classes, data.pre, env.device, run.model, not data.task.one_label,
                                         data.val, (env.rank, env.world))
-        run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt)  # counts from the start
+        run.budget = budget_for(run, t_start, len(data.val), time_override, ckpt,  # counts from the start
+                                calibration_images(run, data))
         if ckpt is not None:
             restore(run, ckpt)
         return run, data

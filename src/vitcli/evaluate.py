@@ -57,7 +57,7 @@ def evaluate(data_dir: str | Path, model: str | None = None, batch_size: int = 6
     info(f"[bold]data[/] {esc(str(data_dir))}: {len(split)} images; device {dev}, precision {prec}")
     if line := pred.set_tta(tta):
         info(f"  {esc(line)}")
-    how = pred.prepare(len(split) * (2 if pred.tta else 1), batch_size)
+    how = pred.prepare(len(split) * pred.views, batch_size)
     t0 = time.perf_counter()
     logits, labels, paths, bad = collect_logits(pred, split, batch_size)
     seconds = time.perf_counter() - t0

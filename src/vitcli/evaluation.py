@@ -91,13 +91,13 @@ class EvalOutput:
 
 
 def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, loss_fn=None,
-             rank: int = 0, world: int = 1, keep_logits: bool = False, mirror: bool = False) -> EvalOutput:
-    """Forward every image of `store` (this rank's shard) with the eval transform; with `mirror`, the logits are
-    the mean of the image's and its mirror's (prediction's TTA). The sums stay on the device and are read once at
-    the end."""
+             rank: int = 0, world: int = 1, keep_logits: bool = False, tta: bool = False) -> EvalOutput:
+    """Forward every image of `store` (this rank's shard) with the eval transform; with `tta`, the logits are
+    the mean over the views prediction's TTA averages (`augment.tta_views`). The sums stay on the device and are
+    read once at the end."""
     import torch
 
-    from vitcli.augment import eval_transform
+    from vitcli.augment import eval_transform, tta_views
     from vitcli.device import autocast
     from vitcli.task import hits
 
@@ -111,9 +111,8 @@ def run_eval(model, store, pre: dict, device, precision: str, batch_size: int, l
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 x = eval_transform(x, pre)  # (B, 3, H, W)
-                logits = model(x).float()  # (B, C)
-                if mirror:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
+                views = tta_views(x, pre) if tta else [x]
+                logits = sum(model(v).float() for v in views) / len(views)  # (B, C)
             if loss_fn is not None:
                 loss_sum += loss_fn(logits, y).double() * len(y)
             correct += hits(logits, y).sum()

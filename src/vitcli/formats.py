@@ -65,28 +65,38 @@ class Predictor:
         trained on mirrored images (its preprocess says so) and its calibration is fitted at the end of training
         on the same views (label vectors tune their thresholds on one view while training: off for them).
         Returns the line that says so, or None when off."""
+        from vitcli.augment import views_text
+
         mirror = bool(self.preprocess.get("mirror", False)) and self.task.fits_temperature
         self.tta = mirror if choice is None else choice
         unlike = ""  # prediction takes other views than the calibration saw
         if self.calibrated_tta != self.tta and self.task.conformal_scores is not None:
-            fitted = "both views" if self.calibrated_tta else "the image alone"
+            fitted = "the TTA views" if self.calibrated_tta else "the image alone"
             unlike = (f"; the temperature and conformal scores were fitted on {fitted}, so sets carry no coverage "
                       "guarantee")
         if not self.tta:
             return f"TTA off (--no-tta){unlike}" if unlike else None
-        why = "--tta" if choice else "the model trained on mirrored images too; --no-tta: half the compute"
-        return f"TTA: the mean of the image's and its mirror's logits ({why}){unlike}"
+        why = "--tta" if choice else f"the model trained on such views; --no-tta: 1/{self.views} the compute"
+        return f"TTA: the mean of the logits of {views_text(self.preprocess)} ({why}){unlike}"
+
+    @property
+    def views(self) -> int:
+        """Forward passes an image costs: the views TTA averages, or 1."""
+        from vitcli.augment import view_count
+
+        return view_count(self.preprocess, self.tta)
 
     def view_logits(self, x, logits=None):
-        """uint8 (B, 3, S, S) -> float32 (B, C): the logits prediction uses; with TTA the mean of the image's
-        (`logits`, when already computed) and its mirror's: the mirror of the centre crop the model sees (an odd
-        margin would shift a mirrored-then-cropped image by a pixel)."""
+        """uint8 (B, 3, S, S) -> float32 (B, C): the logits prediction uses; with TTA the mean over the views of
+        the centre crop the model sees (`augment.tta_views`; the image's own logits are `logits` when already
+        computed; views of the crop, since an odd margin would shift a mirrored-then-cropped image by a pixel)."""
         logits = self.logits(x) if logits is None else logits
         if not self.tta:
             return logits
-        from vitcli.augment import center_crop
+        from vitcli.augment import center_crop, tta_views
 
-        return (logits + self.logits(center_crop(x, self.preprocess["img_size"]).flip(-1))) / 2
+        others = tta_views(center_crop(x, self.preprocess["img_size"]), self.preprocess)[1:]
+        return (logits + sum(self.logits(v) for v in others)) / (len(others) + 1)
 
     def probs(self, x):
         """uint8 (B, 3, S, S) -> calibrated probabilities float64 (B, C) (`Task.probs` of `view_logits`)."""

@@ -203,7 +203,7 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 1, fmt
 
     if line := pred.set_tta(tta):
         info(esc(line))
-    how = pred.prepare(len(paths) * (2 if pred.tta else 1), batch_size)
+    how = pred.prepare(len(paths) * pred.views, batch_size)
     t0 = time.perf_counter()
     results = reported(predict_images(pred, paths, top_k=k, batch_size=batch_size, threads=threads,
                                       min_prob=thresholds, threshold=threshold, ood=ood, unknown=unknown))

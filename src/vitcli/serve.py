@@ -52,7 +52,7 @@ class ServeConfig:
     max_connections: int = 200  # concurrent connections; beyond them uvicorn answers 503
     threads: int = 0  # decoding threads; 0 = min(4, CPU count)
     token: str | None = None  # bearer token required on /predict and /info; None = no authentication
-    tta: bool | None = None  # average with the mirror; None = the model's default (on when it trained mirrored)
+    tta: bool | None = None  # average the TTA views (augment.tta_views); None: the model's default (mirror-trained: on)
 
     def check(self) -> None:
         for flag in ("port", "threads", "max_batch", "max_queue", "max_files", "max_pixels", "max_connections"):
