@@ -57,6 +57,9 @@ def tta_shift(img_size: int, mirror: bool, scale_min: float, translate: float) -
     return img_size // 16 if mirror and moved and img_size < TTA_SHIFT_BELOW else 0
 
 
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # the ways `tta_views` moves each view (x, y): right, left, down, up
+
+
 def tta_views(x, pre: dict[str, Any]) -> list:
     """(B, C, S, S) model-sized images -> the views test-time augmentation averages: the image and its mirror, and
     with `pre["shift"]` > 0 (`tta_shift`, stored at training) each of them also shifted that many pixels right,
@@ -73,21 +76,20 @@ def tta_views(x, pre: dict[str, Any]) -> list:
         i = (torch.arange(side, device=x.device) - offset).abs()
         return torch.where(i > side - 1, 2 * (side - 1) - i, i)
 
-    moved = [v.index_select(-1, reflect(dx)).index_select(-2, reflect(dy)) for v in both
-             for dx, dy in ((d, 0), (-d, 0), (0, d), (0, -d))]
+    moved = [v.index_select(-1, reflect(d * dx)).index_select(-2, reflect(d * dy)) for v in both for dx, dy in SHIFTS]
     return both + moved
 
 
 def view_count(pre: dict[str, Any], tta: bool) -> int:
     """Forward passes an image costs: len(`tta_views`) with test-time augmentation, else 1."""
-    return (10 if pre.get("shift") else 2) if tta else 1
+    return 2 * (1 + (len(SHIFTS) if pre.get("shift") else 0)) if tta else 1
 
 
 def views_text(pre: dict[str, Any]) -> str:
     """What `tta_views` averages, in words."""
     d = int(pre.get("shift", 0))
     both = "the image and its mirror"
-    return f"10 views: {both}, each also shifted {d} px four ways" if d else both
+    return f"{view_count(pre, True)} views: {both}, each also shifted {d} px four ways" if d else both
 
 
 def center_crop(x, size: int):
