@@ -33,7 +33,7 @@ def model_and_batch():
 
     cfg = load_config(None, ["model.name=vit-tiny/4", "model.embed_dim=128", "model.depth=4", "model.num_heads=4",
                              "model.stem=conv", "model.global_pool=avg", "model.pos_embed=sincos",
-                             "data.img_size=32", "data.batch_size=64", "train.threads=-1"])
+                             "model.pos_conv=true", "data.img_size=32", "data.batch_size=64", "train.threads=-1"])
     model, _ = build_model(cfg.model, 10, 32)
     set_fused_attention(model, False)
     precision, _ = pick_precision("auto", torch.device("cpu"))

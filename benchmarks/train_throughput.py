@@ -37,7 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SMALL = {"model.stem": "conv", "model.global_pool": "avg", "model.pos_embed": "sincos"}  # what scratch-small picks
+SMALL = {"model.stem": "conv", "model.global_pool": "avg", "model.pos_embed": "sincos",
+         "model.pos_conv": True}  # what scratch-small picks
 # timm's ViT (patch stem, class token, learnt positions), pinned: the defaults would give vitcli's run a conv stem on
 # these 256 images, a heavier model than the baseline's and than the FLOPs counted
 TIMM_VIT = {"model.stem": "patch", "model.global_pool": "token", "model.pos_embed": "learn"}

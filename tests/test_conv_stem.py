@@ -32,6 +32,8 @@ def test_conv_stem_with_a_patch_that_is_no_power_of_two_is_a_config_error():
         load_config(flags={"model.name": "vit-tiny/14"}, overrides=["model.stem=conv"])
     with pytest.raises(VitcliError, match="model.stem"):
         load_config(overrides=["model.stem=cnn"])
+    with pytest.raises(VitcliError, match="'model.pos_conv' is for vitcli's own ViT"):
+        load_config(flags={"model.name": "timm/resnet18"}, overrides=["model.pos_conv=true"])
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,7 @@ def test_conv_stem_trains_and_saves_a_self_describing_checkpoint(conv_run):
     run, _ = conv_run
     ckpt = safe_torch_load(run / "best.pt")
     assert ckpt["model_spec"]["kwargs"]["stem"] == "conv"
+    assert ckpt["model_spec"]["kwargs"]["pos_conv"]  # the small-data recipe's position conv, exported below too
     assert any(k.startswith("patch_embed.convs.") for k in ckpt["model"])  # BatchNorm statistics too
     model, _, _ = load_model(run)
     assert isinstance(model.patch_embed, ConvStem)

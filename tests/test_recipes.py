@@ -36,7 +36,7 @@ def test_recipe_fills_only_the_keys_the_user_did_not_set(tmp_path):
     assert {"data.mixup", "model.drop_path_rate"} <= set(recipe.kept)
     # the rest is the 200-epoch (heavy) from-scratch regime with small-data ViT choices
     assert cfg.data.cutmix == 1.0 and cfg.data.reprob == 0.25 and cfg.data.randaugment.startswith("rand-m9")
-    assert cfg.model.global_pool == "avg" and cfg.model.pos_embed == "sincos"
+    assert cfg.model.global_pool == "avg" and cfg.model.pos_embed == "sincos" and cfg.model.pos_conv
     assert cfg.model.name == "vit-tiny/4"  # default patch 16 on 32 px would leave a 2x2 token grid
     assert cfg.train.ema_decay > 0 and cfg.optim.warmup_epochs == 10
     assert cfg.train.recipe == "scratch-small"

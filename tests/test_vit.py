@@ -80,3 +80,24 @@ def test_sincos_position_embedding_is_fixed():
     pe = m.pos_embed[0, 1:]
     sim = torch.nn.functional.cosine_similarity(pe[0:1], pe, dim=-1)
     assert sim[1] > sim[15]
+
+
+def test_pos_conv_adds_a_depthwise_conv_of_the_token_grid_after_the_first_block():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=2, num_heads=2,
+                          pos_conv=True).eval()
+    x = torch.randn(2, 3, 16, 24)  # a 4x6 grid: not the square it was built for
+    with torch.no_grad():
+        # reference: the same layers called one by one, the conv written as unfold + per-channel weights
+        t = m.blocks[0](m._pos_embed(m.patch_embed(x), (4, 6)))  # (2, 1 + 24, 32)
+        grid = t[:, 1:].transpose(1, 2).reshape(2, 32, 4, 6)
+        cols = torch.nn.functional.unfold(grid, 3, padding=1).reshape(2, 32, 9, 24)  # (B, D, 3*3, N)
+        conv = (cols * m.pos_conv.weight.reshape(1, 32, 9, 1)).sum(2) + m.pos_conv.bias.reshape(1, 32, 1)
+        t = torch.cat([t[:, :1], t[:, 1:] + conv.transpose(1, 2)], dim=1)
+        ref = m.head(m.norm(m.blocks[1](t))[:, 0])
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    plain = VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=1, num_heads=2)
+    assert not any(n.startswith("pos_conv") for n, _ in plain.named_parameters())
+    one_block = VisionTransformer(img_size=16, patch_size=4, num_classes=3, embed_dim=32, depth=1, num_heads=2,
+                                  pos_conv=True).eval()
+    assert one_block(x).shape == (2, 3)  # the conv after the only block, then the head

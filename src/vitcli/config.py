@@ -65,6 +65,7 @@ class ModelConfig:
     global_pool: str = "token"  # classifier input: token (class token) | avg (mean of patch tokens)
     pos_embed: str = "learn"  # position embedding: learn | sincos (fixed 2-D sine-cosine)
     stem: str = "patch"  # scratch ViT tokeniser: patch (one strided conv) | conv (3x3 conv stack, stride = patch)
+    pos_conv: bool = False  # scratch ViT: a 3x3 depthwise conv of the token grid after the first block (CPVT)
     drop_rate: float = 0.0  # dropout after the MLP and projection layers, probability
     drop_path_rate: float = 0.0  # stochastic depth rate of the last block (linear from 0), probability
 

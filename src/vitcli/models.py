@@ -71,7 +71,7 @@ def resolve_preset(m: ModelConfig, img_size: int) -> dict[str, Any]:
         raise VitcliError(f"'model.embed_dim' {dim} must be divisible by 4 with 'model.pos_embed: sincos'")
     return dict(img_size=img_size, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads,
                 mlp_ratio=m.mlp_ratio, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
-                global_pool=m.global_pool, pos_embed=m.pos_embed, stem=m.stem)
+                global_pool=m.global_pool, pos_embed=m.pos_embed, stem=m.stem, pos_conv=m.pos_conv)
 
 
 class Backend:
@@ -140,6 +140,8 @@ class Backend:
             return 0
         if param_name.startswith("blocks."):
             return int(param_name.split(".")[1]) + 1
+        if param_name.startswith("pos_conv"):
+            return 1  # beside the first block, whose output it reads
         return depth + 1
 
 
@@ -212,6 +214,9 @@ class TimmBackend(Backend):
         if m.stem != "patch":
             raise VitcliError(f"'model.stem' {m.stem} is for vitcli's own ViT presets (vit-tiny/16, ...); timm "
                               f"model {m.name!r} keeps its own stem")
+        if m.pos_conv:
+            raise VitcliError(f"'model.pos_conv' is for vitcli's own ViT presets (vit-tiny/16, ...); timm model "
+                              f"{m.name!r} keeps its own position embedding")
 
     def spec(self, m: ModelConfig, num_classes: int, img_size: int) -> dict[str, Any]:
         kwargs = dict(num_classes=num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)

@@ -6,8 +6,8 @@ explicit setting always wins; `train.recipe: none` turns recipes off. The choice
 
 - scratch-small: from scratch on fewer than SMALL_DATA images. The DeiT regime (RandAugment, mixup/cutmix,
   random erasing, label smoothing, stochastic depth, EMA, long warmup), as strong as the run is long, plus
-  small-data ViT choices: patches small enough for an 8x8 token grid, global average pooling and fixed 2-D
-  sine-cosine position embeddings.
+  small-data ViT choices: patches small enough for an 8x8 token grid, global average pooling, fixed 2-D
+  sine-cosine position embeddings and a depthwise conv of the token grid after the first block (CPVT).
 - scratch: from scratch on more data: the DeiT regime, as strong as the run is long.
 - finetune: pretrained weights: lower learning rate, layer-wise lr decay, short warmup, light augmentation
   (no mixup/cutmix), a little stochastic depth.
@@ -109,6 +109,7 @@ def recipe_values(name: str, cfg: Config, n_train: int, world: int = 1) -> dict[
     if small and scratch_backend:
         values["model.global_pool"] = "avg"
         values["model.pos_embed"] = "sincos"
+        values["model.pos_conv"] = True  # +1 point on CIFAR-10 at 10 min, +3.4 on clutter; ~1% of a step
         from vitcli.defaults import divisor_patch, patch_size
         from vitcli.models import parse_preset, with_patch
 

@@ -135,6 +135,7 @@ def build_state(cfg: Config, data: TrainData, env: Env, run_dir: Path, *, wrap: 
     source = " from pretrained weights" if cfg.model.pretrained == "true" or cfg.model.pretrained_file else ""
     k = spec["kwargs"]
     shape = f", width {k['embed_dim']}, {k['depth']} blocks, {k['stem']} stem" if "stem" in k else ""
+    shape += ", position conv" if k.get("pos_conv") else ""
     info(f"[bold]model[/] {esc(cfg.model.name)} ({spec['backend']}){source}{shape}, "
          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     if t.precision == "auto":
@@ -179,8 +180,13 @@ def wrap_model(model, ema, cfg: Config, env: Env, spec: dict[str, Any], batches:
     t = cfg.train
     fwd = model.to(memory_format=torch.channels_last) if t.channels_last else model
     if env.world > 1:
+        import warnings
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # a depthwise conv's weight gradient (C, 1, 3, 3) comes with another stride on its size-1 axis than
+        # DDP's bucket view: the same memory layout, so nothing to fix and nothing for the user to read
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         fwd = DDP(fwd, device_ids=[env.device.index] if env.device.type == "cuda" else None)
         if ema is not None:
             ema.module.load_state_dict(model.state_dict())

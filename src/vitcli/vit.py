@@ -170,6 +170,8 @@ class VisionTransformer(nn.Module):
         global_pool: "token" classifies the class token; "avg" the mean of patch tokens (timm's fc_norm).
         pos_embed: "learn" (trainable) or "sincos" (fixed 2-D sine-cosine).
         stem: "patch" (one strided conv, timm's PatchEmbed) or "conv" (ConvStem of total stride patch_size).
+        pos_conv: add a 3x3 depthwise conv of the token grid to the patch tokens after the first block (CPVT's
+            position encoding generator, Chu et al. 2021): position from each token's neighbours, at any size.
         distill_token: add DeiT's distillation token and its head (Touvron et al. 2021); the model then predicts
             with the mean of both heads, and returns both while training with `distilled_training` set.
     """
@@ -191,6 +193,7 @@ class VisionTransformer(nn.Module):
         global_pool: str = "token",
         pos_embed: str = "learn",
         stem: str = "patch",
+        pos_conv: bool = False,
         distill_token: bool = False,
     ):
         super().__init__()
@@ -213,6 +216,7 @@ class VisionTransformer(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distill_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, groups=embed_dim) if pos_conv else None
         rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.Sequential(*[
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -261,9 +265,15 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)  # (B, N, D)
-        x = self.pos_drop(self._pos_embed(x, grid))  # (B, 1 + N, D)
-        x = self.blocks(x)  # (B, K + N, D)
-        return self.norm(x)  # (B, K + N, D)
+        x = self.pos_drop(self._pos_embed(x, grid))  # (B, K + N, D)
+        if self.pos_conv is None:
+            return self.norm(self.blocks(x))  # (B, K + N, D)
+        x = self.blocks[0](x)  # (B, K + N, D)
+        k, (B, _, D) = self.num_prefix_tokens, x.shape
+        grid_map = x[:, k:].transpose(1, 2).reshape(B, D, *grid)  # (B, D, gh, gw)
+        patches = grid_map + self.pos_conv(grid_map)  # (B, D, gh, gw)
+        x = torch.cat([x[:, :k], patches.flatten(2).transpose(1, 2)], dim=1)  # (B, K + N, D)
+        return self.norm(self.blocks[1:](x))  # (B, K + N, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Logits (B, num_classes); with a distillation token the mean of both heads, or both heads' logits
