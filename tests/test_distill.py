@@ -41,7 +41,8 @@ def train_student(noisy: Path, name: str, *sets: str) -> tuple[Path, str]:
     """The TINY model (patch stem and no position conv, as timm's ViT) for 6 epochs on the noisy shapes, from the
     current folder."""
     res = run_cli("train", noisy, *TINY, "--epochs", "6", "--name", name, "--set", "data.val_fraction=0.1",
-                  "--set", "model.stem=patch", "--set", "model.pos_conv=false", *[a for s in sets for a in ("--set", s)])
+                  "--set", "model.stem=patch", "--set", "model.pos_conv=false",
+                  *[a for s in sets for a in ("--set", s)])
     assert res.exit_code == 0, res.output
     return Path("runs").resolve() / name, res.output
 
