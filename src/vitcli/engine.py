@@ -253,9 +253,9 @@ def open_stores(cfg: Config, data_dir: str | Path, source, ds: Dataset, counts: 
     from vitcli.device import cpu_count
     from vitcli.store import BadImageLog
 
-    d = cfg.data
-    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std, mirror=d.hflip > 0,
-                          shift=tta_shift(d.img_size, d.hflip > 0, d.scale_min, d.translate))
+    d, mirror = cfg.data, cfg.data.hflip > 0
+    pre = preprocess_info(d.img_size, d.crop_pct, d.interpolation, d.mean, d.std, mirror=mirror,
+                          shift=tta_shift(d.img_size, mirror, d.scale_min, d.translate))
     bad = BadImageLog(total=sum(ds.sizes()), max_fraction=d.max_bad_fraction, data_dir=data_dir)
     train, val = source.stores(ds, d, pre, bad.add, env.device, min(8, max(1, cpu_count() - 1)))
     bad.check()  # from now on each unreadable image is checked as it turns up
