@@ -102,6 +102,17 @@ class DatasetsUntouched:
         assert not changed, f"the command changed the dataset(s) {changed}"
 
 
+def hang_dump(env: dict[str, str], root: Path, seconds: int = 150) -> dict[str, str]:
+    """`env` for a torchrun command whose worker processes print every thread's stack and exit after `seconds`:
+    a run that hangs fails the test with where it waited, not with a bare subprocess timeout."""
+    site = root / "hang-dump"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import os\nif 'RANK' in os.environ and 'LOCAL_RANK' in os.environ:\n"
+        f"    import faulthandler\n    faulthandler.dump_traceback_later({seconds}, exit=True)\n")
+    return env | {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH", "")]))}
+
+
 @pytest.fixture
 def shapes(tmp_path) -> Path:
     """A 3-class folder of class subfolders (30 images each, 32 px)."""

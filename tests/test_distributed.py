@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, DatasetsUntouched, make_dataset
+from conftest import TINY, DatasetsUntouched, hang_dump, make_dataset
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "--redirects", "3"]
@@ -21,6 +21,7 @@ def torchrun(root: Path, *args: str) -> subprocess.Popen:
     """Start `torchrun --nproc_per_node=2 -m vitcli train` on the generated shapes; per-rank logs in root/logs."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
     env["COLUMNS"] = "200"
+    env = hang_dump(env, root)
     cmd = [*TORCHRUN, "--log-dir", str(root / "logs"), "-m", "vitcli", "train", str(root / "shapes"), *TINY,
            "--output", str(root / "runs"), *args]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -137,3 +138,35 @@ def test_sigterm_to_one_rank_stops_every_rank_after_saving(tmp_path):
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())
     progress = load_checkpoint(run / "last.pt")["train_state"]["progress"]
     assert 1 <= progress["epoch"] < 1000
+
+
+def _decide_compile_on_rank(rank: int, init: str, out: str) -> None:
+    """One gloo process: decide train.compile=auto for a run whose length differs by rank."""
+    import torch
+    import torch.distributed as dist
+
+    from vitcli.config import Config
+    from vitcli.engine import Env
+    from vitcli.state import compile_wanted
+    from vitcli.vit import VisionTransformer
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    cfg = Config()
+    cfg.data.img_size, cfg.data.batch_size, cfg.train.compile = 32, 8, "auto"
+    model = VisionTransformer(img_size=32, patch_size=8, num_classes=3, embed_dim=32, depth=1, num_heads=2)
+    env = Env(torch.device("cpu"), "fp32", "test", rank, 2)
+    batches = 10**7 if rank == 0 else 1  # rank 0 alone expects a run long enough to pay for a compile
+    wanted = compile_wanted(model, cfg, env, "agree-test", batches)
+    Path(out, f"rank{rank}").write_text(f"{int(wanted)} {cfg.train.compile}")
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_on_compiling_as_rank_zero_decides(tmp_path, monkeypatch):
+    """Ranks whose own guesses differ still all compile or all run eagerly (a compiled rank's warm-up and
+    steps run other collectives than an eager one's, and the pair would wait on each other forever)."""
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("VITCLI_CACHE_DIR", str(tmp_path / "cache"))
+    mp.spawn(_decide_compile_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text() == "1 on"
+    assert (tmp_path / "rank1").read_text() == "1 on"

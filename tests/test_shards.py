@@ -114,12 +114,13 @@ def test_torchrun_two_processes_stream_every_image_once(tmp_path):
     import subprocess
     import sys
 
-    from conftest import TINY
+    from conftest import TINY, hang_dump
 
     data = make_dataset(tmp_path / "shapes", per_class=100)
     assert run_cli("shard", data, tmp_path / "sh", "--size", "12KB").exit_code == 0
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["COLUMNS"] = "200"
+    env = hang_dump(env, tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitcli",
            "train", str(tmp_path / "sh"), *TINY, "--epochs", "2", "--output", str(tmp_path / "runs"),
            "--set", "data.num_workers=1"]

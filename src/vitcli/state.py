@@ -210,6 +210,11 @@ def compile_wanted(model, cfg: Config, env: Env, sig: str, batches: int) -> bool
         if t.time:
             expected = min(expected, t.seconds)
     wanted, why = decide_compile(t.compile, env.device, expected, sig)
+    if env.world > 1:  # rank 0 decides: each rank's own guess (a matmul probe, a cache) may differ, and a rank
+        from vitcli.distributed import broadcast_str  # that compiles runs other collectives than one that does not
+
+        why = broadcast_str(f"{int(wanted)}{why}")
+        wanted, why = why[0] == "1", why[1:]
     info(f"[bold]compile[/] {'on' if wanted else 'off'} ({why})")
     t.compile = "on" if wanted else "off"
     return wanted
@@ -228,7 +233,14 @@ def compile_step(fwd, model, cfg: Config, env: Env, sig: str):
     x = torch.zeros(d.batch_size, 3, d.img_size, d.img_size, device=env.device)
     if cfg.train.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    seconds = warm_up(compiled, model, x, autocast(env.device, env.precision))
+    # several processes: no warm-up backward, whose gradient all-reduce a rank that failed to compile would not
+    # join; the ranks agree on the outcome, so all of them run compiled or all eagerly
+    seconds = warm_up(compiled, model, x, autocast(env.device, env.precision), backward=env.world == 1)
+    if env.world > 1:
+        from vitcli.distributed import any_rank
+
+        if any_rank(int(compiled.failed), env.device) and not compiled.failed:
+            compiled.fail(RuntimeError("another process could not compile"))
     if not compiled.failed:
         remember(sig, round(seconds, 1))
         info(f"  compiled in {seconds:.0f} s")
