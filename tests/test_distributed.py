@@ -170,3 +170,36 @@ def test_ranks_agree_on_compiling_as_rank_zero_decides(tmp_path, monkeypatch):
     mp.spawn(_decide_compile_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "rank0").read_text() == "1 on"
     assert (tmp_path / "rank1").read_text() == "1 on"
+
+
+def _plan_on_rank(rank: int, init: str, out: str) -> None:
+    """One gloo process: fit a time budget whose clock started 30 s later on rank 1 than on rank 0."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from vitcli.budget import TimeBudget
+    from vitcli.config import load_config
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    cfg = load_config(overrides=["train.report=false", "data.batch_size=32", "train.epochs=1000"])
+    run = SimpleNamespace(cfg=cfg, env=SimpleNamespace(world=2, rank=rank, device=torch.device("cpu")),
+                          progress=SimpleNamespace(epoch=0, batch=0, step=0, plan=None), steps_per_epoch=20,
+                          warmup_steps=10, set_schedule=lambda total, warmup: None)
+    budget = TimeBudget(300, time.time() + 30 * rank, val_images=64)
+    budget.step_s = 0.5  # 10 s an epoch: rank 1's later deadline alone would fit three more epochs
+    budget.fit(run)
+    Path(out, f"rank{rank}").write_text(str(cfg.train.epochs))
+    dist.destroy_process_group()
+
+
+def test_ranks_fit_one_plan_though_their_clocks_differ(tmp_path):
+    """Each rank reads its own clock; the plan (epochs, schedule) must still be the same on every rank, or the rank
+    with more epochs waits forever for a peer that has gone to the end of the run."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_plan_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    epochs = [int((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert epochs[0] == epochs[1] and 10 < epochs[0] < 1000, epochs

@@ -74,7 +74,9 @@ class TimeBudget:
         spe = run.steps_per_epoch
         if not refit:
             self.epoch_s = max(self.epoch_s, spe * self.step_s + self._eval_s(run))
-        left = self.deadline - time.time() - self._finish_s(run)
+        # the least time left of any rank: each reads its own clock, and ranks that planned different epochs
+        # would wait on each other's collectives forever
+        left = -_slowest(-(self.deadline - time.time() - self._finish_s(run)), run)
         running = 1 if p.batch else 0  # an epoch under way finishes whatever the plan
         this_epoch = (spe - p.batch // t.accum_steps) * self.step_s + self._eval_s(run) if running else 0.0
         more = max(0, math.floor((left - this_epoch) / self.epoch_s))
