@@ -39,9 +39,10 @@ from pathlib import Path
 
 SMALL = {"model.stem": "conv", "model.global_pool": "avg", "model.pos_embed": "sincos",
          "model.pos_conv": True}  # what scratch-small picks
-# timm's ViT (patch stem, class token, learnt positions), pinned: the defaults would give vitcli's run a conv stem on
-# these 256 images, a heavier model than the baseline's and than the FLOPs counted
-TIMM_VIT = {"model.stem": "patch", "model.global_pool": "token", "model.pos_embed": "learn"}
+# timm's ViT (patch stem, class token, learnt positions, no position conv), pinned: the defaults would give vitcli's
+# run a conv stem and a position conv on these 256 images, a heavier model than the baseline's and the FLOPs counted
+TIMM_VIT = {"model.stem": "patch", "model.global_pool": "token", "model.pos_embed": "learn",
+            "model.pos_conv": False}
 SIZES = {
     # name: (vitcli model args as --set overrides, img_size, batch, train images)
     "ti224": ({"model.name": "vit-tiny/16", **TIMM_VIT}, 224, 32, 256),

@@ -158,6 +158,53 @@ def step_seconds_guess(macs_per_image: float, batch: int, precision: str, device
     return 3 * 2 * macs_per_image * batch / (matmul_limit(precision, device) * 1e9 * STEP_EFFICIENCY)
 
 
+_GELU_OP = None
+
+
+def _gelu_op():
+    """`vitcli::gelu`: aten's exact GELU as one opaque op (forward and backward) that inductor calls, not fuses."""
+    global _GELU_OP
+    if _GELU_OP is None:
+        import torch
+        import torch.nn.functional as F
+
+        # schemas spelt out: this module's annotations are strings (from __future__), which torch cannot read here
+        @torch.library.custom_op("vitcli::gelu", mutates_args=(), schema="(Tensor x) -> Tensor")
+        def gelu(x):
+            return F.gelu(x)
+
+        @torch.library.custom_op("vitcli::gelu_backward", mutates_args=(), schema="(Tensor grad, Tensor x) -> Tensor")
+        def gelu_backward(grad, x):
+            return torch.ops.aten.gelu_backward(grad, x)
+
+        gelu.register_fake(torch.empty_like)
+        gelu_backward.register_fake(lambda grad, x: torch.empty_like(x))
+        gelu.register_autograd(lambda ctx, grad: gelu_backward(grad, ctx.saved_tensors[0]),
+                               setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+        _GELU_OP = gelu
+    return _GELU_OP
+
+
+def aten_gelu(module) -> int:
+    """Swap every exact `nn.GELU` in `module` for one that calls aten's kernel through an opaque op; returns how
+    many. For a compiled graph on CPU: inductor's C++ erf is ~2x slower than aten's vectorised GELU (ViT-Ti/16,
+    224 px, bf16, AMX: 6.7 ms against 4.0 ms a block, forward and backward), more than fusing it saves. Eager
+    results are bit-identical (the same kernel); state dicts are unchanged (GELU has no weights)."""
+    from torch import nn
+
+    class AtenGELU(nn.GELU):
+        def forward(self, x):
+            return _gelu_op()(x)
+
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.GELU and child.approximate == "none":
+                setattr(parent, name, AtenGELU())
+                swapped += 1
+    return swapped
+
+
 class Compiled:
     """A torch.compile'd module that turns back into the eager one, with one printed line, when compiling fails
     (at the warm-up step or later); attributes other than calling are the eager module's."""
@@ -166,6 +213,8 @@ class Compiled:
         import torch
 
         self.eager, self.what, self.failed = module, what, False
+        if next(module.parameters()).device.type == "cpu":
+            aten_gelu(module)
         self.compiled = torch.compile(module)
 
     def __call__(self, *args, **kwargs):
