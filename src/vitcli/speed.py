@@ -192,9 +192,11 @@ def aten_gelu(module) -> int:
     results are bit-identical (the same kernel); state dicts are unchanged (GELU has no weights)."""
     from torch import nn
 
+    op = _gelu_op()  # registered here, not on the first call: inside a compiled forward that breaks the graph
+
     class AtenGELU(nn.GELU):
         def forward(self, x):
-            return _gelu_op()(x)
+            return op(x)
 
     swapped = 0
     for parent in list(module.modules()):
