@@ -83,8 +83,8 @@ def remember(key: str, value: Any) -> None:
         pass
 
 
-def matmul_gflops(precision: str, device=None, side: int = MATMUL_SIDE) -> float:
-    """Measured GFLOP/s of a square `side` matmul in bf16 / fp16 / fp32 on `device` (best of 5) with torch's
+def matmul_gflops(precision: str, device=None, side: int = MATMUL_SIDE, runs: int = 6) -> float:
+    """Measured GFLOP/s of a square `side` matmul in bf16 / fp16 / fp32 on `device` (best of `runs`) with torch's
     threads: the limit a training step is held against."""
     import torch
 
@@ -93,7 +93,7 @@ def matmul_gflops(precision: str, device=None, side: int = MATMUL_SIDE) -> float
     a = torch.randn(side, side, device=device).to(dtype)
     b = torch.randn(side, side, device=device).to(dtype)
     best = 0.0
-    for _ in range(6):
+    for _ in range(runs):
         _sync(device)
         t = time.perf_counter()
         a @ b
