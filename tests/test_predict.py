@@ -186,3 +186,20 @@ def test_help_imports_no_torch_and_one_image_predict_imports_no_timm_or_torchvis
         assert res == {"code": 0, "loaded": []}
     res = _subprocess(check.format(args=["predict", str(img), "--model", str(run)]), tmp_path)
     assert res == {"code": 0, "loaded": ["torch"]}
+
+
+def test_a_long_prediction_runs_a_compiled_frozen_graph_that_agrees_with_eager(run):
+    """A pass long enough to pay for a compile runs the frozen graph (weights folded in as constants); its logits
+    match the eager model's, the last short batch (padded) included."""
+    import torch
+
+    from vitcli.inference import load_predictor
+
+    eager, fast = load_predictor(str(run), "cpu"), load_predictor(str(run), "cpu")
+    how = fast.prepare(10**9, 8)  # a billion images: any compile pays for itself
+    assert "compiled" in how and not fast.fwd.failed, how
+    side = fast.preprocess["resize_size"]
+    x = torch.randint(0, 256, (5, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want, got = eager.logits(x), fast.logits(x)
+    assert got.shape == want.shape == (5, len(CLASSES))
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)

@@ -111,7 +111,7 @@ class TorchPredictor(Predictor):
         how = f"{self.kind}, {self.precision}"
         if not wanted:
             return how
-        self.fwd, self.batch = Compiled(self.model, "prediction"), batch_size
+        self.fwd, self.batch = Compiled(self.model, "prediction", frozen=True), batch_size
         t = time.perf_counter()
         res = self.preprocess["resize_size"]
         self.logits(self._torch.zeros(batch_size, 3, res, res, dtype=self._torch.uint8))  # compile now

@@ -214,13 +214,17 @@ class Compiled:
     eager module, with one printed line, when compiling fails (at the warm-up step or later); attributes other
     than calling are the eager module's."""
 
-    def __init__(self, module, what: str):
+    def __init__(self, module, what: str, frozen: bool = False):
         import torch
 
         self.eager, self.what, self.failed, self.batch = module, what, False, None
-        if next(module.parameters()).device.type == "cpu":
+        cpu = next(module.parameters()).device.type == "cpu"
+        if cpu:
             aten_gelu(module)
-        self.compiled = torch.compile(module)
+        # `frozen` (prediction: the weights never change): inductor folds the weights into the graph as constants
+        # and prepacks them for oneDNN; forwards under no_grad on CPU run 1.3x (ViT-Ti/16 224 px bf16 on AMX:
+        # 177 against 138 img/s; the 32 px CIFAR-10 model 1,700 against 1,295)
+        self.compiled = torch.compile(module, options={"freezing": True} if frozen and cpu else None)
 
     def __call__(self, x, *args, **kwargs):
         self.batch = len(x) if self.batch is None else self.batch
