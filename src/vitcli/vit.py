@@ -152,6 +152,14 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)  # (N, D)
 
 
+def on_grid(x: torch.Tensor, k: int, grid: tuple[int, int], fn) -> torch.Tensor:
+    """`fn` applied to the patch tokens of `x` (B, K + gh*gw, D) laid out as an image (B, D, gh, gw); the K prefix
+    tokens pass through. Returns (B, K + N', D), N' the patch count of `fn`'s output."""
+    B, _, D = x.shape
+    patches = fn(x[:, k:].transpose(1, 2).reshape(B, D, *grid))  # (B, D, gh', gw')
+    return torch.cat([x[:, :k], patches.flatten(2).transpose(1, 2)], dim=1)  # (B, K + N', D)
+
+
 class VisionTransformer(nn.Module):
     """ViT classifier with timm-compatible parameter names.
 
@@ -254,10 +262,8 @@ class VisionTransformer(nn.Module):
         k = self.num_prefix_tokens  # K: class (+ distillation) token
         pos = self.pos_embed  # (1, K + gh*gw, D)
         if grid != self.grid_size:  # another resolution: resample the patch positions bicubically
-            gh, gw = self.grid_size
-            patch_pos = pos[:, k:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)  # (1, D, gh, gw)
-            patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
-            pos = torch.cat([pos[:, :k], patch_pos.flatten(2).transpose(1, 2)], dim=1)
+            pos = on_grid(pos, k, self.grid_size,
+                          lambda g: F.interpolate(g, size=grid, mode="bicubic", align_corners=False))
         prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
         prefix = [t.expand(x.shape[0], -1, -1) for t in prefix]  # K x (B, 1, D)
         return torch.cat([*prefix, x], dim=1) + pos  # (B, K + N, D)
@@ -268,11 +274,7 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(self._pos_embed(x, grid))  # (B, K + N, D)
         if self.pos_conv is None:
             return self.norm(self.blocks(x))  # (B, K + N, D)
-        x = self.blocks[0](x)  # (B, K + N, D)
-        k, (B, _, D) = self.num_prefix_tokens, x.shape
-        grid_map = x[:, k:].transpose(1, 2).reshape(B, D, *grid)  # (B, D, gh, gw)
-        patches = grid_map + self.pos_conv(grid_map)  # (B, D, gh, gw)
-        x = torch.cat([x[:, :k], patches.flatten(2).transpose(1, 2)], dim=1)  # (B, K + N, D)
+        x = on_grid(self.blocks[0](x), self.num_prefix_tokens, grid, lambda g: g + self.pos_conv(g))  # (B, K + N, D)
         return self.norm(self.blocks[1:](x))  # (B, K + N, D)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
