@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vitcli.errors import VitcliError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_str(s: str) -> str:
-    """Rank 0's string on every rank."""
+def broadcast(value: T) -> T:
+    """Rank 0's value (anything picklable) on every rank."""
     import torch.distributed as dist
 
     if not _active():
-        return s
-    obj = [s]
+        return value
+    obj = [value]
     dist.broadcast_object_list(obj, src=0)
     return obj[0]
 

@@ -221,7 +221,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
                  hold: contextlib.ExitStack | None = None, facts: DataFacts | None = None) -> Path:
     """Fill the data-aware defaults (`facts`) and the recipe for `n_train` images (None: a resumed run, whose
     config is final), create the run folder (when `run_dir` is None, locked into `hold`), write config.yaml."""
-    from vitcli.distributed import broadcast_str
+    from vitcli.distributed import broadcast
     from vitcli.files import run_lock
     from vitcli.recipes import apply_recipe
     from vitcli.rundir import mark_running, new_run_dir, write_config
@@ -235,7 +235,7 @@ def make_run_dir(cfg: Config, data_dir: str | Path, env: Env, run_dir: Path | No
             torch.set_num_threads(t.threads)
     if run_dir is None:
         run_dir = new_run_dir(t.output, t.name) if env.main else Path(t.output) / t.name
-        run_dir = Path(broadcast_str(str(run_dir)))
+        run_dir = Path(broadcast(str(run_dir)))
         if hold is not None and env.main:
             hold.enter_context(run_lock(run_dir))
     if env.main:

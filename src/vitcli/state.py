@@ -211,10 +211,9 @@ def compile_wanted(model, cfg: Config, env: Env, sig: str, batches: int) -> bool
             expected = min(expected, t.seconds)
     wanted, why = decide_compile(t.compile, env.device, expected, sig)
     if env.world > 1:  # rank 0 decides: each rank's own guess (a matmul probe, a cache) may differ, and a rank
-        from vitcli.distributed import broadcast_str  # that compiles runs other collectives than one that does not
+        from vitcli.distributed import broadcast  # that compiles runs other collectives than one that does not
 
-        why = broadcast_str(f"{int(wanted)}{why}")
-        wanted, why = why[0] == "1", why[1:]
+        wanted, why = broadcast((wanted, why))
     info(f"[bold]compile[/] {'on' if wanted else 'off'} ({why})")
     t.compile = "on" if wanted else "off"
     return wanted
