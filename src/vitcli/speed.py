@@ -158,15 +158,18 @@ def step_seconds_guess(macs_per_image: float, batch: int, precision: str, device
     return 3 * 2 * macs_per_image * batch / (matmul_limit(precision, device) * 1e9 * STEP_EFFICIENCY)
 
 
-_GELU_OP = None
+_ATEN_GELU = None
 
 
-def _gelu_op():
-    """`vitcli::gelu`: aten's exact GELU as one opaque op (forward and backward) that inductor calls, not fuses."""
-    global _GELU_OP
-    if _GELU_OP is None:
+def _aten_gelu_module():
+    """nn.GELU whose forward is `vitcli::gelu`: aten's exact GELU as one opaque op (forward and backward) that
+    inductor calls, not fuses. Registered once, on the first swap: registering inside a compiled forward would
+    break the graph at every GELU."""
+    global _ATEN_GELU
+    if _ATEN_GELU is None:
         import torch
         import torch.nn.functional as F
+        from torch import nn
 
         # schemas spelt out: this module's annotations are strings (from __future__), which torch cannot read here
         @torch.library.custom_op("vitcli::gelu", mutates_args=(), schema="(Tensor x) -> Tensor")
@@ -181,8 +184,13 @@ def _gelu_op():
         gelu_backward.register_fake(lambda grad, x: torch.empty_like(x))
         gelu.register_autograd(lambda ctx, grad: gelu_backward(grad, ctx.saved_tensors[0]),
                                setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
-        _GELU_OP = gelu
-    return _GELU_OP
+
+        class AtenGELU(nn.GELU):
+            def forward(self, x):
+                return gelu(x)
+
+        _ATEN_GELU = AtenGELU
+    return _ATEN_GELU
 
 
 def aten_gelu(module) -> int:
@@ -192,17 +200,12 @@ def aten_gelu(module) -> int:
     results are bit-identical (the same kernel); state dicts are unchanged (GELU has no weights)."""
     from torch import nn
 
-    op = _gelu_op()  # registered here, not on the first call: inside a compiled forward that breaks the graph
-
-    class AtenGELU(nn.GELU):
-        def forward(self, x):
-            return op(x)
-
+    cls = _aten_gelu_module()
     swapped = 0
     for parent in list(module.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.GELU and child.approximate == "none":
-                setattr(parent, name, AtenGELU())
+                setattr(parent, name, cls())
                 swapped += 1
     return swapped
 
@@ -258,12 +261,13 @@ def warm_up(fwd: Compiled, model, x, autocast_ctx, backward: bool = True) -> flo
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             with autocast_ctx:
-                fwd.batch, out = len(x), fwd.compiled(x)
+                out = fwd(x)  # compiled for this batch size; eagerly, with the one line, if that fails
             if backward:
                 out = out[0] if isinstance(out, (tuple, list)) else out
                 out.float().sum().backward()
-    except Exception as e:
-        fwd.fail(e)
+    except Exception as e:  # the compiled backward; an eager step's own error, after a failed compile, is the
+        if not fwd.failed:  # first training step's to raise
+            fwd.fail(e)
     finally:
         with torch.no_grad():
             for b, saved in buffers:  # BatchNorm statistics of the conv stem
